@@ -1,0 +1,128 @@
+"""The platform's settings: one typed object from `configs/platform.yaml`.
+
+Precedence, highest first: environment (`OPPEN_<FIELD>`, nested with `__`, plus
+`RAY_ADDRESS` and `MLFLOW_TRACKING_URI`, which Ray and MLflow read too), then the
+YAML file, then the defaults here. A bad file or value raises `SettingsError`
+naming the file, the field and the fix.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import yaml
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = Path(os.environ.get("OPPEN_CONFIG_DIR") or PROJECT_ROOT / "configs")
+
+
+class SettingsError(ValueError):
+    """Settings could not be loaded; the message says where and how to fix it."""
+
+
+class RayHeadSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    gcs_port: int = Field(6379, ge=1, le=65535)
+    dashboard_port: int = Field(8265, ge=1, le=65535)
+    metrics_export_port: int = Field(8080, ge=1, le=65535)
+    num_cpus: int | None = Field(None, ge=1, description="None: all cores")
+    num_gpus: int = Field(0, ge=0, description="logical GPUs on a CPU-only machine")
+
+
+class MlflowSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    port: int = Field(5000, ge=1, le=65535)
+    workers: int = Field(1, ge=1, le=16)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="OPPEN_", env_nested_delimiter="__", extra="forbid")
+
+    data_dir: Path = Path(".oppen")
+    host: str = "127.0.0.1"
+    ray: RayHeadSettings = RayHeadSettings()
+    mlflow: MlflowSettings = MlflowSettings()
+    # None: the local head that `oppen up` starts (derived from host and ports).
+    ray_address: str | None = Field(None, validation_alias=AliasChoices("RAY_ADDRESS", "OPPEN_RAY_ADDRESS"))
+    mlflow_tracking_uri: str | None = Field(
+        None, validation_alias=AliasChoices("MLFLOW_TRACKING_URI", "OPPEN_MLFLOW_TRACKING_URI"))
+    costs_file: Path = Path("configs/costs.yaml")
+
+    @field_validator("data_dir", "costs_file")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        return (value.expanduser() if value.expanduser().is_absolute() else PROJECT_ROOT / value).resolve()
+
+    @field_validator("ray_address", "mlflow_tracking_uri")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value and not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http(s):// URL (the Ray dashboard / MLflow server address)")
+        return value.rstrip("/") if value else value
+
+    @property
+    def dashboard_url(self) -> str:
+        """The Ray Jobs API / dashboard address every client uses."""
+        return self.ray_address or f"http://{self.host}:{self.ray.dashboard_port}"
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.mlflow_tracking_uri or f"http://{self.host}:{self.mlflow.port}"
+
+    @property
+    def is_local(self) -> bool:
+        """True when the platform should start the Ray head itself."""
+        return self.ray_address is None
+
+    @property
+    def state_dir(self) -> Path:
+        return self.data_dir / "run"
+
+    def job_env(self) -> dict[str, str]:
+        """What trainers need to find the platform, passed to every Ray job."""
+        return {"OPPEN_DATA_DIR": str(self.data_dir), "MLFLOW_TRACKING_URI": self.tracking_uri,
+                "OPPEN_COSTS_FILE": str(self.costs_file)}
+
+    # The file's values arrive as init kwargs; put them below the environment.
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
+                                   file_secret_settings) -> tuple[PydanticBaseSettingsSource, ...]:
+        return env_settings, init_settings
+
+
+def load_settings(path: str | os.PathLike | None = None) -> Settings:
+    """Read the settings file (default: `configs/platform.yaml`, or `$OPPEN_CONFIG`)."""
+    path = Path(path or os.environ.get("OPPEN_CONFIG") or CONFIG_DIR / "platform.yaml")
+    try:
+        raw = yaml.safe_load(path.read_text()) if path.exists() else {}
+    except yaml.YAMLError as exc:
+        raise SettingsError(f"{path}: not valid YAML ({exc}). To fix: correct the syntax at that line.") from None
+    except OSError as exc:
+        raise SettingsError(f"{path}: cannot read it ({exc.strerror}).") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise SettingsError(f"{path}: expected a mapping of settings, got {type(raw).__name__}.")
+
+    try:
+        return Settings(**raw)
+    except ValidationError as exc:
+        raise SettingsError(_explain(exc, path)) from None
+
+
+def _explain(exc: ValidationError, path: Path) -> str:
+    lines = [f"invalid settings in {path}:"]
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"])
+        env = "OPPEN_" + "__".join(str(p) for p in err["loc"]).upper()
+        env = next((e for e in (field, env) if e in os.environ), None)  # aliases like RAY_ADDRESS
+        origin = f"${env}" if env else f"`{field}` in {path.name}"
+        got = f" (got {err['input']!r})" if err["type"] != "missing" and not isinstance(err["input"], dict) else ""
+        fix = "remove it" if err["type"] == "extra_forbidden" else "set a valid value"
+        lines.append(f"  {field}: {err['msg']}{got}. To fix: {fix} in {origin}.")
+    return "\n".join(lines)

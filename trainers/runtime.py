@@ -1,0 +1,51 @@
+"""What a trainer needs to know about the job it runs in, without importing the platform."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import time
+from pathlib import Path
+
+# The Ray job supervisor hands the driver its job config, submission id included.
+_JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
+def job_metadata() -> dict[str, str]:
+    """Ray job metadata (submission id, tenant, priority...) or {} outside a Ray job."""
+    try:
+        return dict(json.loads(os.environ.get(_JOB_CONFIG_ENV, "{}")).get("metadata") or {})
+    except (ValueError, AttributeError):
+        return {}
+
+
+def new_run_name(trainer: str) -> str:
+    return f"{trainer}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+
+
+def checkpoint_root(data_dir: Path) -> Path:
+    return data_dir / "checkpoints"
+
+
+def latest_run_name(data_dir: Path, trainer: str) -> str | None:
+    """The most recently started run of `trainer` that left state to resume from."""
+    pattern = re.compile(rf"^{re.escape(trainer)}-")
+    runs = [p for p in checkpoint_root(data_dir).glob(f"{trainer}-*")
+            if pattern.match(p.name) and (p / RUN_RECORD).exists()]
+    return max(runs, key=lambda p: (p / RUN_RECORD).stat().st_mtime).name if runs else None
+
+
+RUN_RECORD = "oppen_run.json"
+
+
+def read_run_record(run_dir: Path) -> dict:
+    return json.loads((run_dir / RUN_RECORD).read_text())
+
+
+def write_run_record(run_dir: Path, record: dict) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / (RUN_RECORD + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2))
+    os.replace(tmp, run_dir / RUN_RECORD)

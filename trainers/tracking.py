@@ -1,0 +1,143 @@
+"""MLflow tracking for trainers: batched, from one process, never fatal mid-run.
+
+The driver (the job's entrypoint) owns the run: it checks the server, creates or
+reopens the run and closes it. Rank 0 of the workers logs to that run by id with
+an explicit `MlflowClient`. Metrics go out in one `log_batch` per epoch (one HTTP
+request per value runs ~100/s). If the server goes away mid-run the training goes
+on: values are kept, retried at the next flush, and what was lost is reported.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TRACKING_URI = "http://127.0.0.1:5000"
+# MLflow retries a failed request 7 times with backoff (minutes) by default; a
+# trainer would rather note the loss and keep computing.
+_HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+
+class TrackingUnavailable(RuntimeError):
+    """The MLflow tracking server cannot be reached."""
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def configure_http() -> None:
+    for key, value in _HTTP_ENV.items():
+        os.environ.setdefault(key, value)
+
+
+def check_server(uri: str, timeout: float = 5.0) -> None:
+    """Raise TrackingUnavailable with a fix unless `uri` answers its health check."""
+    if not uri.startswith(("http://", "https://")):
+        return  # a local store (sqlite:, file:) has no server to reach
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as resp:
+            if resp.status == 200:
+                return
+            reason = f"HTTP {resp.status}"
+    except (urllib.error.URLError, OSError) as exc:
+        reason = str(getattr(exc, "reason", exc))
+    raise TrackingUnavailable(
+        f"MLflow tracking server at {uri} is unreachable ({reason}). To fix: start it with "
+        "`oppen up`, point MLFLOW_TRACKING_URI at a running server, or pass --no-tracking.")
+
+
+def open_run(uri: str, *, experiment: str, run_name: str, run_id: str | None = None,
+             tags: dict[str, str] | None = None) -> str:
+    """Create a run (or reopen `run_id`, e.g. on resume) and return its id."""
+    from mlflow.tracking import MlflowClient
+
+    configure_http()
+    client = MlflowClient(uri)
+    if run_id:
+        client.update_run(run_id, status="RUNNING")
+    else:
+        exp = client.get_experiment_by_name(experiment)
+        exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+        run_id = client.create_run(exp_id, run_name=run_name).info.run_id
+    if tags:
+        client.set_tag(run_id, "mlflow.runName", run_name)
+        for key, value in tags.items():
+            client.set_tag(run_id, key, str(value))
+    return run_id
+
+
+@dataclass
+class RunTracker:
+    """Logs to one MLflow run by id; keeps what it could not send and says so."""
+
+    uri: str
+    run_id: str
+    _pending_metrics: list = field(default_factory=list)
+    _pending_params: dict = field(default_factory=dict)
+    _pending_tags: dict = field(default_factory=dict)
+    lost_since: float | None = None
+    last_error: str | None = None
+
+    def __post_init__(self) -> None:
+        from mlflow.tracking import MlflowClient
+
+        configure_http()
+        self._client = MlflowClient(self.uri)
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        self._pending_params.update({k: str(v) for k, v in params.items()})
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        self._pending_tags.update({k: str(v) for k, v in tags.items()})
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self._pending_metrics += [Metric(k, float(v), now, step) for k, v in metrics.items()]
+
+    def flush(self) -> bool:
+        """Send everything pending in batches. Returns False if the server is unreachable."""
+        from mlflow.entities import Param, RunTag
+
+        try:
+            # MLflow caps a batch at 1,000 metrics and 100 params.
+            params = [Param(k, v) for k, v in self._pending_params.items()]
+            for i in range(0, len(params), 100):
+                self._client.log_batch(self.run_id, params=params[i:i + 100])
+            self._pending_params.clear()
+            if self._pending_tags:
+                self._client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in self._pending_tags.items()])
+                self._pending_tags.clear()
+            while self._pending_metrics:
+                self._client.log_batch(self.run_id, metrics=self._pending_metrics[:1000])
+                del self._pending_metrics[:1000]
+        except Exception as exc:  # noqa: BLE001 - any tracking failure must not stop training
+            if self.lost_since is None:
+                self.lost_since = time.time()
+                log.warning("MLflow tracking lost (%s); training continues, values are kept", exc)
+            self.last_error = f"{type(exc).__name__}: {exc}"[:300]
+            return False
+        if self.lost_since is not None:
+            log.warning("MLflow tracking restored after %.0f s", time.time() - self.lost_since)
+            self.lost_since = None
+        return True
+
+    @property
+    def unsent(self) -> int:
+        return len(self._pending_metrics) + len(self._pending_params) + len(self._pending_tags)
+
+    def report(self) -> str | None:
+        """A one-line account of lost tracking, or None if everything was sent."""
+        if not self.unsent:
+            return None
+        return (f"MLflow tracking lost: {self.unsent} value(s) not logged to run {self.run_id} "
+                f"at {self.uri} (last error: {self.last_error})")
