@@ -113,14 +113,18 @@ def _scalar_type(hint: Any) -> type:
     return hint
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One `--field-name` flag per config field, defaults from the dataclass."""
+def add_arguments(parser: argparse.ArgumentParser, cls: type, *, with_defaults: bool = True) -> None:
+    """One `--field-name` flag per config field, defaults from the dataclass.
+
+    Without defaults, only the flags given end up in the namespace (the platform
+    then passes just those on to the job).
+    """
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         kind = _scalar_type(hints[f.name])
         help_text = f.metadata.get("help", "")
         parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind,
-                            default=f.default, help=f"{help_text} (default: {f.default})".strip())
+                            default=f.default if with_defaults else argparse.SUPPRESS, help=f"{help_text} (default: {f.default})".strip())
 
 
 def config_from_args(cls: type, args: argparse.Namespace) -> Any:

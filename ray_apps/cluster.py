@@ -1,0 +1,274 @@
+"""The embedded default cluster: a local Ray head and an MLflow server.
+
+`up` starts what is missing and reports what already runs; `down` stops only
+what `up` started (by process session, see `processes`); `status` shows URLs,
+health and the cluster's CPUs/GPUs. With `RAY_ADDRESS` / `MLFLOW_TRACKING_URI`
+pointing elsewhere (a KubeRay head, a shared MLflow), `up` starts nothing for
+them: the address is the one switch between laptop and cluster.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from ray_apps.config import Settings
+from ray_apps.processes import PortHolder, ServiceRegistry, port_holder, spawn, stop, wait_until
+
+RAY, MLFLOW = "ray", "mlflow"
+
+
+class PlatformError(RuntimeError):
+    """The platform could not be started or reached; the message says why and what to do."""
+
+
+@dataclass
+class ServiceStatus:
+    name: str
+    url: str
+    healthy: bool
+    managed: bool            # started by `oppen up` (False: an external address)
+    pid: int | None = None
+    rss_mb: float | None = None
+    note: str = ""
+
+
+@dataclass
+class Resources:
+    total: dict[str, float] = field(default_factory=dict)
+    used: dict[str, float] = field(default_factory=dict)
+    by_node: dict[str, dict[str, tuple[float, float]]] = field(default_factory=dict)  # node -> res -> (used, total)
+
+    def free(self, name: str) -> float:
+        return self.total.get(name, 0.0) - self.used.get(name, 0.0)
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def _bin(name: str) -> str:
+    return str(Path(sys.executable).parent / name)
+
+
+def ray_temp_dir(settings: Settings) -> Path:
+    # Ray's unix sockets live under its temp dir and must fit in 107 bytes, so a
+    # deep data dir cannot hold them: use a short folder named after the data dir.
+    digest = hashlib.sha1(str(settings.data_dir).encode()).hexdigest()[:8]
+    return Path("/tmp") / f"oppen-ray-{digest}"
+
+
+def ray_head_command(settings: Settings) -> list[str]:
+    r = settings.ray
+    cmd = [_bin("ray"), "start", "--head", "--block", f"--port={r.gcs_port}",
+           f"--dashboard-host={settings.host}",
+           f"--dashboard-port={r.dashboard_port}", f"--metrics-export-port={r.metrics_export_port}",
+           "--include-dashboard=true", "--disable-usage-stats", f"--num-gpus={r.num_gpus}",
+           f"--temp-dir={ray_temp_dir(settings)}"]
+    if r.num_cpus:
+        cmd.append(f"--num-cpus={r.num_cpus}")
+    return cmd
+
+
+def mlflow_command(settings: Settings) -> list[str]:
+    store = settings.data_dir / "mlflow"
+    # --serve-artifacts: clients upload artifacts through the server over HTTP, so
+    # a run logged from any machine lands in the same place (no artifact-path mismatch).
+    return [_bin("mlflow"), "server", f"--backend-store-uri=sqlite:///{store / 'mlflow.db'}",
+            f"--artifacts-destination={store / 'artifacts'}", "--serve-artifacts",
+            f"--host={settings.host}", f"--port={settings.mlflow.port}", f"--workers={settings.mlflow.workers}"]
+
+
+# --------------------------------------------------------------------------- health
+
+
+def _http_get(url: str, *, timeout: float = 3.0, headers: dict | None = None) -> bytes | None:
+    try:
+        req = urllib.request.Request(url, headers=headers or {})
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.read() if resp.status == 200 else None
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
+
+
+def _token_path() -> Path:
+    return Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+
+
+def ray_token() -> str | None:
+    """Where Ray's own clients look: $RAY_AUTH_TOKEN, then $RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token."""
+    token = os.environ.get("RAY_AUTH_TOKEN")
+    if not token:
+        try:
+            token = _token_path().read_text().strip()
+        except OSError:
+            return None
+    return token or None
+
+
+def ensure_ray_token() -> None:
+    """The local head runs with token auth (its GCS listens beyond loopback): make a token once."""
+    if ray_token() is None:
+        path = _token_path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(secrets.token_hex(32))
+        path.chmod(0o600)
+
+
+def use_ray_token() -> None:
+    """Ray's Python clients send the token only when RAY_AUTH_MODE=token is set in the
+    process; set it whenever a token exists (an explicit RAY_AUTH_MODE wins)."""
+    if ray_token() is not None and "RAY_AUTH_MODE" not in os.environ:
+        os.environ["RAY_AUTH_MODE"] = "token"
+        if "ray._raylet" in sys.modules:  # Ray read its config at import: refresh it
+            from ray._raylet import Config
+
+            Config.initialize("")
+
+
+def ray_auth_headers() -> dict[str, str]:
+    token = ray_token()
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def ray_healthy(dashboard_url: str) -> bool:
+    return _http_get(f"{dashboard_url}/api/version", headers=ray_auth_headers()) is not None
+
+
+def ray_ready(dashboard_url: str) -> bool:
+    """Answering, and its resources reported (the head's report lags start-up by seconds)."""
+    try:
+        return cluster_resources(dashboard_url).total.get("CPU", 0) > 0
+    except (PlatformError, KeyError, ValueError):
+        return False
+
+
+def mlflow_healthy(tracking_uri: str) -> bool:
+    return _http_get(f"{tracking_uri}/health") is not None
+
+
+def cluster_resources(dashboard_url: str) -> Resources:
+    """CPUs, GPUs... total and in use, cluster-wide and per node, from the dashboard."""
+    body = _http_get(f"{dashboard_url}/api/cluster_status", timeout=5, headers=ray_auth_headers())
+    if body is None:
+        raise PlatformError(f"Ray at {dashboard_url} does not answer. To fix: run `oppen up` or set RAY_ADDRESS.")
+    report = json.loads(body)["data"]["clusterStatus"]["loadMetricsReport"]
+    res = Resources()
+    for name, (used, total) in report.get("usage", {}).items():
+        res.used[name], res.total[name] = float(used), float(total)
+    for node, usage in (report.get("usageByNode") or {}).items():
+        res.by_node[node] = {k: (float(u), float(t)) for k, (u, t) in usage.items()}
+    return res
+
+
+# --------------------------------------------------------------------------- up / down / status
+
+
+def up(settings: Settings, *, timeout: float = 90.0, say: Callable[[str], None] = print) -> list[ServiceStatus]:
+    """Start the local Ray head and MLflow server unless they already run."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    if settings.is_local:
+        ensure_ray_token()
+    registry = ServiceRegistry(settings.state_dir)
+    running = registry.running()
+    services = dict(running)
+    wanted = []
+    if settings.is_local:
+        wanted.append((RAY, settings.dashboard_url, lambda: ray_ready(settings.dashboard_url), ray_head_command,
+                       [settings.ray.gcs_port, settings.ray.dashboard_port, settings.ray.metrics_export_port]))
+    else:
+        say(f"ray: using the cluster at {settings.dashboard_url} (RAY_ADDRESS); no local head started")
+    if settings.mlflow_tracking_uri is None:
+        wanted.append((MLFLOW, settings.tracking_uri, lambda: mlflow_healthy(settings.tracking_uri), mlflow_command,
+                       [settings.mlflow.port]))
+    else:
+        say(f"mlflow: using {settings.tracking_uri} (MLFLOW_TRACKING_URI); no local server started")
+
+    started, checks = [], {}
+    for name, url, healthy, command, ports in wanted:
+        checks[name] = healthy
+        if name in running:
+            say(f"{name}: already running at {url} (pid {running[name].pid})")
+            continue
+        busy = [h for h in (port_holder(p, settings.host) for p in ports) if h]
+        if busy:
+            raise PlatformError(_busy_message(name, busy))
+        env = _ray_env(settings) if name == RAY else \
+            {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no job runner or huey consumers: ~2 GB less
+        services[name] = spawn(name, command(settings), log_path=settings.data_dir / "logs" / f"{name}.log", env=env)
+        started.append(name)
+        say(f"{name}: starting at {url} (log: {services[name].log})")
+    registry.save(services)
+
+    t0 = time.monotonic()
+    for name in started:
+        if not wait_until(lambda: checks[name]() or not services[name].alive(), timeout=timeout) \
+                or not services[name].alive():
+            tail = _tail(Path(services[name].log))
+            stop(services[name])
+            raise PlatformError(f"{name} did not become healthy within {timeout:.0f} s. Last log lines:\n{tail}")
+        say(f"{name}: healthy after {time.monotonic() - t0:.1f} s")
+    return status(settings)
+
+
+def _ray_env(settings: Settings) -> dict[str, str]:
+    # Jobs inherit the head's environment: a plain `ray job submit -- python -m
+    # trainers.mnist` then finds this venv's python, the data dir and MLflow.
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    return {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token", "PATH": path, **settings.job_env()}
+
+
+def _busy_message(name: str, busy: list[PortHolder]) -> str:
+    lines = [f"cannot start {name}: " + "; ".join(h.describe() for h in busy) + "."]
+    lines.append("To fix: stop that process, or choose other ports in configs/platform.yaml "
+                 "(or OPPEN_RAY__DASHBOARD_PORT, OPPEN_MLFLOW__PORT, ...).")
+    return "\n".join(lines)
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def down(settings: Settings, *, say: Callable[[str], None] = print) -> list[str]:
+    """Stop what `up` started, and only that."""
+    registry = ServiceRegistry(settings.state_dir)
+    services = registry.load()
+    stopped = []
+    for name, service in services.items():
+        if service.alive():
+            count = stop(service)
+            say(f"{name}: stopped ({count} processes)")
+            stopped.append(name)
+        else:
+            say(f"{name}: was not running")
+    registry.save({})
+    if not services:
+        say("nothing to stop: `oppen up` started nothing here")
+    return stopped
+
+
+def status(settings: Settings) -> list[ServiceStatus]:
+    running = ServiceRegistry(settings.state_dir).running()
+    out = []
+    for name, url, healthy in ((RAY, settings.dashboard_url, ray_healthy),
+                               (MLFLOW, settings.tracking_uri, mlflow_healthy)):
+        svc = running.get(name)
+        out.append(ServiceStatus(name=name, url=url, healthy=healthy(url), managed=svc is not None,
+                                 pid=svc.pid if svc else None,
+                                 rss_mb=svc.rss_bytes() / 2**20 if svc else None))
+    return out
+
+
+def platform_rss_bytes(settings: Settings) -> int:
+    return sum(s.rss_bytes() for s in ServiceRegistry(settings.state_dir).running().values())

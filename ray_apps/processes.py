@@ -1,0 +1,139 @@
+"""Background services that the platform starts: each in its own process session.
+
+A service runs as the leader of a new session, so everything it spawns (Ray's GCS,
+raylet, dashboard and workers; MLflow's uvicorn workers) shares that session id.
+Stopping a service stops exactly that session and nothing else on the machine:
+`oppen down` never touches a Ray or MLflow that `oppen up` did not start.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import psutil
+
+
+@dataclass
+class Service:
+    name: str
+    pid: int          # session leader; its pid is also the session id
+    cmd: list[str]
+    log: str
+    started_at: float
+
+    def processes(self) -> list[psutil.Process]:
+        """Live processes of this service's session (empty once it is gone)."""
+        found = []
+        for proc in psutil.process_iter(["pid"]):
+            try:
+                if os.getsid(proc.pid) == self.pid and proc.status() != psutil.STATUS_ZOMBIE:
+                    found.append(proc)
+            except (ProcessLookupError, PermissionError, psutil.Error):
+                continue
+        return found
+
+    def alive(self) -> bool:
+        try:
+            leader = psutil.Process(self.pid)
+            return leader.status() != psutil.STATUS_ZOMBIE and abs(leader.create_time() - self.started_at) < 5
+        except psutil.Error:
+            return False
+
+    def rss_bytes(self) -> int:
+        total = 0
+        for proc in self.processes():
+            try:
+                total += proc.memory_info().rss
+            except psutil.Error:
+                pass
+        return total
+
+
+class ServiceRegistry:
+    """What `oppen up` started, in a JSON file in the data dir (survives the CLI)."""
+
+    def __init__(self, state_dir: Path):
+        self.path = state_dir / "services.json"
+
+    def load(self) -> dict[str, Service]:
+        try:
+            raw = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return {name: Service(**entry) for name, entry in raw.items()}
+
+    def save(self, services: dict[str, Service]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({n: asdict(s) for n, s in services.items()}, indent=2))
+        os.replace(tmp, self.path)
+
+    def running(self) -> dict[str, Service]:
+        return {n: s for n, s in self.load().items() if s.alive()}
+
+
+def spawn(name: str, cmd: list[str], *, log_path: Path, env: dict[str, str] | None = None) -> Service:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env={**os.environ, **(env or {})}, start_new_session=True)
+    return Service(name=name, pid=proc.pid, cmd=cmd, log=str(log_path),
+                   started_at=psutil.Process(proc.pid).create_time())
+
+
+def stop(service: Service, *, grace_s: float = 15.0) -> int:
+    """SIGTERM the whole session, SIGKILL what is left after `grace_s`. Returns the count stopped."""
+    procs = service.processes()
+    for proc in procs:
+        try:
+            proc.send_signal(signal.SIGTERM)
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=grace_s)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=5)
+    return len(procs)
+
+
+@dataclass
+class PortHolder:
+    port: int
+    pid: int | None
+    name: str
+    cmdline: str
+
+    def describe(self) -> str:
+        who = f"pid {self.pid} ({self.name}: {self.cmdline[:120]})" if self.pid else "another process"
+        return f"port {self.port} is held by {who}"
+
+
+def port_holder(port: int, host: str = "127.0.0.1") -> PortHolder | None:
+    """Who listens on `port`, or None if it is free to bind."""
+    for conn in psutil.net_connections(kind="inet"):
+        if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port:
+            try:
+                proc = psutil.Process(conn.pid) if conn.pid else None
+                return PortHolder(port, conn.pid, proc.name() if proc else "?",
+                                  " ".join(proc.cmdline()) if proc else "")
+            except psutil.Error:
+                return PortHolder(port, conn.pid, "?", "")
+    return None
+
+
+def wait_until(check, *, timeout: float, interval: float = 0.5) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(interval)
+    return check()

@@ -1,0 +1,133 @@
+"""Submit a catalogued trainer to Ray as a job and follow it to the end.
+
+The job is the same command a user could type (`python -m trainers.mnist ...`);
+the platform adds validation against `trainers.specs`, an MLflow run created up
+front (so Ray's job metadata names it), and a feasibility check so a request the
+cluster can never hold is refused at once instead of waiting silently in Ray.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from ray_apps.cluster import PlatformError, cluster_resources, mlflow_healthy, use_ray_token
+from ray_apps.config import PROJECT_ROOT, Settings
+from trainers.specs import build_config
+
+PROGRESS, RESULT = "[oppen]", "OPPEN_RESULT"
+# Never upload platform state with the job's working dir (Ray already skips .git and .venv).
+WORKING_DIR_EXCLUDES = [".oppen", "*.egg-info", "__pycache__", ".pytest_cache"]
+
+
+@dataclass
+class Submission:
+    submission_id: str
+    trainer: str
+    mlflow_run_id: str | None
+    mlflow_run_url: str | None
+    entrypoint: str
+
+
+@dataclass
+class JobOutcome:
+    status: str                  # Ray's terminal status: SUCCEEDED, FAILED, STOPPED
+    result: dict[str, Any] = field(default_factory=dict)   # the trainer's OPPEN_RESULT line
+    log_tail: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "SUCCEEDED"
+
+
+def entrypoint_for(trainer: str, params: dict[str, Any], extra: list[str] = ()) -> str:
+    flags = []
+    for key, value in params.items():
+        if value is not None:
+            flags += [f"--{key.replace('_', '-')}", str(value)]
+    return " ".join(["python", "-m", f"trainers.{trainer}", *flags, *extra])
+
+
+def check_feasible(settings: Settings, spec: Any) -> None:
+    """Refuse a gang the cluster can never hold (Ray would leave it PENDING silently)."""
+    res = cluster_resources(settings.dashboard_url)
+    for name, asked, per_worker in (("CPU", spec.total_cpus, spec.cpus_per_worker),
+                                    ("GPU", spec.total_gpus, spec.gpus_per_worker)):
+        have = res.total.get(name, 0.0)
+        biggest_node = max((r.get(name, (0, 0))[1] for r in res.by_node.values()), default=have)
+        if asked > have or per_worker > biggest_node:
+            raise PlatformError(
+                f"infeasible request: {asked:g} {name} in all ({per_worker:g} per worker) but the cluster at "
+                f"{settings.dashboard_url} has {have:g} {name} (largest node {biggest_node:g}). To fix: ask for "
+                f"fewer workers or less per worker, or add {name} capacity to the cluster.")
+
+
+def submit_training(settings: Settings, trainer: str, params: dict[str, Any], *,
+                    metadata: dict[str, str] | None = None) -> Submission:
+    """Validate, create the MLflow run, and hand the job to Ray. Raises SpecError / PlatformError."""
+    from ray.job_submission import JobSubmissionClient
+
+    spec = build_config(trainer, params)
+    check_feasible(settings, spec)
+    if not mlflow_healthy(settings.tracking_uri):
+        raise PlatformError(f"MLflow at {settings.tracking_uri} is unreachable. To fix: run `oppen up` "
+                            "or set MLFLOW_TRACKING_URI to a running server.")
+    submission_id = f"{trainer}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+    run_id, run_url = _create_run(settings, trainer, submission_id)
+    clean = {k: v for k, v in dataclasses.asdict(spec).items() if k in params}
+    entrypoint = entrypoint_for(trainer, clean, ["--run-name", submission_id, "--mlflow-run-id", run_id])
+    use_ray_token()
+    client = JobSubmissionClient(settings.dashboard_url)
+    client.submit_job(
+        entrypoint=entrypoint, submission_id=submission_id,
+        runtime_env={"working_dir": str(PROJECT_ROOT), "excludes": WORKING_DIR_EXCLUDES,
+                     "env_vars": settings.job_env()},
+        metadata={"trainer": trainer, "mlflow_run_id": run_id, **(metadata or {})},
+    )
+    return Submission(submission_id, trainer, run_id, run_url, entrypoint)
+
+
+def _create_run(settings: Settings, trainer: str, submission_id: str) -> tuple[str, str]:
+    from trainers.tracking import open_run
+
+    run_id = open_run(settings.tracking_uri, experiment=trainer, run_name=submission_id,
+                      tags={"oppen.trainer": trainer, "ray.submission_id": submission_id})
+    from mlflow.tracking import MlflowClient
+
+    exp_id = MlflowClient(settings.tracking_uri).get_run(run_id).info.experiment_id
+    return run_id, f"{settings.tracking_uri}/#/experiments/{exp_id}/runs/{run_id}"
+
+
+def follow(settings: Settings, submission_id: str, *, on_progress: Callable[[str], None] = print,
+           poll_s: float = 1.0, timeout_s: float | None = None) -> JobOutcome:
+    """Poll the job until it ends, passing each new trainer progress line to `on_progress`."""
+    from ray.job_submission import JobSubmissionClient
+
+    use_ray_token()
+    client = JobSubmissionClient(settings.dashboard_url)
+    seen, last_status, start = 0, None, time.monotonic()
+    shown: set[str] = set()
+    while True:
+        status = client.get_job_status(submission_id)
+        if status != last_status:
+            on_progress(f"job {submission_id}: {status.value} ({time.monotonic() - start:.0f} s)")
+            last_status = status
+        lines = client.get_job_logs(submission_id).splitlines()
+        for line in lines[seen:]:
+            text = line[line.find(PROGRESS):] if PROGRESS in line else None
+            if text and text not in shown:  # Ray may echo a worker's line twice
+                shown.add(text)
+                on_progress(text)
+        seen = len(lines)
+        if status.is_terminal():
+            result = next((json.loads(l[len(RESULT):]) for l in reversed(lines) if l.startswith(RESULT)), {})
+            return JobOutcome(status=status.value, result=result, log_tail=lines[-30:],
+                              seconds=time.monotonic() - start)
+        if timeout_s is not None and time.monotonic() - start > timeout_s:
+            return JobOutcome(status=status.value, log_tail=lines[-30:], seconds=time.monotonic() - start)
+        time.sleep(poll_s)
