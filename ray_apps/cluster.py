@@ -172,50 +172,67 @@ def cluster_resources(dashboard_url: str) -> Resources:
 # --------------------------------------------------------------------------- up / down / status
 
 
+@dataclass
+class _Managed:
+    """A service `up` may start: how to start it, where, and how to tell it is ready."""
+
+    name: str
+    url: str
+    ready: Callable[[], bool]
+    command: list[str]
+    ports: list[int]
+    env: dict[str, str]
+
+
+def _managed_services(settings: Settings, say: Callable[[str], None]) -> list[_Managed]:
+    out = []
+    if settings.is_local:
+        r = settings.ray
+        out.append(_Managed(RAY, settings.dashboard_url, lambda: ray_ready(settings.dashboard_url),
+                            ray_head_command(settings), [r.gcs_port, r.dashboard_port, r.metrics_export_port],
+                            _ray_env(settings)))
+    else:
+        say(f"ray: using the cluster at {settings.dashboard_url} (RAY_ADDRESS); no local head started")
+    if settings.mlflow_tracking_uri is None:
+        # No job runner or huey consumers: ~2 GB less idle memory.
+        out.append(_Managed(MLFLOW, settings.tracking_uri, lambda: mlflow_healthy(settings.tracking_uri),
+                            mlflow_command(settings), [settings.mlflow.port],
+                            {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}))
+    else:
+        say(f"mlflow: using {settings.tracking_uri} (MLFLOW_TRACKING_URI); no local server started")
+    return out
+
+
 def up(settings: Settings, *, timeout: float = 90.0, say: Callable[[str], None] = print) -> list[ServiceStatus]:
     """Start the local Ray head and MLflow server unless they already run."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     if settings.is_local:
         ensure_ray_token()
     registry = ServiceRegistry(settings.state_dir)
-    running = registry.running()
-    services = dict(running)
-    wanted = []
-    if settings.is_local:
-        wanted.append((RAY, settings.dashboard_url, lambda: ray_ready(settings.dashboard_url), ray_head_command,
-                       [settings.ray.gcs_port, settings.ray.dashboard_port, settings.ray.metrics_export_port]))
-    else:
-        say(f"ray: using the cluster at {settings.dashboard_url} (RAY_ADDRESS); no local head started")
-    if settings.mlflow_tracking_uri is None:
-        wanted.append((MLFLOW, settings.tracking_uri, lambda: mlflow_healthy(settings.tracking_uri), mlflow_command,
-                       [settings.mlflow.port]))
-    else:
-        say(f"mlflow: using {settings.tracking_uri} (MLFLOW_TRACKING_URI); no local server started")
-
-    started, checks = [], {}
-    for name, url, healthy, command, ports in wanted:
-        checks[name] = healthy
-        if name in running:
-            say(f"{name}: already running at {url} (pid {running[name].pid})")
-            continue
-        busy = [h for h in (port_holder(p, settings.host) for p in ports) if h]
-        if busy:
-            raise PlatformError(_busy_message(name, busy))
-        env = _ray_env(settings) if name == RAY else \
-            {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no job runner or huey consumers: ~2 GB less
-        services[name] = spawn(name, command(settings), log_path=settings.data_dir / "logs" / f"{name}.log", env=env)
-        started.append(name)
-        say(f"{name}: starting at {url} (log: {services[name].log})")
+    services = registry.running()
+    wanted = _managed_services(settings, say)
+    for m in wanted:
+        if m.name in services:
+            say(f"{m.name}: already running at {m.url} (pid {services[m.name].pid})")
+    to_start = [m for m in wanted if m.name not in services]
+    # Every port first: a clash found halfway would leave half a platform running.
+    busy = [h for m in to_start for h in map(port_holder, m.ports) if h]
+    if busy:
+        raise PlatformError(_busy_message(busy))
+    for m in to_start:
+        services[m.name] = spawn(m.name, m.command, log_path=settings.data_dir / "logs" / f"{m.name}.log",
+                                 env=m.env)
+        say(f"{m.name}: starting at {m.url} (log: {services[m.name].log})")
     registry.save(services)
 
     t0 = time.monotonic()
-    for name in started:
-        if not wait_until(lambda: checks[name]() or not services[name].alive(), timeout=timeout) \
-                or not services[name].alive():
-            tail = _tail(Path(services[name].log))
-            stop(services[name])
-            raise PlatformError(f"{name} did not become healthy within {timeout:.0f} s. Last log lines:\n{tail}")
-        say(f"{name}: healthy after {time.monotonic() - t0:.1f} s")
+    for m in to_start:
+        svc = services[m.name]
+        if not wait_until(lambda: m.ready() or not svc.alive(), timeout=timeout) or not svc.alive():
+            tail = _tail(Path(svc.log))
+            stop(svc)
+            raise PlatformError(f"{m.name} did not become healthy within {timeout:.0f} s. Last log lines:\n{tail}")
+        say(f"{m.name}: healthy after {time.monotonic() - t0:.1f} s")
     return status(settings)
 
 
@@ -226,8 +243,8 @@ def _ray_env(settings: Settings) -> dict[str, str]:
     return {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token", "PATH": path, **settings.job_env()}
 
 
-def _busy_message(name: str, busy: list[PortHolder]) -> str:
-    lines = [f"cannot start {name}: " + "; ".join(h.describe() for h in busy) + "."]
+def _busy_message(busy: list[PortHolder]) -> str:
+    lines = ["cannot start the platform: " + "; ".join(h.describe() for h in busy) + "."]
     lines.append("To fix: stop that process, or choose other ports in configs/platform.yaml "
                  "(or OPPEN_RAY__DASHBOARD_PORT, OPPEN_MLFLOW__PORT, ...).")
     return "\n".join(lines)

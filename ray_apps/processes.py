@@ -117,7 +117,7 @@ class PortHolder:
         return f"port {self.port} is held by {who}"
 
 
-def port_holder(port: int, host: str = "127.0.0.1") -> PortHolder | None:
+def port_holder(port: int) -> PortHolder | None:
     """Who listens on `port`, or None if it is free to bind."""
     for conn in psutil.net_connections(kind="inet"):
         if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port:

@@ -290,10 +290,13 @@ def _finish_run(uri: str, run_id: str | None, spec: MnistConfig, checkpoint, met
             model.load_state_dict(torch.load(Path(ckpt_dir) / CHECKPOINT_FILE, weights_only=True)["model"])
         mlflow.set_tracking_uri(uri)
         with mlflow.start_run(run_id=run_id):
-            # pt2 (torch.export) loads back without this repo's code; it needs an example input.
-            example = np.zeros((1, 1, 28, 28), dtype=np.float32)
+            # pt2 (torch.export) loads back without this repo's code. The example's batch
+            # of 2 makes the batch dimension dynamic (a batch of 1 would be frozen in).
+            example = np.zeros((2, 1, 28, 28), dtype=np.float32)
             mlflow.pytorch.log_model(model.eval(), name="model", input_example=example)
-            mlflow.log_metrics({k: metrics[k] for k in ("test_accuracy", "cost_usd") if k in metrics})
+            # Re-sent in case tracking dropped out mid-run; same step, so no duplicate point.
+            mlflow.log_metrics({k: metrics[k] for k in ("test_accuracy", "cost_usd") if k in metrics},
+                               step=int(metrics.get("epoch", 0)))
     except Exception as exc:  # noqa: BLE001 - the training result stands without tracking
         notes.append(f"final logging failed ({type(exc).__name__}: {str(exc)[:200]})")
     if notes:
