@@ -23,7 +23,6 @@ import secrets
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 from trainers import runtime
@@ -77,10 +76,8 @@ def train_func(cfg: dict) -> None:
         start_epoch = state["epoch"]
         # Same segment (a worker restart): time since segment start already covers it.
         base_elapsed = state["base_elapsed_s"] if state["segment_id"] == cfg["segment_id"] else state["elapsed_s"]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # replaying the LR curve without optimizer steps
-        optimizer, scheduler = make_optimizer(model, lr=spec.lr, total_steps=spec.epochs * steps_per_epoch,
-                                              done_steps=start_epoch * steps_per_epoch)
+    optimizer, scheduler = make_optimizer(model, lr=spec.lr, total_steps=spec.epochs * steps_per_epoch,
+                                          done_steps=start_epoch * steps_per_epoch)
     if state:
         optimizer.load_state_dict(state["optimizer"])
 

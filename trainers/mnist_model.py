@@ -7,6 +7,7 @@ code, so their throughput can be compared like for like.
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -113,6 +114,8 @@ def make_optimizer(model: nn.Module, *, lr: float, total_steps: int, done_steps:
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=max(total_steps, 1),
                                                     pct_start=0.2)
-    for _ in range(min(done_steps, total_steps - 1)):
-        scheduler.step()  # replays the LR curve only; cheap (no model work)
+    with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": intended here
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(min(done_steps, total_steps - 1)):
+            scheduler.step()  # replays the LR curve only; cheap (no model work)
     return optimizer, scheduler

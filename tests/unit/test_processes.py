@@ -1,0 +1,47 @@
+import socket
+import subprocess
+import sys
+import time
+
+import psutil
+
+from ray_apps.processes import ServiceRegistry, port_holder, spawn, stop
+
+# A service that forks a child, like `ray start` spawning its GCS and raylet.
+PARENT_WITH_CHILD = "import subprocess,sys,time; subprocess.Popen([sys.executable,'-c','import time; time.sleep(600)']); time.sleep(600)"
+
+
+def test_stop_takes_the_whole_session_and_nothing_else(tmp_path):
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        svc = spawn("demo", [sys.executable, "-c", PARENT_WITH_CHILD], log_path=tmp_path / "demo.log")
+        deadline = time.time() + 10
+        while len(svc.processes()) < 2 and time.time() < deadline:
+            time.sleep(0.1)
+        procs = svc.processes()
+        assert len(procs) == 2 and svc.alive()
+        assert stop(svc, grace_s=5) == 2
+        assert not svc.alive() and svc.processes() == []
+        assert psutil.pid_exists(bystander.pid) and bystander.poll() is None
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+def test_registry_forgets_dead_services(tmp_path):
+    reg = ServiceRegistry(tmp_path)
+    svc = spawn("short", [sys.executable, "-c", "pass"], log_path=tmp_path / "s.log")
+    reg.save({"short": svc})
+    psutil.Process(svc.pid).wait(10)
+    assert "short" in reg.load() and reg.running() == {}
+
+
+def test_port_holder_names_the_process():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        holder = port_holder(port)
+        assert holder is not None and holder.pid == psutil.Process().pid
+        assert f"port {port} is held by pid {holder.pid}" in holder.describe()
+    assert port_holder(port) is None

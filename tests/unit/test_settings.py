@@ -1,0 +1,78 @@
+from pathlib import Path
+
+import pytest
+
+from ray_apps.config import PROJECT_ROOT, SettingsError, load_settings
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "platform.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch):
+    for key in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "OPPEN_DATA_DIR", "OPPEN_RAY__NUM_GPUS"):
+        monkeypatch.delenv(key, raising=False)
+
+
+def test_project_file_loads_with_local_defaults():
+    s = load_settings(PROJECT_ROOT / "configs" / "platform.yaml")
+    assert s.is_local
+    assert s.dashboard_url == "http://127.0.0.1:8265"
+    assert s.tracking_uri == "http://127.0.0.1:5000"
+    assert s.data_dir == PROJECT_ROOT / ".oppen"
+    assert s.costs_file.exists()
+
+
+def test_file_values_and_relative_data_dir(tmp_path):
+    s = load_settings(write(tmp_path, "data_dir: state\nray:\n  num_gpus: 4\nmlflow:\n  port: 5055\n"))
+    assert s.ray.num_gpus == 4
+    assert s.tracking_uri == "http://127.0.0.1:5055"
+    assert s.data_dir == PROJECT_ROOT / "state"  # relative to the project, not the cwd
+
+
+def test_environment_overrides_the_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("RAY_ADDRESS", "http://10.0.0.5:8265/")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.internal:5000")
+    monkeypatch.setenv("OPPEN_DATA_DIR", str(tmp_path / "d"))
+    monkeypatch.setenv("OPPEN_RAY__NUM_GPUS", "3")
+    s = load_settings(write(tmp_path, "ray:\n  num_gpus: 1\n"))
+    assert s.dashboard_url == "http://10.0.0.5:8265"
+    assert not s.is_local
+    assert s.tracking_uri == "http://mlflow.internal:5000"
+    assert s.data_dir == tmp_path / "d"
+    assert s.ray.num_gpus == 3
+    assert s.job_env()["MLFLOW_TRACKING_URI"] == "http://mlflow.internal:5000"
+
+
+def test_bad_value_names_file_field_and_fix(tmp_path):
+    path = write(tmp_path, "ray:\n  num_gpus: -2\n")
+    with pytest.raises(SettingsError) as err:
+        load_settings(path)
+    msg = str(err.value)
+    assert str(path) in msg and "ray.num_gpus" in msg and "-2" in msg and "To fix" in msg
+
+
+def test_bad_env_value_names_the_variable(tmp_path, monkeypatch):
+    monkeypatch.setenv("OPPEN_RAY__NUM_GPUS", "many")
+    with pytest.raises(SettingsError, match=r"\$OPPEN_RAY__NUM_GPUS"):
+        load_settings(write(tmp_path, ""))
+
+
+def test_unknown_key_is_an_error(tmp_path):
+    with pytest.raises(SettingsError, match=r"mlflow\.prot.*remove it"):
+        load_settings(write(tmp_path, "mlflow:\n  prot: 5000\n"))
+
+
+def test_ray_address_must_be_the_dashboard_url(tmp_path, monkeypatch):
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:6379")
+    with pytest.raises(SettingsError, match=r"RAY_ADDRESS.*http"):
+        load_settings(write(tmp_path, ""))
+
+
+@pytest.mark.parametrize("text,match", [("ray: [1, 2\n", "not valid YAML"), ("- 1\n- 2\n", "expected a mapping")])
+def test_malformed_file(tmp_path, text, match):
+    with pytest.raises(SettingsError, match=match):
+        load_settings(write(tmp_path, text))
