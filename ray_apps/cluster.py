@@ -71,6 +71,7 @@ def ray_head_command(settings: Settings) -> list[str]:
     cmd = [_bin("ray"), "start", "--head", "--block", f"--port={r.gcs_port}",
            f"--dashboard-host={settings.host}",
            f"--dashboard-port={r.dashboard_port}", f"--metrics-export-port={r.metrics_export_port}",
+           f"--ray-client-server-port={r.client_server_port}", f"--dashboard-agent-listen-port={r.dashboard_agent_port}",
            "--include-dashboard=true", "--disable-usage-stats", f"--num-gpus={r.num_gpus}",
            f"--temp-dir={ray_temp_dir(settings)}"]
     if r.num_cpus:
@@ -189,7 +190,8 @@ def _managed_services(settings: Settings, say: Callable[[str], None]) -> list[_M
     if settings.is_local:
         r = settings.ray
         out.append(_Managed(RAY, settings.dashboard_url, lambda: ray_ready(settings.dashboard_url),
-                            ray_head_command(settings), [r.gcs_port, r.dashboard_port, r.metrics_export_port],
+                            ray_head_command(settings), [r.gcs_port, r.dashboard_port, r.metrics_export_port,
+                                                         r.client_server_port, r.dashboard_agent_port],
                             _ray_env(settings)))
     else:
         say(f"ray: using the cluster at {settings.dashboard_url} (RAY_ADDRESS); no local head started")
@@ -230,7 +232,9 @@ def up(settings: Settings, *, timeout: float = 90.0, say: Callable[[str], None] 
         svc = services[m.name]
         if not wait_until(lambda: m.ready() or not svc.alive(), timeout=timeout) or not svc.alive():
             tail = _tail(Path(svc.log))
-            stop(svc)
+            for started in to_start:  # all or nothing: no half platform left behind
+                stop(services.pop(started.name))
+            registry.save(services)
             raise PlatformError(f"{m.name} did not become healthy within {timeout:.0f} s. Last log lines:\n{tail}")
         say(f"{m.name}: healthy after {time.monotonic() - t0:.1f} s")
     return status(settings)

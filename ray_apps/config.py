@@ -29,6 +29,8 @@ class RayHeadSettings(BaseModel):
     gcs_port: int = Field(6379, ge=1, le=65535)
     dashboard_port: int = Field(8265, ge=1, le=65535)
     metrics_export_port: int = Field(8080, ge=1, le=65535)
+    client_server_port: int = Field(10001, ge=1, le=65535)
+    dashboard_agent_port: int = Field(52365, ge=1, le=65535)
     num_cpus: int | None = Field(None, ge=1, description="None: all cores")
     num_gpus: int = Field(0, ge=0, description="logical GPUs on a CPU-only machine")
 

@@ -154,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else argv
     try:
         return _run(args)
     except (SpecError, DataError, CatalogError, TrackingUnavailable) as exc:
@@ -181,7 +182,7 @@ def _run(args: argparse.Namespace) -> int:
                             f"{runtime.checkpoint_root(data_dir)}. To fix: drop --resume or name a run "
                             "with --run-name.")
         record = runtime.read_run_record(run_dir)
-        spec = _merge_resumed(record["spec"], spec)
+        spec = _merge_resumed(record["spec"], _given_spec_flags(args.argv))
     run_name = run_name or runtime.new_run_name(TRAINER)
     run_dir = runtime.checkpoint_root(data_dir) / run_name
 
@@ -206,12 +207,16 @@ def _run(args: argparse.Namespace) -> int:
     return _fit(spec, run_name=run_name, data_dir=data_dir, costs_file=costs_file, uri=uri, run_id=run_id)
 
 
-def _merge_resumed(saved: dict, given: MnistConfig) -> MnistConfig:
+def _merge_resumed(saved: dict, given: dict) -> MnistConfig:
     """The saved config, with the flags given on this command line on top (e.g. more epochs)."""
-    defaults = MnistConfig()
-    explicit = {f.name: getattr(given, f.name) for f in dataclasses.fields(MnistConfig)
-                if getattr(given, f.name) != getattr(defaults, f.name)}
-    return MnistConfig(**{**saved, **explicit})
+    return MnistConfig(**{**saved, **given})
+
+
+def _given_spec_flags(argv: list[str] | None) -> dict:
+    """Only the config flags typed on the command line, not their defaults."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_arguments(parser, MnistConfig, with_defaults=False)
+    return vars(parser.parse_known_args(argv)[0])
 
 
 def _fit(spec: MnistConfig, *, run_name: str, data_dir: Path, costs_file: str, uri: str,

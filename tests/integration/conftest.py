@@ -1,0 +1,56 @@
+"""A real platform for integration tests: `oppen up` on test ports, stopped by PID after.
+
+The ports and data dir differ from the defaults so a developer's own platform can
+keep running beside the tests.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+
+import pytest
+import yaml
+
+from ray_apps import cluster
+from ray_apps.config import load_settings
+
+TEST_PORTS = {"gcs_port": 6479, "dashboard_port": 8365, "metrics_export_port": 8180,
+              "client_server_port": 9901, "dashboard_agent_port": 52465}
+
+
+@pytest.fixture(scope="session")
+def platform(tmp_path_factory, mnist_cache):
+    """Settings of a running local platform (Ray head with 2 logical GPUs + MLflow)."""
+    root = tmp_path_factory.mktemp("platform")
+    data_dir = root / "data"
+    (data_dir / "datasets").mkdir(parents=True)
+    for name in ("mnist.npz", "mnist.json"):
+        shutil.copy(mnist_cache / "datasets" / name, data_dir / "datasets" / name)
+    config = root / "platform.yaml"
+    config.write_text(yaml.safe_dump({"data_dir": str(data_dir), "ray": {**TEST_PORTS, "num_gpus": 2},
+                                      "mlflow": {"port": 5100}}))
+    settings = load_settings(config)
+    t0 = time.monotonic()
+    cluster.up(settings, timeout=120)
+    cluster.use_ray_token()  # as a user's `export RAY_AUTH_MODE=token` does for Ray's own clients
+    print(f"platform healthy in {time.monotonic() - t0:.1f} s")
+    try:
+        yield settings
+    finally:
+        cluster.down(settings)
+
+
+def job_logs(settings, submission_id: str) -> str:
+    from ray.job_submission import JobSubmissionClient
+
+    return JobSubmissionClient(settings.dashboard_url).get_job_logs(submission_id)
+
+
+def wait_for_log(settings, submission_id: str, text: str, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if text in job_logs(settings, submission_id):
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"{text!r} not in the logs of {submission_id} after {timeout} s")

@@ -1,0 +1,35 @@
+"""`oppen up` / `status` / `down` against real processes."""
+
+import socket
+
+import pytest
+
+from ray_apps import cluster
+from ray_apps.cluster import PlatformError
+
+pytestmark = pytest.mark.slow
+
+
+def test_second_up_reports_what_runs(platform):
+    said = []
+    rows = cluster.up(platform, say=said.append)
+    assert any("ray: already running" in s for s in said)
+    assert any("mlflow: already running" in s for s in said)
+    assert all(r.healthy and r.managed for r in rows)
+    res = cluster.cluster_resources(platform.dashboard_url)
+    assert res.total["CPU"] >= 1 and res.total["GPU"] == 2 and res.free("GPU") == 2
+
+
+def test_port_held_by_someone_else_is_named(platform, tmp_path):
+    other = platform.model_copy(update={"data_dir": tmp_path / "other"})  # nothing started there
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        other.mlflow = other.mlflow.model_copy(update={"port": port})
+        with pytest.raises(PlatformError) as err:
+            cluster.up(other, say=lambda s: None)
+    msg = str(err.value)
+    assert f"port {port} is held by pid" in msg and f"port {platform.ray.dashboard_port} is held" in msg
+    assert "To fix" in msg
+    assert cluster.status(other)[0].managed is False  # nothing was started for it
