@@ -85,6 +85,7 @@ class RunTracker:
     _pending_tags: dict = field(default_factory=dict)
     lost_since: float | None = None
     last_error: str | None = None
+    seconds: float = 0.0  # wall time spent sending, to account for tracking overhead
 
     def __post_init__(self) -> None:
         from mlflow.tracking import MlflowClient
@@ -108,6 +109,7 @@ class RunTracker:
         """Send everything pending in batches. Returns False if the server is unreachable."""
         from mlflow.entities import Param, RunTag
 
+        start = time.perf_counter()
         try:
             # MLflow caps a batch at 1,000 metrics and 100 params.
             params = [Param(k, v) for k, v in self._pending_params.items()]
@@ -126,6 +128,8 @@ class RunTracker:
                 log.warning("MLflow tracking lost (%s); training continues, values are kept", exc)
             self.last_error = f"{type(exc).__name__}: {exc}"[:300]
             return False
+        finally:
+            self.seconds += time.perf_counter() - start
         if self.lost_since is not None:
             log.warning("MLflow tracking restored after %.0f s", time.time() - self.lost_since)
             self.lost_since = None
