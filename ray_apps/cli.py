@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from ray_apps.cluster import PlatformError
@@ -42,9 +43,18 @@ def cmd_status(args, settings) -> int:
     return 0 if all(r.healthy for r in rows) else 1
 
 
+def _quiet_ray_client_logs() -> None:
+    """Ray logs each working-dir upload step at INFO/WARNING; the CLI shows its own progress."""
+    import ray.job_submission  # noqa: F401 - configures Ray's loggers, which we then quiet
+
+    for name in ("ray._private.runtime_env", "ray.dashboard.modules.dashboard_sdk"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def cmd_train(args, settings) -> int:
     from ray_apps.training import follow, submit_training
 
+    _quiet_ray_client_logs()
     params = {k: v for k, v in vars(args).items() if k in args.spec_fields}
     sub = submit_training(settings, args.trainer, params)
     print(f"submitted {sub.submission_id}: {sub.entrypoint}")
@@ -53,7 +63,8 @@ def cmd_train(args, settings) -> int:
     if args.no_follow:
         return 0
     try:
-        outcome = follow(settings, sub.submission_id, on_progress=lambda line: print(f"  {line}", flush=True))
+        outcome = follow(settings, sub.submission_id, poll_s=2.0,
+                         on_progress=lambda line: print(f"  {line}", flush=True))
     except KeyboardInterrupt:
         print(f"\nstopped following; the job goes on. Stop it with: ray job stop {sub.submission_id}")
         return 130

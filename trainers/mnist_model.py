@@ -19,12 +19,13 @@ MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 
 
 class MnistCNN(nn.Module):
-    """Two conv blocks with batch norm, then a small classifier.
+    """One conv block at 28x28, two at 14x14, then a small classifier.
 
-    Batch norm plus a one-cycle LR is what lets 2 epochs reach >= 99% on CPU.
+    Batch norm plus a one-cycle LR lets 2 epochs reach >= 99% test accuracy. A
+    second conv at full resolution added 40% compute on CPU for no accuracy.
     """
 
-    def __init__(self, width: int = 32):
+    def __init__(self, width: int = 16):
         super().__init__()
         w = width
 
@@ -33,7 +34,7 @@ class MnistCNN(nn.Module):
                                  nn.ReLU(inplace=True))
 
         self.features = nn.Sequential(
-            block(1, w), block(w, w), nn.MaxPool2d(2),           # 28 -> 14
+            block(1, w), nn.MaxPool2d(2),                           # 28 -> 14
             block(w, 2 * w), block(2 * w, 2 * w), nn.MaxPool2d(2),  # 14 -> 7
         )
         self.head = nn.Sequential(nn.Flatten(), nn.Dropout(0.25), nn.Linear(2 * w * 7 * 7, 128),
