@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import mlflow
@@ -90,7 +91,9 @@ def test_plain_ray_job_submit_then_resume_continues_the_same_run(platform):
     assert sorted(metric_steps(mlflow_client, run_id, "test_accuracy")) == [1, 2]
     elapsed = metric_steps(mlflow_client, run_id, "elapsed_s")
     assert elapsed[2] > elapsed[1]  # cost keeps counting across the two segments
-    assert mlflow_client.get_run(run_id).data.tags["oppen.resumed_from_epoch"] == "1"
+    tags = mlflow_client.get_run(run_id).data.tags
+    assert tags["oppen.resumed_from_epoch"] == "1" and json.loads(tags["oppen.resume_overrides"]) == {"epochs": 2}
+    assert outcome.result["tracking_lost"] is None
 
 
 def _train_worker_pids() -> list[int]:
