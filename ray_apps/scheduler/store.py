@@ -1,0 +1,195 @@
+"""The queue's durable state: SQLAlchemy tables for jobs and their events.
+
+The store is the only source of truth. Every state change is one transaction that
+updates the job row *only if it is still in the state the caller saw* and
+appends an event with its time, so two dispatchers (or a dispatcher and a user
+cancelling) can never both win a transition. SQLite by default (WAL, writes
+under BEGIN IMMEDIATE, so concurrent writers queue instead of failing); any
+SQLAlchemy URL, e.g. PostgreSQL, works too.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+from sqlalchemy import (JSON, Column, Float, ForeignKey, Integer, MetaData, String, Table, Text, create_engine, event,
+                        insert, select, update)
+from sqlalchemy.engine import Engine
+
+from ray_apps.scheduler.states import ALLOWED, JobState
+
+metadata = MetaData()
+
+jobs = Table(
+    "jobs", metadata,
+    Column("id", String(64), primary_key=True),
+    Column("trainer", String(32), nullable=False),
+    Column("params", JSON, nullable=False),
+    Column("tenant", String(64), nullable=False, index=True),
+    Column("priority", String(32), nullable=False),
+    Column("state", String(16), nullable=False, index=True),
+    Column("workers", Integer, nullable=False),
+    Column("cpus_per_worker", Float, nullable=False),
+    Column("gpus_per_worker", Float, nullable=False),
+    Column("submitted_at", Float, nullable=False),
+    Column("started_at", Float),
+    Column("ended_at", Float),
+    Column("attempt", Integer, nullable=False, default=0),
+    Column("ray_submission_id", String(80)),
+    Column("mlflow_run_id", String(64)),
+    Column("message", Text, nullable=False, default=""),
+    Column("updated_at", Float, nullable=False),
+)
+
+job_events = Table(
+    "job_events", metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("job_id", String(64), ForeignKey("jobs.id"), nullable=False, index=True),
+    Column("at", Float, nullable=False),
+    Column("from_state", String(16)),
+    Column("to_state", String(16), nullable=False),
+    Column("message", Text, nullable=False, default=""),
+)
+
+
+class UnknownJob(KeyError):
+    pass
+
+
+class InvalidTransition(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    id: str
+    trainer: str
+    params: dict[str, Any]
+    tenant: str
+    priority: str
+    state: JobState
+    workers: int
+    cpus_per_worker: float
+    gpus_per_worker: float
+    submitted_at: float
+    started_at: float | None
+    ended_at: float | None
+    attempt: int
+    ray_submission_id: str | None
+    mlflow_run_id: str | None
+    message: str
+    updated_at: float
+
+    @classmethod
+    def from_row(cls, row) -> JobRecord:
+        data = dict(row._mapping)
+        data["state"] = JobState(data["state"])
+        if isinstance(data["params"], str):
+            data["params"] = json.loads(data["params"])
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class JobEvent:
+    job_id: str
+    at: float
+    from_state: str | None
+    to_state: str
+    message: str
+
+
+def make_engine(url: str) -> Engine:
+    if not url.startswith("sqlite"):
+        return create_engine(url, pool_pre_ping=True)
+    engine = create_engine(url, connect_args={"timeout": 30})
+
+    @event.listens_for(engine, "connect")
+    def _sqlite_pragmas(dbapi_conn, _record):
+        dbapi_conn.isolation_level = None  # let SQLAlchemy's BEGIN below open transactions
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA busy_timeout=30000")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _begin_immediate(conn):
+        conn.exec_driver_sql("BEGIN IMMEDIATE")  # take the write lock up front: no upgrade deadlocks
+
+    return engine
+
+
+class JobStore:
+    def __init__(self, url: str):
+        self.engine = make_engine(url)
+        metadata.create_all(self.engine)
+
+    def add(self, *, id: str, trainer: str, params: dict, tenant: str, priority: str, workers: int,
+            cpus_per_worker: float, gpus_per_worker: float, state: JobState = JobState.QUEUED,
+            message: str = "", now: float | None = None) -> JobRecord:
+        now = time.time() if now is None else now
+        row = dict(id=id, trainer=trainer, params=params, tenant=tenant, priority=priority, state=state.value,
+                   workers=workers, cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
+                   submitted_at=now, attempt=0, message=message, updated_at=now,
+                   ended_at=now if state.is_terminal() else None)
+        with self.engine.begin() as conn:
+            conn.execute(insert(jobs).values(**row))
+            conn.execute(insert(job_events).values(job_id=id, at=now, from_state=None, to_state=state.value,
+                                                   message=message))
+        return self.get(id)
+
+    def get(self, job_id: str) -> JobRecord:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(jobs).where(jobs.c.id == job_id)).first()
+        if row is None:
+            raise UnknownJob(job_id)
+        return JobRecord.from_row(row)
+
+    def list(self, *, states: Iterable[JobState] | None = None, tenant: str | None = None,
+             limit: int | None = None) -> list[JobRecord]:
+        query = select(jobs).order_by(jobs.c.submitted_at, jobs.c.id)
+        if states is not None:
+            query = query.where(jobs.c.state.in_([s.value for s in states]))
+        if tenant is not None:
+            query = query.where(jobs.c.tenant == tenant)
+        if limit is not None:
+            query = query.limit(limit)
+        with self.engine.connect() as conn:
+            return [JobRecord.from_row(r) for r in conn.execute(query)]
+
+    def transition(self, job_id: str, to: JobState, *, expect: JobState | None = None, message: str = "",
+                   now: float | None = None, **fields: Any) -> JobRecord:
+        """Move `job_id` to `to` (from `expect`, if given) and record the event, atomically.
+
+        Raises UnknownJob, or InvalidTransition if the job is terminal, the move is
+        not allowed, or the job is no longer in the state the caller expected.
+        """
+        now = time.time() if now is None else now
+        with self.engine.begin() as conn:
+            row = conn.execute(select(jobs.c.state).where(jobs.c.id == job_id)).first()
+            if row is None:
+                raise UnknownJob(job_id)
+            current = JobState(row.state)
+            if expect is not None and current != expect:
+                raise InvalidTransition(f"job {job_id} is {current.value}, not {expect.value}")
+            if to not in ALLOWED.get(current, frozenset()):
+                raise InvalidTransition(f"job {job_id} cannot go from {current.value} to {to.value}")
+            values = {"state": to.value, "updated_at": now, "message": message, **fields}
+            if to.is_terminal():
+                values.setdefault("ended_at", now)
+            done = conn.execute(update(jobs).where(jobs.c.id == job_id, jobs.c.state == current.value)
+                                .values(**values))
+            if done.rowcount != 1:  # lost a race (only possible without BEGIN IMMEDIATE, e.g. PostgreSQL)
+                raise InvalidTransition(f"job {job_id} changed state concurrently")
+            conn.execute(insert(job_events).values(job_id=job_id, at=now, from_state=current.value,
+                                                   to_state=to.value, message=message))
+        return self.get(job_id)
+
+    def events(self, job_id: str) -> list[JobEvent]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(job_events).where(job_events.c.job_id == job_id)
+                                .order_by(job_events.c.seq))
+            return [JobEvent(r.job_id, r.at, r.from_state, r.to_state, r.message) for r in rows]

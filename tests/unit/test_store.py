@@ -1,0 +1,80 @@
+import threading
+
+import pytest
+
+from ray_apps.scheduler.states import JobState
+from ray_apps.scheduler.store import InvalidTransition, JobStore, UnknownJob
+
+
+@pytest.fixture()
+def store(tmp_path):
+    return JobStore(f"sqlite:///{tmp_path / 'queue.db'}")
+
+
+def add(store, id, **kw):
+    args = dict(trainer="mnist", params={"epochs": 1}, tenant="a", priority="normal", workers=1,
+                cpus_per_worker=1.0, gpus_per_worker=0.0)
+    return store.add(id=id, **{**args, **kw})
+
+
+def test_add_get_list_and_events(store):
+    add(store, "j1", now=1.0)
+    add(store, "j2", tenant="b", now=2.0)
+    assert store.get("j1").state is JobState.QUEUED and store.get("j1").params == {"epochs": 1}
+    assert [j.id for j in store.list()] == ["j1", "j2"]
+    assert [j.id for j in store.list(tenant="b")] == ["j2"]
+    store.transition("j1", JobState.STARTING, now=3.0)
+    store.transition("j1", JobState.RUNNING, now=4.0, started_at=4.0)
+    done = store.transition("j1", JobState.SUCCEEDED, now=9.0)
+    assert done.started_at == 4.0 and done.ended_at == 9.0
+    assert [(e.from_state, e.to_state, e.at) for e in store.events("j1")] == [
+        (None, "QUEUED", 1.0), ("QUEUED", "STARTING", 3.0), ("STARTING", "RUNNING", 4.0),
+        ("RUNNING", "SUCCEEDED", 9.0)]
+
+
+def test_terminal_states_are_final_and_expectations_are_checked(store):
+    add(store, "j")
+    store.transition("j", JobState.CANCELLED)
+    with pytest.raises(InvalidTransition, match="cannot go from CANCELLED"):
+        store.transition("j", JobState.STARTING)
+    add(store, "k")
+    with pytest.raises(InvalidTransition, match="is QUEUED, not RUNNING"):
+        store.transition("k", JobState.SUCCEEDED, expect=JobState.RUNNING)
+    with pytest.raises(UnknownJob):
+        store.get("nope")
+
+
+def test_concurrent_writers_each_stored_once_and_one_transition_wins(tmp_path):
+    url = f"sqlite:///{tmp_path / 'queue.db'}"
+    JobStore(url)
+    errors, wins = [], []
+
+    def submit(n):
+        s = JobStore(url)  # its own engine, as separate processes would have
+        try:
+            for i in range(25):
+                add(s, f"t{n}-{i}")
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=submit, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    store = JobStore(url)
+    assert errors == [] and len(store.list()) == 200
+
+    def start(_):
+        try:
+            JobStore(url).transition("t0-0", JobState.STARTING, expect=JobState.QUEUED)
+            wins.append(1)
+        except InvalidTransition:
+            pass
+
+    racers = [threading.Thread(target=start, args=(n,)) for n in range(8)]
+    for t in racers:
+        t.start()
+    for t in racers:
+        t.join()
+    assert len(wins) == 1 and len(store.events("t0-0")) == 2
