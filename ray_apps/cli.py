@@ -5,16 +5,22 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 
 from ray_apps.cluster import PlatformError
 from ray_apps.config import SettingsError, load_settings
+from ray_apps.scheduler.api import JobNotFound, QueueError
 from trainers.pricing import CatalogError
 from trainers.specs import TRAINERS, SpecError, add_arguments
 
 
 def cmd_up(args, settings) -> int:
+    import os
+
     from ray_apps import cluster
 
+    if args.config:  # the dispatcher that `up` starts reads the same settings
+        os.environ["OPPEN_CONFIG"] = os.path.abspath(args.config)
     cluster.up(settings, timeout=args.timeout)
     return cmd_status(args, settings)
 
@@ -32,9 +38,10 @@ def cmd_status(args, settings) -> int:
     rows = cluster.status(settings)
     for row in rows:
         health = "healthy" if row.healthy else "DOWN"
-        owner = f"pid {row.pid}, {row.rss_mb:.0f} MB" if row.managed else "external" if row.healthy else "not running"
+        owner = (f"pid {row.pid}, {row.rss_mb:.0f} MB" if row.managed else row.note or "external"
+                 if row.healthy else "not running")
         print(f"{row.name:7} {health:8} {row.url:28} ({owner})")
-    ray_row = rows[0]
+    ray_row = rows[0]  # ray, mlflow, dispatcher
     if ray_row.healthy:
         res = cluster.cluster_resources(settings.dashboard_url)
         for name in ("CPU", "GPU"):
@@ -82,6 +89,82 @@ def cmd_train(args, settings) -> int:
     return 0
 
 
+def _queue(settings):
+    from ray_apps.scheduler.api import Queue
+
+    return Queue.from_settings(settings)
+
+
+def _job_line(job) -> str:
+    waited = (job.started_at or time.time()) - job.submitted_at
+    gpus = f" {job.workers * job.gpus_per_worker:g} GPU" if job.gpus_per_worker else ""
+    return (f"{job.id:34} {job.state.value:10} {job.priority:7} {job.tenant:10} "
+            f"{job.workers * job.cpus_per_worker:g} CPU{gpus:8} waited {waited:5.0f} s  {job.message[:60]}")
+
+
+def cmd_queue_submit(args, settings) -> int:
+    params = {k: v for k, v in vars(args).items() if k in args.spec_fields}
+    job = _queue(settings).submit(args.trainer, params, priority=args.priority, tenant=args.tenant)
+    print(f"queued {job.id} ({job.priority}, tenant {job.tenant}); follow with: oppen queue list")
+    return 0
+
+
+def cmd_queue_list(args, settings) -> int:
+    from ray_apps.scheduler.states import TERMINAL, JobState
+
+    states = None if args.all else [s for s in JobState if s not in TERMINAL]
+    jobs = _queue(settings).list(tenant=args.tenant, states=states)
+    for job in jobs:
+        print(_job_line(job))
+    if not jobs:
+        print("no jobs" + ("" if args.all else " waiting or running (--all shows finished ones)"))
+    return 0
+
+
+def cmd_queue_show(args, settings) -> int:
+    queue = _queue(settings)
+    job = queue.get(args.job_id, tenant=args.tenant)
+    print(_job_line(job))
+    for ev in queue.store.events(job.id):
+        print(f"  {time.strftime('%H:%M:%S', time.localtime(ev.at))} {ev.from_state or '':10} -> "
+              f"{ev.to_state:10} {ev.message}")
+    return 0
+
+
+def cmd_queue_cancel(args, settings) -> int:
+    job = _queue(settings).cancel(args.job_id, tenant=args.tenant)
+    print(f"{job.id}: {job.state.value}")
+    return 0
+
+
+def cmd_queue_logs(args, settings) -> int:
+    print(_queue(settings).logs(args.job_id, tenant=args.tenant), end="")
+    return 0
+
+
+def cmd_gpus(args, settings) -> int:
+    gpus = _queue(settings).gpu_availability()
+    print(f"GPUs: {gpus.free:g} free / {gpus.total:g} total ({gpus.used:g} used); "
+          f"queued demand {gpus.queued_demand:g} GPUs in {gpus.queued_jobs} jobs")
+    for node, info in gpus.by_node.items():
+        print(f"  {node[:12]} {info['type'] or '-':10} {info['free']:g} free / {info['total']:g}")
+    return 0
+
+
+def cmd_dispatcher(args, settings) -> int:
+    if args.supervise:
+        from ray_apps.scheduler.supervisor import supervise
+
+        return supervise([sys.executable, "-m", "ray_apps.cli", *(["--config", args.config] if args.config else []),
+                          "dispatcher"])
+    from ray_apps.scheduler.dispatcher import Dispatcher
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _quiet_ray_client_logs()
+    Dispatcher(_queue(settings)).run()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="oppen", description="ML training on Ray: queue, cost, agent.")
     parser.add_argument("--config", default=None, help="settings file (default: configs/platform.yaml)")
@@ -100,6 +183,32 @@ def build_parser() -> argparse.ArgumentParser:
         add_arguments(tp, spec, with_defaults=False)
         tp.add_argument("--no-follow", action="store_true", default=False, help="submit and return")
         tp.set_defaults(func=cmd_train, spec_fields={f for f in spec.__dataclass_fields__})
+
+    p = sub.add_parser("queue", help="the priority job queue")
+    qsub = p.add_subparsers(dest="queue_command", required=True, metavar="ACTION")
+    qs = qsub.add_parser("submit", help="queue a catalogued trainer")
+    qtrainers = qs.add_subparsers(dest="trainer", required=True, metavar="TRAINER")
+    for name, spec in TRAINERS.items():
+        tp = qtrainers.add_parser(name, help=f"queue {name}")
+        add_arguments(tp, spec, with_defaults=False)
+        tp.add_argument("--priority", default=None, help="priority class (configs/queue.yaml)")
+        tp.add_argument("--tenant", default=None, help="tenant that owns the job")
+        tp.set_defaults(func=cmd_queue_submit, spec_fields=set(spec.__dataclass_fields__))
+    for action, func, helptext in (("list", cmd_queue_list, "jobs waiting or running"),
+                                   ("show", cmd_queue_show, "one job and its events"),
+                                   ("cancel", cmd_queue_cancel, "cancel a queued or running job"),
+                                   ("logs", cmd_queue_logs, "the job's Ray logs")):
+        ap = qsub.add_parser(action, help=helptext)
+        if action == "list":
+            ap.add_argument("--all", action="store_true", help="include finished jobs")
+        else:
+            ap.add_argument("job_id")
+        ap.add_argument("--tenant", default=None, help="act as this tenant only")
+        ap.set_defaults(func=func)
+    sub.add_parser("gpus", help="GPUs free/used by node, and queued demand").set_defaults(func=cmd_gpus)
+    p = sub.add_parser("dispatcher", help="run the queue's dispatcher in the foreground")
+    p.add_argument("--supervise", action="store_true", help="restart it whenever it dies")
+    p.set_defaults(func=cmd_dispatcher)
     return parser
 
 
@@ -108,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = load_settings(args.config)
         return args.func(args, settings)
-    except (SettingsError, SpecError, CatalogError, PlatformError) as exc:
+    except (SettingsError, SpecError, CatalogError, PlatformError, QueueError, JobNotFound) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

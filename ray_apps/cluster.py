@@ -1,8 +1,9 @@
-"""The embedded default cluster: a local Ray head and an MLflow server.
+"""The embedded default cluster: a local Ray head, an MLflow server, the queue's
+dispatcher (supervised) and the Serve apps of `configs/serve.yaml`.
 
 `up` starts what is missing and reports what already runs; `down` stops only
-what `up` started (by process session, see `processes`); `status` shows URLs,
-health and the cluster's CPUs/GPUs. With `RAY_ADDRESS` / `MLFLOW_TRACKING_URI`
+what `up` started (by process session, see `processes`; the Serve apps live
+inside Ray and stop with it); `status` shows URLs, health and CPUs/GPUs. With `RAY_ADDRESS` / `MLFLOW_TRACKING_URI`
 pointing elsewhere (a KubeRay head, a shared MLflow), `up` starts nothing for
 them: the address is the one switch between laptop and cluster.
 """
@@ -21,10 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from ray_apps.config import Settings
+import yaml
+
+from ray_apps.config import CONFIG_DIR, Settings
 from ray_apps.processes import PortHolder, ServiceRegistry, port_holder, spawn, stop, wait_until
 
-RAY, MLFLOW = "ray", "mlflow"
+RAY, MLFLOW, DISPATCHER = "ray", "mlflow", "dispatcher"
 
 
 class PlatformError(RuntimeError):
@@ -191,7 +194,8 @@ def _managed_services(settings: Settings, say: Callable[[str], None]) -> list[_M
         r = settings.ray
         out.append(_Managed(RAY, settings.dashboard_url, lambda: ray_ready(settings.dashboard_url),
                             ray_head_command(settings), [r.gcs_port, r.dashboard_port, r.metrics_export_port,
-                                                         r.client_server_port, r.dashboard_agent_port],
+                                                         r.client_server_port, r.dashboard_agent_port,
+                                                         settings.serve_port],
                             _ray_env(settings)))
     else:
         say(f"ray: using the cluster at {settings.dashboard_url} (RAY_ADDRESS); no local head started")
@@ -202,6 +206,9 @@ def _managed_services(settings: Settings, say: Callable[[str], None]) -> list[_M
                             {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}))
     else:
         say(f"mlflow: using {settings.tracking_uri} (MLFLOW_TRACKING_URI); no local server started")
+    # The queue's dispatcher, under a supervisor that restarts it if it dies.
+    out.append(_Managed(DISPATCHER, "(queue dispatcher)", lambda: True,
+                        [sys.executable, "-m", "ray_apps.cli", "dispatcher", "--supervise"], [], {}))
     return out
 
 
@@ -237,7 +244,40 @@ def up(settings: Settings, *, timeout: float = 90.0, say: Callable[[str], None] 
             registry.save(services)
             raise PlatformError(f"{m.name} did not become healthy within {timeout:.0f} s. Last log lines:\n{tail}")
         say(f"{m.name}: healthy after {time.monotonic() - t0:.1f} s")
+    deploy_serve(settings, timeout=timeout, say=say)
     return status(settings)
+
+
+def serve_url(settings: Settings) -> str:
+    return f"http://{settings.host}:{settings.serve_port}"
+
+
+def serve_config(settings: Settings) -> dict:
+    """configs/serve.yaml with this platform's host and port."""
+    config = yaml.safe_load((CONFIG_DIR / "serve.yaml").read_text())
+    config["http_options"] = {**config.get("http_options", {}), "host": settings.host, "port": settings.serve_port}
+    return config
+
+
+def serve_healthy(settings: Settings) -> bool:
+    return _http_get(f"{serve_url(settings)}/v1/health") is not None
+
+
+def deploy_serve(settings: Settings, *, timeout: float = 90.0, say: Callable[[str], None] = print) -> None:
+    """Deploy the Serve apps of configs/serve.yaml (a no-op when they already run)."""
+    if serve_healthy(settings):
+        say(f"serve: already running at {serve_url(settings)}")
+        return
+    from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
+
+    use_ray_token()
+    t0 = time.monotonic()
+    ServeSubmissionClient(settings.dashboard_url).deploy_applications(serve_config(settings))
+    say(f"serve: deploying configs/serve.yaml at {serve_url(settings)}")
+    if not wait_until(lambda: serve_healthy(settings), timeout=timeout, interval=1.0):
+        raise PlatformError(f"the Serve apps did not answer at {serve_url(settings)} within {timeout:.0f} s. "
+                            f"To fix: see `serve status` and the Serve logs under {ray_temp_dir(settings)}.")
+    say(f"serve: healthy after {time.monotonic() - t0:.1f} s")
 
 
 def _ray_env(settings: Settings) -> dict[str, str]:
@@ -282,12 +322,15 @@ def down(settings: Settings, *, say: Callable[[str], None] = print) -> list[str]
 def status(settings: Settings) -> list[ServiceStatus]:
     running = ServiceRegistry(settings.state_dir).running()
     out = []
-    for name, url, healthy in ((RAY, settings.dashboard_url, ray_healthy),
-                               (MLFLOW, settings.tracking_uri, mlflow_healthy)):
+    checks = ((RAY, settings.dashboard_url, ray_healthy), (MLFLOW, settings.tracking_uri, mlflow_healthy),
+              (DISPATCHER, "(queue dispatcher)", lambda _: DISPATCHER in running),
+              ("serve", serve_url(settings), lambda _: serve_healthy(settings)))
+    for name, url, healthy in checks:
         svc = running.get(name)
         out.append(ServiceStatus(name=name, url=url, healthy=healthy(url), managed=svc is not None,
                                  pid=svc.pid if svc else None,
-                                 rss_mb=svc.rss_bytes() / 2**20 if svc else None))
+                                 rss_mb=svc.rss_bytes() / 2**20 if svc else None,
+                                 note="Serve apps inside Ray" if name == "serve" else ""))
     return out
 
 

@@ -54,6 +54,12 @@ class Settings(BaseSettings):
     mlflow_tracking_uri: str | None = Field(
         None, validation_alias=AliasChoices("MLFLOW_TRACKING_URI", "OPPEN_MLFLOW_TRACKING_URI"))
     costs_file: Path = Path("configs/costs.yaml")
+    # The queue's database; None: a SQLite file in the data dir. Any SQLAlchemy URL works.
+    queue_db_url: str | None = None
+    # Tenant tokens for the REST API, {token: tenant}; set them in the environment
+    # (OPPEN_TENANT_TOKENS='{"...": "team-a"}'), never in a committed file.
+    tenant_tokens: dict[str, str] = {}
+    serve_port: int = Field(8000, ge=1, le=65535)
 
     @field_validator("data_dir", "costs_file")
     @classmethod

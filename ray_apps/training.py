@@ -70,35 +70,40 @@ def check_feasible(settings: Settings, spec: Any) -> None:
 def submit_training(settings: Settings, trainer: str, params: dict[str, Any], *,
                     metadata: dict[str, str] | None = None) -> Submission:
     """Validate, create the MLflow run, and hand the job to Ray. Raises SpecError / PlatformError."""
-    from ray.job_submission import JobSubmissionClient
-
     spec = build_config(trainer, params)
     check_feasible(settings, spec)
-    if not mlflow_healthy(settings.tracking_uri):
-        raise PlatformError(f"MLflow at {settings.tracking_uri} is unreachable. To fix: run `oppen up` "
-                            "or set MLFLOW_TRACKING_URI to a running server.")
     submission_id = f"{trainer}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
-    run_id, run_url = _create_run(settings, trainer, submission_id)
+    run_id, run_url = create_run(settings, trainer, submission_id)
     clean = {k: v for k, v in dataclasses.asdict(spec).items() if k in params}
     entrypoint = entrypoint_for(trainer, clean, ["--run-name", submission_id, "--mlflow-run-id", run_id])
-    use_ray_token()
-    client = JobSubmissionClient(settings.dashboard_url)
-    client.submit_job(
-        entrypoint=entrypoint, submission_id=submission_id,
-        runtime_env={"working_dir": str(PROJECT_ROOT), "excludes": WORKING_DIR_EXCLUDES,
-                     "env_vars": settings.job_env()},
-        metadata={"trainer": trainer, "mlflow_run_id": run_id, **(metadata or {})},
-    )
+    submit_entrypoint(settings, submission_id, entrypoint, {"trainer": trainer, "mlflow_run_id": run_id,
+                                                            **(metadata or {})})
     return Submission(submission_id, trainer, run_id, run_url, entrypoint)
 
 
-def _create_run(settings: Settings, trainer: str, submission_id: str) -> tuple[str, str]:
-    from trainers.tracking import open_run
+def submit_entrypoint(settings: Settings, submission_id: str, entrypoint: str, metadata: dict[str, str]) -> None:
+    """Hand a trainer command to Ray with this project as its working dir."""
+    from ray.job_submission import JobSubmissionClient
 
-    run_id = open_run(settings.tracking_uri, experiment=trainer, run_name=submission_id,
-                      tags={"oppen.trainer": trainer, "ray.submission_id": submission_id})
+    use_ray_token()
+    JobSubmissionClient(settings.dashboard_url).submit_job(
+        entrypoint=entrypoint, submission_id=submission_id, metadata=metadata,
+        runtime_env={"working_dir": str(PROJECT_ROOT), "excludes": WORKING_DIR_EXCLUDES,
+                     "env_vars": settings.job_env()})
+
+
+def create_run(settings: Settings, trainer: str, run_name: str, tags: dict[str, str] | None = None
+               ) -> tuple[str, str]:
+    """Create the MLflow run before the job exists, so Ray's job metadata can name it."""
+    if not mlflow_healthy(settings.tracking_uri):
+        raise PlatformError(f"MLflow at {settings.tracking_uri} is unreachable. To fix: run `oppen up` "
+                            "or set MLFLOW_TRACKING_URI to a running server.")
     from mlflow.tracking import MlflowClient
 
+    from trainers.tracking import open_run
+
+    run_id = open_run(settings.tracking_uri, experiment=trainer, run_name=run_name,
+                      tags={"oppen.trainer": trainer, "ray.submission_id": run_name, **(tags or {})})
     exp_id = MlflowClient(settings.tracking_uri).get_run(run_id).info.experiment_id
     return run_id, f"{settings.tracking_uri}/#/experiments/{exp_id}/runs/{run_id}"
 

@@ -147,7 +147,7 @@ def plan(queued: list[QueuedJob], running: list[RunningJob], free_nodes: list[No
             if chosen:
                 result.preempt += [v.id for v in chosen]
                 victims_left = [v for v in victims_left if v not in chosen]
-                free = _hold_for(job.gang, free)  # what frees up is this job's, not the next one's
+                free = hold(job.gang, free)  # what frees up is this job's, not the next one's
                 used[0] += job.gang.cpus
                 used[1] += job.gang.gpus
                 result.waiting[job.id] = f"preempting {', '.join(v.id for v in chosen)}"
@@ -176,8 +176,8 @@ def _victims(job: QueuedJob, cls: PriorityClass, candidates: list[RunningJob], f
     return []
 
 
-def _hold_for(gang: Gang, free: list[Node]) -> list[Node]:
-    """Take what is free now toward `gang`, so later jobs in this cycle cannot use it."""
+def hold(gang: Gang, free: list[Node]) -> list[Node]:
+    """Take what is free toward `gang`'s total (any node), so later jobs cannot use it."""
     held = [dict(n) for n in free]
     need_cpu, need_gpu = gang.cpus, gang.gpus
     for node in held:

@@ -6,6 +6,8 @@ keep running beside the tests.
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import time
 
@@ -15,6 +17,11 @@ import yaml
 from ray_apps import cluster
 from ray_apps.config import load_settings
 
+# Short preemption wait and fast cycles so scheduling tests take seconds.
+QUEUE_CONFIG = {"priorities": {"high": {"rank": 2, "preempt_after_s": 2}, "normal": {"rank": 1},
+                               "low": {"rank": 0}},
+                "tenants": {"team-a": {"gpus": 2}}, "poll_s": 0.3}
+TENANT_TOKENS = {"token-a": "team-a", "token-b": "team-b"}
 TEST_PORTS = {"gcs_port": 6479, "dashboard_port": 8365, "metrics_export_port": 8180,
               "client_server_port": 9901, "dashboard_agent_port": 52465}
 
@@ -29,7 +36,12 @@ def platform(tmp_path_factory, mnist_cache):
         shutil.copy(mnist_cache / "datasets" / name, data_dir / "datasets" / name)
     config = root / "platform.yaml"
     config.write_text(yaml.safe_dump({"data_dir": str(data_dir), "ray": {**TEST_PORTS, "num_gpus": 2},
-                                      "mlflow": {"port": 5100}}))
+                                      "mlflow": {"port": 5100}, "serve_port": 8100}))
+    (root / "queue.yaml").write_text(yaml.safe_dump(QUEUE_CONFIG))
+    # The dispatcher and Serve apps that `up` starts read settings, queue config and
+    # tenant tokens from the environment they inherit.
+    os.environ["OPPEN_CONFIG"], os.environ["OPPEN_CONFIG_DIR"] = str(config), str(root)
+    os.environ["OPPEN_TENANT_TOKENS"] = json.dumps(TENANT_TOKENS)
     settings = load_settings(config)
     t0 = time.monotonic()
     cluster.up(settings, timeout=120)

@@ -6,7 +6,6 @@ import json
 import re
 
 import mlflow
-import numpy as np
 import psutil
 import pytest
 import torch

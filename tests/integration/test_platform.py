@@ -15,7 +15,9 @@ def test_second_up_reports_what_runs(platform):
     rows = cluster.up(platform, say=said.append)
     assert any("ray: already running" in s for s in said)
     assert any("mlflow: already running" in s for s in said)
-    assert all(r.healthy and r.managed for r in rows)
+    assert any("serve: already running" in s for s in said)
+    assert all(r.healthy for r in rows)
+    assert [r.name for r in rows if r.managed] == ["ray", "mlflow", "dispatcher"]  # Serve lives inside Ray
     res = cluster.cluster_resources(platform.dashboard_url)
     assert res.total["CPU"] >= 1 and res.total["GPU"] == 2 and res.free("GPU") == 2
 

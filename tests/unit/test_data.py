@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from trainers import data
-from trainers.data import DataError, MnistArrays, check_mnist, load_mnist
+from trainers.data import DataError, check_mnist, load_mnist
 
 
 def test_real_mnist_passes_its_checks(mnist_cache):

@@ -1,0 +1,180 @@
+"""The dispatcher: moves queued jobs into Ray when they fit, and follows them out.
+
+Invariants (see also `store` and `policy`):
+- Stateless: every cycle reads the store and Ray afresh, so it can be killed at
+  any point and restarted, by hand or by its supervisor.
+- A job reaches Ray only through QUEUED -> STARTING (an atomic store transition
+  that records the attempt's Ray submission id) followed by `submit_job` with that
+  id. A crash between the two is repaired next cycle: a STARTING job unknown to
+  Ray is submitted again under the same id; Ray refuses a second job with an id it
+  knows, so no job runs twice.
+- Admission only when the whole gang fits the free resources (policy.plan), with
+  resources of admitted jobs that Ray does not show as used yet counted as taken,
+  so nothing ever waits PENDING inside Ray.
+- Preemption: RUNNING -> PREEMPTING, `stop_job`; once Ray reports it stopped the
+  job is QUEUED again and its next attempt resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+from ray_apps.scheduler import policy
+from ray_apps.scheduler.api import Queue, ray_submission_id
+from ray_apps.scheduler.states import ACTIVE, JobState
+from ray_apps.scheduler.store import InvalidTransition, JobRecord
+from ray_apps.training import create_run, entrypoint_for, submit_entrypoint
+from trainers.specs import spec_for
+
+log = logging.getLogger("oppen.dispatcher")
+
+
+@dataclass
+class CycleReport:
+    admitted: list[str] = field(default_factory=list)
+    preempted: list[str] = field(default_factory=list)
+    finished: list[str] = field(default_factory=list)
+    requeued: list[str] = field(default_factory=list)
+
+
+def _gang(job: JobRecord) -> policy.Gang:
+    return policy.Gang(job.workers, job.cpus_per_worker, job.gpus_per_worker)
+
+
+class Dispatcher:
+    def __init__(self, queue: Queue):
+        self.queue = queue
+        self.client = queue._ray()
+
+    # ------------------------------------------------------------------ one cycle
+
+    def cycle(self, now: float | None = None) -> CycleReport:
+        now = time.time() if now is None else now
+        report = CycleReport()
+        ray_jobs = {j.submission_id: j for j in self.client.list_jobs() if j.submission_id}
+        for job in self.queue.store.list(states=ACTIVE):
+            self._reconcile(job, ray_jobs.get(job.ray_submission_id), report)
+
+        active = self.queue.store.list(states=ACTIVE)
+        queued = self.queue.store.list(states=[JobState.QUEUED])
+        if not queued:
+            return report
+        plan = policy.plan(
+            [policy.QueuedJob(j.id, j.tenant, j.priority, j.submitted_at, _gang(j)) for j in queued],
+            [policy.RunningJob(j.id, j.tenant, j.priority, j.started_at or j.submitted_at, _gang(j))
+             for j in active if j.state is not JobState.PREEMPTING],
+            self._free_nodes(active), self.queue.config.policy(), now)
+        for job_id in plan.preempt:
+            if self._preempt(job_id):
+                report.preempted.append(job_id)
+        for job_id in plan.admit:
+            if self._admit(job_id):
+                report.admitted.append(job_id)
+        return report
+
+    def _free_nodes(self, active: list[JobRecord]) -> list[policy.Node]:
+        res = self.queue._resources()
+        nodes = [{"CPU": u.get("CPU", (0, 0))[1] - u.get("CPU", (0, 0))[0],
+                  "GPU": u.get("GPU", (0, 0))[1] - u.get("GPU", (0, 0))[0]} for u in res.by_node.values()]
+        # Admitted jobs reserve their workers seconds after they start: count the gap as taken.
+        owed_cpu = sum(_gang(j).cpus for j in active) - res.used.get("CPU", 0.0)
+        owed_gpu = sum(_gang(j).gpus for j in active) - res.used.get("GPU", 0.0)
+        if owed_cpu > 0 or owed_gpu > 0:
+            nodes = policy.hold(policy.Gang(1, max(owed_cpu, 0.0), max(owed_gpu, 0.0)), nodes)
+        return nodes
+
+    # ------------------------------------------------------------------ transitions
+
+    def _reconcile(self, job: JobRecord, info, report: CycleReport) -> None:
+        status = info.status.value if info else None
+        try:
+            if info is None:
+                if job.state is JobState.STARTING:  # crashed between STARTING and submit: submit now
+                    self._submit(job)
+                elif job.state in (JobState.RUNNING, JobState.PREEMPTING):  # lost with a restarted head
+                    self.queue.store.transition(job.id, JobState.QUEUED, expect=job.state,
+                                                message="not known to Ray (head restarted?); requeued to resume")
+                    report.requeued.append(job.id)
+                return
+            if status == "RUNNING" and job.state is JobState.STARTING:
+                self.queue.store.transition(job.id, JobState.RUNNING, expect=job.state,
+                                            started_at=(info.start_time or time.time() * 1000) / 1000)
+            elif status in ("SUCCEEDED", "FAILED", "STOPPED"):
+                ended = (info.end_time or time.time() * 1000) / 1000
+                if job.state is JobState.PREEMPTING and status != "SUCCEEDED":
+                    self.queue.store.transition(job.id, JobState.QUEUED, expect=job.state,
+                                                message="preempted; resumes from its last checkpoint")
+                    report.requeued.append(job.id)
+                    return
+                final = JobState.SUCCEEDED if status == "SUCCEEDED" else JobState.FAILED
+                message = (info.message or "")[:500] if final is JobState.FAILED else ""
+                if status == "STOPPED":
+                    message = "stopped outside the queue"
+                self.queue.store.transition(job.id, final, expect=job.state, message=message, ended_at=ended,
+                                            started_at=job.started_at or (info.start_time or 0) / 1000 or None)
+                report.finished.append(job.id)
+        except InvalidTransition:
+            pass  # someone else (a cancel, another dispatcher) moved it first: theirs stands
+
+    def _preempt(self, job_id: str) -> bool:
+        try:
+            job = self.queue.store.transition(job_id, JobState.PREEMPTING, expect=JobState.RUNNING,
+                                              message="preempted by a higher-priority job")
+        except InvalidTransition:
+            return False
+        self.client.stop_job(job.ray_submission_id)
+        log.info("preempting %s", job_id)
+        return True
+
+    def _admit(self, job_id: str) -> bool:
+        job = self.queue.store.get(job_id)
+        attempt = job.attempt + 1
+        fields = {"attempt": attempt, "ray_submission_id": ray_submission_id(job, attempt)}
+        if spec_for(job.trainer).tracked and not job.mlflow_run_id:
+            try:
+                fields["mlflow_run_id"] = create_run(self.queue.settings, job.trainer, job.id,
+                                                     tags={"oppen.tenant": job.tenant, "oppen.priority": job.priority})[0]
+            except Exception as exc:  # noqa: BLE001 - MLflow down: keep the job queued, say why
+                log.warning("cannot create the MLflow run for %s: %s", job_id, exc)
+                return False
+        try:
+            job = self.queue.store.transition(job_id, JobState.STARTING, expect=JobState.QUEUED,
+                                              message=f"admitted (attempt {attempt})", **fields)
+        except InvalidTransition:
+            return False
+        self._submit(job)
+        log.info("admitted %s as %s", job_id, job.ray_submission_id)
+        return True
+
+    def _submit(self, job: JobRecord) -> None:
+        extra = ["--run-name", job.id]
+        if job.mlflow_run_id:
+            extra += ["--mlflow-run-id", job.mlflow_run_id]
+        if job.attempt > 1:
+            extra.append("--resume")
+        meta = {"queue_job_id": job.id, "trainer": job.trainer, "tenant": job.tenant, "priority": job.priority,
+                "attempt": str(job.attempt), **({"mlflow_run_id": job.mlflow_run_id} if job.mlflow_run_id else {})}
+        try:
+            submit_entrypoint(self.queue.settings, job.ray_submission_id,
+                              entrypoint_for(job.trainer, job.params, extra), meta)
+        except RuntimeError as exc:
+            if "already exists" not in str(exc):
+                raise
+
+    # ------------------------------------------------------------------ loop
+
+    def run(self, stop: threading.Event | None = None) -> None:
+        """Cycle until `stop` is set; a failing cycle is logged and retried, never fatal."""
+        stop = stop or threading.Event()
+        log.info("dispatcher running against %s", self.queue.settings.dashboard_url)
+        while not stop.is_set():
+            try:
+                report = self.cycle()
+                if report.admitted or report.preempted or report.finished or report.requeued:
+                    log.info("cycle: %s", report)
+            except Exception:  # noqa: BLE001 - a cycle is retried; the store is the state
+                log.exception("dispatcher cycle failed; retrying")
+            stop.wait(self.queue.config.poll_s)

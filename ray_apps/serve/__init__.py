@@ -1,0 +1,1 @@
+"""Ray Serve apps (FastAPI ingress), deployed from `configs/serve.yaml`."""

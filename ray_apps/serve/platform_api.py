@@ -1,0 +1,168 @@
+"""The platform's REST API on Ray Serve: the queue over HTTP.
+
+    POST   /v1/jobs           queue a catalogued trainer      201 / 401 / 422
+    GET    /v1/jobs           the caller's jobs
+    GET    /v1/jobs/{id}      one job and its events          404 if unknown or not the caller's
+    DELETE /v1/jobs/{id}      cancel it                       409 if already finished
+    GET    /v1/gpus           GPUs by node, and queued demand
+
+Bad input is a 4xx whose body names the field and the reason, never a 500. With
+tenant tokens configured (`OPPEN_TENANT_TOKENS`, JSON {token: tenant}) every
+request carries `Authorization: Bearer <token>` and sees only its tenant's jobs;
+without tokens, Serve listens on loopback only (configs/serve.yaml).
+"""
+
+# No `from __future__ import annotations`: FastAPI under Serve's ingress resolves the
+# handlers' annotations outside this module, so they must be real types, not strings.
+import secrets
+from typing import Any
+
+from fastapi import FastAPI, Header, HTTPException, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+
+from ray_apps.cluster import PlatformError
+from ray_apps.config import load_settings
+from ray_apps.scheduler.api import Infeasible, JobNotFound, Queue, QueueError
+from ray_apps.scheduler.states import JobState
+from ray_apps.scheduler.store import JobRecord
+
+MAX_BODY_BYTES = 64 * 1024
+
+app = FastAPI(title="Oppen platform API", version="1",
+              description="A durable priority queue with quotas and preemption in front of Ray.")
+
+
+class SubmitJob(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    trainer: str = Field(description="a catalogued trainer, e.g. mnist", max_length=32)
+    params: dict[str, Any] = Field(default_factory=dict, description="trainer parameters by field name")
+    priority: str | None = Field(None, max_length=32)
+    tenant: str | None = Field(None, max_length=64, description="ignored when tokens name the tenant")
+
+
+class JobOut(BaseModel):
+    id: str
+    trainer: str
+    params: dict[str, Any]
+    tenant: str
+    priority: str
+    state: JobState
+    workers: int
+    cpus_per_worker: float
+    gpus_per_worker: float
+    submitted_at: float
+    started_at: float | None
+    ended_at: float | None
+    attempt: int
+    ray_submission_id: str | None
+    mlflow_run_id: str | None
+    message: str
+
+    @classmethod
+    def of(cls, job: JobRecord) -> "JobOut":
+        return cls(**{k: getattr(job, k) for k in cls.model_fields})
+
+
+class EventOut(BaseModel):
+    at: float
+    from_state: str | None
+    to_state: str
+    message: str
+
+
+class JobDetail(JobOut):
+    events: list[EventOut]
+
+
+def _problem(status: int, field: str | None, reason: str) -> HTTPException:
+    return HTTPException(status_code=status, detail={"field": field, "reason": reason})
+
+
+@app.middleware("http")
+async def limit_body_size(request: Request, call_next):
+    length = request.headers.get("content-length")
+    if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
+        return JSONResponse(status_code=413, content={"detail": {
+            "field": "body", "reason": f"request body over {MAX_BODY_BYTES} bytes"}})
+    return await call_next(request)
+
+
+@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=32)
+@serve.ingress(app)
+class PlatformAPI:
+    def __init__(self, tokens: dict[str, str] | None = None):
+        self.settings = load_settings()
+        self.queue = Queue.from_settings(self.settings)
+        self.tokens = tokens if tokens is not None else self.settings.tenant_tokens
+
+    def _tenant(self, authorization: str | None) -> str | None:
+        """None: no tokens configured (loopback-only mode). Else the token's tenant, or 401."""
+        if not self.tokens:
+            return None
+        scheme, _, token = (authorization or "").partition(" ")
+        for known, tenant in self.tokens.items():
+            if scheme.lower() == "bearer" and secrets.compare_digest(token, known):
+                return tenant
+        raise _problem(401, "Authorization", "a valid `Bearer <token>` of a tenant is required")
+
+    @app.post("/v1/jobs", status_code=201, response_model=JobOut)
+    def submit(self, body: SubmitJob, authorization: str | None = Header(None)) -> JobOut:
+        tenant = self._tenant(authorization)
+        if tenant is not None and body.tenant not in (None, tenant):
+            raise _problem(403, "tenant", f"your token is for tenant {tenant!r}, not {body.tenant!r}")
+        try:
+            job = self.queue.submit(body.trainer, body.params, priority=body.priority, tenant=tenant or body.tenant)
+        except Infeasible as exc:
+            raise _problem(422, exc.field, str(exc)) from None
+        except QueueError as exc:
+            raise _problem(422 if exc.field else 503, exc.field, str(exc)) from None
+        return JobOut.of(job)
+
+    @app.get("/v1/jobs", response_model=list[JobOut])
+    def list_jobs(self, state: JobState | None = None, limit: int = 200,
+                  authorization: str | None = Header(None)) -> list[JobOut]:
+        if not 1 <= limit <= 10_000:
+            raise _problem(422, "limit", "must be between 1 and 10000")
+        jobs = self.queue.list(tenant=self._tenant(authorization), states=[state] if state else None, limit=limit)
+        return [JobOut.of(j) for j in jobs]
+
+    @app.get("/v1/jobs/{job_id}", response_model=JobDetail)
+    def get_job(self, job_id: str, authorization: str | None = Header(None)) -> JobDetail:
+        job = self._get(job_id, authorization)
+        events = [EventOut(at=e.at, from_state=e.from_state, to_state=e.to_state, message=e.message)
+                  for e in self.queue.store.events(job.id)]
+        return JobDetail(**JobOut.of(job).model_dump(), events=events)
+
+    @app.delete("/v1/jobs/{job_id}", response_model=JobOut)
+    def cancel(self, job_id: str, authorization: str | None = Header(None)) -> JobOut:
+        job = self._get(job_id, authorization)
+        try:
+            return JobOut.of(self.queue.cancel(job.id, tenant=job.tenant))
+        except QueueError as exc:
+            raise _problem(409, "job_id", str(exc)) from None
+
+    @app.get("/v1/gpus")
+    def gpus(self, authorization: str | None = Header(None)) -> dict:
+        self._tenant(authorization)
+        try:
+            return vars(self.queue.gpu_availability())
+        except (QueueError, PlatformError) as exc:
+            raise _problem(503, None, str(exc)) from None
+
+    @app.get("/v1/health")
+    def health(self) -> dict:
+        return {"status": "ok"}
+
+    def _get(self, job_id: str, authorization: str | None) -> JobRecord:
+        try:
+            return self.queue.get(job_id, tenant=self._tenant(authorization))
+        except JobNotFound:
+            raise _problem(404, "job_id", f"no job {job_id!r}") from None
+
+
+def app_builder(args: dict[str, Any]) -> serve.Application:
+    """`import_path: ray_apps.serve.platform_api:app_builder` in configs/serve.yaml."""
+    return PlatformAPI.bind(tokens=args.get("tokens"))
