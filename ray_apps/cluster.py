@@ -54,6 +54,13 @@ class Resources:
     def free(self, name: str) -> float:
         return self.total.get(name, 0.0) - self.used.get(name, 0.0)
 
+    def node_totals(self) -> list[dict[str, float]]:
+        """Each node's total CPUs and GPUs: what the cluster could ever give a job."""
+        return [{"CPU": u.get("CPU", (0, 0))[1], "GPU": u.get("GPU", (0, 0))[1]} for u in self.by_node.values()]
+
+    def node_free(self) -> list[dict[str, float]]:
+        return [{k: u.get(k, (0, 0))[1] - u.get(k, (0, 0))[0] for k in ("CPU", "GPU")} for u in self.by_node.values()]
+
 
 # --------------------------------------------------------------------------- commands
 
@@ -192,7 +199,7 @@ def _managed_services(settings: Settings, say: Callable[[str], None]) -> list[_M
     out = []
     if settings.is_local:
         r = settings.ray
-        out.append(_Managed(RAY, settings.dashboard_url, lambda: ray_ready(settings.dashboard_url),
+        out.append(_Managed(RAY, settings.dashboard_url, lambda: ray_healthy(settings.dashboard_url),
                             ray_head_command(settings), [r.gcs_port, r.dashboard_port, r.metrics_export_port,
                                                          r.client_server_port, r.dashboard_agent_port,
                                                          settings.serve_port],
@@ -207,13 +214,15 @@ def _managed_services(settings: Settings, say: Callable[[str], None]) -> list[_M
     else:
         say(f"mlflow: using {settings.tracking_uri} (MLFLOW_TRACKING_URI); no local server started")
     # The queue's dispatcher, under a supervisor that restarts it if it dies.
+    config = ["--config", str(settings.source)] if settings.source else []
     out.append(_Managed(DISPATCHER, "(queue dispatcher)", lambda: True,
-                        [sys.executable, "-m", "ray_apps.cli", "dispatcher", "--supervise"], [], {}))
+                        [sys.executable, "-m", "ray_apps.cli", *config, "dispatcher", "--supervise"], [], {}))
     return out
 
 
-def up(settings: Settings, *, timeout: float = 90.0, say: Callable[[str], None] = print) -> list[ServiceStatus]:
-    """Start the local Ray head and MLflow server unless they already run."""
+def up(settings: Settings, *, timeout: float = 90.0, serve: bool = True,
+       say: Callable[[str], None] = print) -> list[ServiceStatus]:
+    """Start what is missing: Ray head, MLflow, dispatcher, and (with `serve`) the Serve apps."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     if settings.is_local:
         ensure_ray_token()
@@ -244,7 +253,11 @@ def up(settings: Settings, *, timeout: float = 90.0, say: Callable[[str], None] 
             registry.save(services)
             raise PlatformError(f"{m.name} did not become healthy within {timeout:.0f} s. Last log lines:\n{tail}")
         say(f"{m.name}: healthy after {time.monotonic() - t0:.1f} s")
-    deploy_serve(settings, timeout=timeout, say=say)
+    if serve:  # needs only Ray's API, so it overlaps the wait for the resource report
+        deploy_serve(settings, timeout=timeout, say=say)
+    if settings.is_local and not wait_until(lambda: ray_ready(settings.dashboard_url), timeout=timeout):
+        raise PlatformError(f"Ray at {settings.dashboard_url} answers but reports no resources after "
+                            f"{timeout:.0f} s. To fix: see {settings.data_dir / 'logs' / 'ray.log'}.")
     return status(settings)
 
 

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 import yaml
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -60,6 +60,12 @@ class Settings(BaseSettings):
     # (OPPEN_TENANT_TOKENS='{"...": "team-a"}'), never in a committed file.
     tenant_tokens: dict[str, str] = {}
     serve_port: int = Field(8000, ge=1, le=65535)
+
+    _source: Path | None = PrivateAttr(None)  # the file these settings came from
+
+    @property
+    def source(self) -> Path | None:
+        return self._source
 
     @field_validator("data_dir", "costs_file")
     @classmethod
@@ -118,9 +124,11 @@ def load_settings(path: str | os.PathLike | None = None) -> Settings:
         raise SettingsError(f"{path}: expected a mapping of settings, got {type(raw).__name__}.")
 
     try:
-        return Settings(**raw)
+        settings = Settings(**raw)
     except ValidationError as exc:
         raise SettingsError(_explain(exc, path)) from None
+    settings._source = path.resolve()
+    return settings
 
 
 def _explain(exc: ValidationError, path: Path) -> str:

@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 from ray_apps.cluster import PlatformError, cluster_resources, mlflow_healthy, use_ray_token
 from ray_apps.config import PROJECT_ROOT, Settings
+from ray_apps.scheduler.policy import Gang, infeasibility
 from trainers.specs import build_config
 
 PROGRESS, RESULT = "[oppen]", "OPPEN_RESULT"
@@ -55,16 +56,11 @@ def entrypoint_for(trainer: str, params: dict[str, Any], extra: list[str] = ()) 
 
 def check_feasible(settings: Settings, spec: Any) -> None:
     """Refuse a gang the cluster can never hold (Ray would leave it PENDING silently)."""
-    res = cluster_resources(settings.dashboard_url)
-    for name, asked, per_worker in (("CPU", spec.total_cpus, spec.cpus_per_worker),
-                                    ("GPU", spec.total_gpus, spec.gpus_per_worker)):
-        have = res.total.get(name, 0.0)
-        biggest_node = max((r.get(name, (0, 0))[1] for r in res.by_node.values()), default=have)
-        if asked > have or per_worker > biggest_node:
-            raise PlatformError(
-                f"infeasible request: {asked:g} {name} in all ({per_worker:g} per worker) but the cluster at "
-                f"{settings.dashboard_url} has {have:g} {name} (largest node {biggest_node:g}). To fix: ask for "
-                f"fewer workers or less per worker, or add {name} capacity to the cluster.")
+    reason = infeasibility(Gang(spec.num_workers, spec.cpus_per_worker, spec.gpus_per_worker),
+                           cluster_resources(settings.dashboard_url).node_totals())
+    if reason:
+        raise PlatformError(f"infeasible request: it {reason} (Ray at {settings.dashboard_url}). To fix: ask "
+                            "for fewer workers or less per worker, or add capacity to the cluster.")
 
 
 def submit_training(settings: Settings, trainer: str, params: dict[str, Any], *,

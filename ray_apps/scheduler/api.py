@@ -19,7 +19,7 @@ from typing import Any
 from ray_apps.cluster import PlatformError, Resources, cluster_resources
 from ray_apps.config import Settings
 from ray_apps.scheduler.config import QueueConfig, load_queue_config
-from ray_apps.scheduler.policy import Gang, place
+from ray_apps.scheduler.policy import Gang, infeasibility
 from ray_apps.scheduler.states import ACTIVE, JobState
 from ray_apps.scheduler.store import JobRecord, JobStore, UnknownJob
 from trainers.specs import SpecError, build_config
@@ -123,23 +123,11 @@ class Queue:
         for name, asked, limit in (("CPU", gang.cpus, quota.cpus), ("GPU", gang.gpus, quota.gpus)):
             if asked > limit:
                 return f"asks for {asked:g} {name} but tenant {tenant}'s quota is {limit:g} {name}"
-        nodes = self.max_nodes()
-        if place(gang, nodes) is None:
-            for name, per_worker, total in (("CPU", gang.cpus_per_worker, gang.cpus),
-                                            ("GPU", gang.gpus_per_worker, gang.gpus)):
-                biggest = max((n.get(name, 0.0) for n in nodes), default=0.0)
-                have = sum(n.get(name, 0.0) for n in nodes)
-                if per_worker > biggest or total > have:
-                    return (f"asks for {total:g} {name} ({gang.workers} x {per_worker:g}) but the cluster can "
-                            f"give at most {have:g} {name}, {biggest:g} on its largest node")
-            return f"its {gang.workers} workers cannot be packed onto the cluster's nodes"
-        return None
+        return infeasibility(gang, self.max_nodes())
 
     def max_nodes(self) -> list[dict[str, float]]:
         """Every node's total CPUs/GPUs, plus what the autoscaler may add."""
-        res = self._resources()
-        nodes = [{"CPU": u.get("CPU", (0, 0))[1], "GPU": u.get("GPU", (0, 0))[1]} for u in res.by_node.values()]
-        return nodes + self.config.extra_nodes()
+        return self._resources().node_totals() + self.config.extra_nodes()
 
     def _resources(self) -> Resources:
         try:

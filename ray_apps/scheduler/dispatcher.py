@@ -47,7 +47,14 @@ def _gang(job: JobRecord) -> policy.Gang:
 class Dispatcher:
     def __init__(self, queue: Queue):
         self.queue = queue
-        self.client = queue._ray()
+        self._client = None
+
+    @property
+    def client(self):
+        """Made on first use, inside a cycle: Ray being down at start is a retried cycle, not a crash."""
+        if self._client is None:
+            self._client = self.queue._ray()
+        return self._client
 
     # ------------------------------------------------------------------ one cycle
 
@@ -77,8 +84,7 @@ class Dispatcher:
 
     def _free_nodes(self, active: list[JobRecord]) -> list[policy.Node]:
         res = self.queue._resources()
-        nodes = [{"CPU": u.get("CPU", (0, 0))[1] - u.get("CPU", (0, 0))[0],
-                  "GPU": u.get("GPU", (0, 0))[1] - u.get("GPU", (0, 0))[0]} for u in res.by_node.values()]
+        nodes = res.node_free()
         # Admitted jobs reserve their workers seconds after they start: count the gap as taken.
         owed_cpu = sum(_gang(j).cpus for j in active) - res.used.get("CPU", 0.0)
         owed_gpu = sum(_gang(j).gpus for j in active) - res.used.get("GPU", 0.0)

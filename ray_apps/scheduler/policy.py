@@ -112,6 +112,20 @@ def place(gang: Gang, nodes: list[Node]) -> list[Node] | None:
     return free
 
 
+def infeasibility(gang: Gang, nodes: list[Node]) -> str | None:
+    """Why `gang` can never be placed on `nodes` (their *total* resources), or None if it can."""
+    if place(gang, nodes) is not None:
+        return None
+    for name, per_worker, total in (("CPU", gang.cpus_per_worker, gang.cpus), ("GPU", gang.gpus_per_worker,
+                                                                                 gang.gpus)):
+        biggest = max((n.get(name, 0.0) for n in nodes), default=0.0)
+        have = sum(n.get(name, 0.0) for n in nodes)
+        if per_worker > biggest or total > have:
+            return (f"asks for {total:g} {name} ({gang.workers} x {per_worker:g}) but the cluster can give "
+                    f"at most {have:g} {name}, {biggest:g} on its largest node")
+    return f"its {gang.workers} workers cannot be packed onto the cluster's nodes"
+
+
 def plan(queued: list[QueuedJob], running: list[RunningJob], free_nodes: list[Node],
          cfg: PolicyConfig, now: float) -> Plan:
     result = Plan()

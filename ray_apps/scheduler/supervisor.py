@@ -12,6 +12,8 @@ import sys
 import time
 
 RESTART_DELAY_S = 1.0
+MAX_DELAY_S = 30.0
+HEALTHY_AFTER_S = 30.0  # a child that ran this long resets the back-off
 
 
 def supervise(cmd: list[str]) -> int:
@@ -25,10 +27,14 @@ def supervise(cmd: list[str]) -> int:
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
+    delay = RESTART_DELAY_S
     while True:
+        started = time.monotonic()
         child = subprocess.Popen(cmd)
         code = child.wait()
         if stopping:
             return 0
-        print(f"dispatcher exited with {code}; restarting in {RESTART_DELAY_S:g} s", file=sys.stderr, flush=True)
-        time.sleep(RESTART_DELAY_S)
+        # Crash-looping (e.g. a bad config) must not burn a core: back off exponentially.
+        delay = RESTART_DELAY_S if time.monotonic() - started > HEALTHY_AFTER_S else min(delay * 2, MAX_DELAY_S)
+        print(f"dispatcher exited with {code}; restarting in {delay:g} s", file=sys.stderr, flush=True)
+        time.sleep(delay)

@@ -6,7 +6,10 @@ few seconds and checkpoint their progress, so the scheduling is what takes time.
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
+import sys
 import time
 
 import psutil
@@ -148,3 +151,67 @@ def test_dispatcher_killed_mid_queue_comes_back_and_runs_each_job_once(queue, di
     submitted = [j.submission_id for j in queue._ray().list_jobs() if j.submission_id in ids]
     assert sorted(submitted) == sorted(ids)  # each job reached Ray exactly once
     assert dispatcher.children()  # and the supervisor brought the dispatcher back
+
+
+def test_quota_holds_a_tenant_back_while_others_use_the_free_gpu(queue, dispatcher):
+    first = probe(queue, seconds=4, gpus=1, tenant="team-c")   # team-c may hold 1 GPU at a time
+    second = probe(queue, seconds=1, gpus=1, tenant="team-c")
+    other = probe(queue, seconds=1, gpus=1, tenant="team-b")
+    jobs = wait_all_done(queue, [first, second, other])
+    assert all(j.state is JobState.SUCCEEDED for j in jobs.values())
+    assert jobs[second].started_at >= jobs[first].ended_at - 1.0        # waited for its own quota
+    assert jobs[other].started_at < jobs[first].ended_at               # while team-b used the free GPU
+
+
+def test_validation_and_gpu_availability(queue):
+    ok = queue.validate("mnist", {"epochs": 1, "num_workers": 2, "cpus_per_worker": 1})
+    assert ok.ok and ok.cpus == 2 and 0.7 < ok.memory_per_worker_gib < 0.8
+    too_big = queue.validate("probe", {"num_workers": 1, "gpus_per_worker": 3})
+    assert not too_big.ok and "asks for 3 GPU" in too_big.reason
+    gpus = queue.gpu_availability()
+    assert gpus.total == 2 and sum(n["total"] for n in gpus.by_node.values()) == 2
+    assert all(n["type"] == "logical" for n in gpus.by_node.values())
+
+
+def test_cli_queue_commands(queue, dispatcher):
+    env = {**os.environ}
+    oppen = [sys.executable, "-m", "ray_apps.cli"]
+    out = subprocess.run([*oppen, "queue", "submit", "probe", "--seconds", "30", "--gpus-per-worker", "1",
+                          "--priority", "low", "--tenant", "team-b"], capture_output=True, text=True, env=env,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    job_id = out.stdout.split()[1]
+    listed = subprocess.run([*oppen, "queue", "list"], capture_output=True, text=True, env=env, timeout=60)
+    assert job_id in listed.stdout and "low" in listed.stdout
+    gpus = subprocess.run([*oppen, "gpus"], capture_output=True, text=True, env=env, timeout=60)
+    assert "total" in gpus.stdout and gpus.returncode == 0
+    cancelled = subprocess.run([*oppen, "queue", "cancel", job_id], capture_output=True, text=True, env=env,
+                               timeout=60)
+    assert cancelled.returncode == 0 and "CANCELLED" in cancelled.stdout
+    again = subprocess.run([*oppen, "queue", "cancel", job_id], capture_output=True, text=True, env=env, timeout=60)
+    assert again.returncode == 2 and "already CANCELLED" in again.stderr and "Traceback" not in again.stderr
+    infeasible = subprocess.run([*oppen, "queue", "submit", "probe", "--gpus-per-worker", "4"], capture_output=True,
+                                text=True, env=env, timeout=60)
+    assert infeasible.returncode == 2 and "asks for 4 GPU" in infeasible.stderr
+
+
+def test_ray_head_restart_keeps_every_job_exactly_once(platform, queue, dispatcher):
+    from ray_apps import cluster, processes
+
+    lost = probe(queue, seconds=15, gpus=2)     # running when the head goes down
+    waiting = probe(queue, seconds=1, gpus=1)   # still queued then
+    deadline = time.monotonic() + 60
+    while queue.get(lost).state is not JobState.RUNNING and time.monotonic() < deadline:
+        time.sleep(0.3)
+    time.sleep(3)
+    processes.stop(ServiceRegistry(platform.state_dir).running()["ray"])
+    cluster.up(platform, timeout=120, say=lambda s: None)  # a fresh head: Ray's job table is empty
+    jobs = wait_all_done(queue, [lost, waiting], timeout=300)
+    assert jobs[lost].state is JobState.SUCCEEDED and jobs[waiting].state is JobState.SUCCEEDED
+    assert jobs[lost].attempt == 2
+    assert any("head restarted" in e.message for e in queue.store.events(lost))
+    assert [j.id for j in queue.list()].count(lost) == 1
+    on_new_head = [j.submission_id for j in queue._ray().list_jobs()]
+    assert on_new_head.count(f"{lost}-r2") == 1 and lost not in on_new_head
+    resumed = job_logs(platform, f"{lost}-r2")
+    assert float(resumed.split("start_s=")[1].split()[0]) >= 2  # resumed from its checkpoint
