@@ -115,6 +115,7 @@ def steady(rates: list[float]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="8k samples x 2 epochs for throughput")
+    parser.add_argument("--throughput-only", action="store_true", help="skip the full 2-epoch runs")
     args = parser.parse_args()
     n, epochs = (8000, 2) if args.quick else (20000, 3)
     out: dict = {"machine": {"cpus": torch.get_num_threads()}}
@@ -137,6 +138,8 @@ def main() -> None:
                                  "ratio_1x2": steady(ray1) / anchor, "ratio_2x1": steady(ray2) / anchor}
             print(json.dumps(out["throughput"], indent=1), flush=True)
 
+            if args.throughput_only:
+                return
             print("full MNIST, 2 epochs, through the platform", flush=True)
             wall, result, _ = platform_job(settings, {"epochs": 2})
             untracked = untracked_job(settings, {"epochs": 2})

@@ -61,9 +61,11 @@ class Dispatcher:
     def cycle(self, now: float | None = None) -> CycleReport:
         now = time.time() if now is None else now
         report = CycleReport()
-        ray_jobs = {j.submission_id: j for j in self.client.list_jobs() if j.submission_id}
-        for job in self.queue.store.list(states=ACTIVE):
-            self._reconcile(job, ray_jobs.get(job.ray_submission_id), report)
+        active = self.queue.store.list(states=ACTIVE)
+        if active:  # an idle queue costs one SQLite query a cycle, nothing in Ray
+            ray_jobs = {j.submission_id: j for j in self.client.list_jobs() if j.submission_id}
+            for job in active:
+                self._reconcile(job, ray_jobs.get(job.ray_submission_id), report)
 
         active = self.queue.store.list(states=ACTIVE)
         queued = self.queue.store.list(states=[JobState.QUEUED])
