@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -18,6 +17,7 @@ from typing import Any, Callable
 from ray_apps.cluster import PlatformError, cluster_resources, mlflow_healthy, use_ray_token
 from ray_apps.config import PROJECT_ROOT, Settings
 from ray_apps.scheduler.policy import Gang, infeasibility
+from trainers.runtime import new_run_name
 from trainers.specs import build_config
 
 PROGRESS, RESULT = "[oppen]", "OPPEN_RESULT"
@@ -68,7 +68,7 @@ def submit_training(settings: Settings, trainer: str, params: dict[str, Any], *,
     """Validate, create the MLflow run, and hand the job to Ray. Raises SpecError / PlatformError."""
     spec = build_config(trainer, params)
     check_feasible(settings, spec)
-    submission_id = f"{trainer}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+    submission_id = new_run_name(trainer)
     run_id, run_url = create_run(settings, trainer, submission_id)
     clean = {k: v for k, v in dataclasses.asdict(spec).items() if k in params}
     entrypoint = entrypoint_for(trainer, clean, ["--run-name", submission_id, "--mlflow-run-id", run_id])

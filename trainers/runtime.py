@@ -22,7 +22,9 @@ def job_metadata() -> dict[str, str]:
 
 
 def new_run_name(trainer: str) -> str:
-    return f"{trainer}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+    """`<trainer>-<time>-<random>`: the run's name, checkpoint folder and, when the platform
+    submits it, its Ray submission id and queue job id."""
+    return f"{trainer}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
 
 
 def checkpoint_root(data_dir: Path) -> Path:

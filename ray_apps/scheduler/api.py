@@ -11,8 +11,6 @@ only that tenant's jobs.
 
 from __future__ import annotations
 
-import secrets
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +20,7 @@ from ray_apps.scheduler.config import QueueConfig, load_queue_config
 from ray_apps.scheduler.policy import Gang, infeasibility
 from ray_apps.scheduler.states import ACTIVE, JobState
 from ray_apps.scheduler.store import JobRecord, JobStore, UnknownJob
+from trainers.runtime import new_run_name
 from trainers.specs import SpecError, build_config
 
 
@@ -97,7 +96,7 @@ class Queue:
                              field="priority")
         tenant = tenant or self.config.default_tenant
         gang = Gang(spec.num_workers, spec.cpus_per_worker, spec.gpus_per_worker)
-        job_id = f"{trainer}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+        job_id = new_run_name(trainer)
         reason = self._never_fits(gang, tenant)
         state = JobState.REJECTED if reason else JobState.QUEUED
         job = self.store.add(id=job_id, trainer=trainer, params=params, tenant=tenant, priority=priority,
@@ -127,9 +126,9 @@ class Queue:
 
     def max_nodes(self) -> list[dict[str, float]]:
         """Every node's total CPUs/GPUs, plus what the autoscaler may add."""
-        return self._resources().node_totals() + self.config.extra_nodes()
+        return self.resources().node_totals() + self.config.extra_nodes()
 
-    def _resources(self) -> Resources:
+    def resources(self) -> Resources:
         try:
             return cluster_resources(self.settings.dashboard_url)
         except PlatformError as exc:
@@ -154,7 +153,7 @@ class Queue:
         job = self.get(job_id, tenant=tenant)
         if not job.ray_submission_id:
             return ""
-        return self._ray().get_job_logs(job.ray_submission_id)
+        return self.ray_client().get_job_logs(job.ray_submission_id)
 
     # ------------------------------------------------------------------ cancel
 
@@ -165,13 +164,13 @@ class Queue:
         was_active = job.state in ACTIVE
         job = self.store.transition(job_id, JobState.CANCELLED, expect=job.state, message="cancelled by its owner")
         if was_active and job.ray_submission_id:
-            self._ray().stop_job(job.ray_submission_id)  # the job fits (we admitted it), so stop is prompt
+            self.ray_client().stop_job(job.ray_submission_id)  # the job fits (we admitted it), so stop is prompt
         return job
 
     # ------------------------------------------------------------------ GPUs
 
     def gpu_availability(self) -> GpuAvailability:
-        res = self._resources()
+        res = self.resources()
         by_node = {}
         for node, usage in res.by_node.items():
             used, total = usage.get("GPU", (0.0, 0.0))
@@ -184,7 +183,7 @@ class Queue:
                                queued_demand=sum(j.workers * j.gpus_per_worker for j in queued),
                                queued_jobs=len(queued))
 
-    def _ray(self):
+    def ray_client(self):
         from ray.job_submission import JobSubmissionClient
 
         from ray_apps.cluster import use_ray_token

@@ -53,7 +53,7 @@ class Dispatcher:
     def client(self):
         """Made on first use, inside a cycle: Ray being down at start is a retried cycle, not a crash."""
         if self._client is None:
-            self._client = self.queue._ray()
+            self._client = self.queue.ray_client()
         return self._client
 
     # ------------------------------------------------------------------ one cycle
@@ -85,7 +85,7 @@ class Dispatcher:
         return report
 
     def _free_nodes(self, active: list[JobRecord]) -> list[policy.Node]:
-        res = self.queue._resources()
+        res = self.queue.resources()
         nodes = res.node_free()
         # Admitted jobs reserve their workers seconds after they start: count the gap as taken.
         owed_cpu = sum(_gang(j).cpus for j in active) - res.used.get("CPU", 0.0)

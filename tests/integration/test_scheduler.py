@@ -108,7 +108,7 @@ def test_cancel_queued_and_running(queue, dispatcher):
         time.sleep(0.3)
     assert queue.cancel(waiting).state is JobState.CANCELLED
     assert queue.cancel(running).state is JobState.CANCELLED
-    client = queue._ray()
+    client = queue.ray_client()
     deadline = time.monotonic() + 30
     while client.get_job_status(queue.get(running).ray_submission_id).value != "STOPPED":
         assert time.monotonic() < deadline
@@ -131,7 +131,7 @@ def test_crash_between_admission_and_submit_is_repaired_once(queue, dispatcher):
     d.cycle()
     d.cycle()
     assert wait_all_done(queue, [job_id])[job_id].state is JobState.SUCCEEDED
-    assert [j.submission_id for j in queue._ray().list_jobs()].count(job_id) == 1
+    assert [j.submission_id for j in queue.ray_client().list_jobs()].count(job_id) == 1
 
 
 def test_dispatcher_killed_mid_queue_comes_back_and_runs_each_job_once(queue, dispatcher):
@@ -148,7 +148,7 @@ def test_dispatcher_killed_mid_queue_comes_back_and_runs_each_job_once(queue, di
     assert kills == 2
     jobs = wait_all_done(queue, ids)
     assert all(j.state is JobState.SUCCEEDED for j in jobs.values())
-    submitted = [j.submission_id for j in queue._ray().list_jobs() if j.submission_id in ids]
+    submitted = [j.submission_id for j in queue.ray_client().list_jobs() if j.submission_id in ids]
     assert sorted(submitted) == sorted(ids)  # each job reached Ray exactly once
     assert dispatcher.children()  # and the supervisor brought the dispatcher back
 
@@ -211,7 +211,7 @@ def test_ray_head_restart_keeps_every_job_exactly_once(platform, queue, dispatch
     assert jobs[lost].attempt == 2
     assert any("head restarted" in e.message for e in queue.store.events(lost))
     assert [j.id for j in queue.list()].count(lost) == 1
-    on_new_head = [j.submission_id for j in queue._ray().list_jobs()]
+    on_new_head = [j.submission_id for j in queue.ray_client().list_jobs()]
     assert on_new_head.count(f"{lost}-r2") == 1 and lost not in on_new_head
     resumed = job_logs(platform, f"{lost}-r2")
     assert float(resumed.split("start_s=")[1].split()[0]) >= 2  # resumed from its checkpoint
