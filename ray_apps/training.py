@@ -56,7 +56,7 @@ def entrypoint_for(trainer: str, params: dict[str, Any], extra: list[str] = ()) 
 
 def check_feasible(settings: Settings, spec: Any) -> None:
     """Refuse a gang the cluster can never hold (Ray would leave it PENDING silently)."""
-    reason = infeasibility(Gang(spec.num_workers, spec.cpus_per_worker, spec.gpus_per_worker),
+    reason = infeasibility(Gang.of(spec),
                            cluster_resources(settings.dashboard_url).node_totals())
     if reason:
         raise PlatformError(f"infeasible request: it {reason} (Ray at {settings.dashboard_url}). To fix: ask "

@@ -21,7 +21,7 @@ from ray_apps.scheduler.policy import Gang, infeasibility
 from ray_apps.scheduler.states import ACTIVE, JobState
 from ray_apps.scheduler.store import JobRecord, JobStore, UnknownJob
 from trainers.runtime import new_run_name
-from trainers.specs import SpecError, build_config
+from trainers.specs import TRAINERS, SpecError, build_config
 
 
 class QueueError(ValueError):
@@ -86,16 +86,13 @@ class Queue:
     def submit(self, trainer: str, params: dict[str, Any], *, priority: str | None = None,
                tenant: str | None = None) -> JobRecord:
         """Validate and enqueue. Raises QueueError (bad input) or Infeasible (never fits)."""
-        try:
-            spec = build_config(trainer, params)
-        except SpecError as exc:
-            raise QueueError(str(exc), field="params" if trainer in _trainers() else "trainer") from None
+        spec = _spec(trainer, params)
         priority = priority or self.config.default_priority
         if priority not in self.config.priorities:
             raise QueueError(f"unknown priority {priority!r}; known: {', '.join(self.config.priorities)}",
                              field="priority")
         tenant = tenant or self.config.default_tenant
-        gang = Gang(spec.num_workers, spec.cpus_per_worker, spec.gpus_per_worker)
+        gang = Gang.of(spec)
         job_id = new_run_name(trainer)
         reason = self._never_fits(gang, tenant)
         state = JobState.REJECTED if reason else JobState.QUEUED
@@ -108,11 +105,8 @@ class Queue:
 
     def validate(self, trainer: str, params: dict[str, Any], *, tenant: str | None = None) -> Validation:
         """Would this request be accepted? Nothing is queued. Raises QueueError on bad parameters."""
-        try:
-            spec = build_config(trainer, params)
-        except SpecError as exc:
-            raise QueueError(str(exc), field="params" if trainer in _trainers() else "trainer") from None
-        gang = Gang(spec.num_workers, spec.cpus_per_worker, spec.gpus_per_worker)
+        spec = _spec(trainer, params)
+        gang = Gang.of(spec)
         reason = self._never_fits(gang, tenant or self.config.default_tenant)
         return Validation(ok=reason is None, reason=reason, cpus=gang.cpus, gpus=gang.gpus, workers=gang.workers,
                           memory_per_worker_gib=round(spec.memory_per_worker_gib(), 2))
@@ -192,7 +186,9 @@ class Queue:
         return JobSubmissionClient(self.settings.dashboard_url)
 
 
-def _trainers() -> set[str]:
-    from trainers.specs import TRAINERS
-
-    return set(TRAINERS)
+def _spec(trainer: str, params: dict[str, Any]):
+    """The validated trainer config; a bad trainer or parameter is a QueueError naming the field."""
+    try:
+        return build_config(trainer, params)
+    except SpecError as exc:
+        raise QueueError(str(exc), field="params" if trainer in TRAINERS else "trainer") from None

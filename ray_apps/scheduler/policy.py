@@ -27,6 +27,11 @@ class Gang:
     cpus_per_worker: float
     gpus_per_worker: float = 0.0
 
+    @classmethod
+    def of(cls, spec) -> Gang:
+        """The gang of a trainer config (any `trainers.specs.ScalingSpec`)."""
+        return cls(spec.num_workers, spec.cpus_per_worker, spec.gpus_per_worker)
+
     @property
     def cpus(self) -> float:
         return self.workers * self.cpus_per_worker
