@@ -44,6 +44,12 @@ class ScalingSpec:
 @dataclass
 class MnistConfig(ScalingSpec):
     tracked: ClassVar[bool] = True  # logs to MLflow: the platform creates its run up front
+    # Progress is reported once per epoch (MLflow step = epochs done), and the
+    # validation metric that says whether more epochs still help.
+    unit: ClassVar[str] = "epoch"
+    unit_timer: ClassVar[str] = "epoch_time_s"  # a unit's own training time, logged with each point
+    val_metric: ClassVar[str] = "test_accuracy"
+    val_higher_is_better: ClassVar[bool] = True
     epochs: int = field(default=2, metadata={"help": "passes over the training set"})
     batch_size: int = field(default=128, metadata={"help": "global batch, split across workers"})
     # Adam with a one-cycle schedule reaches >= 99% test accuracy in 2 epochs.
@@ -66,6 +72,13 @@ class MnistConfig(ScalingSpec):
             value = getattr(self, name)
             _require(value is None or value >= 1, name, value, "at least 1")
         _require(self.max_failures >= 0, "max_failures", self.max_failures, ">= 0")
+
+    def total_units(self) -> int:
+        return self.epochs
+
+    def work_per_unit(self) -> int:
+        """Examples per epoch: cost forecasts scale past runs' time by it."""
+        return min(self.train_samples or 60_000, 60_000)  # MNIST has 60k training images
 
     def memory_per_worker_gib(self) -> float:
         """Estimated peak RSS of one worker: ~0.45 GiB of Python/torch/Ray, plus the images

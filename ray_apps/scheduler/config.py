@@ -24,6 +24,7 @@ class ClassSpec(_Strict):
 class QuotaSpec(_Strict):
     cpus: float = Field(math.inf, ge=0)
     gpus: float = Field(math.inf, ge=0)
+    budget_usd: float | None = Field(None, gt=0)  # per calendar month; checked, not enforced
 
 
 class NodeGroup(_Strict):
@@ -55,6 +56,10 @@ class QueueConfig(_Strict):
             classes={n: PriorityClass(n, c.rank, c.preempt_after_s) for n, c in self.priorities.items()},
             quotas={t: Quota(q.cpus, q.gpus) for t, q in self.tenants.items()},
             default_quota=Quota(self.default_quota.cpus, self.default_quota.gpus), aging_s=self.aging_s)
+
+    def budget_usd(self, tenant: str | None) -> float | None:
+        quota = self.tenants.get(tenant, self.default_quota) if tenant else None
+        return quota.budget_usd if quota else None
 
     def extra_nodes(self) -> list[dict[str, float]]:
         return [{"CPU": g.CPU, "GPU": g.GPU} for g in self.autoscaling for _ in range(g.count)]

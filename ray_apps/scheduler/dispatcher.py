@@ -38,6 +38,7 @@ class CycleReport:
     preempted: list[str] = field(default_factory=list)
     finished: list[str] = field(default_factory=list)
     requeued: list[str] = field(default_factory=list)
+    metered: list[str] = field(default_factory=list)
 
 
 def _gang(job: JobRecord) -> policy.Gang:
@@ -46,7 +47,11 @@ def _gang(job: JobRecord) -> policy.Gang:
 
 class Dispatcher:
     def __init__(self, queue: Queue):
+        from ray_apps.costs.service import CostService
+        from trainers.pricing import load_catalog
+
         self.queue = queue
+        self.costs = CostService(queue, load_catalog(queue.settings.costs_file))  # meters finished jobs
         self._client = None
 
     @property
@@ -62,10 +67,11 @@ class Dispatcher:
         now = time.time() if now is None else now
         report = CycleReport()
         active = self.queue.store.list(states=ACTIVE)
-        if active:  # an idle queue costs one SQLite query a cycle, nothing in Ray
+        if active:  # an idle queue costs a few SQLite queries a cycle, nothing in Ray
             ray_jobs = {j.submission_id: j for j in self.client.list_jobs() if j.submission_id}
             for job in active:
                 self._reconcile(job, ray_jobs.get(job.ray_submission_id), report)
+        report.metered = self.costs.settle(self._ray_end_time)
 
         active = self.queue.store.list(states=ACTIVE)
         queued = self.queue.store.list(states=[JobState.QUEUED])
@@ -105,13 +111,17 @@ class Dispatcher:
                 elif job.state in (JobState.RUNNING, JobState.PREEMPTING):  # lost with a restarted head
                     self.queue.store.transition(job.id, JobState.QUEUED, expect=job.state,
                                                 message="not known to Ray (head restarted?); requeued to resume")
+                    self.queue.store.attempt_ended(job.id, job.attempt, time.time())
                     report.requeued.append(job.id)
                 return
+            started = (info.start_time or time.time() * 1000) / 1000
             if status == "RUNNING" and job.state is JobState.STARTING:
-                self.queue.store.transition(job.id, JobState.RUNNING, expect=job.state,
-                                            started_at=(info.start_time or time.time() * 1000) / 1000)
+                self.queue.store.transition(job.id, JobState.RUNNING, expect=job.state, started_at=started)
+                self.queue.store.attempt_started(job.id, job.attempt, started)
             elif status in ("SUCCEEDED", "FAILED", "STOPPED"):
                 ended = (info.end_time or time.time() * 1000) / 1000
+                # The attempt's Ray run time is what the job is charged for, whatever comes next.
+                self.queue.store.attempt_ended(job.id, job.attempt, ended, started_at=started)
                 if job.state is JobState.PREEMPTING and status != "SUCCEEDED":
                     self.queue.store.transition(job.id, JobState.QUEUED, expect=job.state,
                                                 message="preempted; resumes from its last checkpoint")
@@ -126,6 +136,14 @@ class Dispatcher:
                 report.finished.append(job.id)
         except InvalidTransition:
             pass  # someone else (a cancel, another dispatcher) moved it first: theirs stands
+
+    def _ray_end_time(self, job: JobRecord) -> float | None:
+        """When Ray ended a job the queue finished on its own (a cancel): closes its open attempt."""
+        try:
+            info = self.client.get_job_info(job.ray_submission_id)
+        except Exception:  # noqa: BLE001 - unknown to Ray or Ray down: the job's own end time stands
+            return None
+        return info.end_time / 1000 if info.end_time else None
 
     def _preempt(self, job_id: str) -> bool:
         try:
@@ -181,7 +199,7 @@ class Dispatcher:
         while not stop.is_set():
             try:
                 report = self.cycle()
-                if report.admitted or report.preempted or report.finished or report.requeued:
+                if report.admitted or report.preempted or report.finished or report.requeued or report.metered:
                     log.info("cycle: %s", report)
             except Exception:  # noqa: BLE001 - a cycle is retried; the store is the state
                 log.exception("dispatcher cycle failed; retrying")

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 from sqlalchemy import (JSON, Column, Float, ForeignKey, Integer, MetaData, String, Table, Text, create_engine, event,
-                        insert, select, update)
+                        insert, or_, select, update)
 from sqlalchemy.engine import Engine
 
-from ray_apps.scheduler.states import ALLOWED, JobState
+from ray_apps.scheduler.states import ALLOWED, TERMINAL, JobState
 
 metadata = MetaData()
 
@@ -52,6 +52,30 @@ job_events = Table(
     Column("from_state", String(16)),
     Column("to_state", String(16), nullable=False),
     Column("message", Text, nullable=False, default=""),
+)
+
+
+# One row per attempt that Ray ran: start and end as Ray measured them. A job's
+# running time (what it is charged for) is the sum over its attempts.
+job_attempts = Table(
+    "job_attempts", metadata,
+    Column("job_id", String(64), ForeignKey("jobs.id"), primary_key=True),
+    Column("attempt", Integer, primary_key=True),
+    Column("started_at", Float, nullable=False),
+    Column("ended_at", Float),
+)
+
+# The metered cost of a finished job, frozen at the prices of the day it ended.
+job_costs = Table(
+    "job_costs", metadata,
+    Column("job_id", String(64), ForeignKey("jobs.id"), primary_key=True),
+    Column("seconds", Float, nullable=False),
+    Column("cpu_usd", Float, nullable=False),
+    Column("gpu_usd", Float, nullable=False),
+    Column("memory_usd", Float, nullable=False),
+    Column("usd_per_hour", Float, nullable=False),
+    Column("metered_at", Float, nullable=False),
+    Column("logged", Integer, nullable=False, default=0),  # written to the job's MLflow run yet?
 )
 
 
@@ -90,6 +114,26 @@ class JobRecord:
         if isinstance(data["params"], str):
             data["params"] = json.loads(data["params"])
         return cls(**data)
+
+
+@dataclass(frozen=True)
+class Attempt:
+    job_id: str
+    attempt: int
+    started_at: float
+    ended_at: float | None
+
+
+@dataclass(frozen=True)
+class StoredCost:
+    job_id: str
+    seconds: float
+    cpu_usd: float
+    gpu_usd: float
+    memory_usd: float
+    usd_per_hour: float
+    metered_at: float
+    logged: bool
 
 
 @dataclass(frozen=True)
@@ -149,8 +193,11 @@ class JobStore:
         return JobRecord.from_row(row)
 
     def list(self, *, states: Iterable[JobState] | None = None, tenant: str | None = None,
-             limit: int | None = None) -> list[JobRecord]:
+             limit: int | None = None, ended_after: float | None = None) -> list[JobRecord]:
+        """Jobs in submission order; `ended_after` keeps those still open or ended since then."""
         query = select(jobs).order_by(jobs.c.submitted_at, jobs.c.id)
+        if ended_after is not None:
+            query = query.where(or_(jobs.c.ended_at.is_(None), jobs.c.ended_at >= ended_after))
         if states is not None:
             query = query.where(jobs.c.state.in_([s.value for s in states]))
         if tenant is not None:
@@ -193,3 +240,66 @@ class JobStore:
             rows = conn.execute(select(job_events).where(job_events.c.job_id == job_id)
                                 .order_by(job_events.c.seq))
             return [JobEvent(r.job_id, r.at, r.from_state, r.to_state, r.message) for r in rows]
+
+    # ------------------------------------------------------------------ attempts and costs
+
+    def attempt_started(self, job_id: str, attempt: int, started_at: float) -> None:
+        """Record when Ray started an attempt (idempotent: the first report stands)."""
+        with self.engine.begin() as conn:
+            if not conn.execute(select(job_attempts.c.attempt).where(
+                    job_attempts.c.job_id == job_id, job_attempts.c.attempt == attempt)).first():
+                conn.execute(insert(job_attempts).values(job_id=job_id, attempt=attempt, started_at=started_at))
+
+    def attempt_ended(self, job_id: str, attempt: int, ended_at: float, started_at: float | None = None) -> None:
+        """Close an attempt; opens it first if its start was never seen (a job shorter than a cycle)."""
+        with self.engine.begin() as conn:
+            row = conn.execute(select(job_attempts).where(
+                job_attempts.c.job_id == job_id, job_attempts.c.attempt == attempt)).first()
+            if row is None:
+                conn.execute(insert(job_attempts).values(job_id=job_id, attempt=attempt,
+                                                         started_at=min(started_at or ended_at, ended_at),
+                                                         ended_at=ended_at))
+            elif row.ended_at is None:
+                conn.execute(update(job_attempts).where(job_attempts.c.job_id == job_id,
+                                                        job_attempts.c.attempt == attempt)
+                             .values(ended_at=max(ended_at, row.started_at)))
+
+    def attempts(self, job_ids: Iterable[str]) -> dict[str, list[Attempt]]:
+        ids = list(job_ids)
+        out: dict[str, list[Attempt]] = {i: [] for i in ids}
+        with self.engine.connect() as conn:
+            for start in range(0, len(ids), 500):  # bounded IN lists
+                rows = conn.execute(select(job_attempts).where(job_attempts.c.job_id.in_(ids[start:start + 500]))
+                                    .order_by(job_attempts.c.job_id, job_attempts.c.attempt))
+                for r in rows:
+                    out[r.job_id].append(Attempt(r.job_id, r.attempt, r.started_at, r.ended_at))
+        return out
+
+    def save_cost(self, cost: StoredCost) -> None:
+        with self.engine.begin() as conn:
+            if conn.execute(select(job_costs.c.job_id).where(job_costs.c.job_id == cost.job_id)).first():
+                return  # metered once; a second dispatcher's copy is the same figure
+            conn.execute(insert(job_costs).values(**{**vars(cost), "logged": int(cost.logged)}))
+
+    def mark_cost_logged(self, job_id: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(update(job_costs).where(job_costs.c.job_id == job_id).values(logged=1))
+
+    def costs(self, job_ids: Iterable[str] | None = None, *, unlogged: bool = False) -> dict[str, StoredCost]:
+        query = select(job_costs)
+        if job_ids is not None:
+            query = query.where(job_costs.c.job_id.in_(list(job_ids)))
+        if unlogged:
+            query = query.where(job_costs.c.logged == 0)
+        with self.engine.connect() as conn:
+            return {r.job_id: StoredCost(**{**dict(r._mapping), "logged": bool(r.logged)})
+                    for r in conn.execute(query)}
+
+    def unmetered(self, limit: int = 50) -> list[JobRecord]:
+        """Finished jobs that ran (have an attempt) but carry no metered cost yet."""
+        ran = select(job_attempts.c.job_id)
+        metered = select(job_costs.c.job_id)
+        query = (select(jobs).where(jobs.c.state.in_([s.value for s in TERMINAL]), jobs.c.id.in_(ran),
+                                    jobs.c.id.not_in(metered)).order_by(jobs.c.ended_at).limit(limit))
+        with self.engine.connect() as conn:
+            return [JobRecord.from_row(r) for r in conn.execute(query)]

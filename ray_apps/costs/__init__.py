@@ -1,0 +1,1 @@
+"""Cost engine: the meter, reports and budgets, forecasts and the advisor (see `service`)."""
