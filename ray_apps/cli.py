@@ -9,6 +9,9 @@ import time
 
 from ray_apps.cluster import PlatformError
 from ray_apps.config import SettingsError, load_settings
+from ray_apps.costs.forecast import ForecastError
+from ray_apps.costs.report import ReportError
+from ray_apps.costs.service import RunNotFound
 from ray_apps.scheduler.api import JobNotFound, QueueError
 from trainers.pricing import CatalogError
 from trainers.specs import TRAINERS, SpecError, add_arguments
@@ -148,6 +151,78 @@ def cmd_gpus(args, settings) -> int:
     return 0
 
 
+def _costs(settings):
+    from ray_apps.costs.service import CostService
+
+    return CostService.from_settings(settings)
+
+
+def _usd(x: float | None) -> str:
+    return "   n/a" if x is None else f"${x:.4f}"
+
+
+def cmd_cost_show(args, settings) -> int:
+    c = _costs(settings).job_cost(args.job_id, tenant=args.tenant)
+    print(f"{c.job_id}: {_usd(c.total_usd)}{' so far (running)' if c.live else ''} = CPU {_usd(c.cpu_usd)} + "
+          f"GPU {_usd(c.gpu_usd)} + memory {_usd(c.memory_usd)}")
+    print(f"  {c.cpus:g} CPU, {c.gpus:g} GPU{f' ({c.gpu_type})' if c.gpu_type else ''} at "
+          f"${c.usd_per_hour:.4f}/h for {c.seconds:.1f} s over {c.attempts} attempt(s); {c.state}")
+    return 0
+
+
+def cmd_cost_report(args, settings) -> int:
+    report = _costs(settings).report(since=args.since, group_by=args.by, tenant=args.tenant)
+    print(f"{'  '.join(f'{g:14}' for g in report.group_by)}  jobs  CPU-core-h  GPU-h     USD")
+    for row in report.rows:
+        live = f"  ({row.live_jobs} running)" if row.live_jobs else ""
+        print(f"{'  '.join(f'{v[:14]:14}' for v in row.group.values())}  {row.jobs:4}  {row.cpu_core_hours:10.3f}"
+              f"  {row.gpu_hours:5.3f}  {_usd(row.total_usd)}{live}")
+    t = report.total
+    print(f"total: {t.jobs} job(s), {t.cpu_core_hours:.3f} CPU-core-h, {t.gpu_hours:.3f} GPU-h, {_usd(t.total_usd)}")
+    return 0
+
+
+def cmd_cost_budget(args, settings) -> int:
+    b = _costs(settings).budget(args.budget_usd, tenant=args.tenant, since=args.since)
+    print(f"{b.status.upper()}: spent {_usd(b.spent_usd)} + running {_usd(b.committed_usd)} + queued "
+          f"{_usd(b.queued_usd)} of {_usd(b.budget_usd)}; {_usd(b.remaining_usd)} left")
+    for note in b.notes:
+        print(f"  note: {note}")
+    return 0 if b.status == "ok" else 1
+
+
+def _print_forecast(fc) -> None:
+    if fc.total_usd is None:
+        print("no forecast")
+    else:
+        done = f" at {fc.progress:.0%} progress" if fc.progress is not None else ""
+        print(f"final cost {_usd(fc.total_usd)} (90%: {_usd(fc.total_usd_low)} - {_usd(fc.total_usd_high)}), "
+              f"{fc.remaining_s:.0f} s left (90%: {fc.remaining_s_low:.0f} - {fc.remaining_s_high:.0f} s){done}; "
+              f"spent {_usd(fc.spent_usd)}")
+    for note in fc.notes:
+        print(f"  note: {note}")
+
+
+def cmd_cost_forecast(args, settings) -> int:
+    _print_forecast(_costs(settings).forecast_job(args.job_id, tenant=args.tenant))
+    return 0
+
+
+def cmd_cost_estimate(args, settings) -> int:
+    params = {k: v for k, v in vars(args).items() if k in args.spec_fields}
+    _print_forecast(_costs(settings).forecast_new(args.trainer, params))
+    return 0
+
+
+def cmd_cost_advise(args, settings) -> int:
+    recs = _costs(settings).recommend(args.run_id, tenant=args.tenant)
+    for r in recs:
+        print(f"[{r.kind}] save {_usd(r.saving_usd)}: {r.message}")
+    if not recs:
+        print("no recommendation: nothing in this run or past runs shows a saving")
+    return 0
+
+
 def cmd_dispatcher(args, settings) -> int:
     if args.supervise:
         from ray_apps.scheduler.supervisor import supervise
@@ -205,10 +280,44 @@ def build_parser() -> argparse.ArgumentParser:
         ap.add_argument("--tenant", default=None, help="act as this tenant only")
         ap.set_defaults(func=func)
     sub.add_parser("gpus", help="GPUs free/used by node, and queued demand").set_defaults(func=cmd_gpus)
+    _add_cost_commands(sub)
     p = sub.add_parser("dispatcher", help="run the queue's dispatcher in the foreground")
     p.add_argument("--supervise", action="store_true", help="restart it whenever it dies")
     p.set_defaults(func=cmd_dispatcher)
     return parser
+
+
+def _add_cost_commands(sub) -> None:
+    p = sub.add_parser("cost", help="metered costs, reports, budgets, forecasts and advice")
+    csub = p.add_subparsers(dest="cost_command", required=True, metavar="ACTION")
+    cp = csub.add_parser("show", help="a job's cost (live while it runs)")
+    cp.add_argument("job_id")
+    cp.set_defaults(func=cmd_cost_show)
+    cp = csub.add_parser("report", help="spend grouped by tenant, trainer, day or state")
+    cp.add_argument("--since", default="30d", help="7d, 12h, 2w or an ISO date")
+    cp.add_argument("--by", default="tenant,trainer", help="comma-separated: tenant, trainer, day, state")
+    cp.set_defaults(func=cmd_cost_report)
+    cp = csub.add_parser("budget", help="spend plus running and queued forecasts against a budget (exit 1 if not ok)")
+    cp.add_argument("budget_usd", nargs="?", type=float, default=None,
+                    help="USD (default: the tenant's budget_usd in queue.yaml, per calendar month)")
+    cp.add_argument("--since", default=None, help="default: the start of this month")
+    cp.set_defaults(func=cmd_cost_budget)
+    cp = csub.add_parser("forecast", help="remaining time and cost of a queued or running job")
+    cp.add_argument("job_id")
+    cp.set_defaults(func=cmd_cost_forecast)
+    cp = csub.add_parser("estimate", help="time and cost of a run not started, from past runs")
+    trainers = cp.add_subparsers(dest="trainer", required=True, metavar="TRAINER")
+    for name, spec in TRAINERS.items():
+        tp = trainers.add_parser(name, help=f"estimate a {name} run")
+        add_arguments(tp, spec, with_defaults=False)
+        tp.add_argument("--tenant", default=None, help=argparse.SUPPRESS)
+        tp.set_defaults(func=cmd_cost_estimate, spec_fields=set(spec.__dataclass_fields__))
+    cp = csub.add_parser("advise", help="savings measured from a finished run and past runs")
+    cp.add_argument("run_id", help="the MLflow run id")
+    cp.set_defaults(func=cmd_cost_advise)
+    for action in csub.choices.values():
+        if action.get_default("func") is not cmd_cost_estimate:
+            action.add_argument("--tenant", default=None, help="act as this tenant only")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -216,7 +325,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = load_settings(args.config)
         return args.func(args, settings)
-    except (SettingsError, SpecError, CatalogError, PlatformError, QueueError, JobNotFound) as exc:
+    except (SettingsError, SpecError, CatalogError, PlatformError, QueueError, JobNotFound, ReportError,
+            ForecastError, RunNotFound) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -18,6 +18,7 @@ import threading
 import time
 from typing import Any
 
+from ray_apps.cluster import PlatformError
 from ray_apps.config import Settings
 from ray_apps.costs import runs
 from ray_apps.costs.advisor import Recommendation, recommend
@@ -31,7 +32,7 @@ from trainers.pricing import PriceCatalog, load_catalog
 from trainers.specs import SpecError, build_config, spec_for
 
 log = logging.getLogger("oppen.costs")
-HISTORY_TTL_S = 30.0  # past runs change only when a job finishes; a forecast must not query them each time
+HISTORY_TTL_S = 300.0  # past runs change when a metered job reaches MLflow (the cache key) or by hand
 
 
 class RunNotFound(KeyError):
@@ -45,7 +46,7 @@ class CostService:
         self.catalog = catalog
         self.meter = Meter(queue.store, catalog)
         self._client = None
-        self._history: dict[str, tuple[float, list]] = {}
+        self._history: dict[tuple[str, int], tuple[float, list]] = {}
         self._lock = threading.Lock()
 
     @classmethod
@@ -57,10 +58,15 @@ class CostService:
         if self._client is None:
             from mlflow.tracking import MlflowClient
 
-            from trainers.tracking import configure_http
+            from trainers.tracking import TrackingUnavailable, check_server, configure_http
 
+            uri = self.queue.settings.tracking_uri
+            try:
+                check_server(uri, timeout=3.0)
+            except TrackingUnavailable as exc:
+                raise PlatformError(str(exc)) from None
             configure_http()  # fail fast instead of MLflow's minutes of retries
-            self._client = MlflowClient(self.queue.settings.tracking_uri)
+            self._client = MlflowClient(uri)
         return self._client
 
     # ------------------------------------------------------------------ meter
@@ -181,13 +187,16 @@ class CostService:
                                  usd_per_hour=self.catalog.hourly_usd(alloc), trainer=trainer)
 
     def _past(self, trainer: str) -> list:
+        """Past runs, cached until another metered job reaches MLflow: a forecast is one SQLite query."""
+        key = (trainer, self.queue.store.cost_generation())
         with self._lock:
-            hit = self._history.get(trainer)
+            hit = self._history.get(key)
             if hit and time.monotonic() - hit[0] < HISTORY_TTL_S:
                 return hit[1]
         past = runs.past_runs(self.mlflow, trainer)
         with self._lock:
-            self._history[trainer] = (time.monotonic(), past)
+            self._history = {k: v for k, v in self._history.items() if k[0] != trainer}
+            self._history[key] = (time.monotonic(), past)
         return past
 
     # ------------------------------------------------------------------ advice
@@ -197,8 +206,10 @@ class CostService:
 
         try:
             run = self.mlflow.get_run(run_id)
-        except MlflowException:
-            raise RunNotFound(run_id) from None
+        except MlflowException as exc:
+            if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                raise RunNotFound(run_id) from None
+            raise
         trainer = run.data.tags.get("oppen.trainer")
         if tenant is not None and run.data.tags.get("oppen.tenant") != tenant:
             raise RunNotFound(run_id)  # another tenant's run does not exist for you
@@ -242,8 +253,6 @@ class CostService:
             profile = profile_run(points=points, started_at=a.started_at, ended_at=a.ended_at,
                                   units_total=spec.total_units(), single_unit_s=single)
         runs.log_job_cost(self.mlflow, job.mlflow_run_id, cost, job.id, profile)
-        with self._lock:
-            self._history.pop(job.trainer, None)
 
 
 def _trainers() -> set[str]:

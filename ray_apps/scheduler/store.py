@@ -295,6 +295,13 @@ class JobStore:
             return {r.job_id: StoredCost(**{**dict(r._mapping), "logged": bool(r.logged)})
                     for r in conn.execute(query)}
 
+    def cost_generation(self) -> int:
+        """Changes whenever a cost reaches MLflow: readers' caches of past runs key on it."""
+        from sqlalchemy import func
+
+        with self.engine.connect() as conn:
+            return conn.execute(select(func.count()).select_from(job_costs).where(job_costs.c.logged == 1)).scalar()
+
     def unmetered(self, limit: int = 50) -> list[JobRecord]:
         """Finished jobs that ran (have an attempt) but carry no metered cost yet."""
         ran = select(job_attempts.c.job_id)

@@ -5,6 +5,13 @@
     GET    /v1/jobs/{id}      one job and its events          404 if unknown or not the caller's
     DELETE /v1/jobs/{id}      cancel it                       409 if already finished
     GET    /v1/gpus           GPUs by node, and queued demand
+    GET    /v1/costs/report   spend by tenant/trainer/day (?since=7d&by=tenant,trainer)
+    GET    /v1/costs/budget   spend and forecasts against a budget (?budget_usd=50&since=30d)
+    GET    /v1/costs/{id}     a job's metered cost, live while it runs
+    POST   /v1/forecast       {"job_id"} or {"trainer", "params"}: remaining time and cost, 90% interval
+    GET    /v1/recommendations/{run_id}   measured savings for a finished run
+
+The cost routes are answered by the CostForecaster deployment (ray_apps.serve.cost_service).
 
 Bad input is a 4xx whose body names the field and the reason, never a 500. With
 tenant tokens configured (`OPPEN_TENANT_TOKENS`, JSON {token: tenant}) every
@@ -21,12 +28,14 @@ from fastapi import FastAPI, Header, HTTPException, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
+from ray.serve.handle import DeploymentHandle
 
 from ray_apps.cluster import PlatformError
 from ray_apps.config import load_settings
 from ray_apps.scheduler.api import Infeasible, JobNotFound, Queue, QueueError
 from ray_apps.scheduler.states import JobState
 from ray_apps.scheduler.store import JobRecord
+from ray_apps.serve.cost_service import CostForecaster
 
 MAX_BODY_BYTES = 64 * 1024
 
@@ -77,8 +86,25 @@ class JobDetail(JobOut):
     events: list[EventOut]
 
 
+class ForecastRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    job_id: str | None = Field(None, max_length=64, description="a queued or running job")
+    trainer: str | None = Field(None, max_length=32, description="or a trainer config not yet run")
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
 def _problem(status: int, field: str | None, reason: str) -> HTTPException:
     return HTTPException(status_code=status, detail={"field": field, "reason": reason})
+
+
+# Defined above the deployment: Serve's ingress captures the module globals the handlers use.
+def _answer(result: dict) -> dict:
+    """A CostForecaster result, or its refusal as the 4xx it names."""
+    if "error" in result:
+        err = result["error"]
+        raise _problem(err["status"], err["field"], err["reason"])
+    return result
 
 
 @app.middleware("http")
@@ -93,7 +119,8 @@ async def limit_body_size(request: Request, call_next):
 @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=32)
 @serve.ingress(app)
 class PlatformAPI:
-    def __init__(self, tokens: dict[str, str] | None = None):
+    def __init__(self, costs: DeploymentHandle, tokens: dict[str, str] | None = None):
+        self.costs = costs
         self.settings = load_settings()
         self.queue = Queue.from_settings(self.settings)
         self.tokens = tokens if tokens is not None else self.settings.tenant_tokens
@@ -152,6 +179,33 @@ class PlatformAPI:
         except (QueueError, PlatformError) as exc:
             raise _problem(503, None, str(exc)) from None
 
+    # ------------------------------------------------------------------ costs (CostForecaster)
+
+    @app.get("/v1/costs/report")
+    async def cost_report(self, since: str = "30d", by: str = "tenant,trainer",
+                          authorization: str | None = Header(None)) -> dict:
+        return _answer(await self.costs.report.remote(since, by, self._tenant(authorization)))
+
+    @app.get("/v1/costs/budget")
+    async def cost_budget(self, budget_usd: float | None = None, since: str | None = None,
+                          authorization: str | None = Header(None)) -> dict:
+        return _answer(await self.costs.budget.remote(budget_usd, since, self._tenant(authorization)))
+
+    @app.get("/v1/costs/{job_id}")
+    async def job_cost(self, job_id: str, authorization: str | None = Header(None)) -> dict:
+        return _answer(await self.costs.job_cost.remote(job_id, self._tenant(authorization)))
+
+    @app.post("/v1/forecast")
+    async def forecast(self, body: ForecastRequest, authorization: str | None = Header(None)) -> dict:
+        if bool(body.job_id) == bool(body.trainer):
+            raise _problem(422, "job_id", "give either a job_id, or a trainer (with params) not yet run")
+        tenant = self._tenant(authorization)
+        return _answer(await self.costs.forecast.remote(body.job_id, body.trainer, body.params, tenant))
+
+    @app.get("/v1/recommendations/{run_id}")
+    async def recommendations(self, run_id: str, authorization: str | None = Header(None)) -> dict:
+        return _answer(await self.costs.recommendations.remote(run_id, self._tenant(authorization)))
+
     @app.get("/v1/health")
     def health(self) -> dict:
         return {"status": "ok"}
@@ -165,4 +219,4 @@ class PlatformAPI:
 
 def app_builder(args: dict[str, Any]) -> serve.Application:
     """`import_path: ray_apps.serve.platform_api:app_builder` in configs/serve.yaml."""
-    return PlatformAPI.bind(tokens=args.get("tokens"))
+    return PlatformAPI.bind(CostForecaster.bind(), tokens=args.get("tokens"))

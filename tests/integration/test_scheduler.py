@@ -15,6 +15,7 @@ import time
 import psutil
 import pytest
 
+from ray_apps.costs.meter import Meter
 from ray_apps.processes import ServiceRegistry
 from ray_apps.scheduler.api import Infeasible, Queue
 from ray_apps.scheduler.config import QueueConfig
@@ -22,6 +23,7 @@ from ray_apps.scheduler.dispatcher import Dispatcher
 from ray_apps.scheduler.states import JobState
 from ray_apps.scheduler.store import InvalidTransition
 from tests.integration.conftest import QUEUE_CONFIG, job_logs
+from trainers.pricing import load_catalog
 
 pytestmark = pytest.mark.slow
 
@@ -51,6 +53,15 @@ def wait_all_done(queue, ids, timeout=240):
             return {j.id: j for j in jobs}
         time.sleep(0.5)
     raise AssertionError({i: queue.get(i).state.value for i in ids})
+
+
+def wait_metered(queue, job_id, timeout=30):
+    """The job's cost once the dispatcher has settled it."""
+    deadline = time.monotonic() + timeout
+    while job_id not in queue.store.costs([job_id]):
+        assert time.monotonic() < deadline, f"{job_id} not metered after {timeout} s"
+        time.sleep(0.3)
+    return Meter(queue.store, load_catalog(queue.settings.costs_file)).cost_of(queue.get(job_id))
 
 
 def probe(queue, seconds=3, gpus=1, priority="normal", tenant="team-b", workers=1):
@@ -98,6 +109,13 @@ def test_preempted_job_is_requeued_and_resumes_from_its_checkpoint(queue, dispat
     resumed = job_logs(queue.settings, jobs[victim].ray_submission_id)
     start_s = float(resumed.split("start_s=")[1].split()[0])
     assert start_s >= 2  # continued from the checkpoint, not from zero
+    # Charged for both attempts as Ray timed them, not for the wait in between.
+    client = queue.ray_client()
+    ray_s = sum((i.end_time - i.start_time) / 1000 for i in (client.get_job_info(victim),
+                                                              client.get_job_info(f"{victim}-r2")))
+    cost = wait_metered(queue, victim)
+    assert cost.attempts == 2 and cost.seconds == pytest.approx(ray_s, rel=1e-6)
+    assert cost.gpu_usd == pytest.approx(2 * 0.25 * ray_s / 3600, rel=1e-6)  # 2 GPUs at the catalog's $0.25/h
 
 
 def test_cancel_queued_and_running(queue, dispatcher):
@@ -116,6 +134,10 @@ def test_cancel_queued_and_running(queue, dispatcher):
     time.sleep(1)
     assert queue.get(running).state is JobState.CANCELLED  # the dispatcher did not overwrite it
     assert queue.get(waiting).ray_submission_id is None     # never reached Ray
+    # Charged from Ray's start to (about) its stop; the job that never ran costs nothing.
+    info = client.get_job_info(queue.get(running).ray_submission_id)
+    assert wait_metered(queue, running).seconds == pytest.approx((info.end_time - info.start_time) / 1000, abs=3)
+    assert Meter(queue.store, load_catalog(queue.settings.costs_file)).cost_of(queue.get(waiting)).total_usd == 0
 
 
 def test_crash_between_admission_and_submit_is_repaired_once(queue, dispatcher):

@@ -1,0 +1,74 @@
+"""The cost-forecast service: a Ray Serve deployment over `ray_apps.costs.service`.
+
+Its own deployment (own replicas, own row in the Ray dashboard) behind the
+platform's HTTP ingress, which calls it through a handle. Results are plain
+dicts; a refusal comes back as {"error": {"status", "field", "reason"}} so the
+ingress can answer with the right 4xx without guessing from exception types that
+crossed a process boundary.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+from ray import serve
+
+from ray_apps.cluster import PlatformError
+from ray_apps.config import load_settings
+from ray_apps.costs.forecast import ForecastError
+from ray_apps.costs.report import ReportError
+from ray_apps.costs.service import CostService, RunNotFound
+from ray_apps.scheduler.api import JobNotFound, QueueError
+from trainers.specs import SpecError
+
+log = logging.getLogger("oppen.costs")
+
+
+def _refusal(status: int, field: str | None, reason: str) -> dict:
+    return {"error": {"status": status, "field": field, "reason": reason}}
+
+
+def guarded(call: Callable[[], Any]) -> Any:
+    """Run `call`, turning the cost engine's refusals into an error dict with an HTTP status."""
+    try:
+        return call()
+    except (JobNotFound, RunNotFound) as exc:
+        return _refusal(404, "job_id" if isinstance(exc, JobNotFound) else "run_id", str(exc))
+    except ForecastError as exc:
+        return _refusal(409, "job_id", str(exc))
+    except QueueError as exc:
+        return _refusal(422, exc.field, str(exc))
+    except (ReportError, SpecError) as exc:
+        return _refusal(422, None, str(exc))
+    except PlatformError as exc:
+        return _refusal(503, None, str(exc))
+    except Exception as exc:  # noqa: BLE001 - MLflow or the store unreachable: a 503 that says so
+        if type(exc).__module__.startswith(("mlflow", "requests", "urllib3", "sqlalchemy")):
+            log.warning("cost service dependency failed: %s", exc)
+            return _refusal(503, None, f"a backing service failed: {type(exc).__name__}: {str(exc)[:300]}")
+        raise
+
+
+@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64)
+class CostForecaster:
+    def __init__(self):
+        self.costs = CostService.from_settings(load_settings())
+
+    def job_cost(self, job_id: str, tenant: str | None) -> dict:
+        return guarded(lambda: self.costs.job_cost(job_id, tenant=tenant).as_dict())
+
+    def report(self, since: str | None, group_by: str | None, tenant: str | None) -> dict:
+        return guarded(lambda: self.costs.report(since=since, group_by=group_by, tenant=tenant).as_dict())
+
+    def budget(self, budget_usd: float | None, since: str | None, tenant: str | None) -> dict:
+        return guarded(lambda: self.costs.budget(budget_usd, tenant=tenant, since=since).as_dict())
+
+    def forecast(self, job_id: str | None, trainer: str | None, params: dict, tenant: str | None) -> dict:
+        if job_id:
+            return guarded(lambda: {"job_id": job_id, **self.costs.forecast_job(job_id, tenant=tenant).as_dict()})
+        return guarded(lambda: {"trainer": trainer, **self.costs.forecast_new(trainer, params).as_dict()})
+
+    def recommendations(self, run_id: str, tenant: str | None) -> dict:
+        return guarded(lambda: {"run_id": run_id, "recommendations": [
+            r.as_dict() for r in self.costs.recommend(run_id, tenant=tenant)]})
