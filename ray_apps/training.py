@@ -17,10 +17,10 @@ from typing import Any, Callable
 from ray_apps.cluster import PlatformError, cluster_resources, mlflow_healthy, use_ray_token
 from ray_apps.config import PROJECT_ROOT, Settings
 from ray_apps.scheduler.policy import Gang, infeasibility
+from trainers.driver import PROGRESS, RESULT  # the lines the trainers print
 from trainers.runtime import new_run_name
 from trainers.specs import build_config
 
-PROGRESS, RESULT = "[oppen]", "OPPEN_RESULT"
 # Never upload platform state with the job's working dir (Ray already skips .git and .venv).
 WORKING_DIR_EXCLUDES = [".oppen", "*.egg-info", "__pycache__", ".pytest_cache"]
 

@@ -104,7 +104,83 @@ class ProbeConfig(ScalingSpec):
         return 0.15  # a Ray driver and a placement group: no data
 
 
-TRAINERS: dict[str, type] = {"mnist": MnistConfig, "probe": ProbeConfig}
+# The model presets and corpora, repeated here without importing torch/transformers
+# (trainers.llm_model.PRESETS and trainers.text_data.CORPORA; a unit test keeps them equal).
+LLM_CONTEXT = {"distilgpt2": 1024, "tiny": 256}
+LLM_CORPORA = ("wikitext-2", "shakespeare", "pydoc")
+
+
+@dataclass
+class LlmConfig(ScalingSpec):
+    tracked: ClassVar[bool] = True
+    unit: ClassVar[str] = "step"               # progress: MLflow step = optimizer steps done
+    unit_timer: ClassVar[str] = "step_time_s"
+    val_metric: ClassVar[str] = "eval_loss"
+    val_higher_is_better: ClassVar[bool] = False
+
+    model: str = field(default="distilgpt2", metadata={"help": f"one of {', '.join(LLM_CONTEXT)}"})
+    dataset: str = field(default="wikitext-2", metadata={"help": f"one of {', '.join(LLM_CORPORA)}"})
+    block_size: int = field(default=128, metadata={"help": "tokens per training sequence"})
+    batch_size: int = field(default=8, metadata={"help": "sequences per micro-batch, split across workers"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    lr: float | None = field(default=None, metadata={
+        "help": "peak learning rate (default: 5e-5 fine-tuning pretrained weights, 1e-3 from scratch)"})
+    weight_decay: float = 0.01
+    warmup_steps: int = field(default=20, metadata={"help": "linear warmup, then linear decay to 0"})
+    epochs: int = field(default=1, metadata={"help": "passes over the training text (unless --max-steps)"})
+    max_steps: int | None = field(default=None, metadata={"help": "stop after this many optimizer steps"})
+    eval_every: int = field(default=50, metadata={"help": "steps between evaluations and checkpoints"})
+    eval_batches: int = field(default=20, metadata={"help": "held-out batches per evaluation"})
+    max_train_tokens: int | None = field(default=None, metadata={"help": "use only the first N training tokens"})
+    precision: str = field(default="auto", metadata={"help": "auto (bf16/fp16 on CUDA), bf16, fp16 or fp32"})
+    seed: int = 0
+    max_failures: int = field(default=2, metadata={"help": "worker-group restarts from the last checkpoint"})
+
+    def __post_init__(self) -> None:
+        self._check_scaling()
+        _require(self.model in LLM_CONTEXT, "model", self.model, f"one of {', '.join(LLM_CONTEXT)}")
+        _require(self.dataset in LLM_CORPORA, "dataset", self.dataset, f"one of {', '.join(LLM_CORPORA)}")
+        context = LLM_CONTEXT[self.model]
+        _require(8 <= self.block_size <= context, "block_size", self.block_size,
+                 f"in [8, {context}] ({self.model}'s context is {context} tokens)")
+        _require(self.batch_size >= self.num_workers, "batch_size", self.batch_size,
+                 f"at least num_workers ({self.num_workers})")
+        _require(self.grad_accum >= 1, "grad_accum", self.grad_accum, "at least 1")
+        _require(self.lr is None or 0 < self.lr <= 1, "lr", self.lr, "in (0, 1]")
+        _require(0 <= self.weight_decay < 1, "weight_decay", self.weight_decay, "in [0, 1)")
+        _require(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, ">= 0")
+        _require(self.epochs >= 1, "epochs", self.epochs, "at least 1")
+        _require(self.max_steps is None or self.max_steps >= 1, "max_steps", self.max_steps, "at least 1")
+        _require(self.eval_every >= 1, "eval_every", self.eval_every, "at least 1")
+        _require(self.eval_batches >= 1, "eval_batches", self.eval_batches, "at least 1")
+        _require(self.max_train_tokens is None or self.max_train_tokens >= self.block_size * self.batch_size,
+                 "max_train_tokens", self.max_train_tokens, "enough for one batch (block_size x batch_size)")
+        _require(self.precision in ("auto", "bf16", "fp16", "fp32"), "precision", self.precision,
+                 "one of auto, bf16, fp16, fp32")
+        _require(self.max_failures >= 0, "max_failures", self.max_failures, ">= 0")
+
+    def learning_rate(self, model_source: str) -> float:
+        if self.lr is not None:
+            return self.lr
+        return 1e-3 if model_source.startswith("scratch:") else 5e-5
+
+    def total_units(self) -> int | None:
+        return self.max_steps  # with --epochs only, the step count is known once the text is tokenized
+
+    def work_per_unit(self) -> int:
+        """Tokens per optimizer step."""
+        return self.batch_size * self.block_size * self.grad_accum
+
+    def memory_per_worker_gib(self) -> float:
+        """~0.6 GiB of Python/torch/Ray + weights, gradients and AdamW state (16 bytes a parameter)
+        + activations. Measured: ~0.9 GiB for tiny; distilgpt2 (82 M parameters) ~2.6 GiB at batch 8."""
+        params = {"distilgpt2": 82e6, "tiny": 6.9e6}[self.model]
+        per_rank = self.batch_size / self.num_workers
+        activations = per_rank * self.block_size * {"distilgpt2": 2.0e5, "tiny": 3e4}[self.model]
+        return 0.6 + (params * 16 + activations) / 2**30
+
+
+TRAINERS: dict[str, type] = {"mnist": MnistConfig, "llm": LlmConfig, "probe": ProbeConfig}
 
 
 def _require(ok: bool, name: str, value: Any, what: str) -> None:

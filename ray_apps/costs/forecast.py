@@ -78,14 +78,26 @@ class Forecast:
         return dict(vars(self))
 
 
-def unit_time(points: list[Progress], single_unit_s: float | None = None) -> UnitTime | None:
-    """Seconds per unit from the gaps between consecutive points (in unit-weighted form)."""
+def unit_time(points: list[Progress], single_unit_s: float | None = None, *, started_at: float | None = None,
+              startup: tuple[float, float] | None = None) -> UnitTime | None:
+    """Seconds per unit from the gaps between consecutive points (in unit-weighted form).
+
+    With a single point of a fresh run, the time from the job's start to it less the
+    start-up past runs measured; else that unit's own timer (which misses evaluation
+    and checkpointing, hence the wide spread)."""
     pts = sorted(points, key=lambda p: p.units)
     gaps = [(b.at - a.at) / (b.units - a.units) for a, b in zip(pts, pts[1:]) if b.units > a.units]
     if gaps:
         mean = statistics.fmean(gaps)
         sd = statistics.stdev(gaps) if len(gaps) > 1 else mean * ONE_POINT_REL_SD / 2
         return UnitTime(mean, max(sd, mean * MIN_REL_SD), len(gaps))
+    if pts and startup and started_at is not None and pts[0].units >= 1:
+        mean = (pts[0].at - started_at - startup[0]) / pts[0].units
+        if single_unit_s:
+            mean = max(mean, single_unit_s)  # a unit takes at least its own training time
+        if mean > 0:
+            sd = math.hypot(startup[1] / pts[0].units, mean * ONE_POINT_REL_SD / 2)
+            return UnitTime(mean, sd, 0)
     if single_unit_s and single_unit_s > 0:
         return UnitTime(single_unit_s, single_unit_s * ONE_POINT_REL_SD, 0)
     return None
@@ -93,18 +105,21 @@ def unit_time(points: list[Progress], single_unit_s: float | None = None) -> Uni
 
 def forecast_running(*, points: list[Progress], units_total: float, now: float, spent_s: float,
                      usd_per_hour: float, single_unit_s: float | None = None,
-                     tail: tuple[float, float] = DEFAULT_TAIL, notes: list[str] | None = None) -> Forecast:
+                     tail: tuple[float, float] = DEFAULT_TAIL, started_at: float | None = None,
+                     startup: tuple[float, float] | None = None, notes: list[str] | None = None) -> Forecast:
     """Remaining time and final cost of a running job from its own progress points."""
     notes = list(notes or [])
     spent_usd = spent_s * usd_per_hour / 3600
     if not points:
         raise ForecastError("the job has reported no progress yet (it is starting up); ask again after "
                             "its first unit of work, or ask for a forecast by trainer and parameters")
-    ut = unit_time(points, single_unit_s)
+    ut = unit_time(points, single_unit_s, started_at=started_at, startup=startup)
     if ut is None:
         raise ForecastError("one progress point and no per-unit timer: no basis for a forecast yet")
     if ut.n == 0:
-        notes.append("one unit done: per-unit time is that unit's own timer, spread assumed ±25%")
+        notes.append("one unit done: its time is the time since start less the start-up of past runs"
+                     if startup and started_at is not None else
+                     "one unit done: per-unit time is that unit's own timer, spread assumed ±25%")
     last = max(points, key=lambda p: p.units)
     left = max(units_total - last.units, 0.0)
     in_unit = max(now - last.at, 0.0) if left else 0.0
@@ -134,14 +149,27 @@ class PastRun:
     tail_s: float | None
     scaling: tuple              # (workers, cpus/worker, gpus/worker, batch size): comparable runs
 
+    @property
+    def startup_s(self) -> float | None:
+        return self.fixed_s - self.tail_s if self.tail_s is not None else None
+
+
+def _prior(values: list[float], default: tuple[float, float] | None) -> tuple[float, float] | None:
+    if not values:
+        return default
+    mean = statistics.fmean(values)
+    sd = statistics.stdev(values) if len(values) > 1 else max(mean * 0.5, 1.0)
+    return mean, max(sd, 0.5)
+
 
 def tail_of(history: list[PastRun]) -> tuple[float, float]:
-    tails = [r.tail_s for r in history if r.tail_s is not None and r.tail_s >= 0]
-    if not tails:
-        return DEFAULT_TAIL
-    mean = statistics.fmean(tails)
-    sd = statistics.stdev(tails) if len(tails) > 1 else max(mean * 0.5, 1.0)
-    return mean, max(sd, 0.5)
+    """Seconds from the last unit to the job's end (mean, sd) in past runs."""
+    return _prior([r.tail_s for r in history if r.tail_s is not None and r.tail_s >= 0], DEFAULT_TAIL)
+
+
+def startup_of(history: list[PastRun]) -> tuple[float, float] | None:
+    """Seconds from the job's start to its first unit's start (mean, sd) in past runs; None without any."""
+    return _prior([r.startup_s for r in history if r.startup_s is not None and r.startup_s >= 0], None)
 
 
 def forecast_prestart(*, history: list[PastRun], units_total: float, work_per_unit: float, scaling: tuple,
@@ -161,10 +189,13 @@ def forecast_prestart(*, history: list[PastRun], units_total: float, work_per_un
         used = history
         notes.append("no past run with this scaling (workers, CPUs, GPUs, batch size): scaled from other "
                      "scalings, so the interval is wider")
-    per_example = [r.unit_s / r.work_per_unit for r in used]
+    unit_fit = fit_unit_time(used)
     fixed = [r.fixed_s for r in used]
-    predictions = [f + units_total * work_per_unit * p for f in fixed for p in per_example]
-    point = statistics.median(fixed) + units_total * work_per_unit * statistics.median(per_example)
+    # Each past run's own ratio to the fitted line says how far a new run may stray from it.
+    ratios = [r.unit_s / unit_fit(r.work_per_unit) for r in used]
+    unit = unit_fit(work_per_unit)
+    predictions = [f + units_total * unit * q for f in fixed for q in ratios]
+    point = statistics.median(fixed) + units_total * unit
     # With few runs the observed range understates the spread: widen it.
     widen = 0.25 if len(used) < 3 else 0.10
     if not same:
@@ -176,6 +207,22 @@ def forecast_prestart(*, history: list[PastRun], units_total: float, work_per_un
     return Forecast(basis="history", remaining_s=point, remaining_s_low=low, remaining_s_high=high,
                     spent_usd=0.0, total_usd=point * rate, total_usd_low=low * rate, total_usd_high=high * rate,
                     usd_per_hour=usd_per_hour, progress=0.0, units_done=0.0, units_total=units_total, notes=notes)
+
+
+def fit_unit_time(runs: list[PastRun]):
+    """Seconds per unit as a function of work per unit: a + b * work (least squares) when past
+    runs differ in work, else proportional to work. A unit has a cost that does not scale
+    with its data (evaluation, checkpoint, reporting), which the intercept captures."""
+    xs = [r.work_per_unit for r in runs]
+    ys = [r.unit_s for r in runs]
+    if len(set(xs)) >= 2:
+        mx, my = statistics.fmean(xs), statistics.fmean(ys)
+        b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+        a = my - b * mx
+        if a >= 0 and b > 0:
+            return lambda work: a + b * work
+    per_work = statistics.median(y / x for x, y in zip(xs, ys))
+    return lambda work: per_work * work
 
 
 def profile_run(*, points: list[Progress], started_at: float, ended_at: float, units_total: float,

@@ -22,7 +22,8 @@ from ray_apps.cluster import PlatformError
 from ray_apps.config import Settings
 from ray_apps.costs import runs
 from ray_apps.costs.advisor import Recommendation, recommend
-from ray_apps.costs.forecast import Forecast, ForecastError, forecast_prestart, forecast_running, profile_run, tail_of
+from ray_apps.costs.forecast import (Forecast, ForecastError, forecast_prestart, forecast_running, profile_run,
+                                     startup_of, tail_of)
 from ray_apps.costs.meter import JobCost, Meter, allocation_for
 from ray_apps.costs.report import BudgetStatus, CostReport, ReportError, build_report, parse_groups, parse_since
 from ray_apps.scheduler.api import JobNotFound, Queue, QueueError
@@ -172,7 +173,8 @@ class CostService:
                          "the restart's start-up time is not included")
         return forecast_running(points=points, units_total=spec.total_units(), now=now, spent_s=cost.seconds,
                                 usd_per_hour=cost.usd_per_hour, single_unit_s=single, tail=tail_of(history),
-                                notes=notes)
+                                started_at=since if len(attempts) == 1 and not waiting else None,
+                                startup=startup_of(history), notes=notes)
 
     def forecast_new(self, trainer: str, params: dict[str, Any]) -> Forecast:
         try:

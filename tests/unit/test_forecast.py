@@ -4,8 +4,8 @@ import random
 
 import pytest
 
-from ray_apps.costs.forecast import (ForecastError, PastRun, Progress, forecast_prestart, forecast_running,
-                                     profile_run, tail_of, unit_time)
+from ray_apps.costs.forecast import (ForecastError, PastRun, Progress, fit_unit_time, forecast_prestart,
+                                     forecast_running, profile_run, tail_of, unit_time)
 
 RATE = 3600.0  # $1 per second keeps the arithmetic readable
 
@@ -57,6 +57,15 @@ def test_one_unit_done_uses_its_own_timer_with_a_wide_spread_and_says_so():
     assert fc.remaining_s_high - fc.remaining_s > 10 and "own timer" in fc.notes[0]
 
 
+def test_one_unit_done_with_history_uses_the_time_since_start_less_the_learned_start_up():
+    # Started at 0, 20 s of start-up, the first unit logged at 32 s: the unit took 12 s
+    # (its own timer says 10: evaluation and checkpoint are not in it).
+    fc = forecast_running(points=[Progress(1, 32.0)], units_total=4, now=32.0, spent_s=32.0, usd_per_hour=RATE,
+                          single_unit_s=10.0, tail=(5.0, 1.0), started_at=0.0, startup=(20.0, 1.0))
+    assert fc.remaining_s == pytest.approx(3 * 12 + 5)
+    assert "less the start-up of past runs" in fc.notes[0]
+
+
 def test_no_progress_yet_is_an_error_naming_what_to_do():
     with pytest.raises(ForecastError, match="no progress yet"):
         forecast_running(points=[], units_total=4, now=1.0, spent_s=1.0, usd_per_hour=RATE)
@@ -84,6 +93,16 @@ def test_prestart_scales_past_runs_by_units_and_data_size():
                               usd_per_hour=RATE, trainer="mnist")
     assert any("no past run with this scaling" in n for n in other.notes)
     assert other.remaining_s_high - other.remaining_s_low > fc.remaining_s_high - fc.remaining_s_low
+
+
+def test_per_unit_time_is_a_line_in_the_work_when_past_runs_differ_in_size():
+    # Each epoch costs 2 s of evaluation plus 1 ms per training example.
+    history = [past("a", 4, 2 + 0.001 * 3000, 20.0, work=3000), past("b", 4, 2 + 0.001 * 6000, 20.0, work=6000)]
+    assert fit_unit_time(history)(9000) == pytest.approx(11.0)
+    fc = forecast_prestart(history=history, units_total=5, work_per_unit=9000, scaling=(1, 2.0, 0.0, 128),
+                           usd_per_hour=RATE, trainer="mnist")
+    assert fc.remaining_s == pytest.approx(20 + 5 * 11)
+    assert fit_unit_time([past("a", 4, 8.0, 20.0, work=4000)])(2000) == pytest.approx(4.0)  # one size: proportional
 
 
 def test_profile_of_a_finished_run_and_the_tail_prior():

@@ -1,0 +1,218 @@
+"""What every trainer's driver (the Ray job's entrypoint) does, written once.
+
+A trainer module supplies its config class and a `fit(spec, ctx)`; this module
+parses the flags (config fields from the catalog + the run flags below), checks
+the data dir, the price catalog and the MLflow server before anything starts,
+handles `--resume` (saved config, flags given now on top), opens the MLflow run,
+and builds the TorchTrainer with checkpointing and failure handling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from trainers import runtime
+from trainers.data import DataError, default_data_dir
+from trainers.pricing import CatalogError, load_catalog
+from trainers.sources import SourceError
+from trainers.specs import SpecError, add_arguments, config_from_args
+from trainers.tracking import TrackingUnavailable, check_server, open_run, tracking_uri
+
+PROGRESS = "[oppen]"          # prefix of the lines `oppen train` shows as progress
+RESULT = "OPPEN_RESULT"       # prefix of the final JSON line `oppen train` reads
+log = logging.getLogger("trainers")
+
+
+@dataclass(frozen=True)
+class RunContext:
+    trainer: str
+    run_name: str
+    data_dir: Path
+    costs_file: str
+    uri: str
+    run_id: str | None
+    resume: bool
+
+
+def build_parser(trainer: str, spec_cls: type, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"python -m trainers.{trainer}", description=description,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_arguments(parser, spec_cls)
+    run = parser.add_argument_group("run")
+    run.add_argument("--data-dir", type=Path, default=None,
+                     help="datasets and checkpoints (default: $OPPEN_DATA_DIR or ./.oppen)")
+    run.add_argument("--run-name", default=None, help="name of this run (default: generated)")
+    run.add_argument("--resume", action="store_true",
+                     help=f"continue --run-name (or the latest {trainer} run) from its last checkpoint")
+    run.add_argument("--experiment", default=trainer, help="MLflow experiment")
+    run.add_argument("--mlflow-run-id", default=None, help="log into this existing MLflow run")
+    run.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+    return parser
+
+
+def main(trainer: str, spec_cls: type, fit: Callable[[Any, RunContext], int], description: str,
+         argv: list[str] | None = None) -> int:
+    """Parse, prepare and fit. Bad input is exit 2 with the reason; a failed fit is exit 1."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser(trainer, spec_cls, description).parse_args(argv)
+    given = sys.argv[1:] if argv is None else argv
+    try:
+        spec, ctx = prepare(args, given, trainer, spec_cls)
+        return fit(spec, ctx)
+    except (SpecError, DataError, CatalogError, TrackingUnavailable, SourceError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def prepare(args: argparse.Namespace, argv: list[str], trainer: str, spec_cls: type) -> tuple[Any, RunContext]:
+    spec = config_from_args(spec_cls, args)
+    data_dir = (args.data_dir or default_data_dir()).expanduser().resolve()
+    if not data_dir.is_dir():
+        raise DataError(f"data dir {data_dir} does not exist. To fix: run `oppen up` (it creates it) "
+                        "or pass an existing directory with --data-dir / OPPEN_DATA_DIR.")
+    costs_file = str(load_catalog().source)  # fail now, not inside a worker
+    uri = tracking_uri()
+    if not args.no_tracking:
+        check_server(uri)
+
+    run_name, record, overrides = args.run_name, {}, {}
+    if args.resume:
+        run_name = run_name or runtime.latest_run_name(data_dir, trainer)
+        run_dir = runtime.checkpoint_root(data_dir) / (run_name or "")
+        if not run_name or not (run_dir / runtime.RUN_RECORD).exists():
+            raise SpecError(f"nothing to resume: no {trainer} run {run_name or ''} under "
+                            f"{runtime.checkpoint_root(data_dir)}. To fix: drop --resume or name a run "
+                            "with --run-name.")
+        record = runtime.read_run_record(run_dir)
+        overrides = {k: v for k, v in given_spec_flags(argv, spec_cls).items() if record["spec"].get(k) != v}
+        spec = spec_cls(**{**record["spec"], **overrides})  # saved config, changes given now on top
+    run_name = run_name or runtime.new_run_name(trainer)
+    run_dir = runtime.checkpoint_root(data_dir) / run_name
+
+    run_id = None
+    if not args.no_tracking:
+        meta = runtime.job_metadata()
+        tags = {"oppen.trainer": trainer, "oppen.run_name": run_name,
+                **{f"oppen.{k}": v for k, v in meta.items() if k in ("tenant", "priority")}}
+        if "job_submission_id" in meta:
+            tags["ray.submission_id"] = meta["job_submission_id"]
+        run_id = open_run(uri, experiment=args.experiment, run_name=run_name,
+                          run_id=args.mlflow_run_id or record.get("mlflow_run_id"), tags=tags)
+    runtime.write_run_record(run_dir, {"trainer": trainer, "spec": dataclasses.asdict(spec),
+                                       "mlflow_run_id": run_id, "tracking_uri": uri})
+    if run_id:
+        from trainers.tracking import RunTracker
+
+        first = RunTracker(uri, run_id)
+        if args.resume:  # MLflow params are immutable: a resumed run records what changed as a tag
+            first.set_tags({"oppen.resume_overrides": json.dumps(overrides)})
+        else:
+            first.log_params(dataclasses.asdict(spec))
+        first.flush()
+    print(f"{PROGRESS} run {run_name} mlflow_run_id={run_id} resume={args.resume}", flush=True)
+    return spec, RunContext(trainer, run_name, data_dir, costs_file, uri, run_id, args.resume)
+
+
+def given_spec_flags(argv: list[str] | None, spec_cls: type) -> dict:
+    """Only the config flags typed on the command line, not their defaults."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_arguments(parser, spec_cls, with_defaults=False)
+    return vars(parser.parse_known_args(argv)[0])
+
+
+def torch_trainer(train_func: Callable[[dict], None], loop_config: dict, spec, ctx: RunContext):
+    """A TorchTrainer for the spec's gang, checkpointing under the data dir, restarting failed workers."""
+    import secrets
+
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    use_gpu = spec.gpus_per_worker > 0 and cuda_on_gpu_nodes(spec.gpus_per_worker)
+    if spec.gpus_per_worker > 0 and not use_gpu:
+        print(f"{PROGRESS} GPUs reserved but no CUDA on the GPU nodes: computing on CPU", flush=True)
+    resources = {"CPU": spec.cpus_per_worker}
+    if spec.gpus_per_worker:
+        resources["GPU"] = spec.gpus_per_worker
+    config = {"spec": dataclasses.asdict(spec), "data_dir": str(ctx.data_dir), "costs_file": ctx.costs_file,
+              "tracking_uri": ctx.uri, "run_id": ctx.run_id, "segment_start": time.time(),
+              "segment_id": secrets.token_hex(4), **loop_config}
+    return TorchTrainer(
+        train_func, train_loop_config=config,
+        # Logical GPUs (a CPU-only box) are reserved as resources; use_gpu only with real CUDA.
+        scaling_config=ray.train.ScalingConfig(num_workers=spec.num_workers, use_gpu=use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=ctx.run_name, storage_path=str(runtime.checkpoint_root(ctx.data_dir)),
+            failure_config=ray.train.FailureConfig(max_failures=spec.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+    )
+
+
+def base_elapsed(state: dict | None, cfg: dict) -> float:
+    """Training time before this segment: a worker restart in the same segment is already
+    covered by the time since the segment started; a resumed run carries its total."""
+    if not state:
+        return 0.0
+    return state["base_elapsed_s"] if state["segment_id"] == cfg["segment_id"] else state["elapsed_s"]
+
+
+def cuda_on_gpu_nodes(gpus: float) -> bool:
+    """Ask a GPU slot whether it has CUDA: logical GPUs on a CPU box do not."""
+    import ray
+
+    @ray.remote(num_gpus=gpus, num_cpus=0)
+    def has_cuda() -> bool:
+        import torch
+
+        return torch.cuda.is_available()
+
+    ray.init(ignore_reinit_error=True, log_to_driver=False)
+    return bool(ray.get(has_cuda.remote()))
+
+
+def close_run(uri: str, run_id: str | None, *, status: str) -> None:
+    if run_id is None:
+        return
+    try:
+        from mlflow.tracking import MlflowClient
+
+        MlflowClient(uri).set_terminated(run_id, status=status)
+    except Exception:  # noqa: BLE001 - the server may be the thing that failed
+        log.warning("could not mark MLflow run %s as %s", run_id, status)
+
+
+def fit_and_report(trainer, ctx: RunContext, finish: Callable[[Any], dict]) -> int:
+    """Run `trainer.fit()`; on success `finish(result)` logs the model and returns the summary printed
+    as the RESULT line; on failure the MLflow run is marked FAILED and the exit code is 1."""
+    try:
+        result = trainer.fit()
+    except Exception as exc:  # noqa: BLE001 - report the failure in MLflow, then exit non-zero
+        close_run(ctx.uri, ctx.run_id, status="FAILED")
+        print(f"error: training failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    summary = {"run_name": ctx.run_name, "mlflow_run_id": ctx.run_id, "tracking_uri": ctx.uri, **finish(result)}
+    print(f"{RESULT} {json.dumps(summary)}", flush=True)
+    return 0
+
+
+def tracking_notes(metrics: dict) -> list[str]:
+    if metrics.get("tracking_unsent"):
+        return [f"{int(metrics['tracking_unsent'])} metric/param value(s) from training were not logged"]
+    return []
+
+
+def report_lost_tracking(ctx: RunContext, notes: list[str]) -> str | None:
+    if not notes:
+        return None
+    note = f"MLflow tracking lost for run {ctx.run_id} at {ctx.uri}: " + "; ".join(notes)
+    print(f"WARNING: {note}", file=sys.stderr, flush=True)
+    return note

