@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -79,13 +80,37 @@ def cmd_train(args, settings) -> int:
         print(f"job {sub.submission_id} {outcome.status}. Last log lines:", file=sys.stderr)
         print("\n".join(f"  | {line}" for line in outcome.log_tail), file=sys.stderr)
         return 1
-    r = outcome.result
-    acc, cost = r.get("test_accuracy"), r.get("cost_usd")
-    print(f"done in {outcome.seconds:.0f} s: test accuracy {acc:.4f}, cost ${cost:.5f}"
-          if acc is not None and cost is not None else f"done in {outcome.seconds:.0f} s")
+    print(f"done in {outcome.seconds:.0f} s: {_result_line(outcome.result)}")
     print(f"  MLflow run: {sub.mlflow_run_url}")
-    if r.get("tracking_lost"):
-        print(f"  WARNING: {r['tracking_lost']}")
+    if outcome.result.get("tracking_lost"):
+        print(f"  WARNING: {outcome.result['tracking_lost']}")
+    return 0
+
+
+def _result_line(r: dict) -> str:
+    parts = [f"{label} {r[key]:{fmt}}" for key, label, fmt in (
+        ("test_accuracy", "test accuracy", ".4f"), ("eval_loss", "eval loss", ".3f"),
+        ("perplexity", "perplexity", ".1f")) if r.get(key) is not None]
+    if r.get("cost_usd") is not None:
+        parts.append(f"cost ${r['cost_usd']:.5f}")
+    return ", ".join(parts) or "no result line"
+
+
+def cmd_tune(args, settings) -> int:
+    from ray_apps.training import follow, submit_search
+
+    _quiet_ray_client_logs()
+    sub = submit_search(settings, args.search_args)
+    print(f"submitted {sub.submission_id}: {sub.entrypoint}")
+    print(f"  Ray job: {settings.dashboard_url}/#/jobs/{sub.submission_id}")
+    outcome = follow(settings, sub.submission_id, poll_s=2.0, on_progress=lambda line: print(f"  {line}", flush=True))
+    if not outcome.ok:
+        print(f"search {sub.submission_id} {outcome.status}. Last log lines:", file=sys.stderr)
+        print("\n".join(f"  | {line}" for line in outcome.log_tail), file=sys.stderr)
+        return 1
+    best = outcome.result.get("best") or {}
+    print(f"done in {outcome.seconds:.0f} s: {outcome.result.get('trials')} trial(s), "
+          f"spent ${outcome.result.get('spent_usd', 0):.5f}; best {json.dumps(best.get('config'))}")
     return 0
 
 
@@ -281,6 +306,11 @@ def build_parser() -> argparse.ArgumentParser:
         ap.set_defaults(func=func)
     sub.add_parser("gpus", help="GPUs free/used by node, and queued demand").set_defaults(func=cmd_gpus)
     _add_cost_commands(sub)
+    p = sub.add_parser("tune", help="Ray Tune search over a trainer's config, as a Ray job",
+                       description="Arguments are those of `python -m trainers.tune`, e.g.: oppen tune mnist "
+                                   "--num-samples 8 --space lr=loguniform:1e-4:1e-2 --epochs 3 --budget-usd 0.05")
+    p.add_argument("search_args", nargs=argparse.REMAINDER, help="TRAINER [trainer flags] [search flags]")
+    p.set_defaults(func=cmd_tune)
     p = sub.add_parser("dispatcher", help="run the queue's dispatcher in the foreground")
     p.add_argument("--supervise", action="store_true", help="restart it whenever it dies")
     p.set_defaults(func=cmd_dispatcher)

@@ -77,6 +77,20 @@ def submit_training(settings: Settings, trainer: str, params: dict[str, Any], *,
     return Submission(submission_id, trainer, run_id, run_url, entrypoint)
 
 
+def submit_search(settings: Settings, argv: list[str], *, metadata: dict[str, str] | None = None) -> Submission:
+    """A Ray Tune search (`python -m trainers.tune ...`) as a Ray job, checked before it is submitted."""
+    import shlex
+
+    from trainers.tune import validate_search
+
+    trainer, one_trial = validate_search(argv)  # SpecError on a bad flag, space or budget
+    check_feasible(settings, one_trial)
+    submission_id = new_run_name(f"tune-{trainer}")
+    entrypoint = " ".join(["python", "-m", "trainers.tune", *map(shlex.quote, argv), "--run-name", submission_id])
+    submit_entrypoint(settings, submission_id, entrypoint, {"trainer": trainer, "kind": "tune", **(metadata or {})})
+    return Submission(submission_id, trainer, None, None, entrypoint)
+
+
 def submit_entrypoint(settings: Settings, submission_id: str, entrypoint: str, metadata: dict[str, str]) -> None:
     """Hand a trainer command to Ray with this project as its working dir."""
     from ray.job_submission import JobSubmissionClient

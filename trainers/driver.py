@@ -128,7 +128,8 @@ def given_spec_flags(argv: list[str] | None, spec_cls: type) -> dict:
     return vars(parser.parse_known_args(argv)[0])
 
 
-def torch_trainer(train_func: Callable[[dict], None], loop_config: dict, spec, ctx: RunContext):
+def torch_trainer(train_func: Callable[[dict], None], loop_config: dict, spec, ctx: RunContext, *,
+                  callbacks: list | None = None, storage_path: Path | None = None):
     """A TorchTrainer for the spec's gang, checkpointing under the data dir, restarting failed workers."""
     import secrets
 
@@ -150,9 +151,9 @@ def torch_trainer(train_func: Callable[[dict], None], loop_config: dict, spec, c
         scaling_config=ray.train.ScalingConfig(num_workers=spec.num_workers, use_gpu=use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
-            name=ctx.run_name, storage_path=str(runtime.checkpoint_root(ctx.data_dir)),
+            name=ctx.run_name, storage_path=str(storage_path or runtime.checkpoint_root(ctx.data_dir)),
             failure_config=ray.train.FailureConfig(max_failures=spec.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2), callbacks=callbacks,
         ),
     )
 

@@ -145,6 +145,6 @@ def _encode(tokenizer, text: str, chunk: int = 1 << 20) -> np.ndarray:
         end = min(len(text), start + chunk)
         cut = text.rfind("\n\n", start, end) if end < len(text) else end
         end = cut if cut > start else end
-        out.append(np.asarray(tokenizer(text[start:end])["input_ids"], dtype=np.int32))
+        out.append(np.asarray(tokenizer(text[start:end], verbose=False)["input_ids"], dtype=np.int32))
         start = end
     return np.concatenate(out) if out else np.zeros(0, dtype=np.int32)

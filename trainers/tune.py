@@ -1,0 +1,362 @@
+"""Hyperparameter search with Ray Tune over any catalogued trainer, as a plain Ray job.
+
+    ray job submit --working-dir . -- python -m trainers.tune mnist --num-samples 8 \\
+        --space lr=loguniform:1e-4:1e-2 --space batch_size=choice:64,128 --epochs 3 --budget-usd 0.05
+
+Each trial is the trainer's own Ray Train run (same `train_func`, same per-epoch
+metrics, an MLflow child run under one parent run), reported to Tune as it goes,
+so ASHA stops poor trials after their first epochs. Configs are drawn up front
+from the space (seeded) and each is validated against the trainer catalog before
+anything runs. `--budget-usd`: once the measured spend of the trials (allocation
+x rate x time) reaches it, no further trial is launched and the search says so.
+At the end: the best config and its metric, on the console and the parent run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from trainers import driver, runtime
+from trainers.data import DataError, default_data_dir
+from trainers.driver import PROGRESS, RESULT
+from trainers.pricing import CatalogError, load_catalog
+from trainers.sources import SourceError
+from trainers.specs import TRAINERS, SpecError, add_arguments, build_config, spec_for
+from trainers.tracking import TrackingUnavailable, check_server, open_run, tracking_uri
+
+log = logging.getLogger("tune")
+TUNABLE = ("mnist", "llm")
+DEFAULT_SPACES = {
+    "mnist": ["lr=loguniform:3e-4:1e-2", "batch_size=choice:64,128,256", "width=choice:8,16,32"],
+    "llm": ["lr=loguniform:1e-4:3e-3", "warmup_steps=choice:0,10,20", "batch_size=choice:4,8"],
+}
+
+
+@dataclass(frozen=True)
+class Dimension:
+    name: str
+    kind: str                 # choice, uniform, loguniform, randint
+    values: tuple
+
+    def sample(self, rng: random.Random) -> Any:
+        if self.kind == "choice":
+            return rng.choice(self.values)
+        lo, hi = self.values
+        if self.kind == "uniform":
+            return rng.uniform(lo, hi)
+        if self.kind == "loguniform":
+            return math.exp(rng.uniform(math.log(lo), math.log(hi)))
+        return rng.randint(int(lo), int(hi))
+
+
+def parse_space(trainer: str, items: list[str]) -> list[Dimension]:
+    """`name=kind:args` items, e.g. lr=loguniform:1e-4:1e-2, batch_size=choice:64,128, width=randint:8:32."""
+    fields = {f.name: f for f in dataclasses.fields(spec_for(trainer))}
+    dims = []
+    for item in items:
+        name, _, rest = item.partition("=")
+        kind, _, args = rest.partition(":")
+        name = name.strip().replace("-", "_")
+        if name not in fields:
+            raise SpecError(f"--space {item!r}: {trainer} has no parameter {name!r}; known: {', '.join(sorted(fields))}")
+        try:
+            if kind == "choice":
+                values = tuple(_number(v) for v in args.split(",") if v != "")
+                if not values:
+                    raise ValueError
+            elif kind in ("uniform", "loguniform", "randint"):
+                lo, hi = (float(v) for v in args.split(":"))
+                if not lo < hi or (kind == "loguniform" and lo <= 0):
+                    raise ValueError
+                values = (lo, hi)
+            else:
+                raise ValueError
+        except ValueError:
+            raise SpecError(f"--space {item!r}: expected name=choice:a,b,... or name=uniform|loguniform|randint:"
+                            "low:high with low < high (and low > 0 for loguniform)") from None
+        dims.append(Dimension(name, kind, values))
+    return dims
+
+
+def _number(text: str) -> Any:
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def sample_configs(trainer: str, space: list[Dimension], fixed: dict, n: int, seed: int) -> list[dict]:
+    """n configs (fixed values + a draw from the space), each validated against the catalog."""
+    rng = random.Random(seed)
+    configs = []
+    for _ in range(n):
+        params = {**fixed, **{d.name: d.sample(rng) for d in space}}
+        spec = build_config(trainer, params)  # SpecError names the bad value before any trial runs
+        configs.append({k: getattr(spec, k) for k in params})
+    return configs
+
+
+# --------------------------------------------------------------------------- Tune pieces
+
+
+def make_searcher(configs: list[dict], budget_usd: float | None, metric: str, mode: str):
+    from ray.tune.search import Searcher
+
+    class BudgetedList(Searcher):
+        """Hands out the pre-drawn configs; stops handing them out once the spend reaches the budget."""
+
+        def __init__(self):
+            super().__init__(metric=metric, mode=mode)
+            self.pending = list(configs)
+            self.spend: dict[str, float] = {}
+            self.stopped_by_budget = False
+
+        @property
+        def spent(self) -> float:
+            return sum(self.spend.values())
+
+        def suggest(self, trial_id: str):
+            if budget_usd is not None and self.spent >= budget_usd:
+                self.stopped_by_budget = bool(self.pending)
+                return Searcher.FINISHED
+            if not self.pending:
+                return Searcher.FINISHED
+            return self.pending.pop(0)
+
+        def on_trial_result(self, trial_id: str, result: dict) -> None:
+            if "cost_usd" in result:
+                self.spend[trial_id] = result["cost_usd"]
+
+        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+            if result and "cost_usd" in result:
+                self.spend[trial_id] = result["cost_usd"]
+
+    return BudgetedList()
+
+
+def trial_fn(config: dict) -> None:
+    """One trial: the trainer's own Ray Train run, logging to an MLflow child run, reporting to Tune."""
+    import importlib
+
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    setup = config.pop("__oppen__")
+    trainer = setup["trainer"]
+    spec = build_config(trainer, config)
+    trial = tune.get_context().get_trial_id()
+    run_id = None
+    if setup["parent_run_id"]:
+        run_id = open_run(setup["uri"], experiment=setup["experiment"], run_name=f"{setup['name']}-{trial}",
+                          tags={"mlflow.parentRunId": setup["parent_run_id"], "oppen.trainer": trainer,
+                                "oppen.tune.trial": trial})
+        from trainers.tracking import RunTracker
+
+        params = RunTracker(setup["uri"], run_id)
+        params.log_params(dataclasses.asdict(spec))
+        params.flush()
+    ctx = driver.RunContext(trainer, f"{setup['name']}-{trial}", Path(setup["data_dir"]), setup["costs_file"],
+                            setup["uri"], run_id, False)
+    module = importlib.import_module(f"trainers.{trainer}")
+    runner = driver.torch_trainer(module.train_func, setup["loop_config"], spec, ctx,
+                                  callbacks=[TuneReportCallback()], storage_path=Path(setup["storage"]))
+    try:
+        runner.fit()
+    except Exception:
+        driver.close_run(setup["uri"], run_id, status="FAILED")
+        raise
+    driver.close_run(setup["uri"], run_id, status="FINISHED")
+
+
+# --------------------------------------------------------------------------- driver
+
+
+@dataclass
+class SearchOutcome:
+    trials: list[dict] = field(default_factory=list)
+    best: dict | None = None
+    spent_usd: float = 0.0
+    stopped_by_budget: bool = False
+    not_started: int = 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m trainers.tune", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="trainer", required=True, metavar="TRAINER")
+    for name in TUNABLE:
+        p = sub.add_parser(name, help=f"search {name}'s config")
+        add_arguments(p, TRAINERS[name], with_defaults=False)
+        s = p.add_argument_group("search")
+        s.add_argument("--space", action="append", default=None,
+                       help=f"name=kind:args, repeatable (default: {' '.join(DEFAULT_SPACES[name])})")
+        s.add_argument("--num-samples", type=int, default=4, help="trials to draw")
+        s.add_argument("--max-concurrent", type=int, default=1, help="trials at once")
+        s.add_argument("--budget-usd", type=float, default=None, help="stop launching trials at this spend")
+        s.add_argument("--grace-period", type=int, default=1, help="ASHA: reports before a trial may be stopped")
+        s.add_argument("--search-seed", type=int, default=0)
+        s.add_argument("--data-dir", type=Path, default=None)
+        s.add_argument("--run-name", default=None)
+        s.add_argument("--no-tracking", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return _search(args)
+    except (SpecError, DataError, CatalogError, TrackingUnavailable, SourceError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _search(args: argparse.Namespace) -> int:
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    trainer, spec_cls = args.trainer, TRAINERS[args.trainer]
+    if args.budget_usd is not None and not args.budget_usd > 0:
+        raise SpecError(f"--budget-usd must be a positive amount in USD, got {args.budget_usd}")
+    if args.num_samples < 1 or args.max_concurrent < 1:
+        raise SpecError("--num-samples and --max-concurrent must be at least 1")
+    fixed = {f.name: getattr(args, f.name) for f in dataclasses.fields(spec_cls) if hasattr(args, f.name)}
+    space = parse_space(trainer, args.space or DEFAULT_SPACES[trainer])
+    configs = sample_configs(trainer, space, fixed, args.num_samples, args.search_seed)
+    base = build_config(trainer, fixed)
+    data_dir = (args.data_dir or default_data_dir()).expanduser().resolve()
+    if not data_dir.is_dir():
+        raise DataError(f"data dir {data_dir} does not exist. To fix: run `oppen up` or pass --data-dir.")
+    costs_file = str(load_catalog().source)
+    uri = tracking_uri()
+    if not args.no_tracking:
+        check_server(uri)
+    name = args.run_name or runtime.new_run_name(f"tune-{trainer}")
+    metric, mode = spec_cls.val_metric, "max" if spec_cls.val_higher_is_better else "min"
+    parent = None
+    if not args.no_tracking:
+        meta = runtime.job_metadata()
+        parent = open_run(uri, experiment=trainer, run_name=name, tags={
+            "oppen.trainer": trainer, "oppen.tune": "true", "oppen.run_name": name,
+            **{f"oppen.{k}": v for k, v in meta.items() if k in ("tenant", "priority")}})
+        from trainers.tracking import RunTracker
+
+        t = RunTracker(uri, parent)
+        t.log_params({"space": json.dumps([dataclasses.asdict(d) for d in space]), "num_samples": args.num_samples,
+                      "budget_usd": args.budget_usd, "metric": metric, "mode": mode,
+                      **{f"fixed.{k}": v for k, v in fixed.items()}})
+        t.flush()
+    loop_config = {}
+    if trainer == "llm":  # fetch and tokenize once, here, before trials start in parallel
+        from trainers.data import hub_reachable
+        from trainers.text_data import load_tokens
+        from trainers.tokenizer import load_gpt2_tokenizer
+
+        offline = not hub_reachable()
+        tok, tok_source = load_gpt2_tokenizer(data_dir, offline=offline)
+        load_tokens(data_dir, base.dataset, tok, tok_source, offline=offline)
+        loop_config = {"offline": offline}
+    setup = {"trainer": trainer, "parent_run_id": parent, "uri": uri, "experiment": trainer, "name": name,
+             "data_dir": str(data_dir), "costs_file": costs_file, "loop_config": loop_config,
+             "storage": str(data_dir / "tune" / name / "trials")}
+    searcher = make_searcher([{**c, "__oppen__": setup} for c in configs], args.budget_usd, metric, mode)
+    # ASHA counts reports: one per epoch (MNIST) or per evaluation (LLM).
+    units = base.epochs if trainer == "mnist" else math.ceil((base.max_steps or 10**6) / base.eval_every)
+    print(f"{PROGRESS} search {name}: {len(configs)} trial(s) of {trainer}, {metric} ({mode}), "
+          f"ASHA over {units} report(s), budget {args.budget_usd or 'none'}", flush=True)
+    tuner = tune.Tuner(
+        # The trial's Ray Train workers hold the CPUs/GPUs; the trial itself only a token of memory
+        # (Tune refuses an empty request, and a CPU share would starve a gang on a full node).
+        tune.with_resources(trial_fn, {"memory": 1 << 20}),
+        tune_config=tune.TuneConfig(
+            metric=metric, mode=mode, search_alg=searcher, num_samples=len(configs),
+            max_concurrent_trials=args.max_concurrent,
+            scheduler=ASHAScheduler(time_attr="training_iteration", max_t=max(units, 1),
+                                    grace_period=args.grace_period, reduction_factor=2)),
+        run_config=tune.RunConfig(name=name, storage_path=str(data_dir / "tune"), verbose=0),
+    )
+    started = time.time()
+    grid = tuner.fit()
+    outcome = _outcome(grid, searcher, metric, mode, len(configs))
+    _report(outcome, name, metric, uri, parent, time.time() - started)
+    return 0 if outcome.best else 1
+
+
+def _outcome(grid, searcher, metric: str, mode: str, drawn: int) -> SearchOutcome:
+    out = SearchOutcome(spent_usd=searcher.spent, stopped_by_budget=searcher.stopped_by_budget)
+    for result in grid:
+        m = result.metrics or {}
+        config = {k: v for k, v in (result.config or {}).items() if k != "__oppen__"}
+        out.trials.append({"config": config, metric: m.get(metric), "reports": m.get("training_iteration", 0),
+                           "cost_usd": m.get("cost_usd"), "error": str(result.error)[:300] if result.error else None})
+    out.not_started = drawn - len(out.trials)
+    scored = [t for t in out.trials if t[metric] is not None]
+    if scored:
+        out.best = (max if mode == "max" else min)(scored, key=lambda t: t[metric])
+    return out
+
+
+def _close_stopped_trials(uri: str, parent: str) -> None:
+    """Trials ASHA stopped never closed their child runs: mark them KILLED, and say why."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_run(parent).info.experiment_id
+    for run in client.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{parent}' "
+                                                       "and attributes.status = 'RUNNING'"):
+        client.set_tag(run.info.run_id, "oppen.tune.stopped_early", "true")
+        client.set_terminated(run.info.run_id, status="KILLED")
+
+
+def validate_search(argv: list[str]) -> tuple[str, Any]:
+    """Parse and check a search command line without running it: (trainer, one trial's config)."""
+    args = build_parser().parse_args(argv)
+    spec_cls = TRAINERS[args.trainer]
+    if args.budget_usd is not None and not args.budget_usd > 0:
+        raise SpecError(f"--budget-usd must be a positive amount in USD, got {args.budget_usd}")
+    fixed = {f.name: getattr(args, f.name) for f in dataclasses.fields(spec_cls) if hasattr(args, f.name)}
+    configs = sample_configs(args.trainer, parse_space(args.trainer, args.space or DEFAULT_SPACES[args.trainer]),
+                             fixed, args.num_samples, args.search_seed)
+    return args.trainer, build_config(args.trainer, configs[0])
+
+
+def _report(out: SearchOutcome, name: str, metric: str, uri: str, parent: str | None, seconds: float) -> None:
+    for i, t in enumerate(out.trials, 1):
+        value = "n/a" if t[metric] is None else f"{t[metric]:.4f}"
+        print(f"{PROGRESS} trial {i}: {metric}={value} after {t['reports']} report(s), cost ${t['cost_usd'] or 0:.5f}"
+              f" {json.dumps(t['config'])}" + (f" ERROR {t['error']}" if t["error"] else ""), flush=True)
+    if out.stopped_by_budget:
+        print(f"{PROGRESS} budget reached: measured spend ${out.spent_usd:.5f}; {out.not_started} drawn trial(s) "
+              "were not launched", flush=True)
+    if out.best:
+        print(f"{PROGRESS} best: {metric}={out.best[metric]:.4f} with {json.dumps(out.best['config'])}", flush=True)
+    if parent:
+        from trainers.tracking import RunTracker
+
+        _close_stopped_trials(uri, parent)
+        t = RunTracker(uri, parent)
+        t.log_metrics({"spent_usd": out.spent_usd, "trials": len(out.trials), "not_started": out.not_started,
+                       **({f"best_{metric}": out.best[metric]} if out.best else {})}, step=0)
+        t.set_tags({"oppen.tune.stopped_by_budget": str(out.stopped_by_budget).lower(),
+                    **({"oppen.tune.best_config": json.dumps(out.best["config"])} if out.best else {})})
+        t.flush()
+        driver.close_run(uri, parent, status="FINISHED" if out.best else "FAILED")
+    summary = {"search": name, "mlflow_run_id": parent, "best": out.best, "trials": len(out.trials),
+               "spent_usd": out.spent_usd, "stopped_by_budget": out.stopped_by_budget,
+               "not_started": out.not_started, "seconds": seconds}
+    print(f"{RESULT} {json.dumps(summary)}", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
