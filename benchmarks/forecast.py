@@ -9,7 +9,8 @@ function the service calls, with only the data it had then), and its final-cost
 point is compared with the metered cost: mean absolute % error, and how often
 the 90% interval held the truth. Pre-start forecasts (from the runs before) are
 scored the same way. While the last job runs, POST /v1/forecast on Ray Serve is
-timed for the running job and for a trainer config: p50/p95 latency.
+timed for the running job and for a trainer config, and again on the idle
+cluster afterwards, each beside /v1/health on the same Serve proxy: p50/p95.
 """
 
 from __future__ import annotations
@@ -70,14 +71,25 @@ def pct(values, q):
     return values[min(len(values) - 1, math.ceil(q * len(values)) - 1)]
 
 
-def time_requests(url, body, n=LATENCY_REQUESTS):
+def time_requests(url, body=None, n=LATENCY_REQUESTS):
+    """Sequential requests: POST `body`, or GET when there is none."""
     session, out = requests.Session(), []
     for _ in range(n):
         t0 = time.perf_counter()
-        resp = session.post(url, json=body, timeout=30)
+        resp = session.post(url, json=body, timeout=30) if body is not None else session.get(url, timeout=30)
         out.append(time.perf_counter() - t0)
         resp.raise_for_status()
     return {"p50_ms": 1000 * statistics.median(out), "p95_ms": 1000 * pct(out, 0.95), "n": n}
+
+
+def latency_set(api: str, body_job: dict | None, body_config: dict) -> dict:
+    """/v1/forecast for a running job and for a config, against /v1/health on the same proxy (the
+    baseline: Serve's own HTTP path with no work behind it), timed side by side."""
+    out = {"health_baseline": time_requests(api.replace("/forecast", "/health"))}
+    if body_job:
+        out["running_job"] = time_requests(api, body_job)
+    out["trainer_config"] = time_requests(api, body_config)
+    return out
 
 
 def replay(costs: CostService, job, fraction: float, history) -> dict:
@@ -114,9 +126,9 @@ def main() -> int:
             while not (job := queue.get(job.id)).state.is_terminal():
                 if last and not latency and job.mlflow_run_id and len(progress_points(costs.mlflow,
                                                                                       job.mlflow_run_id)) >= 1:
-                    latency["running_job"] = time_requests(api, {"job_id": job.id})
-                    latency["trainer_config"] = time_requests(api, {"trainer": "mnist", "params": params})
-                    print(f"  /v1/forecast latency: {latency}", flush=True)
+                    latency["while_training"] = latency_set(api, {"job_id": job.id},
+                                                            {"trainer": "mnist", "params": params})
+                    print(f"  /v1/forecast latency while a job trains: {latency['while_training']}", flush=True)
                 time.sleep(0.3)
             assert job.state.value == "SUCCEEDED", (job.state, job.message)
             while not (c := queue.store.costs([job.id]).get(job.id)) or not c.logged:
@@ -137,6 +149,8 @@ def main() -> int:
                   f"at 50%: {row['at_50']['error']:.1%}"
                   + (f", pre-start: {row['prestart']['error']:.1%}" if row["prestart"] else ", pre-start: no history"),
                   flush=True)
+        latency["idle"] = latency_set(api, None, {"trainer": "mnist", "params": {"epochs": 4}})
+        print(f"/v1/forecast latency, idle cluster: {latency['idle']}", flush=True)
         summary = {}
         for key in ("at_25", "at_50", "prestart"):
             scored = [r[key] for r in rows if r[key]]

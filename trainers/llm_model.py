@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -66,8 +67,10 @@ def make_optimizer(model: torch.nn.Module, *, lr: float, weight_decay: float, wa
         return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor, last_epoch=-1)
-    for _ in range(done_steps):  # resume: put the schedule where the checkpoint left it
-        scheduler.step()
+    with warnings.catch_warnings():  # stepping the schedule alone is the point here
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
+        for _ in range(done_steps):  # resume: put the schedule where the checkpoint left it
+            scheduler.step()
     return optimizer, scheduler
 
 

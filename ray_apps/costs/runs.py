@@ -83,7 +83,10 @@ def past_runs(client: MlflowClient, trainer: str) -> list[PastRun]:
             spec = build_config(trainer, {k: None if v == "None" else v for k, v in p.items() if k in fields})
         except SpecError:
             continue  # params from an older catalog: not comparable
-        out.append(PastRun(run_id=run.info.run_id, units=spec.total_units(), work_per_unit=spec.work_per_unit(),
+        units = spec.total_units() or float(p.get("total_steps", 0))
+        if not units:
+            continue
+        out.append(PastRun(run_id=run.info.run_id, units=units, work_per_unit=spec.work_per_unit(),
                            unit_s=m["job_unit_s"], fixed_s=m["job_fixed_s"], tail_s=m.get("job_tail_s"),
                            scaling=scaling_of(spec)))
     return out

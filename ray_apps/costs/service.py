@@ -136,12 +136,23 @@ class CostService:
             return fc
         return self._forecast_active(job, now)
 
+    def _units_total(self, spec, run_id: str) -> float:
+        """Units of work in the run: from its config, else the `total_steps` the trainer logged
+        (an LLM run given --epochs knows its step count only once its text is tokenized)."""
+        if spec.total_units():
+            return spec.total_units()
+        logged = self.mlflow.get_run(run_id).data.params.get("total_steps")
+        if not logged:
+            raise ForecastError("the run has not logged its total steps yet (it is starting up); ask again soon")
+        return float(logged)
+
     def _forecast_active(self, job: JobRecord, now: float) -> Forecast:
         spec = build_config(job.trainer, job.params)
         cost = self.meter.cost_of(job, now=now)
         if not spec.tracked or not job.mlflow_run_id:
             raise ForecastError(f"job {job.id} ({job.trainer}) reports no progress to MLflow; only tracked "
                                 "trainers can be forecast while running")
+        units_total = self._units_total(spec, job.mlflow_run_id)
         attempts = self.queue.store.attempts([job.id])[job.id]
         waiting = job.state is JobState.QUEUED  # preempted, waiting to resume: its progress so far still counts
         since = attempts[-1].started_at if attempts and not waiting else None
@@ -150,7 +161,7 @@ class CostService:
         if waiting and points:
             now = max(p.at for p in points)  # nothing runs while it waits: no unit in progress
         if not points:  # still starting: the pre-start figure less what has run so far
-            fc = forecast_prestart(history=history, units_total=spec.total_units(),
+            fc = forecast_prestart(history=history, units_total=units_total,
                                    work_per_unit=spec.work_per_unit(), scaling=runs.scaling_of(spec),
                                    usd_per_hour=cost.usd_per_hour, trainer=job.trainer)
             if fc.remaining_s is None:
@@ -164,14 +175,13 @@ class CostService:
                             spent_usd=cost.total_usd, total_usd=cost.total_usd + mid * rate,
                             total_usd_low=cost.total_usd + low * rate, total_usd_high=cost.total_usd + high * rate,
                             usd_per_hour=cost.usd_per_hour, progress=0.0, units_done=0,
-                            units_total=spec.total_units(),
-                            notes=["no progress reported yet: from past runs", *fc.notes])
+                            units_total=units_total, notes=["no progress reported yet: from past runs", *fc.notes])
         single = runs.latest_metric(self.mlflow, job.mlflow_run_id, spec.unit_timer) if len(points) < 2 else None
         notes = [] if history else [f"no past {job.trainer} run measured its tail: assumed 5 ± 5 s"]
         if waiting:
             notes.append("preempted and waiting in the queue: assumes it resumes from its last checkpoint; "
                          "the restart's start-up time is not included")
-        return forecast_running(points=points, units_total=spec.total_units(), now=now, spent_s=cost.seconds,
+        return forecast_running(points=points, units_total=units_total, now=now, spent_s=cost.seconds,
                                 usd_per_hour=cost.usd_per_hour, single_unit_s=single, tail=tail_of(history),
                                 started_at=since if len(attempts) == 1 and not waiting else None,
                                 startup=startup_of(history), notes=notes)
@@ -184,6 +194,9 @@ class CostService:
         alloc = allocation_for(spec)
         if not spec.tracked:
             raise ForecastError(f"{trainer} reports no progress or history; nothing to forecast from")
+        if not spec.total_units():
+            raise ForecastError(f"a {trainer} run's length is known only from --max-steps before it starts; "
+                                "give max_steps to get a forecast")
         return forecast_prestart(history=self._past(trainer), units_total=spec.total_units(),
                                  work_per_unit=spec.work_per_unit(), scaling=runs.scaling_of(spec),
                                  usd_per_hour=self.catalog.hourly_usd(alloc), trainer=trainer)
@@ -253,7 +266,7 @@ class CostService:
             points = runs.progress_points(self.mlflow, job.mlflow_run_id, since=a.started_at)
             single = runs.latest_metric(self.mlflow, job.mlflow_run_id, spec.unit_timer) if len(points) < 2 else None
             profile = profile_run(points=points, started_at=a.started_at, ended_at=a.ended_at,
-                                  units_total=spec.total_units(), single_unit_s=single)
+                                  units_total=self._units_total(spec, job.mlflow_run_id), single_unit_s=single)
         runs.log_job_cost(self.mlflow, job.mlflow_run_id, cost, job.id, profile)
 
 
