@@ -248,6 +248,45 @@ def cmd_cost_advise(args, settings) -> int:
     return 0
 
 
+def _print_reply(reply, verbose: bool) -> None:
+    print(reply.answer)
+    if verbose:
+        for call in reply.tool_calls:
+            outcome = f"error: {call['error']}" if "error" in call else "ok"
+            print(f"  [{call['name']}({json.dumps(call['args'])}) -> {outcome}]")
+
+
+def cmd_ask(args, settings) -> int:
+    from ray_apps.agent.graph import agent_from_settings
+
+    _quiet_ray_client_logs()
+    reply = agent_from_settings(settings).ask(args.message, thread_id=args.thread, tenant=args.tenant)
+    _print_reply(reply, args.verbose)
+    return 1 if any("error" in c for c in reply.tool_calls) else 0
+
+
+def cmd_agent(args, settings) -> int:
+    """A conversation in one thread until EOF or 'quit'."""
+    import uuid
+
+    from ray_apps.agent.graph import agent_from_settings
+
+    _quiet_ray_client_logs()
+    agent = agent_from_settings(settings)
+    thread = args.thread or uuid.uuid4().hex[:12]
+    print(f"Oppen agent (thread {thread}). Ask in plain English; 'quit' ends.")
+    while True:
+        try:
+            line = input("> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return 0
+        if line.lower() in ("quit", "exit", "q"):
+            return 0
+        if line:
+            _print_reply(agent.ask(line, thread_id=thread, tenant=args.tenant), args.verbose)
+
+
 def cmd_dispatcher(args, settings) -> int:
     if args.supervise:
         from ray_apps.scheduler.supervisor import supervise
@@ -306,6 +345,17 @@ def build_parser() -> argparse.ArgumentParser:
         ap.set_defaults(func=func)
     sub.add_parser("gpus", help="GPUs free/used by node, and queued demand").set_defaults(func=cmd_gpus)
     _add_cost_commands(sub)
+    p = sub.add_parser("ask", help="ask the agent in plain English, e.g. oppen ask 'any free GPUs?'")
+    p.add_argument("message")
+    p.add_argument("--thread", default=None, help="continue this conversation")
+    p.add_argument("--tenant", default=None, help="act as this tenant only")
+    p.add_argument("-v", "--verbose", action="store_true", help="show the tool calls")
+    p.set_defaults(func=cmd_ask)
+    p = sub.add_parser("agent", help="a conversation with the agent (REPL)")
+    p.add_argument("--thread", default=None)
+    p.add_argument("--tenant", default=None)
+    p.add_argument("-v", "--verbose", action="store_true", help="show the tool calls")
+    p.set_defaults(func=cmd_agent)
     p = sub.add_parser("tune", help="Ray Tune search over a trainer's config, as a Ray job",
                        description="Arguments are those of `python -m trainers.tune`, e.g.: oppen tune mnist "
                                    "--num-samples 8 --space lr=loguniform:1e-4:1e-2 --epochs 3 --budget-usd 0.05")

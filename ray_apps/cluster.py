@@ -272,8 +272,11 @@ def serve_config(settings: Settings) -> dict:
     return config
 
 
+SERVE_HEALTH_PATHS = ("/v1/health", "/v1/agent/health")  # one per application in configs/serve.yaml
+
+
 def serve_healthy(settings: Settings) -> bool:
-    return _http_get(f"{serve_url(settings)}/v1/health") is not None
+    return all(_http_get(f"{serve_url(settings)}{path}") is not None for path in SERVE_HEALTH_PATHS)
 
 
 def deploy_serve(settings: Settings, *, timeout: float = 90.0, say: Callable[[str], None] = print) -> None:

@@ -42,6 +42,15 @@ class MlflowSettings(BaseModel):
     workers: int = Field(1, ge=1, le=16)
 
 
+class AgentSettings(BaseModel):
+    # A tool-calling model at an OpenAI-compatible endpoint (OpenAI, vLLM, Ollama's
+    # http://127.0.0.1:11434/v1). None: the built-in intent router, no model at all.
+    llm_base_url: str | None = None
+    llm_model: str | None = None
+    llm_api_key_env: str = "OPENAI_API_KEY"   # the variable holding the key, never the key itself
+    max_message_chars: int = Field(4000, ge=100, le=100_000)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="OPPEN_", env_nested_delimiter="__", extra="forbid")
 
@@ -60,6 +69,7 @@ class Settings(BaseSettings):
     # (OPPEN_TENANT_TOKENS='{"...": "team-a"}'), never in a committed file.
     tenant_tokens: dict[str, str] = {}
     serve_port: int = Field(8000, ge=1, le=65535)
+    agent: AgentSettings = AgentSettings()
 
     _source: Path | None = PrivateAttr(None)  # the file these settings came from
 

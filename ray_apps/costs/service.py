@@ -251,6 +251,10 @@ class CostService:
             try:
                 self._log(job)
             except Exception as exc:  # noqa: BLE001 - MLflow down: retried next cycle
+                if getattr(exc, "error_code", None) in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                    log.warning("the MLflow run of %s is gone; its cost stays in the queue's store only", job_id)
+                    self.queue.store.mark_cost_logged(job_id)
+                    continue
                 log.warning("cannot log the cost of %s to MLflow yet: %s", job_id, exc)
                 break
             self.queue.store.mark_cost_logged(job_id)

@@ -13,6 +13,9 @@ Invariants (see also `store` and `policy`):
   so nothing ever waits PENDING inside Ray.
 - Preemption: RUNNING -> PREEMPTING, `stop_job`; once Ray reports it stopped the
   job is QUEUED again and its next attempt resumes from its last checkpoint.
+- Metering: each attempt's start and end as Ray timed them go to the store; a
+  finished job's cost is frozen there and written to its MLflow run
+  (`ray_apps.costs`), retried each cycle until MLflow takes it.
 """
 
 from __future__ import annotations

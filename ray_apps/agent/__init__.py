@@ -1,0 +1,1 @@
+"""The LangGraph agent: plain-language control of the platform (see `graph`)."""

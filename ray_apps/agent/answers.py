@@ -1,0 +1,136 @@
+"""Plain-English answers from tool results, for the router path (a model writes its own)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+
+def _usd(x: float | None) -> str:
+    return "n/a" if x is None else f"${x:.4f}"
+
+
+def _job(r: dict) -> str:
+    params = ", ".join(f"{k}={v}" for k, v in (r.get("params") or {}).items()) or "defaults"
+    return f"{r['job_id']} ({r['trainer']}, {params})"
+
+
+def _submitted(r: dict) -> str:
+    if r["state"] == "REJECTED":
+        return f"Job {_job(r)} was rejected: {r['message']}"
+    return (f"Queued job {_job(r)} at {r['priority']} priority for tenant {r['tenant']}; it starts as soon as its "
+            "resources are free.")
+
+
+def _status(r: dict) -> str:
+    text = f"Job {r['job_id']} ({r['trainer']}) is {r['state']}"
+    if r.get("attempt", 0) > 1:
+        text += f" (attempt {r['attempt']})"
+    m = r.get("latest_metrics") or {}
+    bits = [f"{k.replace('_', ' ')} {v:.4g}" for k, v in m.items() if k != "cost_usd"]
+    if "cost_usd" in m:
+        bits.append(f"training cost {_usd(m['cost_usd'])}")
+    if bits:
+        text += ": " + ", ".join(bits)
+    return text + (f". {r['message']}" if r.get("message") else ".")
+
+
+def _queue(r: dict) -> str:
+    if not r["total"]:
+        return "You have no jobs waiting or running."
+    states = ", ".join(f"{n} {s}" for s, n in sorted(r["by_state"].items()))
+    jobs = "; ".join(f"{j['job_id']} {j['state']} ({j['priority']})" for j in r["jobs"][:5])
+    return f"You have {r['total']} job(s) in flight: {states}. {jobs}."
+
+
+def _cancel(r: dict) -> str:
+    parts = [f"Cancelled {len(r['cancelled'])} job(s)" + (f": {', '.join(r['cancelled'])}" if r["cancelled"] else "")]
+    if r["refused"]:
+        parts.append("not cancelled: " + "; ".join(f"{x['job_id']} ({x['reason']})" for x in r["refused"]))
+    return ". ".join(parts) + "."
+
+
+def _cost(r: dict) -> str:
+    live = " so far (it is still running)" if r["live"] else ""
+    return (f"Job {r['job_id']} cost {_usd(r['total_usd'])}{live}: CPU {_usd(r['cpu_usd'])}, GPU {_usd(r['gpu_usd'])} "
+            f"for {r['seconds']:.0f} s on {r['cpus']:g} CPU / {r['gpus']:g} GPU at ${r['usd_per_hour']:.4f}/h.")
+
+
+def _report(r: dict) -> str:
+    rows = "; ".join(f"{'/'.join(row['group'].values())}: {_usd(row['total_usd'])} ({row['jobs']} jobs)"
+                     for row in r["rows"][:5])
+    t = r["total"]
+    return f"Spend: {_usd(t['total_usd'])} over {t['jobs']} job(s), {t['gpu_hours']:.3f} GPU-h." + \
+        (f" {rows}." if rows else "")
+
+
+def _budget(r: dict) -> str:
+    text = (f"Budget {r['status'].upper().replace('_', ' ')}: spent {_usd(r['spent_usd'])}, running jobs will add "
+            f"about {_usd(r['committed_usd'])} and queued ones {_usd(r['queued_usd'])}, of {_usd(r['budget_usd'])}; "
+            f"{_usd(r['remaining_usd'])} left.")
+    return text + (" " + " ".join(r["notes"]) if r.get("notes") else "")
+
+
+def _forecast(r: dict) -> str:
+    what = f"job {r['job_id']}" if r.get("job_id") else f"a {r.get('trainer')} run"
+    if r.get("total_usd") is None:
+        return f"No forecast for {what}: " + " ".join(r.get("notes") or [])
+    text = (f"Forecast for {what}: about {_usd(r['total_usd'])} in total (90%: {_usd(r['total_usd_low'])} to "
+            f"{_usd(r['total_usd_high'])}), {r['remaining_s']:.0f} s of running left.")
+    return text + (" Note: " + " ".join(r["notes"]) if r.get("notes") else "")
+
+
+def _advice(r: dict) -> str:
+    recs = r["recommendations"]
+    if not recs:
+        return f"No recommendation for run {r['run_id']}: nothing measured shows a saving."
+    return " ".join(f"[{x['kind']}] {x['message']}" for x in recs)
+
+
+def _gpus(r: dict) -> str:
+    text = f"{r['free']:g} of {r['total']:g} GPUs are free ({r['used']:g} in use)"
+    if r["queued_jobs"]:
+        text += f"; queued jobs want {r['queued_demand']:g} more"
+    return text + "."
+
+
+def _validate(r: dict) -> str:
+    if r["ok"]:
+        return (f"Yes: {r['workers']} worker(s), {r['cpus']:g} CPU and {r['gpus']:g} GPU in all, about "
+                f"{r['memory_per_worker_gib']:.1f} GiB per worker, fit this cluster and your quota.")
+    return f"No: it {r['reason']}."
+
+
+def _search(r: dict) -> str:
+    budget = f", stopping at {_usd(r['budget_usd'])}" if r.get("budget_usd") else ""
+    return f"Started search {r['search_id']}: {r['num_samples']} {r['trainer']} trials{budget}. Follow it: {r['ray_job']}"
+
+
+def _experiments(r: dict) -> str:
+    names = [e["name"] for e in r["experiments"]]
+    return "Experiments: " + (", ".join(names) if names else "none yet") + "."
+
+
+def _metrics(r: dict) -> str:
+    if "runs" not in r:
+        return f"Run {r['run_id']}: " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(r["metrics"].items())[:12])
+    metric = r.get("metric")
+    rows = "; ".join(f"{x['run_name']} {x['status']}" + (f" {metric} {x[metric]:.4g}" if metric and
+                                                         x.get(metric) is not None else "") for x in r["runs"])
+    return f"Recent {r['experiment']} runs: {rows or 'none'}."
+
+
+ANSWERS: dict[str, Callable[[dict], str]] = {
+    "trigger_training_job": _submitted, "queue_training_job": _submitted, "get_training_status": _status,
+    "get_job_queue_status": _queue, "cancel_job": _cancel, "list_mlflow_experiments": _experiments,
+    "get_experiment_metrics": _metrics, "calculate_training_cost": _cost, "get_cost_report": _report,
+    "check_training_budget": _budget, "forecast_training_cost": _forecast,
+    "recommend_cost_optimization": _advice, "get_gpu_availability": _gpus, "validate_job_resources": _validate,
+    "start_hyperparameter_search": _search,
+}
+
+
+def answer(tool: str, result: Any) -> str:
+    try:
+        return ANSWERS[tool](result)
+    except (KeyError, TypeError, ValueError):  # an answer template must never hide a result
+        return f"{tool}: {result}"

@@ -1,0 +1,175 @@
+"""The agent as a LangGraph graph with memory.
+
+    understand ──(tool calls)──> act ──(router)──> respond ──> END
+        ^  └──(a question / an answer)──> END       │
+        └──────────────(a model: it reads the results and goes on)┘
+
+`understand` is the intent router, or the configured tool-calling model; `act`
+runs the tool calls through `PlatformTools.call` (schema-checked, catalogued
+trainers only, as the caller's tenant); `respond` words the router's results.
+Threads persist in a SQLite checkpointer in the data dir, with a small context
+(the job and run of the last turn, a question awaiting its answer), so "and what
+did it cost?" refers to the job just discussed.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, TypedDict
+
+from langchain_core.messages import AIMessage, AnyMessage, HumanMessage, SystemMessage, ToolMessage
+from langgraph.graph import END, START, StateGraph
+from langgraph.graph.message import add_messages
+
+from ray_apps.agent.answers import answer
+from ray_apps.agent.llm_client import ChatModel, ModelError
+from ray_apps.agent.router import Router
+from ray_apps.agent.tools import PlatformTools, ToolError
+
+MAX_MODEL_ROUNDS = 4
+HISTORY_FOR_MODEL = 20  # messages of the thread a model sees
+SYSTEM = ("You operate Oppen, an ML training platform on Ray. Use the tools to act; never invent job ids, "
+          "costs or metrics. Trainers: mnist, llm. Answer briefly with the figures the tools returned.")
+
+
+class AgentState(TypedDict, total=False):
+    messages: Annotated[list[AnyMessage], add_messages]
+    context: dict[str, Any]
+    calls: list[dict]
+    rounds: int
+
+
+@dataclass
+class Reply:
+    answer: str
+    tool_calls: list[dict] = field(default_factory=list)
+    thread_id: str = ""
+
+
+def _remember(context: dict, result: Any) -> dict:
+    """The job and run a result is about: what "it" means next turn."""
+    context = dict(context)
+    if isinstance(result, dict):
+        for key in ("job_id", "run_id"):
+            if isinstance(result.get(key), str) and result[key] not in ("last", "latest"):
+                context[key] = result[key]
+        if result.get("mlflow_run_id"):
+            context["run_id"] = result["mlflow_run_id"]
+    return context
+
+
+class Agent:
+    def __init__(self, tools: PlatformTools, *, model: ChatModel | None = None, db_path: Path | None = None):
+        self.tools = tools
+        self.model = model
+        self.router = Router()
+        self._local = threading.local()
+        if db_path is not None:
+            from langgraph.checkpoint.sqlite import SqliteSaver
+
+            db_path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(str(db_path), check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            self.checkpointer = SqliteSaver(conn)
+        else:
+            from langgraph.checkpoint.memory import InMemorySaver
+
+            self.checkpointer = InMemorySaver()
+        self.graph = self._build().compile(checkpointer=self.checkpointer)
+
+    # ------------------------------------------------------------------ nodes
+
+    def _understand(self, state: AgentState, config) -> dict:
+        context = dict(state.get("context") or {})
+        if self.model is not None:
+            history = [SystemMessage(SYSTEM), *state["messages"][-HISTORY_FOR_MODEL:]]
+            try:
+                msg = self.model.invoke(history, [t.schema() for t in self.tools.catalog().values()])
+            except ModelError as exc:
+                return {"messages": [AIMessage(f"The language model is unavailable: {exc}")]}
+            return {"messages": [msg], "rounds": state.get("rounds", 0) + 1}
+        decision = self.router.route(state["messages"][-1].content, context)
+        if decision.kind == "call":
+            context.pop("pending", None)
+            call = {"name": decision.tool, "args": decision.args, "id": uuid.uuid4().hex}
+            return {"messages": [AIMessage("", tool_calls=[call])], "context": context}
+        if decision.kind == "ask":
+            context["pending"] = {"tool": decision.tool, "args": decision.args, "missing": decision.missing,
+                                  "question": decision.text}
+        else:
+            context.pop("pending", None)
+        return {"messages": [AIMessage(decision.text)], "context": context}
+
+    def _act(self, state: AgentState, config) -> dict:
+        tenant = config["configurable"].get("tenant")
+        tools = self.tools.for_tenant(tenant) if tenant != self.tools.tenant else self.tools
+        context = dict(state.get("context") or {})
+        out, calls = [], list(state.get("calls") or [])
+        for call in state["messages"][-1].tool_calls:
+            record = {"name": call["name"], "args": call["args"]}
+            try:
+                result = tools.call(call["name"], call["args"])
+                record["result"] = result
+                context = _remember(context, result)
+                content = json.dumps(result, default=str)
+            except ToolError as exc:
+                record["error"] = str(exc)
+                content = json.dumps({"error": str(exc)})
+            calls.append(record)
+            out.append(ToolMessage(content, tool_call_id=call["id"], name=call["name"]))
+        return {"messages": out, "calls": calls, "context": context}
+
+    def _respond(self, state: AgentState, config) -> dict:
+        lines = []
+        for record in state.get("calls") or []:
+            if "error" in record:
+                lines.append(f"I couldn't do that: {record['error']}")
+            else:
+                lines.append(answer(record["name"], record["result"]))
+        return {"messages": [AIMessage(" ".join(lines))]}
+
+    # ------------------------------------------------------------------ wiring
+
+    def _build(self) -> StateGraph:
+        g = StateGraph(AgentState)
+        g.add_node("understand", self._understand)
+        g.add_node("act", self._act)
+        g.add_node("respond", self._respond)
+        g.add_edge(START, "understand")
+        g.add_conditional_edges("understand", self._after_understand, ["act", END])
+        g.add_conditional_edges("act", lambda s: "understand" if self.model is not None else "respond",
+                                ["understand", "respond"])
+        g.add_edge("respond", END)
+        return g
+
+    def _after_understand(self, state: AgentState) -> str:
+        last = state["messages"][-1]
+        if isinstance(last, AIMessage) and last.tool_calls and state.get("rounds", 0) <= MAX_MODEL_ROUNDS:
+            return "act"
+        return END
+
+    # ------------------------------------------------------------------ entry point
+
+    def ask(self, message: str, *, thread_id: str | None = None, tenant: str | None = None) -> Reply:
+        thread_id = thread_id or uuid.uuid4().hex
+        config = {"configurable": {"thread_id": thread_id, "tenant": tenant}}
+        state = self.graph.invoke({"messages": [HumanMessage(message)], "calls": [], "rounds": 0}, config)
+        last = state["messages"][-1]
+        text = last.content if isinstance(last, AIMessage) and last.content else \
+            "I ran out of steps before I could answer."
+        return Reply(answer=text, tool_calls=state.get("calls") or [], thread_id=thread_id)
+
+
+def agent_from_settings(settings, model: ChatModel | None = None) -> Agent:
+    """The platform's agent: the configured model if any, else the router; memory in the data dir."""
+    if model is None and settings.agent.llm_base_url and settings.agent.llm_model:
+        from ray_apps.agent.llm_client import OpenAICompatibleChat
+
+        model = OpenAICompatibleChat(settings.agent.llm_base_url, settings.agent.llm_model,
+                                     settings.agent.llm_api_key_env)
+    return Agent(PlatformTools(settings), model=model, db_path=settings.data_dir / "agent" / "threads.db")

@@ -1,0 +1,109 @@
+"""The agent over HTTP: POST /v1/agent. One FastAPI app, served by Ray Serve
+(`ray_apps.serve.agent_app`) or, for comparison, by plain uvicorn.
+
+    {"message": "train mnist for 3 epochs", "thread_id": "t1"}
+ -> {"answer": "...", "tool_calls": [{"name", "args", "result" | "error"}], "thread_id": "t1"}
+
+Tenancy as in the queue API: with tenant tokens configured each request carries
+`Authorization: Bearer <token>`, acts as that tenant, and its thread ids live in
+that tenant's own space. Bodies over 64 KB and messages over the configured
+length are refused.
+"""
+
+# No `from __future__ import annotations`: FastAPI under Serve's ingress needs real types.
+import re
+import secrets
+import threading
+from typing import Any
+
+from fastapi import FastAPI, Header, HTTPException, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_BODY_BYTES = 64 * 1024
+THREAD_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+
+app = FastAPI(title="Oppen agent", version="1", description="Plain-language control of the platform.")
+_state: dict[str, Any] = {"agent": None, "settings": None}
+_lock = threading.Lock()
+
+
+class AgentRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    message: str = Field(min_length=1, description="what you want, in plain English")
+    thread_id: str | None = Field(None, description="continue this conversation (letters, digits, _.:-)")
+
+
+class ToolCall(BaseModel):
+    name: str
+    args: dict[str, Any]
+    result: Any = None
+    error: str | None = None
+
+
+class AgentResponse(BaseModel):
+    answer: str
+    tool_calls: list[ToolCall]
+    thread_id: str
+
+
+def configure(agent, settings) -> None:
+    """Install the agent this app answers with (Serve's replica constructor, or a test)."""
+    _state["agent"], _state["settings"] = agent, settings
+
+
+def _agent():
+    if _state["agent"] is None:
+        with _lock:
+            if _state["agent"] is None:  # plain uvicorn: built on the first request
+                from ray_apps.agent.graph import agent_from_settings
+                from ray_apps.config import load_settings
+
+                settings = load_settings()
+                configure(agent_from_settings(settings), settings)
+    return _state["agent"], _state["settings"]
+
+
+def _problem(status: int, field: str | None, reason: str) -> HTTPException:
+    return HTTPException(status_code=status, detail={"field": field, "reason": reason})
+
+
+@app.middleware("http")
+async def limit_body_size(request: Request, call_next):
+    length = request.headers.get("content-length")
+    if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
+        return JSONResponse(status_code=413, content={"detail": {
+            "field": "body", "reason": f"request body over {MAX_BODY_BYTES} bytes"}})
+    return await call_next(request)
+
+
+def _tenant(settings, authorization: str | None) -> str | None:
+    tokens = settings.tenant_tokens
+    if not tokens:
+        return None
+    scheme, _, token = (authorization or "").partition(" ")
+    for known, tenant in tokens.items():
+        if scheme.lower() == "bearer" and secrets.compare_digest(token, known):
+            return tenant
+    raise _problem(401, "Authorization", "a valid `Bearer <token>` of a tenant is required")
+
+
+@app.post("/", response_model=AgentResponse)
+def ask(body: AgentRequest, authorization: str | None = Header(None)) -> AgentResponse:
+    agent, settings = _agent()
+    tenant = _tenant(settings, authorization)
+    if len(body.message) > settings.agent.max_message_chars:
+        raise _problem(413, "message", f"message over {settings.agent.max_message_chars} characters")
+    if body.thread_id is not None and not THREAD_ID.match(body.thread_id):
+        raise _problem(422, "thread_id", "use 1-64 letters, digits or _.:-")
+    # Threads live in the tenant's own space: another tenant's thread id opens a fresh thread.
+    thread = f"{tenant or '-'}/{body.thread_id}" if body.thread_id else None
+    reply = agent.ask(body.message, thread_id=thread, tenant=tenant)
+    return AgentResponse(answer=reply.answer, tool_calls=[ToolCall(**c) for c in reply.tool_calls],
+                         thread_id=reply.thread_id.split("/", 1)[-1])
+
+
+@app.get("/health")
+def health() -> dict:
+    return {"status": "ok"}

@@ -1,0 +1,261 @@
+"""Understanding without a model: plain English to a tool call with typed arguments.
+
+A deterministic intent router, a node of the agent's graph. It normalises the text
+(lower case, number words, small typos fixed against a vocabulary), pulls out the
+values people give (trainer, epochs, learning rate, GPUs, priority, job ids,
+amounts, periods) and picks the tool by the words that signal each intent, most
+specific first. When a required value is missing it asks one short question and
+remembers what it was doing; when nothing matches it says what it can do.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+CAPABILITIES = ("start or queue training (mnist, llm), job status and the queue, cancel jobs, MLflow experiments "
+                "and metrics, a job's cost, spend reports, budgets, cost forecasts, savings advice, free GPUs, "
+                "checking whether a job fits, and hyperparameter searches")
+
+JOB_ID = re.compile(r"\b(?:mnist|llm|probe|tune-(?:mnist|llm))-\d{8}-\d{6}-[0-9a-f]{6}(?:-r\d+)?\b")
+RUN_ID = re.compile(r"\b[0-9a-f]{32}\b")
+NUMBER = r"(\d+(?:\.\d+)?(?:e-?\d+)?)"
+WORDS = {"one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6", "seven": "7", "eight": "8",
+         "nine": "9", "ten": "10", "twelve": "12", "twenty": "20", "a couple of": "2", "a single": "1"}
+VOCAB = sorted(set("""train training trainer run runs running start launch kick queue queued schedule submit status
+progress cancel stop kill abort cost costs spend spent spending price budget forecast predict estimate finish remaining
+gpu gpus free available idle experiment experiments metric metrics accuracy loss perplexity recommend recommendation
+recommendations optimize optimise saving savings cheaper validate feasible search tune tuning hyperparameter
+hyperparameters sweep finetune epochs epoch steps learning rate batch size workers worker priority high normal urgent mnist
+report week month today jobs job last latest pending waiting finished done please model models dollars
+""".split()))
+TRAINER_WORDS = {"mnist": "mnist", "digits": "mnist", "digit": "mnist", "cnn": "mnist", "llm": "llm", "gpt": "llm",
+                 "gpt2": "llm", "distilgpt2": "llm", "language": "llm", "wikitext": "llm", "lm": "llm"}
+REF_WORDS = re.compile(r"\b(it|that|this|the same|that job|this job|that run|the job|the run)\b")
+
+
+@dataclass
+class Decision:
+    kind: str                          # "call", "ask" or "decline"
+    tool: str | None = None
+    args: dict[str, Any] = field(default_factory=dict)
+    text: str | None = None            # the question, or what I can do
+    missing: str | None = None         # for "ask": the value still needed
+
+
+def normalise(text: str) -> str:
+    text = text.lower().replace("’", "'")
+    text = re.sub(r"\bfine[- ]?tun(e|ing)\b", "finetune", text)  # fine-tuning is training, not a search
+    for word, digit in WORDS.items():
+        text = re.sub(rf"\b{word}\b", digit, text)
+    out = []
+    for token in re.findall(r"[\w.$/:'-]+|[^\w\s]", text):
+        if token.isalpha() and len(token) >= 4 and token not in VOCAB and token not in TRAINER_WORDS:
+            # Typos keep their first letter ("trian", "mnsit"); "each" is not "search".
+            close = [w for w in difflib.get_close_matches(token, VOCAB, n=3, cutoff=0.8) if w[0] == token[0]]
+            token = close[0] if close else token
+        out.append(token)
+    return " ".join(out)
+
+
+def _has(text: str, *patterns: str) -> bool:
+    return any(re.search(rf"\b(?:{p})\b", text) for p in patterns)
+
+
+def extract(text: str) -> dict[str, Any]:
+    """Every value the text gives, under the names the tools use."""
+    found: dict[str, Any] = {}
+    trainers = {TRAINER_WORDS[w] for w in re.findall(r"[a-z0-9]+", text) if w in TRAINER_WORDS}
+    if "language model" in text or "text model" in text:
+        trainers.add("llm")
+    if len(trainers) == 1:
+        found["trainer"] = trainers.pop()
+    params: dict[str, Any] = {}
+    for name, pattern, cast in (
+            ("epochs", rf"{NUMBER}\s*(?:epochs?|passes)", int),
+            ("lr", rf"(?:\blr|learning rate)\s*(?:of|=|:|at)?\s*{NUMBER}", float),
+            ("batch_size", rf"batch(?: size)?\s*(?:of|=|:)?\s*{NUMBER}", int),
+            ("max_steps", rf"{NUMBER}\s*steps", int),
+            ("train_samples", rf"{NUMBER}\s*(?:samples|images|examples)", int),
+            ("width", rf"width\s*(?:of|=|:)?\s*{NUMBER}", int),
+            ("num_workers", rf"{NUMBER}\s*workers?", int),
+            ("cpus_per_worker", rf"{NUMBER}\s*cpus?", float)):
+        m = re.search(pattern, text)
+        if m:
+            params[name] = cast(float(m.group(1)))
+    gpus = re.search(rf"{NUMBER}\s*gpus?\b", text) or re.search(r"\b(?:a|one|single)\s+gpu\b", text)
+    if gpus and not _has(text, "free", "available", "idle"):
+        n = int(float(gpus.group(1))) if gpus.groups() else 1
+        params.setdefault("num_workers", n)  # N GPUs: N data-parallel workers with one GPU each
+        params["gpus_per_worker"] = 1.0 if params["num_workers"] == n else n / params["num_workers"]
+    if "tiny" in text and found.get("trainer") == "llm":
+        params["model"] = "tiny"
+    if params:
+        found["params"] = params
+    if _has(text, "high", "urgent", "asap", "top"):
+        found["priority"] = "high"
+    elif _has(text, "low", "background", "whenever"):
+        found["priority"] = "low"
+    elif _has(text, "normal"):
+        found["priority"] = "normal"
+    money = re.search(rf"\$\s*{NUMBER}|{NUMBER}\s*(?:usd|dollars?|bucks)", text)
+    if money:
+        found["budget_usd"] = float(money.group(1) or money.group(2))
+    trials = re.search(rf"{NUMBER}\s*(?:trials|configs|configurations|samples)", text)
+    if trials:
+        found["num_samples"] = int(float(trials.group(1)))
+    found.update(_period(text))
+    return found
+
+
+def _period(text: str) -> dict[str, str]:
+    m = re.search(r"(?:last|past)\s+(\d+)\s*(day|days|d|hours?|h|weeks?|w)\b", text) or \
+        re.search(r"\b(\d+)\s*(d|h|w)\b", text)
+    if m:
+        return {"since": f"{m.group(1)}{m.group(2)[0]}"}
+    for words, since in (("today", "1d"), ("this week|last week|past week|weekly", "7d"),
+                         ("this month|last month|past month|monthly", "30d"), ("this year|last year", "365d")):
+        if _has(text, words):
+            return {"since": since}
+    return {}
+
+
+def _job_ref(raw: str, text: str, context: dict) -> str | None:
+    m = JOB_ID.search(raw)
+    if m:
+        return m.group(0)
+    m = re.search(r"\bjob\s+#?([0-9a-z]{1,12})\b", text)
+    if m and m.group(1) not in ("status", "queue", "cost", "costs", "is", "was", "will", "did"):
+        return m.group(1)
+    # "the last job", not "the last 3 days" / "last week"
+    if re.search(r"\b(?:last|latest|most recent|previous)\b(?!\s+(?:\d|days?|weeks?|months?|hours?|years?)\b)", text):
+        return "last"
+    if REF_WORDS.search(text) and context.get("job_id"):
+        return context["job_id"]
+    return None
+
+
+def _needs_trainer(tool: str, args: dict, question: str) -> Decision:
+    return Decision("ask", tool, args, question, missing="trainer")
+
+
+class Router:
+    def route(self, message: str, context: dict | None = None) -> Decision:
+        context = context or {}
+        raw = message.strip()
+        text = normalise(raw)
+        values = extract(text)
+        pending = context.get("pending")
+        if pending and not self._has_intent(text):
+            return self._complete(pending, values, text)
+        return self._decide(raw, text, values, context)
+
+    @staticmethod
+    def _has_intent(text: str) -> bool:
+        return bool(re.search(r"\b(train|run|start|launch|queue|status|cancel|stop|cost|spend|budget|forecast|gpu|"
+                              r"gpus|experiments?|metrics?|recommend|search|tune|validate|report)\b", text))
+
+    def _complete(self, pending: dict, values: dict, text: str) -> Decision:
+        """The user answered my question: fill in what was missing and carry on."""
+        args = dict(pending["args"])
+        missing = pending["missing"]
+        if missing == "trainer" and "trainer" in values:
+            args["trainer"] = values["trainer"]
+            if "params" in values:
+                args["params"] = {**args.get("params", {}), **values["params"]}
+            return Decision("call", pending["tool"], args)
+        if missing == "job_id":
+            m = JOB_ID.search(text) or re.search(r"\b([0-9a-z]{4,12})\b", text)
+            if m:
+                args["job_id"] = m.group(0) if JOB_ID.search(text) else m.group(1)
+                return Decision("call", pending["tool"], args)
+        return Decision("ask", pending["tool"], args, pending.get("question"), missing=missing)
+
+    def _decide(self, raw: str, text: str, v: dict, context: dict) -> Decision:
+        job = _job_ref(raw, text, context)
+        run = RUN_ID.search(raw)
+        trainer = v.get("trainer")
+        params = v.get("params", {})
+
+        if _has(text, "cancel", "abort", "kill", "stop"):
+            if _has(text, "queued", "all", "pending", "waiting", "every"):
+                return Decision("call", "cancel_job", {"scope": "queued"})
+            if job and job != "last":
+                return Decision("call", "cancel_job", {"job_id": job})
+            return Decision("ask", "cancel_job", {}, "Which job should I cancel (its id, or all your queued "
+                                                     "jobs)?", missing="job_id")
+        if _has(text, "tune", "tuning", "hyperparameters?", "sweep", "search", "hpo"):
+            args = {**({"num_samples": v["num_samples"]} if "num_samples" in v else {}),
+                    **({"budget_usd": v["budget_usd"]} if "budget_usd" in v else {}),
+                    **({"params": params} if params else {})}
+            if not trainer:
+                return _needs_trainer("start_hyperparameter_search", args, "Search over which trainer: mnist or llm?")
+            return Decision("call", "start_hyperparameter_search", {"trainer": trainer, **args})
+        if _has(text, "recommend", "recommendations?", "optimi[sz]e", "savings?", "save money", "cheaper",
+                "advice", "advise", "reduce (?:the )?costs?", "cut costs?"):
+            if run:
+                return Decision("call", "recommend_cost_optimization", {"run_id": run.group(0)})
+            return Decision("call", "recommend_cost_optimization",
+                            {"job_id": job or "last", **({"trainer": trainer} if trainer else {})})
+        if _has(text, "forecast", "predict", "estimate", "how long", "remaining", "eta", "to finish", "left") or \
+                (_has(text, "will", "would") and _has(text, "costs?", "take", "price")):
+            if job:
+                return Decision("call", "forecast_training_cost",
+                                {"job_id": job, **({"trainer": trainer} if trainer and job == "last" else {})})
+            if trainer:
+                return Decision("call", "forecast_training_cost", {"trainer": trainer, "params": params})
+            return Decision("ask", "forecast_training_cost", {}, "Which job should I forecast (its id), or which "
+                                                                 "trainer and settings (e.g. mnist for 5 epochs)?",
+                            missing="job_id")
+        if _has(text, "budget"):
+            return Decision("call", "check_training_budget",
+                            {k: v[k] for k in ("budget_usd", "since") if k in v})
+        if _has(text, "report", "breakdown", "spend", "spent", "spending", "per tenant", "by tenant", "by day") \
+                and not job:
+            args = {"since": v.get("since", "30d")}
+            if _has(text, "by day", "per day", "daily"):
+                args["group_by"] = "day"
+            elif _has(text, "by tenant", "per tenant", "per team", "by team"):
+                args["group_by"] = "tenant"
+            return Decision("call", "get_cost_report", args)
+        if _has(text, "costs?", "price", "how much", "expensive", "dollars"):
+            if job:
+                return Decision("call", "calculate_training_cost",
+                                {"job_id": job, **({"trainer": trainer} if trainer and job == "last" else {})})
+            if trainer:  # "how much does mnist cost": before it runs, that is a forecast
+                return Decision("call", "forecast_training_cost", {"trainer": trainer, "params": params})
+            return Decision("call", "get_cost_report", {"since": v.get("since", "30d")})
+        if _has(text, "validate", "feasible", "fit", "fits", "enough resources", "can i run", "would .* run",
+                "is there room"):
+            if not trainer:
+                return _needs_trainer("validate_job_resources", {"params": params}, "Check which trainer: mnist or llm?")
+            return Decision("call", "validate_job_resources", {"trainer": trainer, "params": params})
+        if _has(text, "gpus?", "accelerators?", "cuda") and not trainer:
+            return Decision("call", "get_gpu_availability", {})
+        if _has(text, "queue", "waiting", "pending", "what's running", "what is running", "my jobs", "jobs") and \
+                not _has(text, "train", "start", "launch", "submit") and not job:
+            return Decision("call", "get_job_queue_status", {})
+        if _has(text, "status", "progress", "how is", "how's", "doing", "done yet", "finished", "state") and \
+                not _has(text, "train", "start", "launch"):
+            if job:
+                return Decision("call", "get_training_status",
+                                {"job_id": job, **({"trainer": trainer} if trainer and job == "last" else {})})
+            return Decision("call", "get_training_status", {"job_id": "last",
+                                                            **({"trainer": trainer} if trainer else {})})
+        if _has(text, "experiments?") and not _has(text, "metrics?", "accuracy", "loss", "perplexity", "best"):
+            return Decision("call", "list_mlflow_experiments", {})
+        if _has(text, "metrics?", "accuracy", "loss", "perplexity", "best run", "results?"):
+            if run:
+                return Decision("call", "get_experiment_metrics", {"run_id": run.group(0)})
+            return Decision("call", "get_experiment_metrics", {"experiment": trainer or "mnist"})
+        if _has(text, "train", "training", "run", "start", "launch", "kick off", "fine tune", "finetune", "queue",
+                "schedule", "submit") or (trainer and params):
+            queued = "priority" in v or _has(text, "queue", "schedule", "submit")
+            tool = "queue_training_job" if queued else "trigger_training_job"
+            args = {"params": params, **({"priority": v["priority"]} if queued and "priority" in v else {})}
+            if not trainer:
+                return _needs_trainer(tool, args, "Which trainer: mnist (a digits CNN) or llm (DistilGPT2)?")
+            return Decision("call", tool, {"trainer": trainer, **args})
+        return Decision("decline", text=f"I didn't understand that. I can help with: {CAPABILITIES}.")

@@ -1,0 +1,368 @@
+"""The agent's tools: typed, documented, thin adapters over the platform's Python APIs.
+
+Every tool acts as one tenant (the caller's), only starts catalogued trainers with
+parameters the catalog validates (the queue and `trainers.tune` check them again),
+and never runs a shell command or arbitrary code. A tool returns a JSON-able dict;
+a refusal raises ToolError with a message the agent can show as it is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ray_apps.config import Settings
+from trainers.specs import TRAINERS, SpecError, build_config
+
+# Trainers a user may start: the real workloads, not the scheduler's synthetic probe.
+USER_TRAINERS = ("mnist", "llm")
+
+
+class ToolError(ValueError):
+    """A tool refused or failed; the message says why, for the user."""
+
+
+class _Args(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TrainArgs(_Args):
+    trainer: str = Field(description="a catalogued trainer: mnist or llm")
+    params: dict[str, Any] = Field(default_factory=dict,
+                                   description="trainer parameters by field name, e.g. {'epochs': 3, 'lr': 0.01}")
+
+
+class QueueArgs(TrainArgs):
+    priority: str | None = Field(None, description="priority class: high, normal or low")
+
+
+class JobRef(_Args):
+    job_id: str = Field(description="a job id, or 'last' for the most recent job (optionally of `trainer`)")
+    trainer: str | None = Field(None, description="with job_id='last': the most recent job of this trainer")
+
+
+class CancelArgs(_Args):
+    job_id: str | None = Field(None, description="one job to cancel")
+    scope: str | None = Field(None, description="'queued' to cancel all of the caller's queued jobs")
+
+
+class NoArgs(_Args):
+    pass
+
+
+class MetricsArgs(_Args):
+    experiment: str | None = Field(None, description="an MLflow experiment (a trainer name: mnist, llm)")
+    run_id: str | None = Field(None, description="one MLflow run")
+    metric: str | None = Field(None, description="e.g. test_accuracy, eval_loss")
+    limit: int = Field(5, ge=1, le=50)
+
+
+class ReportArgs(_Args):
+    since: str = Field("30d", description="7d, 12h, 2w or an ISO date")
+    group_by: str = Field("tenant,trainer", description="comma-separated: tenant, trainer, day, state")
+
+
+class BudgetArgs(_Args):
+    budget_usd: float | None = Field(None, gt=0, description="the budget in USD (default: the tenant's)")
+    since: str | None = Field(None, description="default: the start of this month")
+
+
+class ForecastArgs(_Args):
+    job_id: str | None = Field(None, description="a queued or running job, or 'last'")
+    trainer: str | None = Field(None, description="or a trainer config not yet run")
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class AdviceArgs(_Args):
+    run_id: str | None = Field(None, description="an MLflow run id")
+    job_id: str | None = Field(None, description="or a job id / 'last' (its MLflow run)")
+    trainer: str | None = None
+
+
+class SearchArgs(_Args):
+    trainer: str = Field(description="mnist or llm")
+    num_samples: int = Field(4, ge=1, le=64, description="trials")
+    budget_usd: float | None = Field(None, gt=0, description="stop launching trials at this spend")
+    params: dict[str, Any] = Field(default_factory=dict, description="fixed trainer parameters")
+
+
+@dataclass(frozen=True)
+class Tool:
+    name: str
+    description: str
+    args: type[_Args]
+    fn: Callable[..., dict]
+
+    def schema(self) -> dict:
+        """The OpenAI-style function schema a tool-calling model is given."""
+        return {"type": "function", "function": {"name": self.name, "description": self.description,
+                                                 "parameters": self.args.model_json_schema()}}
+
+
+class PlatformTools:
+    """The tools, bound to one platform and one tenant (None: no tenancy, loopback mode)."""
+
+    def __init__(self, settings: Settings, tenant: str | None = None, queue=None, costs=None):
+        self.settings = settings
+        self.tenant = tenant
+        self._queue, self._costs = queue, costs
+
+    # Built on first use: a question about GPUs should not wait for MLflow.
+    @property
+    def queue(self):
+        if self._queue is None:
+            from ray_apps.scheduler.api import Queue
+
+            self._queue = Queue.from_settings(self.settings)
+        return self._queue
+
+    @property
+    def costs(self):
+        if self._costs is None:
+            from ray_apps.costs.service import CostService
+
+            self._costs = CostService.from_settings(self.settings, self.queue)
+        return self._costs
+
+    def for_tenant(self, tenant: str | None) -> PlatformTools:
+        return PlatformTools(self.settings, tenant, self._queue, self._costs)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _validated(self, trainer: str, params: dict) -> dict:
+        if trainer not in USER_TRAINERS:
+            raise ToolError(f"I can only start the catalogued trainers ({', '.join(USER_TRAINERS)}), "
+                            f"not {trainer!r}.")
+        try:
+            spec = build_config(trainer, params)
+        except SpecError as exc:
+            raise ToolError(str(exc)) from None
+        return {k: getattr(spec, k) for k in params}
+
+    def _job(self, job_id: str, trainer: str | None = None):
+        from ray_apps.scheduler.api import JobNotFound
+
+        if job_id in ("last", "latest"):
+            jobs = [j for j in self.queue.list(tenant=self.tenant) if trainer in (None, j.trainer)]
+            if not jobs:
+                raise ToolError(f"you have no {trainer + ' ' if trainer else ''}jobs yet")
+            return jobs[-1]
+        try:
+            return self.queue.get(job_id, tenant=self.tenant)
+        except JobNotFound:
+            matches = [j for j in self.queue.list(tenant=self.tenant) if j.id.endswith(job_id)]
+            if len(matches) == 1:  # the short suffix people copy from a listing
+                return matches[0]
+            raise ToolError(f"there is no job {job_id!r}" + (" of yours" if self.tenant else "")) from None
+
+    @staticmethod
+    def _job_dict(job) -> dict:
+        return {"job_id": job.id, "trainer": job.trainer, "state": job.state.value, "priority": job.priority,
+                "tenant": job.tenant, "params": job.params, "attempt": job.attempt, "message": job.message,
+                "mlflow_run_id": job.mlflow_run_id,
+                "waited_s": round((job.started_at or time.time()) - job.submitted_at, 1)}
+
+    def _submit(self, trainer: str, params: dict, priority: str | None) -> dict:
+        from ray_apps.scheduler.api import QueueError
+
+        params = self._validated(trainer, params)
+        try:
+            job = self.queue.submit(trainer, params, priority=priority, tenant=self.tenant)
+        except QueueError as exc:
+            raise ToolError(str(exc)) from None
+        return self._job_dict(job)
+
+    # ------------------------------------------------------------------ the tools
+
+    def trigger_training_job(self, trainer: str, params: dict | None = None) -> dict:
+        return self._submit(trainer, params or {}, None)
+
+    def queue_training_job(self, trainer: str, params: dict | None = None, priority: str | None = None) -> dict:
+        return self._submit(trainer, params or {}, priority)
+
+    def get_training_status(self, job_id: str, trainer: str | None = None) -> dict:
+        job = self._job(job_id, trainer)
+        out = self._job_dict(job)
+        if job.mlflow_run_id:
+            try:
+                metrics = self.costs.mlflow.get_run(job.mlflow_run_id).data.metrics
+                out["latest_metrics"] = {k: metrics[k] for k in ("epoch", "step", "test_accuracy", "eval_loss",
+                                                                  "perplexity", "cost_usd") if k in metrics}
+            except Exception as exc:  # noqa: BLE001 - status without metrics is still an answer
+                out["latest_metrics_error"] = str(exc)[:200]
+        return out
+
+    def get_job_queue_status(self) -> dict:
+        from ray_apps.scheduler.states import TERMINAL
+
+        jobs = [j for j in self.queue.list(tenant=self.tenant) if j.state not in TERMINAL]
+        by_state: dict[str, int] = {}
+        for j in jobs:
+            by_state[j.state.value] = by_state.get(j.state.value, 0) + 1
+        return {"by_state": by_state, "jobs": [self._job_dict(j) for j in jobs[:20]], "total": len(jobs)}
+
+    def cancel_job(self, job_id: str | None = None, scope: str | None = None) -> dict:
+        from ray_apps.scheduler.api import QueueError
+        from ray_apps.scheduler.states import JobState
+
+        if scope == "queued":
+            targets = self.queue.list(tenant=self.tenant, states=[JobState.QUEUED])
+        elif job_id:
+            targets = [self._job(job_id)]
+        else:
+            raise ToolError("which job? Give a job id, or say 'cancel my queued jobs'")
+        done, refused = [], []
+        for job in targets:
+            try:
+                done.append(self.queue.cancel(job.id, tenant=self.tenant).id)
+            except QueueError as exc:
+                refused.append({"job_id": job.id, "reason": str(exc)})
+        return {"cancelled": done, "refused": refused}
+
+    def list_mlflow_experiments(self) -> dict:
+        exps = self.costs.mlflow.search_experiments()
+        return {"experiments": [{"name": e.name, "experiment_id": e.experiment_id} for e in exps
+                                if e.name != "Default"]}
+
+    def get_experiment_metrics(self, experiment: str | None = None, run_id: str | None = None,
+                               metric: str | None = None, limit: int = 5) -> dict:
+        client = self.costs.mlflow
+        if run_id:
+            run = client.get_run(run_id)
+            if self.tenant and run.data.tags.get("oppen.tenant") != self.tenant:
+                raise ToolError(f"there is no run {run_id!r} of yours")
+            return {"run_id": run_id, "metrics": run.data.metrics, "params": run.data.params}
+        name = experiment or "mnist"
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise ToolError(f"there is no experiment {name!r}; try list_mlflow_experiments")
+        metric = metric or TRAINERS[name].val_metric if name in TRAINERS else metric
+        query = f"tags.`oppen.tenant` = '{self.tenant}'" if self.tenant else ""
+        runs = client.search_runs([exp.experiment_id], filter_string=query, max_results=limit,
+                                  order_by=["attributes.start_time DESC"])
+        return {"experiment": name, "metric": metric, "runs": [
+            {"run_id": r.info.run_id, "run_name": r.info.run_name, "status": r.info.status,
+             **({metric: r.data.metrics.get(metric)} if metric else {}),
+             "cost_usd": r.data.metrics.get("job_cost_usd", r.data.metrics.get("cost_usd"))} for r in runs]}
+
+    def calculate_training_cost(self, job_id: str, trainer: str | None = None) -> dict:
+        job = self._job(job_id, trainer)
+        return self.costs.meter.cost_of(job).as_dict()
+
+    def get_cost_report(self, since: str = "30d", group_by: str = "tenant,trainer") -> dict:
+        return self._costs_call(lambda: self.costs.report(since=since, group_by=group_by,
+                                                          tenant=self.tenant).as_dict())
+
+    def check_training_budget(self, budget_usd: float | None = None, since: str | None = None) -> dict:
+        return self._costs_call(lambda: self.costs.budget(budget_usd, tenant=self.tenant, since=since).as_dict())
+
+    def forecast_training_cost(self, job_id: str | None = None, trainer: str | None = None,
+                               params: dict | None = None) -> dict:
+        if job_id:
+            job = self._job(job_id, trainer if job_id in ("last", "latest") else None)
+            return {"job_id": job.id, **self._costs_call(lambda: self.costs.forecast_job(job.id).as_dict())}
+        if not trainer:
+            raise ToolError("forecast what? Give a job id, or a trainer and its parameters")
+        params = self._validated(trainer, params or {})
+        return {"trainer": trainer, **self._costs_call(lambda: self.costs.forecast_new(trainer, params).as_dict())}
+
+    def recommend_cost_optimization(self, run_id: str | None = None, job_id: str | None = None,
+                                    trainer: str | None = None) -> dict:
+        if not run_id:
+            job = self._job(job_id or "last", trainer)
+            if not job.mlflow_run_id:
+                raise ToolError(f"job {job.id} has no MLflow run to learn from")
+            run_id = job.mlflow_run_id
+        recs = self._costs_call(lambda: self.costs.recommend(run_id, tenant=self.tenant))
+        return {"run_id": run_id, "recommendations": [r.as_dict() for r in recs]}
+
+    def get_gpu_availability(self) -> dict:
+        from ray_apps.scheduler.api import QueueError
+
+        try:
+            return dataclasses.asdict(self.queue.gpu_availability())
+        except QueueError as exc:
+            raise ToolError(str(exc)) from None
+
+    def validate_job_resources(self, trainer: str, params: dict | None = None) -> dict:
+        from ray_apps.scheduler.api import QueueError
+
+        params = self._validated(trainer, params or {})
+        try:
+            return dataclasses.asdict(self.queue.validate(trainer, params, tenant=self.tenant))
+        except QueueError as exc:
+            raise ToolError(str(exc)) from None
+
+    def start_hyperparameter_search(self, trainer: str, num_samples: int = 4, budget_usd: float | None = None,
+                                    params: dict | None = None) -> dict:
+        from ray_apps.cluster import PlatformError
+        from ray_apps.training import submit_search
+
+        params = self._validated(trainer, params or {})
+        argv = [trainer, "--num-samples", str(num_samples)]
+        for key, value in params.items():  # validated above: typed values of catalog fields only
+            argv += [f"--{key.replace('_', '-')}", str(value)]
+        if budget_usd is not None:
+            argv += ["--budget-usd", str(budget_usd)]
+        try:
+            sub = submit_search(self.settings, argv, metadata={"tenant": self.tenant} if self.tenant else None)
+        except (SpecError, PlatformError) as exc:
+            raise ToolError(str(exc)) from None
+        return {"search_id": sub.submission_id, "trainer": trainer, "num_samples": num_samples,
+                "budget_usd": budget_usd, "ray_job": f"{self.settings.dashboard_url}/#/jobs/{sub.submission_id}"}
+
+    @staticmethod
+    def _costs_call(call: Callable[[], Any]) -> Any:
+        from ray_apps.cluster import PlatformError
+        from ray_apps.costs.forecast import ForecastError
+        from ray_apps.costs.report import ReportError
+        from ray_apps.costs.service import RunNotFound
+        from ray_apps.scheduler.api import JobNotFound, QueueError
+
+        try:
+            return call()
+        except (ForecastError, ReportError, QueueError, PlatformError, JobNotFound, RunNotFound) as exc:
+            raise ToolError(str(exc)) from None
+
+    # ------------------------------------------------------------------ the catalogue
+
+    def catalog(self) -> dict[str, Tool]:
+        specs = [
+            ("trigger_training_job", "Start training a catalogued trainer (mnist or llm) now, through the queue "
+                                     "at normal priority.", TrainArgs),
+            ("queue_training_job", "Queue a training job with a priority (high, normal, low).", QueueArgs),
+            ("get_training_status", "State, progress and latest metrics of a job ('last' for the latest).", JobRef),
+            ("get_job_queue_status", "The caller's waiting and running jobs, by state.", NoArgs),
+            ("cancel_job", "Cancel one job, or all of the caller's queued jobs (scope='queued').", CancelArgs),
+            ("list_mlflow_experiments", "The MLflow experiments.", NoArgs),
+            ("get_experiment_metrics", "Recent runs of an experiment with a metric, or one run's metrics.",
+             MetricsArgs),
+            ("calculate_training_cost", "The metered cost of a job (live while it runs).", JobRef),
+            ("get_cost_report", "Spend grouped by tenant, trainer, day or state over a period.", ReportArgs),
+            ("check_training_budget", "Spend plus running and queued forecasts against a budget.", BudgetArgs),
+            ("forecast_training_cost", "Remaining time and final cost of a job, or the cost of a config not yet "
+                                       "run, with a 90% interval.", ForecastArgs),
+            ("recommend_cost_optimization", "Savings measured from a finished run and past runs.", AdviceArgs),
+            ("get_gpu_availability", "GPUs free and used by node, and queued GPU demand.", NoArgs),
+            ("validate_job_resources", "Would this trainer config fit the cluster and the caller's quota? Nothing "
+                                       "is started.", TrainArgs),
+            ("start_hyperparameter_search", "A Ray Tune search over a trainer's config, with an optional budget.",
+             SearchArgs),
+        ]
+        return {name: Tool(name, desc, args, getattr(self, name)) for name, desc, args in specs}
+
+    def call(self, name: str, args: dict) -> dict:
+        """Validate `args` against the tool's schema, then run it. Unknown tools are refused."""
+        tool = self.catalog().get(name)
+        if tool is None:
+            raise ToolError(f"there is no tool {name!r}; I can only use: {', '.join(self.catalog())}")
+        try:
+            parsed = tool.args(**(args or {}))
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'args'}: {e['msg']}" for e in exc.errors())
+            raise ToolError(f"bad arguments for {name}: {problems}") from None
+        return tool.fn(**parsed.model_dump(exclude_unset=True))

@@ -1,0 +1,160 @@
+"""The intent router on requests written the way users write them.
+
+Each case: the message, what the agent knows from the previous turn, and the
+expected tool with the arguments that must be there (or a question, or a refusal).
+"""
+
+import pytest
+
+from ray_apps.agent.router import Router, normalise
+
+JOB = "mnist-20261130-164807-9c35ae"
+CTX = {"job_id": JOB}
+ASK, DECLINE = "ask", "decline"
+
+CASES = [
+    # ---- training: trigger / queue, with values, paraphrases and typos
+    ("train mnist for 3 epochs with lr 0.01 on 2 gpus, high priority", {}, "queue_training_job",
+     {"trainer": "mnist", "priority": "high", "params": {"epochs": 3, "lr": 0.01, "num_workers": 2,
+                                                         "gpus_per_worker": 1.0}}),
+    ("train mnist", {}, "trigger_training_job", {"trainer": "mnist", "params": {}}),
+    ("Train MNIST for two epochs please", {}, "trigger_training_job", {"params": {"epochs": 2}}),
+    ("trian mnsit for 2 epocs", {}, "trigger_training_job", {"trainer": "mnist", "params": {"epochs": 2}}),
+    ("kick off a digits model, 5 epochs, batch size 256", {}, "trigger_training_job",
+     {"trainer": "mnist", "params": {"epochs": 5, "batch_size": 256}}),
+    ("start a run of mnist with learning rate 3e-3", {}, "trigger_training_job", {"params": {"lr": 0.003}}),
+    ("launch mnist on 1 gpu", {}, "trigger_training_job", {"params": {"num_workers": 1, "gpus_per_worker": 1.0}}),
+    ("fine-tune the language model for 200 steps", {}, "trigger_training_job",
+     {"trainer": "llm", "params": {"max_steps": 200}}),
+    ("finetune gpt2 on wikitext, 100 steps, batch size 4", {}, "trigger_training_job",
+     {"trainer": "llm", "params": {"max_steps": 100, "batch_size": 4}}),
+    ("train the tiny llm for 30 steps", {}, "trigger_training_job",
+     {"trainer": "llm", "params": {"model": "tiny", "max_steps": 30}}),
+    ("queue an mnist job at low priority", {}, "queue_training_job", {"trainer": "mnist", "priority": "low"}),
+    ("submit llm with 50 steps", {}, "queue_training_job", {"trainer": "llm", "params": {"max_steps": 50}}),
+    ("schedule mnist 4 epochs urgent", {}, "queue_training_job", {"priority": "high", "params": {"epochs": 4}}),
+    ("run mnist with 2 workers and 1 cpu each", {}, "trigger_training_job",
+     {"params": {"num_workers": 2, "cpus_per_worker": 1.0}}),
+    ("mnist 3 epochs lr 0.002", {}, "trigger_training_job", {"trainer": "mnist", "params": {"epochs": 3}}),
+    ("train mnist on 2000 samples for 1 epoch", {}, "trigger_training_job",
+     {"params": {"train_samples": 2000, "epochs": 1}}),
+    ("train something", {}, ASK, {"missing": "trainer"}),
+    ("start a training job for me", {}, ASK, {"missing": "trainer"}),
+    ("queue a job with high priority", {}, ASK, {"missing": "trainer"}),
+    # ---- status and the queue
+    ("what's the status of my last job?", {}, "get_training_status", {"job_id": "last"}),
+    (f"status of {JOB}", {}, "get_training_status", {"job_id": JOB}),
+    ("how is it doing?", CTX, "get_training_status", {"job_id": JOB}),
+    ("is the llm run done yet", {}, "get_training_status", {"job_id": "last", "trainer": "llm"}),
+    ("progress of job 5ab26f", {}, "get_training_status", {"job_id": "5ab26f"}),
+    ("show me the queue", {}, "get_job_queue_status", {}),
+    ("what's running right now?", {}, "get_job_queue_status", {}),
+    ("which of my jobs are still waiting", {}, "get_job_queue_status", {}),
+    ("list my jobs", {}, "get_job_queue_status", {}),
+    # ---- cancel
+    ("cancel my queued jobs", {}, "cancel_job", {"scope": "queued"}),
+    ("abort all pending jobs", {}, "cancel_job", {"scope": "queued"}),
+    (f"cancel {JOB}", {}, "cancel_job", {"job_id": JOB}),
+    ("stop it", CTX, "cancel_job", {"job_id": JOB}),
+    ("cancel", {}, ASK, {"missing": "job_id"}),
+    ("kill job 9c35ae", {}, "cancel_job", {"job_id": "9c35ae"}),
+    # ---- costs
+    ("how much did the last llm run cost?", {}, "calculate_training_cost", {"job_id": "last", "trainer": "llm"}),
+    ("and what did it cost?", CTX, "calculate_training_cost", {"job_id": JOB}),
+    (f"cost of {JOB}", {}, "calculate_training_cost", {"job_id": JOB}),
+    ("how expensive was my latest job", {}, "calculate_training_cost", {"job_id": "last"}),
+    ("what did we spend this week", {}, "get_cost_report", {"since": "7d"}),
+    ("cost report for the last 3 days", {}, "get_cost_report", {"since": "3d"}),
+    ("spending by tenant this month", {}, "get_cost_report", {"since": "30d", "group_by": "tenant"}),
+    ("daily spend breakdown", {}, "get_cost_report", {"group_by": "day"}),
+    ("how much have we spent", {}, "get_cost_report", {}),
+    ("am I within budget?", {}, "check_training_budget", {}),
+    ("check my budget of $50", {}, "check_training_budget", {"budget_usd": 50.0}),
+    ("are we over our 20 dollar budget this week", {}, "check_training_budget", {"budget_usd": 20.0, "since": "7d"}),
+    # ---- forecasts
+    ("what will job 12 cost to finish", {}, "forecast_training_cost", {"job_id": "12"}),
+    ("how long until it finishes?", CTX, "forecast_training_cost", {"job_id": JOB}),
+    ("forecast the cost of mnist for 5 epochs", {}, "forecast_training_cost",
+     {"trainer": "mnist", "params": {"epochs": 5}}),
+    ("how much would training the llm for 500 steps cost", {}, "forecast_training_cost",
+     {"trainer": "llm", "params": {"max_steps": 500}}),
+    ("estimate remaining time for my last job", {}, "forecast_training_cost", {"job_id": "last"}),
+    ("predict what it will cost", {}, ASK, {"missing": "job_id"}),
+    ("what does an mnist run cost", {}, "forecast_training_cost", {"trainer": "mnist"}),
+    # ---- advice
+    ("how can I make my last mnist run cheaper?", {}, "recommend_cost_optimization",
+     {"job_id": "last", "trainer": "mnist"}),
+    ("any recommendations to save money?", {}, "recommend_cost_optimization", {"job_id": "last"}),
+    ("optimise costs for run 0123456789abcdef0123456789abcdef", {}, "recommend_cost_optimization",
+     {"run_id": "0123456789abcdef0123456789abcdef"}),
+    ("advice on that job", CTX, "recommend_cost_optimization", {"job_id": JOB}),
+    # ---- GPUs and resources
+    ("any free GPUs?", {}, "get_gpu_availability", {}),
+    ("how many gpus are available", {}, "get_gpu_availability", {}),
+    ("are the gpus idle?", {}, "get_gpu_availability", {}),
+    ("would mnist with 4 gpus fit?", {}, "validate_job_resources",
+     {"trainer": "mnist", "params": {"num_workers": 4, "gpus_per_worker": 1.0}}),
+    ("can I run llm on 2 workers", {}, "validate_job_resources", {"trainer": "llm", "params": {"num_workers": 2}}),
+    ("validate a job with 3 gpus", {}, ASK, {"missing": "trainer"}),
+    # ---- MLflow
+    ("list experiments", {}, "list_mlflow_experiments", {}),
+    ("what experiments do we have", {}, "list_mlflow_experiments", {}),
+    ("show mnist accuracy of recent runs", {}, "get_experiment_metrics", {"experiment": "mnist"}),
+    ("perplexity of the llm runs", {}, "get_experiment_metrics", {"experiment": "llm"}),
+    ("metrics for run 0123456789abcdef0123456789abcdef", {}, "get_experiment_metrics",
+     {"run_id": "0123456789abcdef0123456789abcdef"}),
+    # ---- search
+    ("tune mnist with 8 trials and a $0.05 budget", {}, "start_hyperparameter_search",
+     {"trainer": "mnist", "num_samples": 8, "budget_usd": 0.05}),
+    ("run a hyperparameter search on the llm", {}, "start_hyperparameter_search", {"trainer": "llm"}),
+    ("sweep mnist learning rates, 3 epochs each", {}, "start_hyperparameter_search",
+     {"trainer": "mnist", "params": {"epochs": 3}}),
+    ("do a hyperparameter sweep", {}, ASK, {"missing": "trainer"}),
+    # ---- out of scope
+    ("what's the weather in Paris?", {}, DECLINE, {}),
+    ("tell me a joke", {}, DECLINE, {}),
+    ("rm -rf /", {}, DECLINE, {}),
+    ("hello", {}, DECLINE, {}),
+]
+
+
+@pytest.mark.parametrize("message,context,expected,args", CASES, ids=[c[0][:40] for c in CASES])
+def test_router_chooses_the_tool_and_arguments_or_asks_or_declines(message, context, expected, args):
+    decision = Router().route(message, context)
+    if expected == ASK:
+        assert decision.kind == "ask" and decision.missing == args["missing"] and decision.text.endswith("?")
+        return
+    if expected == DECLINE:
+        assert decision.kind == "decline" and "I can help with" in decision.text
+        return
+    assert (decision.kind, decision.tool) == ("call", expected), decision
+    for key, value in args.items():
+        if key == "params":
+            assert {k: decision.args.get("params", {}).get(k) for k in value} == value, decision.args
+        else:
+            assert decision.args.get(key) == value, decision.args
+
+
+def test_the_corpus_covers_every_tool_and_sixty_requests():
+    from ray_apps.agent.tools import PlatformTools
+
+    tools = {c[2] for c in CASES} - {ASK, DECLINE}
+    assert tools == set(PlatformTools.catalog(PlatformTools.__new__(PlatformTools)))
+    assert len(CASES) >= 60
+
+
+def test_an_answer_to_a_question_completes_the_pending_request():
+    router = Router()
+    first = router.route("train something for 2 epochs")
+    assert first.kind == "ask"
+    pending = {"tool": first.tool, "args": first.args, "missing": first.missing, "question": first.text}
+    second = router.route("mnist", {"pending": pending})
+    assert (second.kind, second.tool, second.args["trainer"], second.args["params"]) == (
+        "call", "trigger_training_job", "mnist", {"epochs": 2})
+    again = router.route("hmm, not sure", {"pending": pending})
+    assert again.kind == "ask" and again.text == first.text
+
+
+def test_typos_are_fixed_only_against_the_vocabulary():
+    assert normalise("Trian the mnsit modle, 3 epocs") == "train the mnist model , 3 epochs"
+    assert "paris" in normalise("weather in paris")
