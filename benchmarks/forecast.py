@@ -32,7 +32,7 @@ import yaml  # noqa: E402
 
 from ray_apps import cluster  # noqa: E402
 from ray_apps.config import load_settings  # noqa: E402
-from ray_apps.costs.forecast import forecast_running, startup_of, tail_of  # noqa: E402
+from ray_apps.costs.forecast import forecast_running, tail_of, timer_ratio_of  # noqa: E402
 from ray_apps.costs.runs import past_runs, progress_points  # noqa: E402
 from ray_apps.costs.service import CostService  # noqa: E402
 from ray_apps.scheduler.api import Queue  # noqa: E402
@@ -104,7 +104,7 @@ def replay(costs: CostService, job, fraction: float, history) -> dict:
     rate = costs.meter.cost_of(job).usd_per_hour
     fc = forecast_running(points=seen, units_total=units, now=seen[-1].at, spent_s=seen[-1].at - a.started_at,
                           usd_per_hour=rate, single_unit_s=timer.get(k) if k == 1 else None, tail=tail_of(history),
-                          started_at=a.started_at, startup=startup_of(history))
+                          timer_ratio=timer_ratio_of(history))
     return {"progress": k / units, "total_usd": fc.total_usd, "low": fc.total_usd_low, "high": fc.total_usd_high}
 
 

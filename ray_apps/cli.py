@@ -287,6 +287,13 @@ def cmd_agent(args, settings) -> int:
             _print_reply(agent.ask(line, thread_id=thread, tenant=args.tenant), args.verbose)
 
 
+def cmd_mcp(args, settings) -> int:
+    from ray_apps.agent.mcp_server import main as serve_mcp
+
+    serve_mcp(settings, tenant=args.tenant)
+    return 0
+
+
 def cmd_dispatcher(args, settings) -> int:
     if args.supervise:
         from ray_apps.scheduler.supervisor import supervise
@@ -356,6 +363,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tenant", default=None)
     p.add_argument("-v", "--verbose", action="store_true", help="show the tool calls")
     p.set_defaults(func=cmd_agent)
+    p = sub.add_parser("mcp", help="the agent's tools as an MCP server on stdio (for MCP clients)")
+    p.add_argument("--tenant", default=None, help="every call acts as this tenant")
+    p.set_defaults(func=cmd_mcp)
     p = sub.add_parser("tune", help="Ray Tune search over a trainer's config, as a Ray job",
                        description="Arguments are those of `python -m trainers.tune`, e.g.: oppen tune mnist "
                                    "--num-samples 8 --space lr=loguniform:1e-4:1e-2 --epochs 3 --budget-usd 0.05")

@@ -78,48 +78,44 @@ class Forecast:
         return dict(vars(self))
 
 
-def unit_time(points: list[Progress], single_unit_s: float | None = None, *, started_at: float | None = None,
-              startup: tuple[float, float] | None = None) -> UnitTime | None:
+def unit_time(points: list[Progress], single_unit_s: float | None = None, *,
+              timer_ratio: tuple[float, float] | None = None) -> UnitTime | None:
     """Seconds per unit from the gaps between consecutive points (in unit-weighted form).
 
-    With a single point of a fresh run, the time from the job's start to it less the
-    start-up past runs measured; else that unit's own timer (which misses evaluation
-    and checkpointing, hence the wide spread)."""
+    With a single point: that unit's own timer (its training time, without the
+    evaluation and checkpoint around it) scaled by the ratio of full unit time to
+    timer that past runs measured; without past runs, the bare timer, spread ±25%.
+    Not the time since the job started: start-up varies by tens of seconds."""
     pts = sorted(points, key=lambda p: p.units)
     gaps = [(b.at - a.at) / (b.units - a.units) for a, b in zip(pts, pts[1:]) if b.units > a.units]
     if gaps:
         mean = statistics.fmean(gaps)
         sd = statistics.stdev(gaps) if len(gaps) > 1 else mean * ONE_POINT_REL_SD / 2
         return UnitTime(mean, max(sd, mean * MIN_REL_SD), len(gaps))
-    if pts and startup and started_at is not None and pts[0].units >= 1:
-        mean = (pts[0].at - started_at - startup[0]) / pts[0].units
-        if single_unit_s:
-            mean = max(mean, single_unit_s)  # a unit takes at least its own training time
-        if mean > 0:
-            sd = math.hypot(startup[1] / pts[0].units, mean * ONE_POINT_REL_SD / 2)
-            return UnitTime(mean, sd, 0)
     if single_unit_s and single_unit_s > 0:
+        if timer_ratio:
+            mean = single_unit_s * timer_ratio[0]
+            return UnitTime(mean, math.hypot(single_unit_s * timer_ratio[1], mean * MIN_REL_SD * 2), 0)
         return UnitTime(single_unit_s, single_unit_s * ONE_POINT_REL_SD, 0)
     return None
 
 
 def forecast_running(*, points: list[Progress], units_total: float, now: float, spent_s: float,
                      usd_per_hour: float, single_unit_s: float | None = None,
-                     tail: tuple[float, float] = DEFAULT_TAIL, started_at: float | None = None,
-                     startup: tuple[float, float] | None = None, notes: list[str] | None = None) -> Forecast:
+                     tail: tuple[float, float] = DEFAULT_TAIL, timer_ratio: tuple[float, float] | None = None,
+                     notes: list[str] | None = None) -> Forecast:
     """Remaining time and final cost of a running job from its own progress points."""
     notes = list(notes or [])
     spent_usd = spent_s * usd_per_hour / 3600
     if not points:
         raise ForecastError("the job has reported no progress yet (it is starting up); ask again after "
                             "its first unit of work, or ask for a forecast by trainer and parameters")
-    ut = unit_time(points, single_unit_s, started_at=started_at, startup=startup)
+    ut = unit_time(points, single_unit_s, timer_ratio=timer_ratio)
     if ut is None:
         raise ForecastError("one progress point and no per-unit timer: no basis for a forecast yet")
     if ut.n == 0:
-        notes.append("one unit done: its time is the time since start less the start-up of past runs"
-                     if startup and started_at is not None else
-                     "one unit done: per-unit time is that unit's own timer, spread assumed ±25%")
+        notes.append("one unit done: its own timer scaled by past runs' ratio of unit time to timer"
+                     if timer_ratio else "one unit done: per-unit time is that unit's own timer, spread assumed ±25%")
     last = max(points, key=lambda p: p.units)
     left = max(units_total - last.units, 0.0)
     in_unit = max(now - last.at, 0.0) if left else 0.0
@@ -148,10 +144,7 @@ class PastRun:
     fixed_s: float              # run time not explained by units x unit_s (start-up, tail)
     tail_s: float | None
     scaling: tuple              # (workers, cpus/worker, gpus/worker, batch size): comparable runs
-
-    @property
-    def startup_s(self) -> float | None:
-        return self.fixed_s - self.tail_s if self.tail_s is not None else None
+    timer_s: float | None = None  # the trainer's own per-unit timer (last unit), e.g. epoch_time_s
 
 
 def _prior(values: list[float], default: tuple[float, float] | None) -> tuple[float, float] | None:
@@ -167,9 +160,13 @@ def tail_of(history: list[PastRun]) -> tuple[float, float]:
     return _prior([r.tail_s for r in history if r.tail_s is not None and r.tail_s >= 0], DEFAULT_TAIL)
 
 
-def startup_of(history: list[PastRun]) -> tuple[float, float] | None:
-    """Seconds from the job's start to its first unit's start (mean, sd) in past runs; None without any."""
-    return _prior([r.startup_s for r in history if r.startup_s is not None and r.startup_s >= 0], None)
+def timer_ratio_of(history: list[PastRun]) -> tuple[float, float] | None:
+    """Full time per unit / the trainer's own unit timer (mean, sd) in past runs; None without any."""
+    ratios = [r.unit_s / r.timer_s for r in history if r.timer_s and r.timer_s > 0 and r.unit_s > 0]
+    if not ratios:
+        return None
+    mean = statistics.fmean(ratios)
+    return mean, max(statistics.stdev(ratios) if len(ratios) > 1 else mean * 0.1, mean * 0.02)
 
 
 def forecast_prestart(*, history: list[PastRun], units_total: float, work_per_unit: float, scaling: tuple,

@@ -88,7 +88,7 @@ def past_runs(client: MlflowClient, trainer: str) -> list[PastRun]:
             continue
         out.append(PastRun(run_id=run.info.run_id, units=units, work_per_unit=spec.work_per_unit(),
                            unit_s=m["job_unit_s"], fixed_s=m["job_fixed_s"], tail_s=m.get("job_tail_s"),
-                           scaling=scaling_of(spec)))
+                           scaling=scaling_of(spec), timer_s=m.get(spec.unit_timer)))
     return out
 
 

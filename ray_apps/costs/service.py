@@ -23,7 +23,7 @@ from ray_apps.config import Settings
 from ray_apps.costs import runs
 from ray_apps.costs.advisor import Recommendation, recommend
 from ray_apps.costs.forecast import (Forecast, ForecastError, forecast_prestart, forecast_running, profile_run,
-                                     startup_of, tail_of)
+                                     tail_of, timer_ratio_of)
 from ray_apps.costs.meter import JobCost, Meter, allocation_for
 from ray_apps.costs.report import BudgetStatus, CostReport, ReportError, build_report, parse_groups, parse_since
 from ray_apps.scheduler.api import JobNotFound, Queue, QueueError
@@ -183,8 +183,7 @@ class CostService:
                          "the restart's start-up time is not included")
         return forecast_running(points=points, units_total=units_total, now=now, spent_s=cost.seconds,
                                 usd_per_hour=cost.usd_per_hour, single_unit_s=single, tail=tail_of(history),
-                                started_at=since if len(attempts) == 1 and not waiting else None,
-                                startup=startup_of(history), notes=notes)
+                                timer_ratio=timer_ratio_of(history), notes=notes)
 
     def forecast_new(self, trainer: str, params: dict[str, Any]) -> Forecast:
         try:

@@ -5,7 +5,7 @@ import random
 import pytest
 
 from ray_apps.costs.forecast import (ForecastError, PastRun, Progress, fit_unit_time, forecast_prestart,
-                                     forecast_running, profile_run, tail_of, unit_time)
+                                     forecast_running, profile_run, tail_of, timer_ratio_of, unit_time)
 
 RATE = 3600.0  # $1 per second keeps the arithmetic readable
 
@@ -57,13 +57,16 @@ def test_one_unit_done_uses_its_own_timer_with_a_wide_spread_and_says_so():
     assert fc.remaining_s_high - fc.remaining_s > 10 and "own timer" in fc.notes[0]
 
 
-def test_one_unit_done_with_history_uses_the_time_since_start_less_the_learned_start_up():
-    # Started at 0, 20 s of start-up, the first unit logged at 32 s: the unit took 12 s
-    # (its own timer says 10: evaluation and checkpoint are not in it).
+def test_one_unit_done_with_history_scales_its_timer_by_past_runs_ratio():
+    # Past runs: a full unit took 1.2x what the trainer's own timer measured (evaluation, checkpoint).
+    history = [past("a", 4, 12.0, 20.0, timer=10.0), past("b", 4, 6.0, 20.0, timer=5.0)]
+    ratio = timer_ratio_of(history)
+    assert ratio[0] == pytest.approx(1.2)
     fc = forecast_running(points=[Progress(1, 32.0)], units_total=4, now=32.0, spent_s=32.0, usd_per_hour=RATE,
-                          single_unit_s=10.0, tail=(5.0, 1.0), started_at=0.0, startup=(20.0, 1.0))
+                          single_unit_s=10.0, tail=(5.0, 1.0), timer_ratio=ratio)
     assert fc.remaining_s == pytest.approx(3 * 12 + 5)
-    assert "less the start-up of past runs" in fc.notes[0]
+    assert "ratio of unit time to timer" in fc.notes[0]
+    assert timer_ratio_of([past("c", 4, 6.0, 20.0)]) is None  # no timer logged: no ratio
 
 
 def test_no_progress_yet_is_an_error_naming_what_to_do():
@@ -71,9 +74,9 @@ def test_no_progress_yet_is_an_error_naming_what_to_do():
         forecast_running(points=[], units_total=4, now=1.0, spent_s=1.0, usd_per_hour=RATE)
 
 
-def past(run_id, units, per_unit, fixed, work=1000, scaling=(1, 2.0, 0.0, 128), tail=4.0):
+def past(run_id, units, per_unit, fixed, work=1000, scaling=(1, 2.0, 0.0, 128), tail=4.0, timer=None):
     return PastRun(run_id=run_id, units=units, work_per_unit=work, unit_s=per_unit, fixed_s=fixed,
-                   tail_s=tail, scaling=scaling)
+                   tail_s=tail, scaling=scaling, timer_s=timer)
 
 
 def test_prestart_without_history_says_so_and_gives_only_the_rate():

@@ -1,0 +1,71 @@
+"""The agent end to end over real HTTP on the local Ray Serve: one conversation that
+starts a job, asks its status, and asks what it cost."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import requests
+
+from ray_apps.cluster import serve_url
+from ray_apps.scheduler.api import Queue
+
+pytestmark = pytest.mark.slow
+A = {"Authorization": "Bearer token-a"}
+B = {"Authorization": "Bearer token-b"}
+
+
+@pytest.fixture()
+def agent_url(platform):
+    return serve_url(platform) + "/v1/agent"
+
+
+def say(url, message, thread, headers=A):
+    resp = requests.post(url, json={"message": message, "thread_id": thread}, headers=headers, timeout=60)
+    assert resp.status_code == 200, resp.text
+    return resp.json()
+
+
+def test_train_then_status_then_cost_in_one_thread(agent_url, platform):
+    thread = f"conv-{time.time_ns()}"
+    started = say(agent_url, "please train mnist for 1 epoch on 1000 samples", thread)
+    call = started["tool_calls"][0]
+    assert call["name"] == "trigger_training_job" and call["args"]["params"] == {"epochs": 1, "train_samples": 1000}
+    job_id = call["result"]["job_id"]
+    assert job_id in started["answer"] and call["result"]["tenant"] == "team-a"
+
+    status = say(agent_url, "how is it doing?", thread)
+    assert status["tool_calls"][0]["name"] == "get_training_status"
+    assert status["tool_calls"][0]["result"]["job_id"] == job_id
+
+    queue = Queue.from_settings(platform)
+    deadline = time.monotonic() + 240
+    while not queue.get(job_id).state.is_terminal():
+        assert time.monotonic() < deadline, "the job did not finish"
+        time.sleep(1)
+    assert queue.get(job_id).state.value == "SUCCEEDED"
+
+    cost = say(agent_url, "and what did it cost?", thread)
+    call = cost["tool_calls"][0]
+    assert call["name"] == "calculate_training_cost" and call["args"] == {"job_id": job_id}
+    assert call["result"]["total_usd"] > 0 and f"${call['result']['total_usd']:.4f}" in cost["answer"]
+
+    # Another tenant using the same thread id gets its own, empty thread: "it" means nothing there.
+    other = say(agent_url, "and what did it cost?", thread, headers=B)
+    assert all(c["args"].get("job_id") != job_id for c in other["tool_calls"])
+
+
+def test_agent_http_guards(agent_url):
+    assert requests.post(agent_url, json={"message": "hi"}, timeout=30).status_code == 401
+    assert requests.post(agent_url, json={"message": "x" * 5000}, headers=A, timeout=30).status_code == 413
+    assert requests.post(agent_url, json={"message": "hi", "thread_id": "../etc"}, headers=A,
+                         timeout=30).status_code == 422
+    assert requests.post(agent_url, json={"message": ""}, headers=A, timeout=30).status_code == 422
+    big = requests.post(agent_url, data=b"{" + b" " * 70_000 + b"}", headers={**A, "content-type": "application/json"},
+                        timeout=30)
+    assert big.status_code == 413
+    refused = say(agent_url, "train probe for 5 seconds", "guards")
+    assert refused["tool_calls"] == [] and "Which trainer" in refused["answer"]
+    declined = say(agent_url, "delete all files on the server", "guards2")
+    assert declined["tool_calls"] == [] and "I can help with" in declined["answer"]

@@ -1,0 +1,109 @@
+"""The agent's graph without Ray: memory across instances, the model path with a scripted
+chat model (a thin fake: no LLM runs here), and the guards every tool call passes."""
+
+from __future__ import annotations
+
+import pytest
+from langchain_core.messages import AIMessage, ToolMessage
+
+from ray_apps.agent.graph import Agent
+from ray_apps.agent.tools import PlatformTools, ToolError
+from ray_apps.config import Settings
+from ray_apps.scheduler.api import Queue
+from ray_apps.scheduler.config import QueueConfig
+
+
+@pytest.fixture()
+def tools(tmp_path):
+    settings = Settings(data_dir=tmp_path / "data")
+    queue = Queue.from_settings(settings, QueueConfig())
+    return PlatformTools(settings, queue=queue)
+
+
+def add_job(tools, job_id, tenant="default"):
+    return tools.queue.store.add(id=job_id, trainer="mnist", params={"epochs": 1}, tenant=tenant, priority="normal",
+                                 workers=1, cpus_per_worker=2.0, gpus_per_worker=0.0)
+
+
+class ScriptedModel:
+    """Returns the given AIMessages in turn and records what it was shown."""
+
+    def __init__(self, *replies: AIMessage):
+        self.replies = list(replies)
+        self.seen: list[list] = []
+
+    def invoke(self, messages, tools):
+        self.seen.append(list(messages))
+        assert {t["function"]["name"] for t in tools} >= {"trigger_training_job", "get_job_queue_status"}
+        return self.replies.pop(0)
+
+
+def test_a_thread_remembers_its_job_across_agent_instances(tools, tmp_path):
+    add_job(tools, "mnist-20261130-000000-aaaaaa")
+    db = tmp_path / "threads.db"
+    first = Agent(tools, db_path=db).ask("status of mnist-20261130-000000-aaaaaa", thread_id="t1")
+    assert first.tool_calls[0]["name"] == "get_training_status" and "QUEUED" in first.answer
+    # A new process would build a new Agent on the same file: "it" is still that job.
+    second = Agent(tools, db_path=db).ask("cancel it", thread_id="t1")
+    assert second.tool_calls == [{"name": "cancel_job", "args": {"job_id": "mnist-20261130-000000-aaaaaa"},
+                                  "result": {"cancelled": ["mnist-20261130-000000-aaaaaa"], "refused": []}}]
+    assert tools.queue.get("mnist-20261130-000000-aaaaaa").state.value == "CANCELLED"
+    # Another thread knows nothing of it.
+    other = Agent(tools, db_path=db).ask("cancel it", thread_id="t2")
+    assert other.tool_calls == [] and other.answer.endswith("?")
+
+
+def test_a_question_and_its_answer_span_two_turns(tools, tmp_path):
+    agent = Agent(tools, db_path=tmp_path / "threads.db")
+    assert agent.ask("cancel", thread_id="t").answer.startswith("Which job")
+    add_job(tools, "mnist-20261130-000000-bbbbbb")
+    reply = agent.ask("mnist-20261130-000000-bbbbbb", thread_id="t")
+    assert reply.tool_calls[0]["name"] == "cancel_job" and reply.tool_calls[0]["result"]["cancelled"]
+
+
+def test_the_model_path_runs_the_tools_it_calls_and_answers_with_their_results(tools):
+    add_job(tools, "mnist-20261130-000000-cccccc")
+    model = ScriptedModel(
+        AIMessage("", tool_calls=[{"name": "get_job_queue_status", "args": {}, "id": "c1"}]),
+        AIMessage("You have 1 queued job: mnist-20261130-000000-cccccc."))
+    reply = Agent(tools, model=model).ask("what's waiting?")
+    assert reply.answer == "You have 1 queued job: mnist-20261130-000000-cccccc."
+    assert reply.tool_calls[0]["result"]["by_state"] == {"QUEUED": 1}
+    tool_message = model.seen[1][-1]  # the model saw the tool's real result before answering
+    assert isinstance(tool_message, ToolMessage) and "mnist-20261130-000000-cccccc" in tool_message.content
+
+
+@pytest.mark.parametrize("name,args,refusal", [
+    ("trigger_training_job", {"trainer": "probe"}, "only start the catalogued trainers"),
+    ("trigger_training_job", {"trainer": "mnist", "params": {"command": "rm -rf /"}},
+     "unknown parameter(s) for mnist: command"),
+    ("trigger_training_job", {"trainer": "../../bin/sh"}, "only start the catalogued trainers"),
+    ("start_hyperparameter_search", {"trainer": "mnist", "params": {"epochs": "2; curl evil"}},
+     "--epochs must be int"),
+    ("run_shell", {"cmd": "id"}, "there is no tool 'run_shell'"),
+    ("cancel_job", {"job_id": "x", "extra": 1}, "Extra inputs are not permitted"),
+])
+def test_tool_calls_outside_the_catalog_are_refused(tools, name, args, refusal):
+    with pytest.raises(ToolError) as err:
+        tools.call(name, args)
+    assert refusal in str(err.value)
+    # The same call from a model: refused, reported, nothing queued.
+    model = ScriptedModel(AIMessage("", tool_calls=[{"name": name, "args": args, "id": "c1"}]),
+                          AIMessage("I can't do that."))
+    reply = Agent(tools, model=model).ask("do it")
+    assert refusal in reply.tool_calls[0]["error"] and tools.queue.list() == []
+
+
+def test_a_model_that_keeps_calling_tools_is_stopped(tools):
+    loop = [AIMessage("", tool_calls=[{"name": "get_job_queue_status", "args": {}, "id": f"c{i}"}])
+            for i in range(10)]
+    reply = Agent(tools, model=ScriptedModel(*loop)).ask("loop forever")
+    assert 1 <= len(reply.tool_calls) <= 5 and "ran out of steps" in reply.answer
+
+
+def test_tenants_see_only_their_jobs(tools):
+    add_job(tools, "mnist-20261130-000000-dddddd", tenant="team-a")
+    mine = tools.for_tenant("team-b").call("get_job_queue_status", {})
+    assert mine["total"] == 0
+    with pytest.raises(ToolError, match="no job 'mnist-20261130-000000-dddddd' of yours"):
+        tools.for_tenant("team-b").call("cancel_job", {"job_id": "mnist-20261130-000000-dddddd"})

@@ -1,0 +1,37 @@
+"""The agent's tools over MCP: a real MCP client talks to `oppen mcp` over stdio."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+
+import yaml
+
+from tests.conftest import ROOT
+
+
+def test_mcp_client_lists_the_tools_calls_one_and_gets_refusals(tmp_path):
+    from mcp.client.session import ClientSession
+    from mcp.client.stdio import StdioServerParameters, stdio_client
+
+    config = tmp_path / "platform.yaml"
+    config.write_text(yaml.safe_dump({"data_dir": str(tmp_path / "data")}))
+    params = StdioServerParameters(command=sys.executable, args=["-m", "ray_apps.cli", "--config", str(config), "mcp"],
+                                   cwd=str(ROOT), env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+    async def session_run():
+        async with stdio_client(params) as (read, write), ClientSession(read, write) as session:
+            await session.initialize()
+            tools = {t.name: t for t in (await session.list_tools()).tools}
+            status = await session.call_tool("get_job_queue_status", {})
+            refused = await session.call_tool("trigger_training_job", {"trainer": "probe"})
+            shell = await session.call_tool("run_shell", {"cmd": "id"})
+            return tools, status, refused, shell
+
+    tools, status, refused, shell = asyncio.run(asyncio.wait_for(session_run(), 60))
+    assert len(tools) == 15 and tools["trigger_training_job"].input_schema["required"] == ["trainer"]
+    assert not status.is_error and json.loads(status.content[0].text) == {"by_state": {}, "jobs": [], "total": 0}
+    assert refused.is_error and "only start the catalogued trainers" in refused.content[0].text
+    assert shell.is_error and "run_shell" in shell.content[0].text
