@@ -303,7 +303,7 @@ def _ray_env(settings: Settings) -> dict[str, str]:
     # Serve's controller loops every 0.1 s by default: ~4% of a core idle on a 2-core box, taken
     # from training. Deployments here change rarely; 1 s is plenty.
     return {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token", "PATH": path,
-            "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "1.0", **settings.job_env()}
+            "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "1.0", **settings.ray.serve_env, **settings.job_env()}
 
 
 def _busy_message(busy: list[PortHolder]) -> str:

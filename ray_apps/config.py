@@ -33,6 +33,17 @@ class RayHeadSettings(BaseModel):
     dashboard_agent_port: int = Field(52365, ge=1, le=65535)
     num_cpus: int | None = Field(None, ge=1, description="None: all cores")
     num_gpus: int = Field(0, ge=0, description="logical GPUs on a CPU-only machine")
+    # Ray Serve's own switches (RAY_SERVE_*), set in the head's environment at start;
+    # benchmarks/agent.py measures what they buy.
+    serve_env: dict[str, str] = {}
+
+    @field_validator("serve_env")
+    @classmethod
+    def _serve_only(cls, value: dict[str, str]) -> dict[str, str]:
+        bad = [k for k in value if not k.startswith("RAY_SERVE_")]
+        if bad:
+            raise ValueError(f"only RAY_SERVE_* variables belong here, not {', '.join(bad)}")
+        return value
 
 
 class MlflowSettings(BaseModel):

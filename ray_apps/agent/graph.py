@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, TypedDict
 
-from langchain_core.messages import AIMessage, AnyMessage, HumanMessage, SystemMessage, ToolMessage
+from langchain_core.messages import AIMessage, AnyMessage, HumanMessage, RemoveMessage, SystemMessage, ToolMessage
 from langgraph.graph import END, START, StateGraph
 from langgraph.graph.message import add_messages
 
@@ -33,6 +33,7 @@ from ray_apps.agent.tools import PlatformTools, ToolError
 
 MAX_MODEL_ROUNDS = 4
 HISTORY_FOR_MODEL = 20  # messages of the thread a model sees
+KEEP_MESSAGES = 60      # a thread keeps its last messages: each turn's checkpoint must not grow forever
 SYSTEM = ("You operate Oppen, an ML training platform on Ray. Use the tools to act; never invent job ids, "
           "costs or metrics. Trainers: mnist, llm. Answer briefly with the figures the tools returned.")
 
@@ -75,6 +76,7 @@ class Agent:
             db_path.parent.mkdir(parents=True, exist_ok=True)
             conn = sqlite3.connect(str(db_path), check_same_thread=False)
             conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")  # WAL: durable across crashes of the process, fsync per checkpoint spared
             self.checkpointer = SqliteSaver(conn)
         else:
             from langgraph.checkpoint.memory import InMemorySaver
@@ -85,6 +87,13 @@ class Agent:
     # ------------------------------------------------------------------ nodes
 
     def _understand(self, state: AgentState, config) -> dict:
+        out = self._decide(state)
+        excess = len(state["messages"]) - KEEP_MESSAGES
+        if excess > 0:  # the context dict, not old messages, carries what later turns refer to
+            out["messages"] = [RemoveMessage(id=m.id) for m in state["messages"][:excess]] + out["messages"]
+        return out
+
+    def _decide(self, state: AgentState) -> dict:
         context = dict(state.get("context") or {})
         if self.model is not None:
             history = [SystemMessage(SYSTEM), *state["messages"][-HISTORY_FOR_MODEL:]]
@@ -158,7 +167,10 @@ class Agent:
     def ask(self, message: str, *, thread_id: str | None = None, tenant: str | None = None) -> Reply:
         thread_id = thread_id or uuid.uuid4().hex
         config = {"configurable": {"thread_id": thread_id, "tenant": tenant}}
-        state = self.graph.invoke({"messages": [HumanMessage(message)], "calls": [], "rounds": 0}, config)
+        # One checkpoint per turn, written at its end: a turn cut short by a crash is asked again;
+        # what its tools did is already in the queue store.
+        state = self.graph.invoke({"messages": [HumanMessage(message)], "calls": [], "rounds": 0}, config,
+                                  durability="exit")
         last = state["messages"][-1]
         text = last.content if isinstance(last, AIMessage) and last.content else \
             "I ran out of steps before I could answer."
