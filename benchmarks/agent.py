@@ -41,8 +41,11 @@ PLAIN_PORT = 8690
 MESSAGE = {"message": "show me the queue"}
 CONFIGS = {
     "serve_defaults": {},
-    # Serve's bundle for throughput, keeping the HTTP proxy (two apps share one port through it).
+    # Serve's bundle for throughput (user code on the replica's main loop, buffered request
+    # logs, no stderr logging, GC frozen at start), keeping the HTTP proxy...
     "serve_throughput_optimized": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"},
+    # ... and the whole bundle, which also drops the proxy: replicas take HTTP directly.
+    "serve_direct_ingress": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
 }
 
 # The baseline: the same app, mounted at the same path, under uvicorn.
@@ -80,9 +83,20 @@ def load(url: str, clients: int, per_client: int) -> dict:
             "rps": len(latencies) / wall}
 
 
+def trivial_p50_ms(url: str, n: int = 200) -> float:
+    """p50 of GET /health on the same app: what the HTTP path costs with no work behind it."""
+    session, times = requests.Session(), []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        session.get(url, timeout=30).raise_for_status()
+        times.append(time.perf_counter() - t0)
+    return 1000 * statistics.median(times)
+
+
 def measure(url: str) -> dict:
     load(url, 1, 20)  # warm-up
-    return {"1_client": load(url, 1, 300), "8_clients": load(url, 8, 100)}
+    return {"health_p50_ms": trivial_p50_ms(url.rstrip("/") + "/health"),
+            "1_client": load(url, 1, 300), "8_clients": load(url, 8, 100)}
 
 
 def write_settings(tmp: Path, serve_env: dict) -> Path:

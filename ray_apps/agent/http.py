@@ -12,15 +12,14 @@ length are refused.
 
 # No `from __future__ import annotations`: FastAPI under Serve's ingress needs real types.
 import re
-import secrets
 import threading
 from typing import Any
 
-from fastapi import FastAPI, Header, HTTPException, Request
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI, Header
 from pydantic import BaseModel, ConfigDict, Field
 
-MAX_BODY_BYTES = 64 * 1024
+from ray_apps.serve.http_common import limit_body_size, problem, tenant_of
+
 THREAD_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 
 app = FastAPI(title="Oppen agent", version="1", description="Plain-language control of the platform.")
@@ -65,38 +64,17 @@ def _agent():
     return _state["agent"], _state["settings"]
 
 
-def _problem(status: int, field: str | None, reason: str) -> HTTPException:
-    return HTTPException(status_code=status, detail={"field": field, "reason": reason})
-
-
-@app.middleware("http")
-async def limit_body_size(request: Request, call_next):
-    length = request.headers.get("content-length")
-    if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
-        return JSONResponse(status_code=413, content={"detail": {
-            "field": "body", "reason": f"request body over {MAX_BODY_BYTES} bytes"}})
-    return await call_next(request)
-
-
-def _tenant(settings, authorization: str | None) -> str | None:
-    tokens = settings.tenant_tokens
-    if not tokens:
-        return None
-    scheme, _, token = (authorization or "").partition(" ")
-    for known, tenant in tokens.items():
-        if scheme.lower() == "bearer" and secrets.compare_digest(token, known):
-            return tenant
-    raise _problem(401, "Authorization", "a valid `Bearer <token>` of a tenant is required")
+limit_body_size(app)
 
 
 @app.post("/", response_model=AgentResponse)
 def ask(body: AgentRequest, authorization: str | None = Header(None)) -> AgentResponse:
     agent, settings = _agent()
-    tenant = _tenant(settings, authorization)
+    tenant = tenant_of(settings.tenant_tokens, authorization)
     if len(body.message) > settings.agent.max_message_chars:
-        raise _problem(413, "message", f"message over {settings.agent.max_message_chars} characters")
+        raise problem(413, "message", f"message over {settings.agent.max_message_chars} characters")
     if body.thread_id is not None and not THREAD_ID.match(body.thread_id):
-        raise _problem(422, "thread_id", "use 1-64 letters, digits or _.:-")
+        raise problem(422, "thread_id", "use 1-64 letters, digits or _.:-")
     # Threads live in the tenant's own space: another tenant's thread id opens a fresh thread.
     thread = f"{tenant or '-'}/{body.thread_id}" if body.thread_id else None
     reply = agent.ask(body.message, thread_id=thread, tenant=tenant)

@@ -240,7 +240,8 @@ class PlatformTools:
         exp = client.get_experiment_by_name(name)
         if exp is None:
             raise ToolError(f"there is no experiment {name!r}; try list_mlflow_experiments")
-        metric = metric or TRAINERS[name].val_metric if name in TRAINERS else metric
+        if metric is None and name in TRAINERS:
+            metric = getattr(TRAINERS[name], "val_metric", None)
         query = f"tags.`oppen.tenant` = '{self.tenant}'" if self.tenant else ""
         runs = client.search_runs([exp.experiment_id], filter_string=query, max_results=limit,
                                   order_by=["attributes.start_time DESC"])

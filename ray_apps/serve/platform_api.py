@@ -21,11 +21,9 @@ without tokens, Serve listens on loopback only (configs/serve.yaml).
 
 # No `from __future__ import annotations`: FastAPI under Serve's ingress resolves the
 # handlers' annotations outside this module, so they must be real types, not strings.
-import secrets
 from typing import Any
 
-from fastapi import FastAPI, Header, HTTPException, Request
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI, Header
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -36,8 +34,7 @@ from ray_apps.scheduler.api import Infeasible, JobNotFound, Queue, QueueError
 from ray_apps.scheduler.states import JobState
 from ray_apps.scheduler.store import JobRecord
 from ray_apps.serve.cost_service import CostForecaster
-
-MAX_BODY_BYTES = 64 * 1024
+from ray_apps.serve.http_common import limit_body_size, problem, tenant_of
 
 app = FastAPI(title="Oppen platform API", version="1",
               description="A durable priority queue with quotas and preemption in front of Ray.")
@@ -94,26 +91,16 @@ class ForecastRequest(BaseModel):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
-def _problem(status: int, field: str | None, reason: str) -> HTTPException:
-    return HTTPException(status_code=status, detail={"field": field, "reason": reason})
-
-
 # Defined above the deployment: Serve's ingress captures the module globals the handlers use.
 def _answer(result: dict) -> dict:
     """A CostForecaster result, or its refusal as the 4xx it names."""
     if "error" in result:
         err = result["error"]
-        raise _problem(err["status"], err["field"], err["reason"])
+        raise problem(err["status"], err["field"], err["reason"])
     return result
 
 
-@app.middleware("http")
-async def limit_body_size(request: Request, call_next):
-    length = request.headers.get("content-length")
-    if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
-        return JSONResponse(status_code=413, content={"detail": {
-            "field": "body", "reason": f"request body over {MAX_BODY_BYTES} bytes"}})
-    return await call_next(request)
+limit_body_size(app)
 
 
 @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=32)
@@ -126,33 +113,26 @@ class PlatformAPI:
         self.tokens = tokens if tokens is not None else self.settings.tenant_tokens
 
     def _tenant(self, authorization: str | None) -> str | None:
-        """None: no tokens configured (loopback-only mode). Else the token's tenant, or 401."""
-        if not self.tokens:
-            return None
-        scheme, _, token = (authorization or "").partition(" ")
-        for known, tenant in self.tokens.items():
-            if scheme.lower() == "bearer" and secrets.compare_digest(token, known):
-                return tenant
-        raise _problem(401, "Authorization", "a valid `Bearer <token>` of a tenant is required")
+        return tenant_of(self.tokens, authorization)
 
     @app.post("/v1/jobs", status_code=201, response_model=JobOut)
     def submit(self, body: SubmitJob, authorization: str | None = Header(None)) -> JobOut:
         tenant = self._tenant(authorization)
         if tenant is not None and body.tenant not in (None, tenant):
-            raise _problem(403, "tenant", f"your token is for tenant {tenant!r}, not {body.tenant!r}")
+            raise problem(403, "tenant", f"your token is for tenant {tenant!r}, not {body.tenant!r}")
         try:
             job = self.queue.submit(body.trainer, body.params, priority=body.priority, tenant=tenant or body.tenant)
         except Infeasible as exc:
-            raise _problem(422, exc.field, str(exc)) from None
+            raise problem(422, exc.field, str(exc)) from None
         except QueueError as exc:
-            raise _problem(422 if exc.field else 503, exc.field, str(exc)) from None
+            raise problem(422 if exc.field else 503, exc.field, str(exc)) from None
         return JobOut.of(job)
 
     @app.get("/v1/jobs", response_model=list[JobOut])
     def list_jobs(self, state: JobState | None = None, limit: int = 200,
                   authorization: str | None = Header(None)) -> list[JobOut]:
         if not 1 <= limit <= 10_000:
-            raise _problem(422, "limit", "must be between 1 and 10000")
+            raise problem(422, "limit", "must be between 1 and 10000")
         jobs = self.queue.list(tenant=self._tenant(authorization), states=[state] if state else None, limit=limit)
         return [JobOut.of(j) for j in jobs]
 
@@ -169,7 +149,7 @@ class PlatformAPI:
         try:
             return JobOut.of(self.queue.cancel(job.id, tenant=job.tenant))
         except QueueError as exc:
-            raise _problem(409, "job_id", str(exc)) from None
+            raise problem(409, "job_id", str(exc)) from None
 
     @app.get("/v1/gpus")
     def gpus(self, authorization: str | None = Header(None)) -> dict:
@@ -177,7 +157,7 @@ class PlatformAPI:
         try:
             return vars(self.queue.gpu_availability())
         except (QueueError, PlatformError) as exc:
-            raise _problem(503, None, str(exc)) from None
+            raise problem(503, None, str(exc)) from None
 
     # ------------------------------------------------------------------ costs (CostForecaster)
 
@@ -198,7 +178,7 @@ class PlatformAPI:
     @app.post("/v1/forecast")
     async def forecast(self, body: ForecastRequest, authorization: str | None = Header(None)) -> dict:
         if bool(body.job_id) == bool(body.trainer):
-            raise _problem(422, "job_id", "give either a job_id, or a trainer (with params) not yet run")
+            raise problem(422, "job_id", "give either a job_id, or a trainer (with params) not yet run")
         tenant = self._tenant(authorization)
         return _answer(await self.costs.forecast.remote(body.job_id, body.trainer, body.params, tenant))
 
@@ -214,7 +194,7 @@ class PlatformAPI:
         try:
             return self.queue.get(job_id, tenant=self._tenant(authorization))
         except JobNotFound:
-            raise _problem(404, "job_id", f"no job {job_id!r}") from None
+            raise problem(404, "job_id", f"no job {job_id!r}") from None
 
 
 def app_builder(args: dict[str, Any]) -> serve.Application:

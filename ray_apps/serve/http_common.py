@@ -1,0 +1,38 @@
+"""What every HTTP app of the platform shares: problem bodies, the body-size limit, tenant tokens."""
+
+from __future__ import annotations
+
+import secrets
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse
+
+MAX_BODY_BYTES = 64 * 1024
+
+
+def problem(status: int, field: str | None, reason: str) -> HTTPException:
+    """A 4xx whose body names the offending field and the reason."""
+    return HTTPException(status_code=status, detail={"field": field, "reason": reason})
+
+
+def limit_body_size(app: FastAPI, max_bytes: int = MAX_BODY_BYTES) -> None:
+    """Refuse bodies over `max_bytes` by their Content-Length, before anything parses them."""
+
+    @app.middleware("http")
+    async def _limit(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > max_bytes):
+            return JSONResponse(status_code=413, content={"detail": {
+                "field": "body", "reason": f"request body over {max_bytes} bytes"}})
+        return await call_next(request)
+
+
+def tenant_of(tokens: dict[str, str], authorization: str | None) -> str | None:
+    """None when no tokens are configured (loopback-only mode); else the token's tenant, or a 401."""
+    if not tokens:
+        return None
+    scheme, _, token = (authorization or "").partition(" ")
+    for known, tenant in tokens.items():
+        if scheme.lower() == "bearer" and secrets.compare_digest(token, known):
+            return tenant
+    raise problem(401, "Authorization", "a valid `Bearer <token>` of a tenant is required")
