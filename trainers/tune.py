@@ -227,13 +227,7 @@ def _search(args: argparse.Namespace) -> int:
     from ray.tune.schedulers import ASHAScheduler
 
     trainer, spec_cls = args.trainer, TRAINERS[args.trainer]
-    if args.budget_usd is not None and not args.budget_usd > 0:
-        raise SpecError(f"--budget-usd must be a positive amount in USD, got {args.budget_usd}")
-    if args.num_samples < 1 or args.max_concurrent < 1:
-        raise SpecError("--num-samples and --max-concurrent must be at least 1")
-    fixed = {f.name: getattr(args, f.name) for f in dataclasses.fields(spec_cls) if hasattr(args, f.name)}
-    space = parse_space(trainer, args.space or DEFAULT_SPACES[trainer])
-    configs = sample_configs(trainer, space, fixed, args.num_samples, args.search_seed)
+    fixed, space, configs = _plan(args)
     base = build_config(trainer, fixed)
     data_dir = (args.data_dir or default_data_dir()).expanduser().resolve()
     if not data_dir.is_dir():
@@ -319,15 +313,22 @@ def _close_stopped_trials(uri: str, parent: str) -> None:
         client.set_terminated(run.info.run_id, status="KILLED")
 
 
-def validate_search(argv: list[str]) -> tuple[str, Any]:
-    """Parse and check a search command line without running it: (trainer, one trial's config)."""
-    args = build_parser().parse_args(argv)
+def _plan(args: argparse.Namespace) -> tuple[dict, list[Dimension], list[dict]]:
+    """The checked search: fixed values, the space, and the drawn configs (each catalog-validated)."""
     spec_cls = TRAINERS[args.trainer]
     if args.budget_usd is not None and not args.budget_usd > 0:
         raise SpecError(f"--budget-usd must be a positive amount in USD, got {args.budget_usd}")
+    if args.num_samples < 1 or args.max_concurrent < 1:
+        raise SpecError("--num-samples and --max-concurrent must be at least 1")
     fixed = {f.name: getattr(args, f.name) for f in dataclasses.fields(spec_cls) if hasattr(args, f.name)}
-    configs = sample_configs(args.trainer, parse_space(args.trainer, args.space or DEFAULT_SPACES[args.trainer]),
-                             fixed, args.num_samples, args.search_seed)
+    space = parse_space(args.trainer, args.space or DEFAULT_SPACES[args.trainer])
+    return fixed, space, sample_configs(args.trainer, space, fixed, args.num_samples, args.search_seed)
+
+
+def validate_search(argv: list[str]) -> tuple[str, Any]:
+    """Parse and check a search command line without running it: (trainer, one trial's config)."""
+    args = build_parser().parse_args(argv)
+    _, _, configs = _plan(args)
     return args.trainer, build_config(args.trainer, configs[0])
 
 
