@@ -205,15 +205,23 @@ def fit_and_report(trainer, ctx: RunContext, finish: Callable[[Any], dict]) -> i
     return 0
 
 
-def tracking_notes(metrics: dict) -> list[str]:
+def finish(ctx: RunContext, result, log_model: Callable[[dict], None], summary: dict[str, str]) -> dict:
+    """After a successful fit: `log_model(metrics)` to the run (a failure is noted, never fatal) and
+    the RESULT fields, `summary` mapping result names to the final metrics' keys."""
+    metrics = dict(result.metrics or {})
+    t0 = time.perf_counter()
+    notes = []
     if metrics.get("tracking_unsent"):
-        return [f"{int(metrics['tracking_unsent'])} metric/param value(s) from training were not logged"]
-    return []
-
-
-def report_lost_tracking(ctx: RunContext, notes: list[str]) -> str | None:
-    if not notes:
-        return None
-    note = f"MLflow tracking lost for run {ctx.run_id} at {ctx.uri}: " + "; ".join(notes)
-    print(f"WARNING: {note}", file=sys.stderr, flush=True)
-    return note
+        notes.append(f"{int(metrics['tracking_unsent'])} metric/param value(s) from training were not logged")
+    if ctx.run_id:
+        try:
+            log_model(metrics)
+        except Exception as exc:  # noqa: BLE001 - the training result stands without tracking
+            notes.append(f"final logging failed ({type(exc).__name__}: {str(exc)[:200]})")
+    lost = None
+    if notes:
+        lost = f"MLflow tracking lost for run {ctx.run_id} at {ctx.uri}: " + "; ".join(notes)
+        print(f"WARNING: {lost}", file=sys.stderr, flush=True)
+    return {**{name: metrics.get(key) for name, key in summary.items()}, "tracking_lost": lost,
+            # Time spent on MLflow: the batches rank 0 sent while training + the final model upload.
+            "tracking_s": metrics.get("tracking_s", 0.0) + (time.perf_counter() - t0 if ctx.run_id else 0.0)}

@@ -219,22 +219,9 @@ def fit(spec: LlmConfig, ctx: RunContext) -> int:
     print(f"{PROGRESS} corpus {spec.dataset}: {len(tokens.train):,} train / {len(tokens.validation):,} held-out "
           f"tokens from {tokens.source}", flush=True)
     trainer = driver.torch_trainer(train_func, {"offline": offline}, spec, ctx)
-    return driver.fit_and_report(trainer, ctx, lambda result: _finish(spec, ctx, result, tokenizer))
-
-
-def _finish(spec: LlmConfig, ctx: RunContext, result, tokenizer) -> dict:
-    metrics = dict(result.metrics or {})
-    t0 = time.perf_counter()
-    notes = driver.tracking_notes(metrics)
-    if ctx.run_id:
-        try:
-            _log_model(spec, ctx, result.checkpoint, tokenizer)
-        except Exception as exc:  # noqa: BLE001 - the training result stands without tracking
-            notes.append(f"final logging failed ({type(exc).__name__}: {str(exc)[:200]})")
-    return {"eval_loss": metrics.get("eval_loss"), "perplexity": metrics.get("perplexity"),
-            "cost_usd": metrics.get("cost_usd"), "steps": metrics.get("step"),
-            "tracking_lost": driver.report_lost_tracking(ctx, notes),
-            "tracking_s": metrics.get("tracking_s", 0.0) + (time.perf_counter() - t0 if ctx.run_id else 0.0)}
+    return driver.fit_and_report(trainer, ctx, lambda result: driver.finish(
+        ctx, result, lambda metrics: _log_model(spec, ctx, result.checkpoint, tokenizer),
+        {"eval_loss": "eval_loss", "perplexity": "perplexity", "cost_usd": "cost_usd", "steps": "step"}))
 
 
 def _log_model(spec: LlmConfig, ctx: RunContext, checkpoint, tokenizer) -> None:

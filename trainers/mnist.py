@@ -128,22 +128,9 @@ def _unwrap(model):
 
 def fit(spec: MnistConfig, ctx: RunContext) -> int:
     trainer = driver.torch_trainer(train_func, {}, spec, ctx)
-    return driver.fit_and_report(trainer, ctx, lambda result: _finish(spec, ctx, result))
-
-
-def _finish(spec: MnistConfig, ctx: RunContext, result) -> dict:
-    metrics = dict(result.metrics or {})
-    t0 = time.perf_counter()
-    notes = driver.tracking_notes(metrics)
-    if ctx.run_id:
-        try:
-            _log_model(spec, ctx, result.checkpoint, metrics)
-        except Exception as exc:  # noqa: BLE001 - the training result stands without tracking
-            notes.append(f"final logging failed ({type(exc).__name__}: {str(exc)[:200]})")
-    return {"test_accuracy": metrics.get("test_accuracy"), "cost_usd": metrics.get("cost_usd"),
-            "epochs": metrics.get("epoch"), "tracking_lost": driver.report_lost_tracking(ctx, notes),
-            # Time spent on MLflow: per-epoch batches on rank 0 + the final model upload.
-            "tracking_s": metrics.get("tracking_s", 0.0) + (time.perf_counter() - t0 if ctx.run_id else 0.0)}
+    return driver.fit_and_report(trainer, ctx, lambda result: driver.finish(
+        ctx, result, lambda metrics: _log_model(spec, ctx, result.checkpoint, metrics),
+        {"test_accuracy": "test_accuracy", "cost_usd": "cost_usd", "epochs": "epoch"}))
 
 
 def _log_model(spec: MnistConfig, ctx: RunContext, checkpoint, metrics: dict) -> None:
