@@ -93,9 +93,10 @@ def test_prestart_forecast_learns_from_the_metered_run(finished, platform):
     final = finished["mlflow"].get_run(finished["job"].mlflow_run_id).data.metrics["job_cost_usd"]
     assert fc["basis"] == "history" and fc["total_usd_low"] <= final <= fc["total_usd_high"], (fc, final)
     assert any(r.run_id == finished["job"].mlflow_run_id for r in past_runs(finished["mlflow"], "mnist"))
-    # Twice the data: about twice the per-epoch time on top of the same fixed part.
+    # Twice the training data: more time per epoch on top of the same fixed part (start-up, tail
+    # and each epoch's evaluation do not grow with it, so well under twice the total).
     bigger = CostService.from_settings(platform).forecast_new("mnist", {**PARAMS, "train_samples": 12000})
-    assert bigger.total_usd > fc["total_usd"] * 1.3
+    assert bigger.total_usd > fc["total_usd"] * 1.2
 
 
 def test_report_budget_and_recommendations_over_http(finished):
