@@ -292,7 +292,8 @@ def _outcome(grid, searcher, metric: str, mode: str, drawn: int) -> SearchOutcom
     for result in grid:
         m = result.metrics or {}
         config = {k: v for k, v in (result.config or {}).items() if k != "__oppen__"}
-        out.trials.append({"config": config, metric: m.get(metric), "reports": m.get("training_iteration", 0),
+        out.trials.append({"config": config, "trial_id": m.get("trial_id"), metric: m.get(metric),
+                           "reports": m.get("training_iteration", 0),
                            "cost_usd": m.get("cost_usd"), "error": str(result.error)[:300] if result.error else None})
     out.not_started = drawn - len(out.trials)
     scored = [t for t in out.trials if t[metric] is not None]
@@ -301,16 +302,22 @@ def _outcome(grid, searcher, metric: str, mode: str, drawn: int) -> SearchOutcom
     return out
 
 
-def _close_stopped_trials(uri: str, parent: str) -> None:
-    """Trials ASHA stopped never closed their child runs: mark them KILLED, and say why."""
+def _close_stopped_trials(uri: str, parent: str, trials: list[dict]) -> None:
+    """Close the child runs of trials ASHA stopped: KILLED, tagged as stopped early.
+
+    A stopped trial's actor is torn down mid-fit: depending on timing its run is left RUNNING, or the
+    interrupted fit closed it FAILED. Tune's own record (no error) says which trials only stopped early.
+    """
     from mlflow.tracking import MlflowClient
 
+    clean = {t["trial_id"] for t in trials if t["trial_id"] and not t["error"]}
     client = MlflowClient(uri)
     exp = client.get_run(parent).info.experiment_id
-    for run in client.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{parent}' "
-                                                       "and attributes.status = 'RUNNING'"):
-        client.set_tag(run.info.run_id, "oppen.tune.stopped_early", "true")
-        client.set_terminated(run.info.run_id, status="KILLED")
+    for run in client.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'"):
+        trial = run.data.tags.get("oppen.tune.trial")
+        if run.info.status == "RUNNING" or (run.info.status == "FAILED" and trial in clean):
+            client.set_tag(run.info.run_id, "oppen.tune.stopped_early", "true")
+            client.set_terminated(run.info.run_id, status="KILLED")
 
 
 def _plan(args: argparse.Namespace) -> tuple[dict, list[Dimension], list[dict]]:
@@ -345,7 +352,7 @@ def _report(out: SearchOutcome, name: str, metric: str, uri: str, parent: str | 
     if parent:
         from trainers.tracking import RunTracker
 
-        _close_stopped_trials(uri, parent)
+        _close_stopped_trials(uri, parent, out.trials)
         t = RunTracker(uri, parent)
         t.log_metrics({"spent_usd": out.spent_usd, "trials": len(out.trials), "not_started": out.not_started,
                        **({f"best_{metric}": out.best[metric]} if out.best else {})}, step=0)

@@ -1,0 +1,30 @@
+"""How a finished search closes its trials' MLflow child runs (a real SQLite MLflow store)."""
+from mlflow.tracking import MlflowClient
+
+from trainers.tune import _close_stopped_trials
+
+
+def test_trials_asha_stopped_end_killed_and_real_failures_stay_failed(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("mnist")
+    parent = client.create_run(exp).info.run_id
+
+    def child(trial, status):
+        run = client.create_run(exp, tags={"mlflow.parentRunId": parent, "oppen.tune.trial": trial}).info.run_id
+        if status != "RUNNING":
+            client.set_terminated(run, status=status)
+        return run
+
+    # A stopped trial's actor dies mid-fit: its run is left RUNNING, or the interrupted fit closed it FAILED.
+    runs = {"done": child("t1", "FINISHED"), "left_running": child("t2", "RUNNING"),
+            "stopped_mid_fit": child("t3", "FAILED"), "crashed": child("t4", "FAILED")}
+    trials = [{"trial_id": "t1", "error": None}, {"trial_id": "t2", "error": None},
+              {"trial_id": "t3", "error": None}, {"trial_id": "t4", "error": "RuntimeError: out of memory"}]
+    _close_stopped_trials(uri, parent, trials)
+
+    status = {name: client.get_run(run_id).info.status for name, run_id in runs.items()}
+    assert status == {"done": "FINISHED", "left_running": "KILLED", "stopped_mid_fit": "KILLED", "crashed": "FAILED"}
+    tagged = {name for name, run_id in runs.items()
+              if client.get_run(run_id).data.tags.get("oppen.tune.stopped_early") == "true"}
+    assert tagged == {"left_running", "stopped_mid_fit"}
