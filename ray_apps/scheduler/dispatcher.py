@@ -20,10 +20,13 @@ Invariants (see also `store` and `policy`):
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ray_apps.scheduler import policy
 from ray_apps.scheduler.api import Queue, ray_submission_id
@@ -33,6 +36,7 @@ from ray_apps.training import create_run, entrypoint_for, submit_entrypoint
 from trainers.specs import spec_for
 
 log = logging.getLogger("oppen.dispatcher")
+HEARTBEAT_FILE = "dispatcher.heartbeat"  # in the settings' state dir, rewritten after every cycle
 
 
 @dataclass
@@ -200,10 +204,28 @@ class Dispatcher:
         stop = stop or threading.Event()
         log.info("dispatcher running against %s", self.queue.settings.dashboard_url)
         while not stop.is_set():
+            ok = False
             try:
                 report = self.cycle()
+                ok = True
                 if report.admitted or report.preempted or report.finished or report.requeued or report.metered:
                     log.info("cycle: %s", report)
             except Exception:  # noqa: BLE001 - a cycle is retried; the store is the state
                 log.exception("dispatcher cycle failed; retrying")
+            self._beat(ok)
             stop.wait(self.queue.config.poll_s)
+
+    @property
+    def heartbeat_path(self) -> Path:
+        return self.queue.settings.state_dir / HEARTBEAT_FILE
+
+    def _beat(self, ok: bool) -> None:
+        """Touch the heartbeat after every cycle, failed or not: a loop that hangs stops beating
+        (the Kubernetes liveness probe and `oppen status` read its age)."""
+        try:
+            self.heartbeat_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.heartbeat_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"time": time.time(), "last_cycle_ok": ok, "pid": os.getpid()}))
+            tmp.replace(self.heartbeat_path)
+        except OSError as exc:
+            log.warning("cannot write the heartbeat %s: %s", self.heartbeat_path, exc)

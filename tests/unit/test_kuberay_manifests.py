@@ -1,0 +1,234 @@
+"""kuberay/: the manifests checked offline, as far as a machine without Kubernetes can.
+
+yamllint; core objects against Kubernetes' own OpenAPI schemas (kubernetes-validate --strict) for
+the version of the Kind node Terraform creates; RayCluster/RayJob/RayService against the CRDs of
+the pinned KubeRay (../shared/kuberay-crds, skipped when absent: a user's clone has no ../shared);
+and the promises the manifests make to the rest of the project (versions, serve config, settings,
+trainer commands, GPU scheduling).
+"""
+import copy
+import dataclasses
+import functools
+import os
+import re
+import shlex
+from pathlib import Path
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+from yamllint import config as yamllint_config
+from yamllint import linter
+
+from tests.unit.tf import blocks, load_tf
+
+ROOT = Path(__file__).resolve().parents[2]
+KUBERAY = ROOT / "kuberay"
+CRDS = Path(os.environ.get("OPPEN_KUBERAY_CRDS") or ROOT.parent / "shared" / "kuberay-crds")
+MANIFESTS = sorted(KUBERAY.glob("*.yaml"))
+IMAGE = "oppen/ray"
+
+
+def documents(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def all_objects() -> list[tuple[str, dict]]:
+    return [(p.name, d) for p in MANIFESTS for d in documents(p)]
+
+
+def ray_objects() -> list[tuple[str, dict]]:
+    return [(name, d) for name, d in all_objects() if d["apiVersion"].startswith("ray.io/")]
+
+
+def by_kind(kind: str, name: str | None = None) -> dict:
+    found = [d for _, d in all_objects() if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
+    assert len(found) == 1, f"expected one {kind} {name or ''}, found {len(found)}"
+    return found[0]
+
+
+def kind_node_version() -> str:
+    return blocks(load_tf(ROOT / "terraform" / "variables.tf"), "variable")["kubernetes_version"]["default"][1:]
+
+
+def pod_specs(obj: dict) -> list[dict]:
+    """Every pod template's spec inside a RayCluster, RayJob or RayService."""
+    spec = obj["spec"]
+    cluster = spec.get("rayClusterSpec") or spec.get("rayClusterConfig") or (spec if "headGroupSpec" in spec else None)
+    if cluster is None:
+        return []
+    return [cluster["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in cluster["workerGroupSpecs"]]
+
+
+def test_the_manifests_are_all_here():
+    assert {p.name for p in MANIFESTS} >= {"ray-cluster.kind.yaml", "ray-job.mnist.yaml", "ray-job.llm.yaml",
+                                           "ray-service.oppen.yaml", "mlflow.yaml", "platform.yaml"}
+
+
+@pytest.mark.parametrize("path", MANIFESTS + sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_yamllint_is_clean(path):
+    conf = yamllint_config.YamlLintConfig(file=str(ROOT / ".yamllint.yaml"))
+    problems = [f"{path.name}:{p.line}:{p.column} {p.rule}: {p.desc}" for p in linter.run(path.read_text(), conf)]
+    assert problems == []
+
+
+@pytest.mark.parametrize("name,obj", [(n, d) for n, d in all_objects() if "." not in d["apiVersion"].split("/")[0]
+                                      or d["apiVersion"].startswith("apps/")],
+                         ids=lambda x: x if isinstance(x, str) else f"{x['kind']}/{x['metadata']['name']}")
+def test_core_objects_pass_strict_validation_for_the_kind_node_version(name, obj):
+    kubernetes_validate.validate(obj, kind_node_version(), strict=True)  # raises with the offending path
+
+
+def test_strict_validation_would_catch_a_misspelt_field():
+    deployment = copy.deepcopy(by_kind("Deployment", "oppen-mlflow"))
+    deployment["spec"]["template"]["spec"]["containers"][0]["resource"] = {}  # 'resources' misspelt
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, kind_node_version(), strict=True)
+
+
+# --------------------------------------------------------------------------- KubeRay CRDs
+
+needs_crds = pytest.mark.skipif(not CRDS.is_dir(), reason=f"KubeRay CRDs not found at {CRDS} (a user's clone has "
+                                "no ../shared; set OPPEN_KUBERAY_CRDS to a folder of KubeRay's CRD YAML)")
+
+
+def _strict(schema: dict) -> dict:
+    """A CRD's openAPIV3Schema as JSON Schema that rejects unknown fields (the API server would drop
+    them silently) and does not require fields that have a default (the server fills those in)."""
+    if isinstance(schema, dict):
+        schema = {k: _strict(v) for k, v in schema.items()}
+        props = schema.get("properties")
+        if props is not None:
+            if "additionalProperties" not in schema and not schema.get("x-kubernetes-preserve-unknown-fields"):
+                schema["additionalProperties"] = False
+            if "required" in schema:
+                schema["required"] = [r for r in schema["required"] if "default" not in props.get(r, {})]
+        return schema
+    if isinstance(schema, list):
+        return [_strict(s) for s in schema]
+    return schema
+
+
+@functools.cache
+def crd_validator(kind: str) -> jsonschema.Draft7Validator:
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the CRDs are 1-1.4 MB of YAML
+    crd = yaml.load((CRDS / f"ray.io_{kind.lower()}s.yaml").read_text(), Loader=loader)
+    version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
+    schema = _strict(version["schema"]["openAPIV3Schema"])
+    schema["properties"]["metadata"] = {"type": "object"}  # ObjectMeta is checked by the API server itself
+    return jsonschema.Draft7Validator(schema)
+
+
+@needs_crds
+@pytest.mark.parametrize("name,obj", ray_objects(), ids=lambda x: x if isinstance(x, str) else x["kind"])
+def test_ray_objects_validate_against_the_kuberay_crds(name, obj):
+    errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in crd_validator(obj["kind"]).iter_errors(obj)]
+    assert errors == []
+
+
+@needs_crds
+def test_the_crd_check_would_catch_a_misspelt_field_and_a_missing_one():
+    cluster = copy.deepcopy(by_kind("RayCluster"))
+    cluster["spec"]["workerGroupSpecs"][1]["maxReplica"] = 2           # 'maxReplicas' misspelt
+    del cluster["spec"]["workerGroupSpecs"][0]["groupName"]            # required, no default
+    messages = " | ".join(e.message for e in crd_validator("RayCluster").iter_errors(cluster))
+    assert "'maxReplica' was unexpected" in messages and "'groupName' is a required property" in messages
+
+
+# --------------------------------------------------------------------------- promises to the project
+
+def pinned_ray() -> str:
+    return re.search(r'"ray\[[^\]]*\]==([\d.]+)"', (ROOT / "pyproject.toml").read_text())[1]
+
+
+def test_ray_version_equals_the_image_tag_and_the_ray_the_project_pins():
+    pinned = pinned_ray()
+    for name, obj in ray_objects():
+        spec = obj["spec"]
+        cluster = spec.get("rayClusterSpec") or spec.get("rayClusterConfig") or spec
+        if "headGroupSpec" in cluster:
+            assert cluster["rayVersion"] == pinned, name
+        for pod in pod_specs(obj):
+            for container in pod["containers"]:
+                assert container["image"] == f"{IMAGE}:{pinned}", (name, container["name"])
+    for name, obj in all_objects():
+        for container in (obj.get("spec", {}).get("template", {}).get("spec", {}).get("containers", [])):
+            if container["image"].startswith(IMAGE):
+                assert container["image"] == f"{IMAGE}:{pinned}", name
+    assert f"rayproject/ray:{pinned}-" in (KUBERAY / "Dockerfile").read_text()
+
+
+def test_the_gpu_group_requests_gpus_tolerates_their_taint_and_scales_from_zero():
+    cluster = by_kind("RayCluster")["spec"]
+    assert cluster["enableInTreeAutoscaling"] is True
+    groups = {g["groupName"]: g for g in cluster["workerGroupSpecs"]}
+    gpu = groups["gpu"]
+    assert gpu["minReplicas"] == 0 and gpu["replicas"] == 0 and gpu["maxReplicas"] >= 1
+    container = gpu["template"]["spec"]["containers"][0]
+    gpus = container["resources"]["limits"]["nvidia.com/gpu"]
+    assert gpu["rayStartParams"]["num-gpus"] == gpus == "1"  # Ray's view equals the pod's allocation
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in gpu["template"]["spec"]["tolerations"]
+    cpu_limits = groups["cpu"]["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert "nvidia.com/gpu" not in cpu_limits
+    # The Kind GPU nodes Terraform makes carry the label this group selects and the taint it tolerates.
+    main_tf = (ROOT / "terraform" / "main.tf").read_text()
+    for key, value in gpu["template"]["spec"]["nodeSelector"].items():
+        assert f'"{key}" = "{value}"' in main_tf
+    assert "key: nvidia.com/gpu" in main_tf and "effect: NoSchedule" in main_tf
+
+
+def test_the_rayservice_serves_configs_serve_yaml():
+    service = by_kind("RayService")
+    in_cluster = yaml.safe_load(service["spec"]["serveConfigV2"])
+    local = yaml.safe_load((ROOT / "configs" / "serve.yaml").read_text())
+    # The one intended difference: in a pod the proxy listens on the pod's network.
+    assert in_cluster["http_options"].pop("host") == "0.0.0.0"
+    local["http_options"].pop("host")
+    assert in_cluster == local
+
+
+def test_the_platform_configmap_is_valid_platform_settings(monkeypatch, tmp_path):
+    from ray_apps.config import load_settings
+
+    config = by_kind("ConfigMap", "oppen-platform")["data"]["platform.yaml"]
+    (tmp_path / "platform.yaml").write_text(config)
+    env = {e["name"]: e.get("value") for e in by_kind("Deployment", "oppen-dispatcher")["spec"]["template"]["spec"]
+           ["containers"][0]["env"]}
+    for key in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "OPPEN_QUEUE_DB_URL"):
+        monkeypatch.setenv(key, env[key].replace("$(POSTGRES_PASSWORD)", "pw"))
+    settings = load_settings(tmp_path / "platform.yaml")
+    assert settings.dashboard_url == "http://oppen-head-svc.oppen.svc.cluster.local:8265"
+    assert settings.queue_db_url.startswith("postgresql+psycopg2://oppen:pw@oppen-postgres:5432/")
+    assert not settings.is_local  # a cluster address: the platform starts no local head
+
+
+@pytest.mark.parametrize("path", sorted(KUBERAY.glob("ray-job.*.yaml")), ids=lambda p: p.name)
+def test_rayjob_entrypoints_are_valid_trainer_commands(path):
+    from trainers.driver import build_parser
+    from trainers.specs import TRAINERS, build_config
+
+    job = documents(path)[0]
+    argv = shlex.split(job["spec"]["entrypoint"])
+    assert argv[:2] == ["python", "-m"] and argv[2].startswith("trainers.")
+    trainer = argv[2].removeprefix("trainers.")
+    assert job["spec"]["metadata"]["trainer"] == trainer
+    spec_cls = TRAINERS[trainer]
+    args = build_parser(trainer, spec_cls, "").parse_args(argv[3:])
+    spec = build_config(trainer, {f.name: getattr(args, f.name) for f in dataclasses.fields(spec_cls)})
+    if "rayClusterSpec" in job["spec"]:  # its own cluster must hold the gang it asks for
+        groups = job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+        gpus = sum(int(g["rayStartParams"].get("num-gpus", 0)) * g["maxReplicas"] for g in groups)
+        assert spec.num_workers * spec.gpus_per_worker <= gpus
+    env = yaml.safe_load(job["spec"]["runtimeEnvYAML"])["env_vars"]
+    assert env["MLFLOW_TRACKING_URI"].startswith("http://oppen-mlflow.")
+
+
+def test_every_secret_a_pod_reads_is_created_by_terraform_or_optional():
+    resources = blocks(load_tf(ROOT / "terraform" / "main.tf"), "resource")
+    created = {body["metadata"][0]["name"] for name, body in resources.items() if name.startswith("kubernetes_secret_v1.")}
+    text = "\n".join(p.read_text() for p in MANIFESTS)
+    refs = set(re.findall(r"secretKeyRef: \{name: ([\w-]+), key: [\w]+\}", text))
+    refs |= set(re.findall(r"secretName: ([\w-]+)", text))
+    optional = set(re.findall(r"secretKeyRef: \{name: ([\w-]+), key: \w+, optional: true\}", text))
+    assert refs and refs - optional <= created, f"pods read secrets nobody creates: {refs - optional - created}"
