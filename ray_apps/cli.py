@@ -7,12 +7,16 @@ import json
 import logging
 import sys
 import time
+from pathlib import Path
+
+import yaml
 
 from ray_apps.cluster import PlatformError
 from ray_apps.config import SettingsError, load_settings
 from ray_apps.costs.forecast import ForecastError
 from ray_apps.costs.report import ReportError
 from ray_apps.costs.service import RunNotFound
+from ray_apps.kube import KubeError
 from ray_apps.scheduler.api import JobNotFound, QueueError
 from trainers.pricing import CatalogError
 from trainers.specs import TRAINERS, SpecError, add_arguments
@@ -352,6 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
         ap.set_defaults(func=func)
     sub.add_parser("gpus", help="GPUs free/used by node, and queued demand").set_defaults(func=cmd_gpus)
     _add_cost_commands(sub)
+    _add_kube_commands(sub)
     p = sub.add_parser("ask", help="ask the agent in plain English, e.g. oppen ask 'any free GPUs?'")
     p.add_argument("message")
     p.add_argument("--thread", default=None, help="continue this conversation")
@@ -410,13 +415,82 @@ def _add_cost_commands(sub) -> None:
             action.add_argument("--tenant", default=None, help="act as this tenant only")
 
 
+def _kuberay(args):
+    from ray_apps.kube import KubeRayClient, load_api_client
+
+    return KubeRayClient(load_api_client(args.kubeconfig, args.context), namespace=args.namespace)
+
+
+def _kube_line(obj: dict) -> str:
+    status = obj.get("status") or {}
+    state = (status.get("jobDeploymentStatus") or status.get("state") or status.get("serviceStatus") or "-")
+    job = f" job={status['jobStatus']}" if status.get("jobStatus") else ""
+    return f"{obj['kind']:11} {obj['metadata']['name']:24} {state}{job}"
+
+
+def cmd_kube_list(args, settings) -> int:
+    for obj in _kuberay(args).list(args.kind, args.selector):
+        print(_kube_line(obj))
+    return 0
+
+
+def cmd_kube_apply(args, settings) -> int:
+    """Create every KubeRay object in a manifest file (e.g. kuberay/ray-job.mnist.yaml)."""
+    client = _kuberay(args)
+    docs = [d for d in yaml.safe_load_all(Path(args.file).read_text()) if d]
+    for doc in docs:
+        created = client.create(doc)
+        print(f"created {_kube_line(created)}")
+        if args.wait and doc["kind"] == "RayJob":
+            try:
+                status = client.wait_rayjob(doc["metadata"]["name"], timeout_s=args.timeout,
+                                            on_status=lambda st: print(f"  {st.get('jobDeploymentStatus') or 'New'}"
+                                                                       f" {st.get('jobStatus') or ''}", flush=True))
+            except TimeoutError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 1
+            if status.get("jobStatus") != "SUCCEEDED":
+                print(f"RayJob {doc['metadata']['name']} ended {status.get('jobStatus')}: "
+                      f"{status.get('message', '')}", file=sys.stderr)
+                return 1
+    return 0
+
+
+def cmd_kube_delete(args, settings) -> int:
+    _kuberay(args).delete(args.kind, args.name)
+    print(f"deleted {args.kind} {args.namespace}/{args.name}")
+    return 0
+
+
+def _add_kube_commands(sub) -> None:
+    p = sub.add_parser("kube", help="KubeRay RayJobs/RayClusters/RayServices on Kubernetes (kuberay/)")
+    ksub = p.add_subparsers(dest="kube_command", required=True, metavar="ACTION")
+    kp = ksub.add_parser("list", help="list RayJobs, RayClusters or RayServices")
+    kp.add_argument("kind", choices=["rayjobs", "rayclusters", "rayservices"])
+    kp.add_argument("-l", "--selector", default=None, help="label selector, e.g. oppen/trainer=mnist")
+    kp.set_defaults(func=cmd_kube_list)
+    kp = ksub.add_parser("apply", help="create the KubeRay objects of a manifest file")
+    kp.add_argument("file", help="e.g. kuberay/ray-job.mnist.yaml")
+    kp.add_argument("--wait", action="store_true", help="follow a RayJob to its end; exit 1 unless it succeeded")
+    kp.add_argument("--timeout", type=float, default=3600, help="seconds to wait (default: 3600)")
+    kp.set_defaults(func=cmd_kube_apply)
+    kp = ksub.add_parser("delete", help="delete one object (a RayJob takes its own cluster with it)")
+    kp.add_argument("kind", choices=["rayjob", "raycluster", "rayservice"])
+    kp.add_argument("name")
+    kp.set_defaults(func=cmd_kube_delete)
+    for action in ksub.choices.values():
+        action.add_argument("-n", "--namespace", default="oppen", help="namespace (default: oppen)")
+        action.add_argument("--kubeconfig", default=None, help="default: $KUBECONFIG or ~/.kube/config")
+        action.add_argument("--context", default=None, help="kubeconfig context (default: its current one)")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = load_settings(args.config)
         return args.func(args, settings)
     except (SettingsError, SpecError, CatalogError, PlatformError, QueueError, JobNotFound, ReportError,
-            ForecastError, RunNotFound) as exc:
+            ForecastError, RunNotFound, KubeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

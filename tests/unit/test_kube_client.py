@@ -213,3 +213,18 @@ def test_wait_rayjob_follows_the_status_to_the_end(api):
 
     final = client.wait_rayjob("mnist", poll_s=0.01, timeout_s=10, on_status=advance)
     assert final["jobStatus"] == "SUCCEEDED" and seen == [None, "Running", "Complete"]
+
+
+def test_oppen_kube_apply_list_delete_through_the_cli(tmp_path, capsys):
+    from ray_apps.cli import main
+
+    with FakeApiServer() as fake:
+        conf = ["--kubeconfig", str(_kubeconfig(tmp_path, fake.url))]
+        assert main(["kube", "apply", str(MNIST_JOB), *conf]) == 0
+        assert main(["kube", "list", "rayjobs", "-l", "oppen/trainer=mnist", *conf]) == 0
+        assert main(["kube", "delete", "rayjob", "mnist", *conf]) == 0
+        assert main(["kube", "delete", "rayjob", "mnist", *conf]) == 2  # already gone: a clear error, exit 2
+    out, err = capsys.readouterr()
+    assert "created RayJob" in out and "mnist" in out and "deleted rayjob oppen/mnist" in out
+    assert 'error: RayJob oppen/mnist not found' in err
+    assert [r["method"] for r in fake.requests] == ["POST", "GET", "DELETE", "DELETE"]

@@ -232,3 +232,17 @@ def test_every_secret_a_pod_reads_is_created_by_terraform_or_optional():
     refs |= set(re.findall(r"secretName: ([\w-]+)", text))
     optional = set(re.findall(r"secretKeyRef: \{name: ([\w-]+), key: \w+, optional: true\}", text))
     assert refs and refs - optional <= created, f"pods read secrets nobody creates: {refs - optional - created}"
+
+
+def test_the_bring_up_script_is_shellcheck_clean_and_marked_not_run_in_ci():
+    import shutil
+    import subprocess
+
+    script = KUBERAY / "bring-up.sh"
+    assert "NOT RUN IN CI" in script.read_text() and os.access(script, os.X_OK)
+    shellcheck = ROOT / ".venv-tools" / "bin" / "shellcheck"
+    shellcheck = str(shellcheck) if shellcheck.exists() else shutil.which("shellcheck")
+    if shellcheck is None:
+        pytest.skip("shellcheck not installed (the README's test command puts it in .venv-tools)")
+    out = subprocess.run([shellcheck, str(script), str(ROOT / ".ci" / "run")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout
