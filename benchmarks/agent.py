@@ -13,14 +13,12 @@ requests, then 8 clients x 100; p50/p99 latency and requests/s.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -31,6 +29,7 @@ import requests  # noqa: E402
 import yaml  # noqa: E402
 from fastapi import FastAPI  # noqa: E402
 
+from benchmarks import httpload  # noqa: E402
 from ray_apps import cluster  # noqa: E402
 from ray_apps.agent import http  # noqa: E402
 from ray_apps.config import load_settings  # noqa: E402
@@ -54,33 +53,7 @@ plain_app.mount("/v1/agent", http.app)
 
 
 def load(url: str, clients: int, per_client: int) -> dict:
-    latencies: list[float] = []
-    lock = threading.Lock()
-    errors = []
-
-    def client():
-        session, mine = requests.Session(), []
-        for _ in range(per_client):
-            t0 = time.perf_counter()
-            resp = session.post(url, json=MESSAGE, timeout=30)
-            mine.append(time.perf_counter() - t0)
-            if resp.status_code != 200:
-                errors.append(resp.status_code)
-        with lock:
-            latencies.extend(mine)
-
-    threads = [threading.Thread(target=client) for _ in range(clients)]
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
-    latencies.sort()
-    return {"clients": clients, "requests": len(latencies), "errors": len(errors),
-            "p50_ms": 1000 * statistics.median(latencies),
-            "p99_ms": 1000 * latencies[min(len(latencies) - 1, math.ceil(0.99 * len(latencies)) - 1)],
-            "rps": len(latencies) / wall}
+    return httpload.load(url, clients, per_client, MESSAGE)
 
 
 def trivial_p50_ms(url: str, n: int = 200) -> float:

@@ -19,6 +19,7 @@ from ray_apps.costs.service import RunNotFound
 from ray_apps.kube import KubeError
 from ray_apps.scheduler.api import JobNotFound, QueueError
 from trainers.pricing import CatalogError
+from trainers.registry import RegistryError
 from trainers.specs import TRAINERS, SpecError, add_arguments
 
 
@@ -356,6 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
         ap.set_defaults(func=func)
     sub.add_parser("gpus", help="GPUs free/used by node, and queued demand").set_defaults(func=cmd_gpus)
     _add_cost_commands(sub)
+    _add_models_commands(sub)
     _add_kube_commands(sub)
     p = sub.add_parser("ask", help="ask the agent in plain English, e.g. oppen ask 'any free GPUs?'")
     p.add_argument("message")
@@ -413,6 +415,92 @@ def _add_cost_commands(sub) -> None:
     for action in csub.choices.values():
         if action.get_default("func") is not cmd_cost_estimate:
             action.add_argument("--tenant", default=None, help="act as this tenant only")
+
+
+def cmd_models_list(args, settings) -> int:
+    from trainers.registry import list_models
+
+    models = list_models(settings.tracking_uri)
+    if not models:
+        print("no model registered yet: a finished `oppen train mnist` (or llm) run registers one")
+    for m in models:
+        print(f"{m['name']}  (serving: {m['serve']})")
+        for v in m["versions"][:args.limit]:
+            tags = v["tags"]
+            metric = tags.get("metric")
+            score = f"{metric}={tags[metric]}" if metric in tags else ""
+            aliases = f" [{', '.join(v['aliases'])}]" if v["aliases"] else ""
+            print(f"  v{v['version']:<4}{aliases:14} {score:24} cost ${tags.get('cost_usd', 'n/a'):<10} "
+                  f"run {v['run_id']}")
+    return 0
+
+
+def cmd_models_register(args, settings) -> int:
+    from trainers.registry import register_run
+
+    mv = register_run(settings.tracking_uri, args.run_id)
+    print(f"{mv.name} version {mv.version} <- run {mv.run_id}")
+    return 0
+
+
+def cmd_models_promote(args, settings) -> int:
+    from trainers.registry import promote
+
+    mv = promote(settings.tracking_uri, args.name, args.version, args.alias)
+    print(f"{args.name}@{args.alias} -> version {mv.version}; replicas serving that alias move within seconds")
+    return 0
+
+
+def cmd_models_serve(args, settings) -> int:
+    """Choose the served version, then follow the replica until it serves it (or --no-wait)."""
+    import requests
+
+    from ray_apps.cluster import serve_url
+    from trainers.registry import Selector, set_serving
+
+    selector = Selector(alias=args.alias, version=args.version)
+    mv = set_serving(settings.tracking_uri, args.name, selector)
+    print(f"{args.name}: serving {selector} = version {mv.version}")
+    if args.no_wait or args.name != "mnist":  # the LLM scales to zero: it loads on its next request
+        return 0
+    url, deadline = f"{serve_url(settings)}/v1/models", time.monotonic() + args.timeout
+    while time.monotonic() < deadline:
+        try:
+            listing = requests.get(url, timeout=10).json()
+            replica = next(m for m in listing if m["name"] == args.name)["replica"]
+            if replica and replica["version"] == mv.version:
+                print(f"{args.name}: replicas now answer with version {mv.version}")
+                return 0
+        except (requests.RequestException, ValueError, StopIteration, KeyError, TypeError):
+            pass  # Serve busy or restarting: ask again
+        time.sleep(1)
+    print(f"error: the {args.name} replicas did not report version {mv.version} within {args.timeout:.0f} s "
+          f"(is the platform up? `oppen status`)", file=sys.stderr)
+    return 1
+
+
+def _add_models_commands(sub) -> None:
+    p = sub.add_parser("models", help="the model registry and what Ray Serve serves")
+    msub = p.add_subparsers(dest="models_command", required=True, metavar="ACTION")
+    mp = msub.add_parser("list", help="registered versions, aliases, metric and cost")
+    mp.add_argument("--limit", type=int, default=5, help="versions per model (default: 5)")
+    mp.set_defaults(func=cmd_models_list)
+    mp = msub.add_parser("register", help="register a finished run's model (runs register themselves)")
+    mp.add_argument("run_id")
+    mp.set_defaults(func=cmd_models_register)
+    mp = msub.add_parser("promote", help="point an alias at a version, e.g. promote mnist 3 --alias champion")
+    mp.add_argument("name", choices=["mnist", "llm"])
+    mp.add_argument("version")
+    mp.add_argument("--alias", default="champion", help="(default: champion)")
+    mp.set_defaults(func=cmd_models_promote)
+    mp = msub.add_parser("serve", help="serve a version or an alias; replicas roll over without failed requests")
+    mp.add_argument("name", choices=["mnist", "llm"])
+    which = mp.add_mutually_exclusive_group()
+    which.add_argument("--alias", default=None, help="follow this alias (moves with `promote`)")
+    which.add_argument("--version", default=None, help="pin this version")
+    mp.add_argument("--no-wait", action="store_true", help="do not wait for the replicas to roll over")
+    mp.add_argument("--timeout", type=float, default=120, help="seconds to wait (default: 120)")
+    mp.set_defaults(func=cmd_models_serve)
 
 
 def _kuberay(args):
@@ -490,7 +578,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = load_settings(args.config)
         return args.func(args, settings)
     except (SettingsError, SpecError, CatalogError, PlatformError, QueueError, JobNotFound, ReportError,
-            ForecastError, RunNotFound, KubeError) as exc:
+            ForecastError, RunNotFound, KubeError, RegistryError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

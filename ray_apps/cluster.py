@@ -272,7 +272,7 @@ def serve_config(settings: Settings) -> dict:
     return config
 
 
-SERVE_HEALTH_PATHS = ("/v1/health", "/v1/agent/health")  # one per application in configs/serve.yaml
+SERVE_HEALTH_PATHS = ("/v1/health", "/v1/agent/health", "/v1/models/health")  # one per application in configs/serve.yaml
 
 
 def serve_healthy(settings: Settings) -> bool:

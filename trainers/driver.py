@@ -205,6 +205,17 @@ def fit_and_report(trainer, ctx: RunContext, finish: Callable[[Any], dict]) -> i
     return 0
 
 
+def _register(ctx: RunContext) -> str | None:
+    """A finished run of a servable trainer becomes a version of its registered model."""
+    from trainers.registry import SERVABLE, register_run
+
+    if ctx.trainer not in SERVABLE:
+        return None
+    mv = register_run(ctx.uri, ctx.run_id)
+    print(f"{PROGRESS} registered model {mv.name} version {mv.version}", flush=True)
+    return mv.version
+
+
 def finish(ctx: RunContext, result, log_model: Callable[[dict], None], summary: dict[str, str]) -> dict:
     """After a successful fit: `log_model(metrics)` to the run (a failure is noted, never fatal) and
     the RESULT fields, `summary` mapping result names to the final metrics' keys."""
@@ -213,9 +224,11 @@ def finish(ctx: RunContext, result, log_model: Callable[[dict], None], summary: 
     notes = []
     if metrics.get("tracking_unsent"):
         notes.append(f"{int(metrics['tracking_unsent'])} metric/param value(s) from training were not logged")
+    version = None
     if ctx.run_id:
         try:
             log_model(metrics)
+            version = _register(ctx)
         except Exception as exc:  # noqa: BLE001 - the training result stands without tracking
             notes.append(f"final logging failed ({type(exc).__name__}: {str(exc)[:200]})")
     lost = None
@@ -223,5 +236,6 @@ def finish(ctx: RunContext, result, log_model: Callable[[dict], None], summary: 
         lost = f"MLflow tracking lost for run {ctx.run_id} at {ctx.uri}: " + "; ".join(notes)
         print(f"WARNING: {lost}", file=sys.stderr, flush=True)
     return {**{name: metrics.get(key) for name, key in summary.items()}, "tracking_lost": lost,
+            "model_version": version,
             # Time spent on MLflow: the batches rank 0 sent while training + the final model upload.
             "tracking_s": metrics.get("tracking_s", 0.0) + (time.perf_counter() - t0 if ctx.run_id else 0.0)}

@@ -113,8 +113,12 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: 
 def make_optimizer(model: nn.Module, *, lr: float, total_steps: int, done_steps: int = 0):
     """Adam with a one-cycle schedule over the whole run (resumable at `done_steps`)."""
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=max(total_steps, 1),
-                                                    pct_start=0.2)
+    if total_steps < 2:  # one step has no cycle to run
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    else:
+        # 20% warm-up; a very short run needs at least one step in each phase, or torch divides by zero.
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total_steps,
+                                                        pct_start=max(0.2, 1.5 / total_steps))
     with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": intended here
         warnings.simplefilter("ignore", UserWarning)
         for _ in range(min(done_steps, total_steps - 1)):

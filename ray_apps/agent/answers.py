@@ -119,13 +119,32 @@ def _metrics(r: dict) -> str:
     return f"Recent {r['experiment']} runs: {rows or 'none'}."
 
 
+def _models(r: dict) -> str:
+    if not r["models"]:
+        return "No model is registered yet: a finished mnist or llm training run registers one."
+    parts = []
+    for m in r["models"]:
+        versions = "; ".join(
+            f"v{v['version']}" + (f" [{', '.join(v['aliases'])}]" if v["aliases"] else "")
+            + (f" {v['tags']['metric']} {v['tags'][v['tags']['metric']]}" if v["tags"].get("metric") in v["tags"]
+               else "") + (f" cost ${v['tags']['cost_usd']}" if "cost_usd" in v["tags"] else "")
+            for v in m["versions"])
+        parts.append(f"{m['name']}: {versions or 'no versions'} (serving: {m['serve']})")
+    return "Registered models: " + " | ".join(parts) + "."
+
+
+def _deployed(r: dict) -> str:
+    return (f"Serving {r['name']} version {r['version']} ({r['selector']}); the replicas roll over within seconds "
+            f"without failing requests. Endpoint: POST {r['endpoint']}")
+
+
 ANSWERS: dict[str, Callable[[dict], str]] = {
     "trigger_training_job": _submitted, "queue_training_job": _submitted, "get_training_status": _status,
     "get_job_queue_status": _queue, "cancel_job": _cancel, "list_mlflow_experiments": _experiments,
     "get_experiment_metrics": _metrics, "calculate_training_cost": _cost, "get_cost_report": _report,
     "check_training_budget": _budget, "forecast_training_cost": _forecast,
     "recommend_cost_optimization": _advice, "get_gpu_availability": _gpus, "validate_job_resources": _validate,
-    "start_hyperparameter_search": _search,
+    "start_hyperparameter_search": _search, "list_models": _models, "deploy_model": _deployed,
 }
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 CAPABILITIES = ("start or queue training (mnist, llm), job status and the queue, cancel jobs, MLflow experiments "
                 "and metrics, a job's cost, spend reports, budgets, cost forecasts, savings advice, free GPUs, "
-                "checking whether a job fits, and hyperparameter searches")
+                "checking whether a job fits, hyperparameter searches, registered models and deploying a model version")
 
 JOB_ID = re.compile(r"\b(?:mnist|llm|probe|tune-(?:mnist|llm))-\d{8}-\d{6}-[0-9a-f]{6}(?:-r\d+)?\b")
 RUN_ID = re.compile(r"\b[0-9a-f]{32}\b")
@@ -30,6 +30,7 @@ gpu gpus free available idle experiment experiments metric metrics accuracy loss
 recommendations optimize optimise saving savings cheaper validate feasible search tune tuning hyperparameter
 hyperparameters sweep finetune epochs epoch steps learning rate batch size workers worker priority high normal urgent mnist
 report week month today jobs job last latest pending waiting finished done please model models dollars
+deploy registered registry version versions champion promote
 """.split()))
 TRAINER_WORDS = {"mnist": "mnist", "digits": "mnist", "digit": "mnist", "cnn": "mnist", "llm": "llm", "gpt": "llm",
                  "gpt2": "llm", "distilgpt2": "llm", "language": "llm", "wikitext": "llm", "lm": "llm"}
@@ -155,7 +156,8 @@ class Router:
     @staticmethod
     def _has_intent(text: str) -> bool:
         return bool(re.search(r"\b(train|run|start|launch|queue|status|cancel|stop|cost|spend|budget|forecast|gpu|"
-                              r"gpus|experiments?|metrics?|recommend|search|tune|validate|report)\b", text))
+                              r"gpus|experiments?|metrics?|recommend|search|tune|validate|report|deploy|models?)\b",
+                              text))
 
     def _complete(self, pending: dict, values: dict, text: str) -> Decision:
         """The user answered my question: fill in what was missing and carry on."""
@@ -166,6 +168,8 @@ class Router:
             if "params" in values:
                 args["params"] = {**args.get("params", {}), **values["params"]}
             return Decision("call", pending["tool"], args)
+        if missing == "name" and "trainer" in values:
+            return Decision("call", pending["tool"], {**args, "name": values["trainer"]})
         if missing == "job_id":
             m = JOB_ID.search(text) or re.search(r"\b([0-9a-z]{4,12})\b", text)
             if m:
@@ -186,6 +190,16 @@ class Router:
                 return Decision("call", "cancel_job", {"job_id": job})
             return Decision("ask", "cancel_job", {}, "Which job should I cancel (its id, or all your queued "
                                                      "jobs)?", missing="job_id")
+        if _has(text, "deploy", "serve", "serving", "roll ?out", "promote", "put .* (?:in|into) production") and \
+                not _has(text, "train", "training"):
+            version = re.search(r"\bv(?:ersion)?\s*#?(\d+)\b", text)
+            alias = re.search(r"\b(?:alias|tag(?:ged)?)\s+['\"]?([a-z][\w-]*)", text) or \
+                re.search(r"\b(champion|challenger|production|staging)\b", text)
+            args = {**({"version": version.group(1)} if version else {}),
+                    **({"alias": alias.group(1)} if alias and not version else {})}
+            if not trainer:
+                return Decision("ask", "deploy_model", args, "Deploy which model: mnist or llm?", missing="name")
+            return Decision("call", "deploy_model", {"name": trainer, **args})
         if _has(text, "tune", "tuning", "hyperparameters?", "sweep", "search", "hpo"):
             args = {**({"num_samples": v["num_samples"]} if "num_samples" in v else {}),
                     **({"budget_usd": v["budget_usd"]} if "budget_usd" in v else {}),
@@ -244,6 +258,9 @@ class Router:
                                 {"job_id": job, **({"trainer": trainer} if trainer and job == "last" else {})})
             return Decision("call", "get_training_status", {"job_id": "last",
                                                             **({"trainer": trainer} if trainer else {})})
+        if _has(text, "models?", "registry", "registered", "versions?") and not params and \
+                not _has(text, "train", "start", "launch", "kick off", "queue", "finetune"):
+            return Decision("call", "list_models", {"name": trainer} if trainer else {})
         if _has(text, "experiments?") and not _has(text, "metrics?", "accuracy", "loss", "perplexity", "best"):
             return Decision("call", "list_mlflow_experiments", {})
         if _has(text, "metrics?", "accuracy", "loss", "perplexity", "best run", "results?"):

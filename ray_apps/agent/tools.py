@@ -90,6 +90,16 @@ class SearchArgs(_Args):
     params: dict[str, Any] = Field(default_factory=dict, description="fixed trainer parameters")
 
 
+class ModelArgs(_Args):
+    name: str | None = Field(None, description="mnist or llm; none: both")
+
+
+class DeployArgs(_Args):
+    name: str = Field(description="the registered model: mnist or llm")
+    version: str | None = Field(None, description="a registered version number, e.g. '3'")
+    alias: str | None = Field(None, description="or an alias, e.g. 'champion'; neither: champion, else newest")
+
+
 @dataclass(frozen=True)
 class Tool:
     name: str
@@ -316,6 +326,32 @@ class PlatformTools:
         return {"search_id": sub.submission_id, "trainer": trainer, "num_samples": num_samples,
                 "budget_usd": budget_usd, "ray_job": f"{self.settings.dashboard_url}/#/jobs/{sub.submission_id}"}
 
+    def list_models(self, name: str | None = None) -> dict:
+        from trainers.registry import SERVABLE, list_models
+
+        if name is not None and name not in SERVABLE:
+            raise ToolError(f"no model {name!r}; registered models are per trainer: {', '.join(SERVABLE)}")
+        models = [m for m in list_models(self.settings.tracking_uri) if name in (None, m["name"])]
+        for m in models:  # the newest five versions are enough to talk about
+            m["versions"] = [{k: v[k] for k in ("version", "run_id", "aliases", "tags")} for v in m["versions"][:5]]
+        return {"models": models}
+
+    def deploy_model(self, name: str, version: str | None = None, alias: str | None = None) -> dict:
+        """Serve a registered version (or alias) of a model; replicas roll over with no failed request."""
+        from ray_apps.cluster import serve_url
+        from trainers.registry import RegistryError, Selector, set_serving
+
+        if version is not None and alias is not None:
+            raise ToolError("give a version or an alias, not both")
+        selector = Selector(alias=alias, version=version)
+        try:
+            mv = set_serving(self.settings.tracking_uri, name, selector)
+        except RegistryError as exc:
+            raise ToolError(str(exc)) from None
+        action = "predict" if name == "mnist" else "generate"
+        return {"name": name, "selector": str(selector), "version": mv.version, "run_id": mv.run_id,
+                "endpoint": f"{serve_url(self.settings)}/v1/models/{name}/{action}"}
+
     @staticmethod
     def _costs_call(call: Callable[[], Any]) -> Any:
         from ray_apps.cluster import PlatformError
@@ -353,6 +389,10 @@ class PlatformTools:
                                        "is started.", TrainArgs),
             ("start_hyperparameter_search", "A Ray Tune search over a trainer's config, with an optional budget.",
              SearchArgs),
+            ("list_models", "Registered model versions (one model per trainer), their aliases, test metric and "
+                            "cost, and which version is served.", ModelArgs),
+            ("deploy_model", "Serve a registered model version or alias on Ray Serve; replicas roll over without "
+                             "failed requests.", DeployArgs),
         ]
         return {name: Tool(name, desc, args, getattr(self, name)) for name, desc, args in specs}
 

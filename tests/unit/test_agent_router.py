@@ -110,6 +110,17 @@ CASES = [
     ("sweep mnist learning rates, 3 epochs each", {}, "start_hyperparameter_search",
      {"trainer": "mnist", "params": {"epochs": 3}}),
     ("do a hyperparameter sweep", {}, ASK, {"missing": "trainer"}),
+    # ---- models
+    ("which models are registered?", {}, "list_models", {}),
+    ("list the mnist model versions", {}, "list_models", {"name": "mnist"}),
+    ("what versions of the llm do we have", {}, "list_models", {"name": "llm"}),
+    ("show me the model registry", {}, "list_models", {}),
+    ("deploy mnist version 2", {}, "deploy_model", {"name": "mnist", "version": "2"}),
+    ("serve the champion llm", {}, "deploy_model", {"name": "llm", "alias": "champion"}),
+    ("roll out v3 of the digits model", {}, "deploy_model", {"name": "mnist", "version": "3"}),
+    ("deply mnist v2", {}, "deploy_model", {"name": "mnist", "version": "2"}),
+    ("put mnist version 5 into production", {}, "deploy_model", {"name": "mnist", "version": "5"}),
+    ("deploy the model", {}, ASK, {"missing": "name"}),
     # ---- out of scope
     ("what's the weather in Paris?", {}, DECLINE, {}),
     ("tell me a joke", {}, DECLINE, {}),

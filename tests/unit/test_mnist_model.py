@@ -36,3 +36,18 @@ def test_resumed_schedule_matches_an_unbroken_one():
         full.step()
     _, resumed = make_optimizer(MnistCNN(width=4), lr=1e-2, total_steps=100, done_steps=40)
     assert resumed.get_last_lr()[0] == lrs[40]
+
+
+@pytest.mark.parametrize("total_steps", [1, 2, 3, 4, 5, 6, 7, 100])
+def test_the_schedule_runs_every_step_of_a_very_short_run(total_steps):
+    """600 images at batch 128 is 5 steps: OneCycleLR's 20% warm-up alone would divide by zero there."""
+    model = MnistCNN(4)
+    optimizer, scheduler = make_optimizer(model, lr=0.01, total_steps=total_steps)
+    lrs = []
+    for _ in range(total_steps):
+        optimizer.step()
+        lrs.append(optimizer.param_groups[0]["lr"])
+        scheduler.step()
+    assert len(lrs) == total_steps and max(lrs) <= 0.01 + 1e-12 and all(lr > 0 for lr in lrs)
+    if total_steps >= 3:
+        assert max(lrs) > lrs[0] and lrs[-1] < max(lrs)  # a warm-up and a decay

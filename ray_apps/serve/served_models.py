@@ -1,0 +1,189 @@
+"""The model deployments: each replica serves the registry version its selector names now.
+
+A replica loads its version at start, then a watcher thread polls the registry every `watch_s`:
+when the selector (the `oppen.serve` tag, or the alias it names) points elsewhere, it loads the new
+version beside the old one and swaps a single reference. Requests in flight finish on the old
+model, later ones use the new, none fails, and every answer names the version that produced it.
+
+Results cross the handle as plain dicts; a refusal is {"error": {"status", "field", "reason"}}.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+import numpy as np
+from ray import serve
+
+from ray_apps.config import load_settings
+from trainers.registry import ModelNotFound, ModelVersion, Selector, resolve, serving_selector
+
+log = logging.getLogger("oppen.models")
+
+
+def refusal(status: int, field: str | None, reason: str) -> dict:
+    return {"error": {"status": status, "field": field, "reason": reason}}
+
+
+class ServedModel:
+    """What both model deployments share: the registry watch, the atomic swap, the status."""
+
+    name = ""
+
+    def __init__(self, watch_s: float = 2.0):
+        self.uri = load_settings().tracking_uri
+        self.watch_s = watch_s
+        self.current: tuple[ModelVersion, Any] | None = None   # swapped as one reference
+        self.selector = Selector()
+        self.problem: str | None = None      # why nothing (or not the chosen version) is loaded
+        self.loads = 0
+        self._refresh()  # serve from the first request when a version exists
+        self._stop = threading.Event()
+        threading.Thread(target=self._watch, name=f"{self.name}-registry-watch", daemon=True).start()
+
+    def _load(self, mv: ModelVersion) -> Any:
+        raise NotImplementedError
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.watch_s):
+            try:
+                self._refresh()
+            except Exception as exc:  # noqa: BLE001 - MLflow away: keep serving what is loaded
+                self.problem = f"registry unreachable: {type(exc).__name__}: {str(exc)[:200]}"
+                log.warning("%s: %s", self.name, self.problem)
+
+    def _refresh(self) -> None:
+        self.selector = serving_selector(self.uri, self.name)
+        try:
+            mv = resolve(self.uri, self.name, self.selector)
+        except ModelNotFound as exc:
+            self.problem = str(exc)
+            return
+        if self.current is None or self.current[0].version != mv.version:
+            started = time.perf_counter()
+            model = self._load(mv)
+            self.current = (mv, model)
+            self.loads += 1
+            log.info("%s: serving version %s (%s), loaded in %.2f s", self.name, mv.version, self.selector,
+                     time.perf_counter() - started)
+        self.problem = None
+
+    def status(self) -> dict:
+        mv = self.current[0] if self.current else None
+        return {"name": self.name, "version": mv.version if mv else None, "run_id": mv.run_id if mv else None,
+                "selector": str(self.selector), "problem": self.problem, "loads": self.loads}
+
+    def _serving(self) -> tuple[ModelVersion, Any] | dict:
+        current = self.current
+        if current is None:
+            return refusal(503, "name", self.problem or f"no version of {self.name!r} loaded yet")
+        return current
+
+    def reconfigure(self, config: dict) -> None:
+        self.watch_s = float(config.get("watch_s", self.watch_s))
+
+    def __del__(self):
+        if hasattr(self, "_stop"):
+            self._stop.set()
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64)
+class MnistModel(ServedModel):
+    """Digits from 28x28 uint8 images; requests are batched across callers with @serve.batch."""
+
+    name = "mnist"
+
+    def __init__(self):
+        import torch
+
+        torch.set_num_threads(1)  # one core per replica; replicas, not threads, are the unit of scale
+        self.batching = True
+        super().__init__()
+
+    def _load(self, mv: ModelVersion) -> Any:
+        import mlflow.pytorch
+
+        model = mlflow.pytorch.load_model(f"models:/{mv.name}/{mv.version}", map_location="cpu")
+        return model.eval()
+
+    def reconfigure(self, config: dict) -> None:
+        super().reconfigure(config)
+        self.batching = bool(config.get("batching", True))
+        self._predict_batch.set_max_batch_size(int(config.get("max_batch_size", 64)))
+        self._predict_batch.set_batch_wait_timeout_s(float(config.get("batch_wait_timeout_s", 0.005)))
+
+    async def predict(self, images: np.ndarray) -> dict:
+        """images: uint8 [N, 28, 28] -> the version and, per image, the digit and its probabilities."""
+        if self.batching:
+            mv, probs = await self._predict_batch(images)
+        else:
+            current = self._serving()
+            if isinstance(current, dict):
+                return current
+            mv, probs = current[0], forward(current[1], images)
+        if mv is None:
+            return probs  # a refusal
+        return {"model": self.name, "version": mv.version, "run_id": mv.run_id, "probabilities": probs.tolist()}
+
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
+    async def _predict_batch(self, requests: list[np.ndarray]) -> list[tuple]:
+        current = self._serving()  # one version for the whole batch
+        if isinstance(current, dict):
+            return [(None, current)] * len(requests)
+        mv, model = current
+        probs = forward(model, np.concatenate(requests))
+        bounds = np.cumsum([len(r) for r in requests])[:-1]
+        return [(mv, p) for p in np.split(probs, bounds)]
+
+
+def forward(model, images: np.ndarray) -> np.ndarray:
+    """The trainer's own preprocessing (trainers.mnist_model.to_tensors), then softmax."""
+    import torch
+
+    from trainers.mnist_model import to_tensors
+
+    x, _ = to_tensors(images, np.zeros(len(images), dtype=np.int64))
+    with torch.inference_mode():
+        return torch.softmax(model(x), dim=1).numpy()
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=8)
+class LlmModel(ServedModel):
+    """Text continuation with the fine-tuned GPT-2-family model and its own tokenizer."""
+
+    name = "llm"
+
+    def _load(self, mv: ModelVersion) -> Any:
+        import mlflow
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        torch.set_num_threads(1)
+        folder = mlflow.artifacts.download_artifacts(artifact_uri=mv.source)
+        return AutoModelForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
+
+    def generate(self, prompt: str, max_new_tokens: int, temperature: float, seed: int | None) -> dict:
+        import torch
+
+        current = self._serving()
+        if isinstance(current, dict):
+            return current
+        mv, (model, tokenizer) = current
+        ids = tokenizer(prompt, return_tensors="pt")
+        context = model.config.n_positions
+        if ids["input_ids"].shape[1] + max_new_tokens > context:
+            return refusal(422, "max_new_tokens", f"prompt ({ids['input_ids'].shape[1]} tokens) + max_new_tokens "
+                           f"({max_new_tokens}) exceeds the model's context of {context} tokens")
+        if seed is not None:
+            torch.manual_seed(seed)
+        sampling = {"do_sample": True, "temperature": temperature, "top_k": 50} if temperature > 0 else \
+            {"do_sample": False}
+        with torch.inference_mode():
+            out = model.generate(**ids, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.eos_token_id,
+                                 **sampling)
+        new = out[0, ids["input_ids"].shape[1]:]
+        return {"model": self.name, "version": mv.version, "run_id": mv.run_id,
+                "text": tokenizer.decode(new, skip_special_tokens=True),
+                "prompt_tokens": int(ids["input_ids"].shape[1]), "new_tokens": int(len(new))}

@@ -1,0 +1,213 @@
+"""The MLflow Model Registry for the platform's trainers: one registered model per trainer
+(`mnist`, `llm`), a version per finished run, tagged with the run's test metric and cost.
+
+Which version is served is also kept here, as the registered model's `oppen.serve` tag
+("alias:champion" or "version:3"; none: the `champion` alias, else the newest version). The
+serving replicas poll it, so `oppen models serve` and `oppen models promote` reach every replica
+wherever it runs, through the one store that already knows the versions.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from trainers.specs import TRAINERS
+
+SERVABLE = ("mnist", "llm")      # trainers whose runs log a model the serving app can load
+SERVE_TAG = "oppen.serve"
+DEFAULT_ALIAS = "champion"
+
+
+class RegistryError(ValueError):
+    """A registry request that cannot be met; `field` names the offending input."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
+
+
+class ModelNotFound(RegistryError):
+    pass
+
+
+@dataclass
+class ModelVersion:
+    name: str
+    version: str
+    run_id: str | None
+    source: str
+    aliases: list[str] = field(default_factory=list)
+    tags: dict[str, str] = field(default_factory=dict)
+    created_ms: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Selector:
+    """Which version to serve: an alias, a fixed version, or (neither) champion-else-newest."""
+    alias: str | None = None
+    version: str | None = None
+
+    @classmethod
+    def parse(cls, text: str | None) -> Selector:
+        kind, _, value = (text or "").partition(":")
+        if kind == "alias" and value:
+            return cls(alias=value)
+        if kind == "version" and value:
+            return cls(version=value)
+        return cls()
+
+    def __str__(self) -> str:
+        return f"alias:{self.alias}" if self.alias else f"version:{self.version}" if self.version else "default"
+
+
+def _client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(uri, registry_uri=uri)
+
+
+def _check_name(name: str) -> None:
+    if name not in SERVABLE:
+        raise ModelNotFound(f"no model {name!r}; the registry holds one per trainer: {', '.join(SERVABLE)}", "name")
+
+
+def _version(mv, aliases: list[str] | None = None) -> ModelVersion:
+    return ModelVersion(name=mv.name, version=str(mv.version), run_id=mv.run_id, source=mv.source,
+                        aliases=sorted(aliases if aliases is not None else (getattr(mv, "aliases", None) or [])),
+                        tags=dict(mv.tags or {}), created_ms=int(mv.creation_timestamp or 0))
+
+
+def register_run(uri: str, run_id: str) -> ModelVersion:
+    """Register the model a finished run logged (artifact path `model`) as a new version of its
+    trainer's registered model; a run already registered returns its existing version."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    client = _client(uri)
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        raise ModelNotFound(f"no MLflow run {run_id!r} at {uri}", "run_id") from None
+    trainer = run.data.tags.get("oppen.trainer")
+    if trainer not in SERVABLE:
+        raise RegistryError(f"run {run_id} is not a run of a servable trainer ({', '.join(SERVABLE)}): "
+                            f"its oppen.trainer tag is {trainer!r}", "run_id")
+    if run.info.status != "FINISHED":
+        raise RegistryError(f"run {run_id} is {run.info.status}: only a finished run has a final model", "run_id")
+    existing = client.search_model_versions(f"name = '{trainer}' and run_id = '{run_id}'")
+    if existing:
+        return _version(existing[0])
+    metric = TRAINERS[trainer].val_metric
+    metrics = run.data.metrics
+    cost = metrics.get("job_cost_usd", metrics.get("cost_usd"))
+    tags = {"trainer": trainer, "run_id": run_id, "metric": metric,
+            **({metric: f"{metrics[metric]:.6g}"} if metric in metrics else {}),
+            **({"cost_usd": f"{cost:.6g}"} if cost is not None else {})}
+    try:
+        client.get_registered_model(trainer)
+    except MlflowException:
+        client.create_registered_model(trainer, description=f"Oppen's {trainer} trainer: a version per run",
+                                       tags={"trainer": trainer})
+    if trainer == "mnist":
+        # An MLflow pytorch model: registering through runs:/ links the version to its logged model.
+        mv = mlflow.register_model(f"runs:/{run_id}/model", trainer, tags=tags)
+    else:
+        # A `from_pretrained` folder logged as plain artifacts: its location is the version's source.
+        mv = client.create_model_version(trainer, source=f"{run.info.artifact_uri}/model", run_id=run_id, tags=tags)
+    return _version(client.get_model_version(trainer, mv.version))
+
+
+def list_models(uri: str) -> list[dict[str, Any]]:
+    """Every servable registered model with its versions (newest first), aliases and serve choice."""
+    from mlflow.exceptions import MlflowException
+
+    client = _client(uri)
+    out = []
+    for name in SERVABLE:
+        try:
+            model = client.get_registered_model(name)
+        except MlflowException:
+            continue
+        by_version: dict[str, list[str]] = {}
+        for alias, version in (model.aliases or {}).items():
+            by_version.setdefault(str(version), []).append(alias)
+        versions = [_version(mv, by_version.get(str(mv.version), []))
+                    for mv in client.search_model_versions(f"name = '{name}'")]
+        versions.sort(key=lambda v: int(v.version), reverse=True)
+        out.append({"name": name, "versions": [v.as_dict() for v in versions],
+                    "aliases": {a: str(v) for a, v in (model.aliases or {}).items()},
+                    "serve": str(Selector.parse((model.tags or {}).get(SERVE_TAG)))})
+    return out
+
+
+def get_version(uri: str, name: str, version: str) -> ModelVersion:
+    from mlflow.exceptions import MlflowException
+
+    _check_name(name)
+    if not str(version).isdigit():
+        raise RegistryError(f"version must be a whole number, got {version!r}", "version")
+    try:
+        return _version(_client(uri).get_model_version(name, str(version)))
+    except MlflowException:
+        raise ModelNotFound(f"model {name!r} has no version {version}", "version") from None
+
+
+def promote(uri: str, name: str, version: str, alias: str = DEFAULT_ALIAS) -> ModelVersion:
+    """Point `alias` at `version`; replicas serving that alias move to it on their next poll."""
+    if not alias or not alias.replace("-", "").replace("_", "").isalnum() or alias.isdigit():
+        raise RegistryError(f"alias must be a name of letters, digits, '-' or '_' (not a number), got {alias!r}",
+                            "alias")
+    mv = get_version(uri, name, version)
+    _client(uri).set_registered_model_alias(name, alias, mv.version)
+    return get_version(uri, name, version)
+
+
+def set_serving(uri: str, name: str, selector: Selector) -> ModelVersion:
+    """Choose what the serving replicas load for `name`; checked against the registry first."""
+    resolved = resolve(uri, name, selector)
+    _client(uri).set_registered_model_tag(name, SERVE_TAG, str(selector))
+    return resolved
+
+
+def serving_selector(uri: str, name: str) -> Selector:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return Selector.parse((_client(uri).get_registered_model(name).tags or {}).get(SERVE_TAG))
+    except MlflowException:
+        return Selector()
+
+
+def resolve(uri: str, name: str, selector: Selector | None = None) -> ModelVersion:
+    """The version `selector` names now; by default the `champion` alias, else the newest version."""
+    from mlflow.exceptions import MlflowException
+
+    _check_name(name)
+    selector = selector or Selector()
+    client = _client(uri)
+    if selector.version:
+        return get_version(uri, name, selector.version)
+    alias = selector.alias or DEFAULT_ALIAS
+    try:
+        return _version(client.get_model_version_by_alias(name, alias), [alias])
+    except MlflowException:
+        if selector.alias:
+            raise ModelNotFound(f"model {name!r} has no alias {alias!r}", "alias") from None
+    versions = client.search_model_versions(f"name = '{name}'") if _exists(client, name) else []
+    if not versions:
+        raise ModelNotFound(f"no version of {name!r} is registered yet: a finished `oppen train {name}` run "
+                            f"registers one (or `oppen models register RUN_ID`)", "name")
+    return _version(max(versions, key=lambda mv: int(mv.version)))
+
+
+def _exists(client, name: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+        return True
+    except MlflowException:
+        return False
