@@ -8,6 +8,7 @@ wherever it runs, through the one store that already knows the versions.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -69,6 +70,21 @@ def _client(uri: str):
     return MlflowClient(uri, registry_uri=uri)
 
 
+@contextmanager
+def _global_uri(uri: str):
+    """mlflow.register_model reads the process-wide URIs: point them at `uri`, then restore them."""
+    import mlflow
+
+    before = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before[0])
+        mlflow.set_registry_uri(before[1])
+
+
 def _check_name(name: str) -> None:
     if name not in SERVABLE:
         raise ModelNotFound(f"no model {name!r}; the registry holds one per trainer: {', '.join(SERVABLE)}", "name")
@@ -113,7 +129,8 @@ def register_run(uri: str, run_id: str) -> ModelVersion:
                                        tags={"trainer": trainer})
     if trainer == "mnist":
         # An MLflow pytorch model: registering through runs:/ links the version to its logged model.
-        mv = mlflow.register_model(f"runs:/{run_id}/model", trainer, tags=tags)
+        with _global_uri(uri):
+            mv = mlflow.register_model(f"runs:/{run_id}/model", trainer, tags=tags)
     else:
         # A `from_pretrained` folder logged as plain artifacts: its location is the version's source.
         mv = client.create_model_version(trainer, source=f"{run.info.artifact_uri}/model", run_id=run_id, tags=tags)

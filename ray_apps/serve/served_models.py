@@ -39,7 +39,10 @@ class ServedModel:
         self.selector = Selector()
         self.problem: str | None = None      # why nothing (or not the chosen version) is loaded
         self.loads = 0
-        self._refresh()  # serve from the first request when a version exists
+        try:
+            self._refresh()  # serve from the first request when a version exists
+        except Exception as exc:  # noqa: BLE001 - MLflow not up yet: start anyway, the watcher retries
+            self.problem = f"registry unreachable: {type(exc).__name__}: {str(exc)[:200]}"
         self._stop = threading.Event()
         threading.Thread(target=self._watch, name=f"{self.name}-registry-watch", daemon=True).start()
 

@@ -48,6 +48,10 @@ def test_mnist_job_logs_params_metrics_cost_and_a_loadable_model(platform):
 
     acc = metric_steps(client, sub.mlflow_run_id, "test_accuracy")
     assert sorted(acc) == [1, 2] and acc[2] > 0.8
+
+    # The finished run is a new version of the registered model `mnist`, tagged with its accuracy.
+    version = client.get_model_version("mnist", outcome.result["model_version"])
+    assert version.run_id == sub.mlflow_run_id and float(version.tags["test_accuracy"]) == pytest.approx(acc[2])
     loss = metric_steps(client, sub.mlflow_run_id, "train_loss")
     assert loss[2] < loss[1]
 
