@@ -49,7 +49,8 @@ def start_platform(workdir: Path):
     data_dir.mkdir(parents=True)
     cfg = workdir / "platform.yaml"
     cfg.write_text(yaml.safe_dump({"data_dir": str(data_dir), "ray": {**BENCH_PORTS, "num_gpus": 2},
-                                   "mlflow": {"port": 5200}, "serve_port": 8200}))
+                                   "mlflow": {"port": 5200}, "serve_port": 8200,
+                                   "metrics_port": 9482, "prometheus": {"enabled": False}}))
     settings = load_settings(cfg)
     load_mnist(ROOT / ".oppen" / "test-cache")  # fetch once per machine
     (data_dir / "datasets").mkdir()

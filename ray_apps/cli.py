@@ -309,7 +309,16 @@ def cmd_dispatcher(args, settings) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _quiet_ray_client_logs()
-    Dispatcher(_queue(settings)).run()
+    dispatcher = Dispatcher(_queue(settings))
+    try:
+        from ray_apps.observability.metrics import serve_metrics
+
+        serve_metrics(dispatcher.queue, dispatcher.heartbeat_path, settings.host, settings.metrics_port)
+        logging.getLogger("oppen.dispatcher").info("metrics at http://%s:%d/metrics", settings.host,
+                                                   settings.metrics_port)
+    except OSError as exc:  # the queue matters more than its metrics: run without them, say so
+        logging.getLogger("oppen.dispatcher").warning("no metrics: port %d: %s", settings.metrics_port, exc)
+    dispatcher.run()
     return 0
 
 

@@ -25,9 +25,10 @@ from typing import Callable
 import yaml
 
 from ray_apps.config import CONFIG_DIR, Settings
+from ray_apps.observability import prometheus
 from ray_apps.processes import PortHolder, ServiceRegistry, port_holder, spawn, stop, wait_until
 
-RAY, MLFLOW, DISPATCHER = "ray", "mlflow", "dispatcher"
+RAY, MLFLOW, DISPATCHER, PROMETHEUS = "ray", "mlflow", "dispatcher", "prometheus"
 
 
 class PlatformError(RuntimeError):
@@ -216,8 +217,22 @@ def _managed_services(settings: Settings, say: Callable[[str], None]) -> list[_M
     # The queue's dispatcher, under a supervisor that restarts it if it dies.
     config = ["--config", str(settings.source)] if settings.source else []
     out.append(_Managed(DISPATCHER, "(queue dispatcher)", lambda: True,
-                        [sys.executable, "-m", "ray_apps.cli", *config, "dispatcher", "--supervise"], [], {}))
+                        [sys.executable, "-m", "ray_apps.cli", *config, "dispatcher", "--supervise"],
+                        [settings.metrics_port], {}))
+    if prometheus.binary(settings):
+        out.append(_Managed(PROMETHEUS, prometheus.url(settings),
+                            lambda: _http_get(f"{prometheus.url(settings)}/-/ready") is not None,
+                            prometheus.command(settings), [settings.prometheus.port], {}))
+    elif settings.prometheus.enabled:
+        say(f"prometheus: not installed ({settings.prometheus.binary!r} not on PATH; Debian: "
+            "`apt-get install prometheus`); the platform's metrics are still at "
+            f"{metrics_url(settings)}")
     return out
+
+
+def metrics_url(settings: Settings) -> str:
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
+    return f"http://{host}:{settings.metrics_port}/metrics"
 
 
 def up(settings: Settings, *, timeout: float = 90.0, serve: bool = True,
@@ -341,9 +356,12 @@ def down(settings: Settings, *, say: Callable[[str], None] = print) -> list[str]
 def status(settings: Settings) -> list[ServiceStatus]:
     running = ServiceRegistry(settings.state_dir).running()
     out = []
-    checks = ((RAY, settings.dashboard_url, ray_healthy), (MLFLOW, settings.tracking_uri, mlflow_healthy),
-              (DISPATCHER, "(queue dispatcher)", lambda _: DISPATCHER in running),
-              ("serve", serve_url(settings), lambda _: serve_healthy(settings)))
+    checks = [(RAY, settings.dashboard_url, ray_healthy), (MLFLOW, settings.tracking_uri, mlflow_healthy),
+              (DISPATCHER, metrics_url(settings), lambda url: DISPATCHER in running and _http_get(url) is not None),
+              ("serve", serve_url(settings), lambda _: serve_healthy(settings))]
+    if PROMETHEUS in running or prometheus.binary(settings):
+        checks.append((PROMETHEUS, prometheus.url(settings),
+                       lambda url: _http_get(f"{url}/-/ready") is not None))
     for name, url, healthy in checks:
         svc = running.get(name)
         out.append(ServiceStatus(name=name, url=url, healthy=healthy(url), managed=svc is not None,

@@ -62,6 +62,14 @@ class AgentSettings(BaseModel):
     max_message_chars: int = Field(4000, ge=100, le=100_000)
 
 
+class PrometheusSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = True            # `oppen up` starts one when the binary is installed (Debian: prometheus)
+    binary: str = "prometheus"
+    port: int = Field(9090, ge=1, le=65535)
+    retention: str = "7d"
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="OPPEN_", env_nested_delimiter="__", extra="forbid")
 
@@ -80,6 +88,9 @@ class Settings(BaseSettings):
     # (OPPEN_TENANT_TOKENS='{"...": "team-a"}'), never in a committed file.
     tenant_tokens: dict[str, str] = {}
     serve_port: int = Field(8000, ge=1, le=65535)
+    # The platform's own Prometheus metrics (queue, admissions, cost...), served by the dispatcher.
+    metrics_port: int = Field(9464, ge=1, le=65535)
+    prometheus: PrometheusSettings = PrometheusSettings()
     agent: AgentSettings = AgentSettings()
 
     _source: Path | None = PrivateAttr(None)  # the file these settings came from

@@ -310,3 +310,55 @@ class JobStore:
                                     jobs.c.id.not_in(metered)).order_by(jobs.c.ended_at).limit(limit))
         with self.engine.connect() as conn:
             return [JobRecord.from_row(r) for r in conn.execute(query)]
+
+    # ------------------------------------------------------------------ aggregates for metrics
+
+    def stats(self, month_start: float) -> StoreStats:
+        """Aggregates for the platform's metrics, straight from the durable tables: counters built
+        from them survive a restart of whatever exports them and never count a job twice."""
+        from sqlalchemy import func
+
+        j, e, c = jobs.c, job_events.c, job_costs.c
+        with self.engine.connect() as conn:
+            by_state = conn.execute(select(j.state, j.tenant, j.trainer, func.count())
+                                    .group_by(j.state, j.tenant, j.trainer)).all()
+            queued = conn.execute(select(j.priority, j.tenant, func.count(), func.min(j.submitted_at))
+                                  .where(j.state == JobState.QUEUED.value).group_by(j.priority, j.tenant)).all()
+            moves = conn.execute(select(e.to_state, j.tenant, j.priority, func.count())
+                                 .select_from(job_events.join(jobs, jobs.c.id == e.job_id))
+                                 .where(e.to_state.in_([JobState.STARTING.value, JobState.PREEMPTING.value]))
+                                 .group_by(e.to_state, j.tenant, j.priority)).all()
+            first_start = (select(e.job_id, func.min(e.at).label("at")).where(e.to_state == JobState.STARTING.value)
+                           .group_by(e.job_id).subquery())
+            waits = conn.execute(select(first_start.c.at - j.submitted_at)
+                                 .select_from(first_start.join(jobs, jobs.c.id == first_start.c.job_id))).scalars()
+            rejected = conn.execute(select(j.message, j.tenant, func.count()).where(j.state == JobState.REJECTED.value)
+                                    .group_by(j.message, j.tenant)).all()
+            spend = (c.cpu_usd + c.gpu_usd + c.memory_usd)
+            gpu_hours = c.seconds * j.workers * j.gpus_per_worker / 3600.0
+            costs = conn.execute(select(j.tenant, j.trainer, func.sum(spend), func.sum(gpu_hours))
+                                 .select_from(job_costs.join(jobs, jobs.c.id == c.job_id))
+                                 .group_by(j.tenant, j.trainer)).all()
+            month = conn.execute(select(j.tenant, func.sum(spend)).select_from(job_costs.join(jobs, jobs.c.id == c.job_id))
+                                 .where(c.metered_at >= month_start).group_by(j.tenant)).all()
+        return StoreStats(
+            by_state=[(s, t, tr, n) for s, t, tr, n in by_state],
+            queued=[(p, t, n, oldest) for p, t, n, oldest in queued],
+            admissions=[(t, p, n) for s, t, p, n in moves if s == JobState.STARTING.value],
+            preemptions=[(t, p, n) for s, t, p, n in moves if s == JobState.PREEMPTING.value],
+            waits=[max(0.0, w) for w in waits],
+            rejected=[(m, t, n) for m, t, n in rejected],
+            costs=[(t, tr, usd or 0.0, gh or 0.0) for t, tr, usd, gh in costs],
+            month_spend={t: usd or 0.0 for t, usd in month})
+
+
+@dataclass(frozen=True)
+class StoreStats:
+    by_state: list[tuple[str, str, str, int]]           # state, tenant, trainer, jobs
+    queued: list[tuple[str, str, int, float]]           # priority, tenant, jobs, oldest submitted_at
+    admissions: list[tuple[str, str, int]]              # tenant, priority, admissions (one per attempt)
+    preemptions: list[tuple[str, str, int]]             # tenant, priority, preemptions
+    waits: list[float]                                  # submit -> first admission, per admitted job
+    rejected: list[tuple[str, str, int]]                # message, tenant, jobs
+    costs: list[tuple[str, str, float, float]]          # tenant, trainer, metered $, GPU-hours
+    month_spend: dict[str, float]                       # tenant -> metered $ since month_start
