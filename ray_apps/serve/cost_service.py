@@ -53,7 +53,8 @@ def guarded(call: Callable[[], Any]) -> Any:
 @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64)
 class CostForecaster:
     def __init__(self):
-        self.costs = CostService.from_settings(load_settings())
+        self.settings = load_settings()
+        self.costs = CostService.from_settings(self.settings)
 
     def job_cost(self, job_id: str, tenant: str | None) -> dict:
         return guarded(lambda: self.costs.job_cost(job_id, tenant=tenant).as_dict())
@@ -68,6 +69,11 @@ class CostForecaster:
         if job_id:
             return guarded(lambda: {"job_id": job_id, **self.costs.forecast_job(job_id, tenant=tenant).as_dict()})
         return guarded(lambda: {"trainer": trainer, **self.costs.forecast_new(trainer, params).as_dict()})
+
+    def status(self, tenant: str | None) -> dict:
+        from ray_apps.observability.status import snapshot
+
+        return guarded(lambda: snapshot(self.costs, self.settings, tenant))
 
     def recommendations(self, run_id: str, tenant: str | None) -> dict:
         return guarded(lambda: {"run_id": run_id, "recommendations": [

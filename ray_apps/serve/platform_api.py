@@ -24,12 +24,14 @@ without tokens, Serve listens on loopback only (configs/serve.yaml).
 from typing import Any
 
 from fastapi import FastAPI, Header
+from fastapi.responses import HTMLResponse
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from ray_apps.cluster import PlatformError
 from ray_apps.config import load_settings
+from ray_apps.observability.status import PAGE as STATUS_PAGE
 from ray_apps.scheduler.api import Infeasible, JobNotFound, Queue, QueueError
 from ray_apps.scheduler.states import JobState
 from ray_apps.scheduler.store import JobRecord
@@ -185,6 +187,17 @@ class PlatformAPI:
     @app.get("/v1/recommendations/{run_id}")
     async def recommendations(self, run_id: str, authorization: str | None = Header(None)) -> dict:
         return _answer(await self.costs.recommendations.remote(run_id, self._tenant(authorization)))
+
+    # ------------------------------------------------------------------ status page
+
+    @app.get("/v1/status")
+    async def status(self, authorization: str | None = Header(None)) -> dict:
+        return _answer(await self.costs.status.remote(self._tenant(authorization)))
+
+    @app.get("/status", response_class=HTMLResponse)
+    def status_page(self) -> HTMLResponse:
+        # The page holds no data: it fetches /v1/status, with the tenant's token when one is needed.
+        return HTMLResponse(STATUS_PAGE.read_text())
 
     @app.get("/v1/health")
     def health(self) -> dict:
