@@ -223,3 +223,34 @@ resource "kubectl_manifest" "ray_service" {
   yaml_body  = file("${local.manifests}/ray-service.oppen.yaml")
   depends_on = [helm_release.kuberay_operator, kubectl_manifest.platform, kubectl_manifest.ray_cluster]
 }
+
+# --------------------------------------------------------------------------- monitoring
+
+data "kubectl_file_documents" "monitoring" {
+  content = file("${local.manifests}/monitoring.yaml")
+}
+
+# PodMonitors for Ray and the dispatcher, and the alert rules, for kube-prometheus-stack.
+resource "kubectl_manifest" "monitoring" {
+  for_each   = var.enable_monitoring ? data.kubectl_file_documents.monitoring.manifests : {}
+  yaml_body  = each.value
+  depends_on = [helm_release.kube_prometheus_stack, kubectl_manifest.namespace]
+}
+
+# configs/grafana/*.json, picked up by the Grafana sidecar through its label.
+resource "kubernetes_config_map_v1" "grafana_dashboards" {
+  count = var.enable_monitoring ? 1 : 0
+
+  metadata {
+    name      = "oppen-grafana-dashboards"
+    namespace = "monitoring"
+    labels    = { grafana_dashboard = "1" }
+  }
+
+  data = {
+    for name in fileset("${path.module}/../configs/grafana", "*.json") :
+    name => file("${path.module}/../configs/grafana/${name}")
+  }
+
+  depends_on = [helm_release.kube_prometheus_stack]
+}

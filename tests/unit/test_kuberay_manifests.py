@@ -246,3 +246,20 @@ def test_the_bring_up_script_is_shellcheck_clean_and_marked_not_run_in_ci():
         pytest.skip("shellcheck not installed (the README's test command puts it in .venv-tools)")
     out = subprocess.run([shellcheck, str(script), str(ROOT / ".ci" / "run")], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout
+
+
+def test_cluster_monitoring_matches_the_local_rules_and_scrapes_named_ports():
+    rule = by_kind("PrometheusRule")
+    local = yaml.safe_load((ROOT / "configs" / "prometheus" / "rules.yml").read_text())
+    assert rule["spec"]["groups"] == local["groups"]  # one set of alerts, locally and in the cluster
+    monitors = {m["metadata"]["name"]: m for _, m in all_objects() if m["kind"] == "PodMonitor"}
+    dispatcher = by_kind("Deployment", "oppen-dispatcher")["spec"]["template"]
+    ports = {p["name"] for c in dispatcher["spec"]["containers"] for p in c.get("ports", [])}
+    assert monitors["oppen-dispatcher"]["spec"]["podMetricsEndpoints"][0]["port"] in ports
+    assert monitors["oppen-dispatcher"]["spec"]["selector"]["matchLabels"].items() <= \
+        dispatcher["metadata"]["labels"].items()
+    for name, obj in ray_objects():  # every Ray pod names its metrics port, which the PodMonitor scrapes
+        for pod in pod_specs(obj):
+            if name in ("ray-cluster.kind.yaml", "ray-service.oppen.yaml"):
+                assert any(p.get("name") == "metrics" and p["containerPort"] == 8080
+                           for c in pod["containers"] for p in c.get("ports", [])), name

@@ -129,3 +129,12 @@ def test_checkov_passes_with_its_skips_argued():
                        for c in report.get("results", {}).get("failed_checks", [])]
     assert failed == [] and passed > 50, "\n".join(failed)
     print(f"checkov: {passed} passed, {len(config['skip-check'])} skipped by .checkov.yaml", file=sys.stderr)
+
+
+def test_monitoring_is_applied_with_kube_prometheus_stack_and_loads_the_dashboards():
+    resources = blocks(tf("main"), "resource")
+    monitors = resources["kubectl_manifest.monitoring"]
+    assert "var.enable_monitoring" in monitors["for_each"] and "monitoring.yaml" in (TF / "main.tf").read_text()
+    dashboards = resources["kubernetes_config_map_v1.grafana_dashboards"]
+    assert dashboards["metadata"][0]["labels"] == {"grafana_dashboard": "1"}
+    assert "configs/grafana" in dashboards["data"] and list((ROOT / "configs" / "grafana").glob("*.json"))
