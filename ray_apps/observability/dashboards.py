@@ -54,6 +54,10 @@ DASHBOARDS: dict[str, tuple[str, list[Panel]]] = {
         Panel("Spend this month", "sum by (tenant) (oppen_tenant_spend_month_usd)", "{{tenant}}",
               unit="currencyUSD", kind="stat"),
         Panel("Total metered spend", "sum(oppen_cost_usd_total)", unit="currencyUSD", kind="stat"),
+        Panel("Pre-start forecast error, finished jobs (median, 7 days)",
+              "histogram_quantile(0.5, sum by (le, trainer) (increase(oppen_forecast_error_ratio_bucket[7d])))",
+              "{{trainer}}", unit="percentunit",
+              description="|forecast from past runs at admission - metered cost| / metered cost."),
     ]),
     "oppen-gpus": ("Oppen: GPU use", [
         Panel("GPUs in use (Ray)", 'sum(ray_resources{Name="GPU", State="USED"})', "used"),

@@ -20,6 +20,8 @@ from prometheus_client.registry import Collector
 # Seconds from submission to first admission; a queue's waits run from sub-second to hours.
 WAIT_BUCKETS = (1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 24 * 3600)
 FINAL_STATES = ("SUCCEEDED", "FAILED", "CANCELLED")
+# |forecast at admission - metered cost| / metered cost, per finished job.
+ERROR_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0)
 
 # Rejection messages (Queue._never_fits, policy.infeasibility) -> a reason label of few values.
 REJECTION_REASONS = (("quota", re.compile(r"quota")), ("capacity", re.compile(r"cluster can give at most")),
@@ -96,6 +98,17 @@ class PlatformCollector(Collector):
             gpu_hours.add_metric([tenant, trainer], gh)
         yield cost
         yield gpu_hours
+
+        errors = HistogramMetricFamily("oppen_forecast_error_ratio", "Finished jobs' |pre-start forecast - metered "
+                                       "cost| / metered cost.", labels=["trainer"])
+        by_trainer: dict[str, list[float]] = {}
+        for trainer, forecast, actual in s.forecasts:
+            if actual > 0:
+                by_trainer.setdefault(trainer, []).append(abs(forecast - actual) / actual)
+        for trainer, errs in sorted(by_trainer.items()):
+            counts = [(str(b), sum(1 for e in errs if e <= b)) for b in ERROR_BUCKETS] + [("+Inf", len(errs))]
+            errors.add_metric([trainer], counts, sum(errs))
+        yield errors
 
         spend = GaugeMetricFamily("oppen_tenant_spend_month_usd", "Metered spend this calendar month (UTC).",
                                   labels=["tenant"])

@@ -27,6 +27,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from queue import SimpleQueue
 
 from ray_apps.scheduler import policy
 from ray_apps.scheduler.api import Queue, ray_submission_id
@@ -60,6 +61,7 @@ class Dispatcher:
         self.queue = queue
         self.costs = CostService(queue, load_catalog(queue.settings.costs_file))  # meters finished jobs
         self._client = None
+        self._to_forecast: SimpleQueue[str] | None = None  # admitted jobs whose pre-start forecast to record
 
     @property
     def client(self):
@@ -95,7 +97,31 @@ class Dispatcher:
         for job_id in plan.admit:
             if self._admit(job_id):
                 report.admitted.append(job_id)
+        self._forecast_later(report.admitted)
         return report
+
+    def _forecast_later(self, job_ids: list[str]) -> None:
+        """Record what past runs predicted for each admitted job, off the cycle's path (MLflow is
+        slower than SQLite): the forecast-error metric compares it with the metered cost later."""
+        if not job_ids:
+            return
+        if self._to_forecast is None:
+            self._to_forecast = SimpleQueue()
+            threading.Thread(target=self._forecaster, name="admission-forecasts", daemon=True).start()
+        for job_id in job_ids:
+            self._to_forecast.put(job_id)
+
+    def _forecaster(self) -> None:
+        while True:
+            job_id = self._to_forecast.get()
+            try:
+                job = self.queue.store.get(job_id)
+                f = self.costs.forecast_new(job.trainer, job.params)
+                if f.total_usd is not None:
+                    self.queue.store.save_forecast(job.id, time.time(), f.total_usd, f.total_usd_low,
+                                                   f.total_usd_high)
+            except Exception as exc:  # noqa: BLE001 - no history, untracked trainer, MLflow away: no record
+                log.debug("no admission forecast for %s: %s", job_id, exc)
 
     def _free_nodes(self, active: list[JobRecord]) -> list[policy.Node]:
         res = self.queue.resources()

@@ -79,6 +79,18 @@ job_costs = Table(
 )
 
 
+# A job's cost as forecast from past runs when it was admitted, kept to measure forecasts against
+# the metered cost once the job ends (the forecast-error metric).
+job_forecasts = Table(
+    "job_forecasts", metadata,
+    Column("job_id", String(64), ForeignKey("jobs.id"), primary_key=True),
+    Column("at", Float, nullable=False),
+    Column("total_usd", Float, nullable=False),
+    Column("low_usd", Float),
+    Column("high_usd", Float),
+)
+
+
 class UnknownJob(KeyError):
     pass
 
@@ -281,6 +293,13 @@ class JobStore:
                 return  # metered once; a second dispatcher's copy is the same figure
             conn.execute(insert(job_costs).values(**{**vars(cost), "logged": int(cost.logged)}))
 
+    def save_forecast(self, job_id: str, at: float, total_usd: float, low_usd: float | None,
+                      high_usd: float | None) -> None:
+        with self.engine.begin() as conn:
+            if not conn.execute(select(job_forecasts.c.job_id).where(job_forecasts.c.job_id == job_id)).first():
+                conn.execute(insert(job_forecasts).values(job_id=job_id, at=at, total_usd=total_usd, low_usd=low_usd,
+                                                          high_usd=high_usd))
+
     def mark_cost_logged(self, job_id: str) -> None:
         with self.engine.begin() as conn:
             conn.execute(update(job_costs).where(job_costs.c.job_id == job_id).values(logged=1))
@@ -339,6 +358,10 @@ class JobStore:
             costs = conn.execute(select(j.tenant, j.trainer, func.sum(spend), func.sum(gpu_hours))
                                  .select_from(job_costs.join(jobs, jobs.c.id == c.job_id))
                                  .group_by(j.tenant, j.trainer)).all()
+            f = job_forecasts.c
+            forecasts = conn.execute(select(j.trainer, f.total_usd, spend)
+                                     .select_from(job_forecasts.join(job_costs, c.job_id == f.job_id)
+                                                  .join(jobs, jobs.c.id == f.job_id))).all()
             month = conn.execute(select(j.tenant, func.sum(spend)).select_from(job_costs.join(jobs, jobs.c.id == c.job_id))
                                  .where(c.metered_at >= month_start).group_by(j.tenant)).all()
         return StoreStats(
@@ -349,7 +372,8 @@ class JobStore:
             waits=[max(0.0, w) for w in waits],
             rejected=[(m, t, n) for m, t, n in rejected],
             costs=[(t, tr, usd or 0.0, gh or 0.0) for t, tr, usd, gh in costs],
-            month_spend={t: usd or 0.0 for t, usd in month})
+            month_spend={t: usd or 0.0 for t, usd in month},
+            forecasts=[(tr, fc, actual) for tr, fc, actual in forecasts])
 
 
 @dataclass(frozen=True)
@@ -362,3 +386,4 @@ class StoreStats:
     rejected: list[tuple[str, str, int]]                # message, tenant, jobs
     costs: list[tuple[str, str, float, float]]          # tenant, trainer, metered $, GPU-hours
     month_spend: dict[str, float]                       # tenant -> metered $ since month_start
+    forecasts: list[tuple[str, float, float]] = ()      # trainer, forecast at admission, metered $

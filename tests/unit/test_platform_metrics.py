@@ -87,6 +87,24 @@ def test_queue_admissions_preemptions_rejections_states_waits_and_cost(tmp_path)
     assert v("oppen_dispatcher_last_cycle_ok") == 1
 
 
+def test_forecast_error_of_finished_jobs_per_trainer(tmp_path):
+    store = JobStore(f"sqlite:///{tmp_path / 'queue.db'}")
+    now = time.time()
+    for job_id, forecast, actual in (("j1", 0.11, 0.10), ("j2", 0.05, 0.10), ("j3", 0.30, None)):
+        add(store, job_id)
+        store.transition(job_id, S.STARTING)
+        store.save_forecast(job_id, now, forecast, forecast * 0.8, forecast * 1.2)
+        if actual is not None:  # j3 is still running: no metered cost, no error yet
+            store.save_cost(StoredCost(job_id=job_id, seconds=60, cpu_usd=actual, gpu_usd=0.0, memory_usd=0.0,
+                                       usd_per_hour=1.0, metered_at=now, logged=False))
+    store.save_forecast("j1", now, 99.0, None, None)  # the first admission's forecast is the one kept
+    got = samples(PlatformCollector(FakeQueue(store, QueueConfig())))
+    bucket = lambda le: got[("oppen_forecast_error_ratio_bucket", (("le", le), ("trainer", "mnist")))]  # noqa: E731
+    assert got[("oppen_forecast_error_ratio_count", (("trainer", "mnist"),))] == 2
+    assert got[("oppen_forecast_error_ratio_sum", (("trainer", "mnist"),))] == pytest.approx(0.1 + 0.5)
+    assert (bucket("0.05"), bucket("0.1"), bucket("0.5"), bucket("+Inf")) == (0, 1, 2, 2)
+
+
 def test_restarting_the_exporter_changes_no_total(tmp_path):
     store = JobStore(f"sqlite:///{tmp_path / 'queue.db'}")
     add(store, "x")
