@@ -8,6 +8,7 @@ wherever it runs, through the one store that already knows the versions.
 """
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -72,10 +73,13 @@ def _client(uri: str):
 
 @contextmanager
 def _global_uri(uri: str):
-    """mlflow.register_model reads the process-wide URIs: point them at `uri`, then restore them."""
+    """mlflow.register_model reads the process-wide URIs: point them at `uri`, then put back what
+    was there, including "nothing" (MLflow's module state; None unsets it and its env variable)."""
     import mlflow
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
 
-    before = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    before = tracking_utils._tracking_uri, registry_utils._registry_uri
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     try:
@@ -83,6 +87,8 @@ def _global_uri(uri: str):
     finally:
         mlflow.set_tracking_uri(before[0])
         mlflow.set_registry_uri(before[1])
+        if before[1] is None:  # set_registry_uri(None) leaves its variable behind
+            os.environ.pop("MLFLOW_REGISTRY_URI", None)
 
 
 def _check_name(name: str) -> None:

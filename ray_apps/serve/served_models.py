@@ -33,7 +33,12 @@ class ServedModel:
     name = ""
 
     def __init__(self, watch_s: float = 2.0):
+        import mlflow
+
         self.uri = load_settings().tracking_uri
+        # This replica's process is ours: `models:/` URIs resolve against the platform's registry.
+        mlflow.set_tracking_uri(self.uri)
+        mlflow.set_registry_uri(self.uri)
         self.watch_s = watch_s
         self.current: tuple[ModelVersion, Any] | None = None   # swapped as one reference
         self.selector = Selector()

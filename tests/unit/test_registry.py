@@ -1,6 +1,8 @@
 """The model registry over a real MLflow SQLite store: registration from crafted finished runs,
 the default choice (champion, else newest), aliases, the served-version tag, and the agent's
 list_models / deploy_model tools on top."""
+import os
+
 import mlflow
 import numpy as np
 import pytest
@@ -14,9 +16,13 @@ from trainers.registry import (ModelNotFound, RegistryError, Selector, list_mode
 
 @pytest.fixture
 def uri(tmp_path, monkeypatch):
-    # mlflow.set_tracking_uri also sets $MLFLOW_TRACKING_URI: monkeypatch puts it back afterwards.
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+    yield f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # mlflow.set_tracking_uri keeps a process-wide URI and exports it as $MLFLOW_TRACKING_URI, which
+    # later tests' subprocesses would inherit: None clears both.
+    mlflow.set_tracking_uri(None)
+    mlflow.set_registry_uri(None)
+    os.environ.pop("MLFLOW_REGISTRY_URI", None)
 
 
 def mnist_run(uri, accuracy: float, status: str = "FINISHED") -> str:
@@ -79,9 +85,9 @@ def test_bad_registrations_and_names_are_refused_with_the_reason(uri):
         promote(uri, "mnist", "latest", "champion")
 
 
-def test_agent_tools_list_and_deploy_models(uri, tmp_path, monkeypatch):
+def test_agent_tools_list_and_deploy_models(uri, tmp_path):
     register_run(uri, mnist_run(uri, 0.93))
-    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(None)  # Settings would read the SQLite URI from the environment
     settings = Settings(data_dir=tmp_path)
     settings.mlflow_tracking_uri = uri  # the SQLite store; assignment skips the http(s)-only validator
     tools = PlatformTools(settings)
