@@ -119,13 +119,16 @@ def register_run(uri: str, run_id: str) -> ModelVersion:
                             f"its oppen.trainer tag is {trainer!r}", "run_id")
     if run.info.status != "FINISHED":
         raise RegistryError(f"run {run_id} is {run.info.status}: only a finished run has a final model", "run_id")
-    existing = client.search_model_versions(f"name = '{trainer}' and run_id = '{run_id}'")
-    if existing:
-        return _version(existing[0])
+    # A run resumed and finished again logged a new model: it gets a new version. Registering the
+    # same finish twice returns the version it already has.
+    finished = str(run.info.end_time)
+    for mv in client.search_model_versions(f"name = '{trainer}' and run_id = '{run_id}'"):
+        if (mv.tags or {}).get("run_end_time") == finished:
+            return _version(client.get_model_version(trainer, mv.version))
     metric = TRAINERS[trainer].val_metric
     metrics = run.data.metrics
     cost = metrics.get("job_cost_usd", metrics.get("cost_usd"))
-    tags = {"trainer": trainer, "run_id": run_id, "metric": metric,
+    tags = {"trainer": trainer, "run_id": run_id, "run_end_time": finished, "metric": metric,
             **({metric: f"{metrics[metric]:.6g}"} if metric in metrics else {}),
             **({"cost_usd": f"{cost:.6g}"} if cost is not None else {})}
     try:

@@ -40,14 +40,17 @@ def mnist_versions(platform):
     registers itself, so in a full session the MNIST job tests have made them already (their
     trainings take minutes here); run alone, this module trains two small ones side by side."""
     mnist = next((m for m in list_models(platform.tracking_uri) if m["name"] == "mnist"), {"versions": []})
-    if len(mnist["versions"]) < 2:
+    if len({v["run_id"] for v in mnist["versions"]}) < 2:
         subs = [submit_training(platform, "mnist", {**TINY_MNIST, "seed": seed}) for seed in (1, 2)]
         outcomes = [follow(platform, s.submission_id, on_progress=lambda line: None, timeout_s=600) for s in subs]
         for outcome in outcomes:
             assert outcome.ok, "\n".join(outcome.log_tail)
             assert outcome.result["model_version"], "a finished run registers its model"
         mnist = next(m for m in list_models(platform.tracking_uri) if m["name"] == "mnist")
-    newest, previous = mnist["versions"][:2]
+    latest_per_run = {}
+    for v in mnist["versions"]:  # newest first; a resumed run has an older version too
+        latest_per_run.setdefault(v["run_id"], v)
+    newest, previous = list(latest_per_run.values())[:2]
     return [(previous["version"], previous["run_id"]), (newest["version"], newest["run_id"])]
 
 

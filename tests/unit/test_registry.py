@@ -57,6 +57,23 @@ def test_runs_become_versions_and_the_default_is_champion_else_newest(uri):
     assert listing["versions"][1]["aliases"] == ["champion"]
 
 
+def test_a_run_finished_again_after_a_resume_gets_a_new_version(uri):
+    from mlflow.tracking import MlflowClient
+
+    run_id = mnist_run(uri, 0.90)
+    first = register_run(uri, run_id)
+    client = MlflowClient(uri)
+    client.update_run(run_id, status="RUNNING")   # resumed...
+    mlflow.set_tracking_uri(uri)
+    with mlflow.start_run(run_id=run_id):           # ...a new model and metric, finished again
+        mlflow.pytorch.log_model(MnistCNN(4).eval(), name="model", pip_requirements=["torch"],
+                                 input_example=np.zeros((1, 1, 28, 28), dtype=np.float32))
+        mlflow.log_metric("test_accuracy", 0.97)
+    second = register_run(uri, run_id)
+    assert (first.version, second.version) == ("1", "2") and second.tags["test_accuracy"] == "0.97"
+    assert register_run(uri, run_id).version == "2"
+
+
 def test_the_served_choice_is_a_checked_registry_tag(uri):
     register_run(uri, mnist_run(uri, 0.9))
     assert serving_selector(uri, "mnist") == Selector()
