@@ -104,9 +104,11 @@ def test_served_predictions_equal_the_same_model_in_process(platform, models_url
 
     from trainers.mnist_model import to_tensors
 
-    mlflow.set_tracking_uri(platform.tracking_uri)
-    mlflow.set_registry_uri(platform.tracking_uri)
-    model = mlflow.pytorch.load_model(f"models:/mnist/{version}", map_location="cpu").eval()
+    # The same registered version, loaded here (no process-wide MLflow state is set by this test).
+    folder = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/mnist/{version}",
+                                                 tracking_uri=platform.tracking_uri,
+                                                 registry_uri=platform.tracking_uri)
+    model = mlflow.pytorch.load_model(folder, map_location="cpu").eval()
     with torch.inference_mode():
         local = torch.softmax(model(to_tensors(test_images, np.zeros(24, dtype=np.int64))[0]), dim=1).numpy()
     np.testing.assert_allclose(served, local, atol=2e-6)  # the response rounds to 6 decimals
@@ -157,13 +159,15 @@ def test_llm_generate_serves_the_registered_version(platform, models_url):
     uri = platform.tracking_uri
     tokenizer, _ = load_gpt2_tokenizer(platform.data_dir, offline=True)
     model, _ = build_model("tiny", len(tokenizer), offline=True)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment("llm")
-    with mlflow.start_run(tags={"oppen.trainer": "llm"}) as run, tempfile.TemporaryDirectory() as tmp:
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("llm") or client.get_experiment(client.create_experiment("llm"))
+    run = client.create_run(exp.experiment_id, tags={"oppen.trainer": "llm"})
+    with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        mlflow.log_artifacts(tmp, artifact_path="model")
-        mlflow.log_metric("eval_loss", 10.5)
+        client.log_artifacts(run.info.run_id, tmp, artifact_path="model")
+    client.log_metric(run.info.run_id, "eval_loss", 10.5)
+    client.set_terminated(run.info.run_id, status="FINISHED")
     mv = register_run(uri, run.info.run_id)
     assert resolve(uri, "llm").version == mv.version and mv.tags["eval_loss"] == "10.5"
     body = {"prompt": "The history of", "max_new_tokens": 6, "temperature": 0}

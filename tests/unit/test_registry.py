@@ -33,6 +33,7 @@ def mnist_run(uri, accuracy: float, status: str = "FINISHED") -> str:
     exp = client.get_experiment_by_name("mnist") or client.get_experiment(client.create_experiment("mnist"))
     run = client.create_run(exp.experiment_id, tags={"oppen.trainer": "mnist"})
     mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(experiment_id=exp.experiment_id)  # the process may hold another active experiment
     with mlflow.start_run(run_id=run.info.run_id):
         mlflow.pytorch.log_model(MnistCNN(4).eval(), name="model", pip_requirements=["torch"],
                                  input_example=np.zeros((1, 1, 28, 28), dtype=np.float32))
@@ -65,6 +66,7 @@ def test_a_run_finished_again_after_a_resume_gets_a_new_version(uri):
     client = MlflowClient(uri)
     client.update_run(run_id, status="RUNNING")   # resumed...
     mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(experiment_id=client.get_run(run_id).info.experiment_id)
     with mlflow.start_run(run_id=run_id):           # ...a new model and metric, finished again
         mlflow.pytorch.log_model(MnistCNN(4).eval(), name="model", pip_requirements=["torch"],
                                  input_example=np.zeros((1, 1, 28, 28), dtype=np.float32))
