@@ -105,9 +105,9 @@ def test_served_predictions_equal_the_same_model_in_process(platform, models_url
     from trainers.mnist_model import to_tensors
 
     # The same registered version, loaded here (no process-wide MLflow state is set by this test).
-    folder = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/mnist/{version}",
-                                                 tracking_uri=platform.tracking_uri,
-                                                 registry_uri=platform.tracking_uri)
+    client = MlflowClient(platform.tracking_uri, registry_uri=platform.tracking_uri)
+    folder = mlflow.artifacts.download_artifacts(artifact_uri=client.get_model_version_download_uri("mnist", version),
+                                                 tracking_uri=platform.tracking_uri)
     model = mlflow.pytorch.load_model(folder, map_location="cpu").eval()
     with torch.inference_mode():
         local = torch.softmax(model(to_tensors(test_images, np.zeros(24, dtype=np.int64))[0]), dim=1).numpy()
