@@ -30,7 +30,9 @@ def mnist_run(uri, accuracy: float, status: str = "FINISHED") -> str:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
-    exp = client.get_experiment_by_name("mnist") or client.get_experiment(client.create_experiment("mnist"))
+    artifacts = uri.removeprefix("sqlite:///").rsplit("/", 1)[0] + "/artifacts"  # not ./mlruns in the repo
+    exp = client.get_experiment_by_name("mnist") or client.get_experiment(
+        client.create_experiment("mnist", artifact_location=artifacts))
     run = client.create_run(exp.experiment_id, tags={"oppen.trainer": "mnist"})
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment(experiment_id=exp.experiment_id)  # the process may hold another active experiment
