@@ -23,13 +23,16 @@ def tf(name: str) -> dict:
     return load_tf(TF / f"{name}.tf")
 
 
-def test_terraform_fmt_check():
+def test_terraform_fmt_check(tmp_path):
     terraform = shutil.which("terraform") or shutil.which("tofu")
     if terraform is None:
         pytest.skip("no terraform (or tofu) binary on PATH: HashiCorp's releases are not on PyPI or Debian; "
                     "the structure checks below still run")
     out = subprocess.run([terraform, "fmt", "-check", "-diff", "-recursive", str(TF)], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
+    (tmp_path / "main.tf").write_text((TF / "main.tf").read_text().replace("  name           =", "  name =", 1))
+    misaligned = subprocess.run([terraform, "fmt", "-check", str(tmp_path)], capture_output=True, text=True)
+    assert misaligned.returncode != 0  # the check does catch a formatting slip
 
 
 def test_every_provider_is_pinned_to_an_exact_version():
