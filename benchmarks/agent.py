@@ -4,10 +4,12 @@
 
 The same FastAPI app (`ray_apps.agent.http`) answers "show me the queue" (the
 intent router, one tool call on the SQLite queue store, one checkpoint in a new
-thread) under: plain uvicorn (the baseline, measured before and after), Ray Serve
-with its defaults, and Serve with its throughput-oriented switches of this Ray
-version (`ray.serve_env` in configs/platform.yaml). Bounded load: 1 client x 300
-requests, then 8 clients x 100; p50/p99 latency and requests/s.
+thread) under: plain uvicorn (the baseline, measured before and after), and Ray
+Serve in four set-ups (`serve_proxy` in configs/platform.yaml): Serve's Python proxy
+with Serve's defaults, the same with Serve's throughput bundle, and Ray's HAProxy in
+front of direct-ingress replicas without and with the bundle (the platform's
+default). Bounded load: 1 client x 300 requests, then 8 clients x 100; p50/p99
+latency and requests/s, always through the platform's public port.
 """
 
 from __future__ import annotations
@@ -37,15 +39,17 @@ from ray_apps.config import load_settings  # noqa: E402
 BENCH = {"ray": {"gcs_port": 6979, "dashboard_port": 8865, "metrics_export_port": 8680, "client_server_port": 9401,
                  "dashboard_agent_port": 52965, "num_gpus": 2}, "mlflow": {"port": 5600}, "serve_port": 8600,
          "metrics_port": 9486, "prometheus": {"enabled": False}}
+PROXY_PORTS = {"stats_port": 8684, "metrics_port": 9191, "fallback_port": 8691}
 PLAIN_PORT = 8690
 MESSAGE = {"message": "show me the queue"}
-CONFIGS = {
-    "serve_defaults": {},
-    # Serve's bundle for throughput (user code on the replica's main loop, buffered request
-    # logs, no stderr logging, GC frozen at start), keeping the HTTP proxy...
-    "serve_throughput_optimized": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"},
-    # ... and the whole bundle, which also drops the proxy: replicas take HTTP directly.
-    "serve_direct_ingress": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
+CONFIGS = {  # serve_proxy settings
+    "serve_defaults": {"kind": "python", "throughput_optimized": False},
+    # Serve's bundle for throughput (user code on the replica's event loop, handle calls over
+    # gRPC, buffered request logs, no stderr logging, GC frozen at start), same Python proxy.
+    "serve_throughput_optimized": {"kind": "python", "throughput_optimized": True},
+    # Ray's HAProxy routes straight to each ingress replica's own HTTP server.
+    "serve_haproxy": {"kind": "haproxy", "throughput_optimized": False},
+    "serve_haproxy_throughput": {"kind": "haproxy", "throughput_optimized": True},  # the platform's default
 }
 
 # The baseline: the same app, mounted at the same path, under uvicorn.
@@ -73,10 +77,10 @@ def measure(url: str) -> dict:
             "1_client": load(url, 1, 300), "8_clients": load(url, 8, 100)}
 
 
-def write_settings(tmp: Path, serve_env: dict) -> Path:
+def write_settings(tmp: Path, serve_proxy: dict) -> Path:
     cfg = tmp / "platform.yaml"
-    cfg.write_text(yaml.safe_dump({"data_dir": str(tmp / "data"),
-                                   **{**BENCH, "ray": {**BENCH["ray"], "serve_env": serve_env}}}))
+    cfg.write_text(yaml.safe_dump({"data_dir": str(tmp / "data"), **BENCH,
+                                   "serve_proxy": {**PROXY_PORTS, **serve_proxy}}))
     return cfg
 
 
@@ -102,8 +106,8 @@ def plain(cfg: Path) -> dict:
         proc.wait(timeout=30)
 
 
-def on_serve(tmp: Path, serve_env: dict) -> dict:
-    cfg = write_settings(tmp, serve_env)
+def on_serve(tmp: Path, serve_proxy: dict) -> dict:
+    cfg = write_settings(tmp, serve_proxy)
     os.environ["OPPEN_CONFIG"] = str(cfg)
     settings = load_settings(cfg)
     cluster.up(settings, timeout=180, say=lambda s: None)
@@ -121,9 +125,9 @@ def main() -> int:
         cfg = write_settings(tmp, {})
         out["plain_before"] = plain(cfg)
         print("plain uvicorn:", json.dumps(out["plain_before"]), flush=True)
-        for name, env in CONFIGS.items():
+        for name, proxy in CONFIGS.items():
             try:
-                out[name] = on_serve(tmp, env)
+                out[name] = on_serve(tmp, proxy)
             except Exception as exc:  # noqa: BLE001 - a configuration that does not work is a result too
                 out[name] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
             print(f"{name}:", json.dumps(out[name]), flush=True)

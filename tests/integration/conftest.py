@@ -24,6 +24,7 @@ QUEUE_CONFIG = {"priorities": {"high": {"rank": 2, "preempt_after_s": 2}, "norma
 TENANT_TOKENS = {"token-a": "team-a", "token-b": "team-b"}
 TEST_PORTS = {"gcs_port": 6479, "dashboard_port": 8365, "metrics_export_port": 8180,
               "client_server_port": 9901, "dashboard_agent_port": 52465}
+TEST_PROXY_PORTS = {"stats_port": 8414, "metrics_port": 9111, "fallback_port": 8510}
 
 
 @pytest.fixture(scope="session")
@@ -37,7 +38,7 @@ def platform(tmp_path_factory, mnist_cache):
     config = root / "platform.yaml"
     config.write_text(yaml.safe_dump({"data_dir": str(data_dir), "ray": {**TEST_PORTS, "num_gpus": 2},
                                       "mlflow": {"port": 5100}, "serve_port": 8100, "metrics_port": 9564,
-                                      "prometheus": {"port": 9190}}))
+                                      "serve_proxy": TEST_PROXY_PORTS, "prometheus": {"port": 9190}}))
     (root / "queue.yaml").write_text(yaml.safe_dump(QUEUE_CONFIG))
     # The dispatcher and Serve apps that `up` starts read settings, queue config and
     # tenant tokens from the environment they inherit.

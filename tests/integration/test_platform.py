@@ -2,11 +2,14 @@
 
 import socket
 
+import psutil
 import pytest
+import requests
 
 from ray_apps import cluster
 from ray_apps.cluster import PlatformError
 from ray_apps.observability import prometheus
+from ray_apps.processes import ServiceRegistry, port_holder
 
 pytestmark = pytest.mark.slow
 
@@ -38,3 +41,19 @@ def test_port_held_by_someone_else_is_named(platform, tmp_path):
     assert f"port {port} is held by pid" in msg and f"port {platform.ray.dashboard_port} is held" in msg
     assert "To fix" in msg
     assert cluster.status(other)[0].managed is False  # nothing was started for it
+
+
+def test_serve_front_is_ray_s_haproxy_on_loopback_inside_ray_s_session(platform):
+    holder = port_holder(platform.serve_port)
+    assert holder is not None and holder.name == "haproxy", holder
+    # In the Ray head's process session: `oppen down` stops it with the head.
+    ray = ServiceRegistry(platform.state_dir).running()[cluster.RAY]
+    haproxies = [p for p in ray.processes() if p.name() == "haproxy"]
+    assert holder.pid in {p.pid for p in haproxies}
+    listening = {(c.laddr.ip, c.laddr.port) for p in haproxies for c in p.net_connections("inet")
+                 if c.status == psutil.CONN_LISTEN}
+    proxy = platform.serve_proxy
+    assert {port for _, port in listening} >= {platform.serve_port, proxy.stats_port, proxy.metrics_port}
+    assert {ip for ip, _ in listening} == {"127.0.0.1"}, listening  # stats and metrics too (the wrapper)
+    routes = requests.get(f"{cluster.serve_url(platform)}/-/routes", timeout=10).json()
+    assert set(routes) == {"/", "/v1/agent", "/v1/models"}

