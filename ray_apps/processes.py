@@ -26,6 +26,10 @@ class Service:
     cmd: list[str]
     log: str
     started_at: float
+    # The leader's start in clock ticks since boot: what tells it from a later process that
+    # reuses its pid. (psutil's create_time adds a boot time derived from the wall clock, which
+    # drifts on VMs: seconds per minute measured here, enough to lose track of a running head.)
+    start_ticks: int | None = None
 
     def processes(self) -> list[psutil.Process]:
         """Live processes of this service's session (empty once it is gone)."""
@@ -41,7 +45,12 @@ class Service:
     def alive(self) -> bool:
         try:
             leader = psutil.Process(self.pid)
-            return leader.status() != psutil.STATUS_ZOMBIE and abs(leader.create_time() - self.started_at) < 5
+            if leader.status() == psutil.STATUS_ZOMBIE:
+                return False
+            ticks = start_ticks(self.pid)
+            if self.start_ticks is not None and ticks is not None:
+                return ticks == self.start_ticks
+            return leader.cmdline() == self.cmd  # no /proc, or a registry written before start_ticks
         except psutil.Error:
             return False
 
@@ -84,7 +93,16 @@ def spawn(name: str, cmd: list[str], *, log_path: Path, env: dict[str, str] | No
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 env={**os.environ, **(env or {})}, start_new_session=True)
     return Service(name=name, pid=proc.pid, cmd=cmd, log=str(log_path),
-                   started_at=psutil.Process(proc.pid).create_time())
+                   started_at=psutil.Process(proc.pid).create_time(), start_ticks=start_ticks(proc.pid))
+
+
+def start_ticks(pid: int) -> int | None:
+    """When `pid` started, in clock ticks since boot (field 22 of /proc/PID/stat); None off Linux."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return int(fields[19])  # fields[0] is field 3 (state)
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def stop(service: Service, *, grace_s: float = 15.0) -> int:

@@ -2,10 +2,11 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import psutil
 
-from ray_apps.processes import ServiceRegistry, port_holder, spawn, stop
+from ray_apps.processes import ServiceRegistry, port_holder, spawn, start_ticks, stop
 
 # A service that forks a child, like `ray start` spawning its GCS and raylet.
 PARENT_WITH_CHILD = "import subprocess,sys,time; subprocess.Popen([sys.executable,'-c','import time; time.sleep(600)']); time.sleep(600)"
@@ -45,3 +46,19 @@ def test_port_holder_names_the_process():
         assert holder is not None and holder.pid == psutil.Process().pid
         assert f"port {port} is held by pid {holder.pid}" in holder.describe()
     assert port_holder(port) is None
+
+
+def test_a_running_service_is_known_by_its_start_ticks_not_the_wall_clock(tmp_path):
+    svc = spawn("demo", [sys.executable, "-c", "import time; time.sleep(600)"], log_path=tmp_path / "d.log")
+    try:
+        assert svc.start_ticks == start_ticks(svc.pid) and svc.start_ticks is not None
+        # The wall-clock start drifted by an hour (a VM's clock): still the same process.
+        assert replace(svc, started_at=svc.started_at - 3600).alive()
+        # Same pid, another start: a later process that reuses the pid is not the service.
+        assert not replace(svc, start_ticks=svc.start_ticks - 1).alive()
+        # A registry written before start_ticks existed: the command line decides.
+        assert replace(svc, start_ticks=None).alive()
+        assert not replace(svc, start_ticks=None, cmd=["something", "else"]).alive()
+    finally:
+        stop(svc, grace_s=5)
+    assert not svc.alive()
