@@ -100,3 +100,14 @@ def test_wrapper_without_a_binary_says_so(tmp_path):
     proc = subprocess.run([str(cluster.HAPROXY_LOOPBACK), "-c", "-f", str(cfg)], env=env, capture_output=True,
                           text=True, timeout=30)
     assert proc.returncode != 0 and "OPPEN_HAPROXY_BINARY" in proc.stderr
+
+
+def test_wrapper_is_shellcheck_clean():
+    import shutil
+
+    shellcheck = Path(__file__).resolve().parents[2] / ".venv-tools" / "bin" / "shellcheck"
+    shellcheck = str(shellcheck) if shellcheck.exists() else shutil.which("shellcheck")
+    if shellcheck is None:
+        pytest.skip("shellcheck not installed (the README's test command puts it in .venv-tools)")
+    out = subprocess.run([shellcheck, str(cluster.HAPROXY_LOOPBACK)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout
