@@ -25,7 +25,7 @@ class Service:
     pid: int          # session leader; its pid is also the session id
     cmd: list[str]
     log: str
-    started_at: float
+    started_at: float  # wall-clock start, for people reading services.json; identity is start_ticks
     # The leader's start in clock ticks since boot: what tells it from a later process that
     # reuses its pid. (psutil's create_time adds a boot time derived from the wall clock, which
     # drifts on VMs: seconds per minute measured here, enough to lose track of a running head.)
