@@ -1,6 +1,7 @@
 """`oppen up` / `status` / `down` against real processes."""
 
 import socket
+import time
 
 import psutil
 import pytest
@@ -25,7 +26,14 @@ def test_second_up_reports_what_runs(platform):
     expected = ["ray", "mlflow", "dispatcher"] + (["prometheus"] if prometheus.binary(platform) else [])
     assert [r.name for r in rows if r.managed] == expected
     res = cluster.cluster_resources(platform.dashboard_url)
-    assert res.total["CPU"] >= 1 and res.total["GPU"] == 2 and res.free("GPU") == 2
+    assert res.total["CPU"] >= 1 and res.total["GPU"] == 2
+    # Ray frees a finished job's placement group a moment after the job ends (an earlier test's job
+    # may just have finished): every declared GPU comes back within a bounded wait.
+    deadline = time.monotonic() + 30
+    while res.free("GPU") != 2 and time.monotonic() < deadline:
+        time.sleep(0.5)
+        res = cluster.cluster_resources(platform.dashboard_url)
+    assert res.free("GPU") == 2, res
 
 
 def test_port_held_by_someone_else_is_named(platform, tmp_path):
