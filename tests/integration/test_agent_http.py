@@ -1,5 +1,5 @@
 """The agent end to end over real HTTP on the local Ray Serve: one conversation that
-starts a job, asks its status, and asks what it cost."""
+starts a job, asks its status and what it has cost, and cancels it."""
 
 from __future__ import annotations
 
@@ -27,11 +27,11 @@ def say(url, message, thread, headers=A):
     return resp.json()
 
 
-def test_train_then_status_then_cost_in_one_thread(agent_url, platform):
+def test_train_then_status_then_cost_then_cancel_in_one_thread(agent_url, platform):
     thread = f"conv-{time.time_ns()}"
-    started = say(agent_url, "please train mnist for 1 epoch on 1000 samples", thread)
+    started = say(agent_url, "please train mnist for 3 epochs on 1000 samples", thread)
     call = started["tool_calls"][0]
-    assert call["name"] == "trigger_training_job" and call["args"]["params"] == {"epochs": 1, "train_samples": 1000}
+    assert call["name"] == "trigger_training_job" and call["args"]["params"] == {"epochs": 3, "train_samples": 1000}
     job_id = call["result"]["job_id"]
     assert job_id in started["answer"] and call["result"]["tenant"] == "team-a"
 
@@ -39,17 +39,32 @@ def test_train_then_status_then_cost_in_one_thread(agent_url, platform):
     assert status["tool_calls"][0]["name"] == "get_training_status"
     assert status["tool_calls"][0]["result"]["job_id"] == job_id
 
+    # What it has cost so far: metered live once the dispatcher has seen it run in Ray, no need
+    # to wait for the end.
     queue = Queue.from_settings(platform)
-    deadline = time.monotonic() + 240
-    while not queue.get(job_id).state.is_terminal():
-        assert time.monotonic() < deadline, "the job did not finish"
-        time.sleep(1)
-    assert queue.get(job_id).state.value == "SUCCEEDED"
-
-    cost = say(agent_url, "and what did it cost?", thread)
+    deadline = time.monotonic() + 120
+    while (job := queue.get(job_id)).state.value != "RUNNING":
+        assert time.monotonic() < deadline and not job.state.is_terminal(), (job.state, job.message)
+        time.sleep(0.5)
+    time.sleep(2)
+    cost = say(agent_url, "and what has it cost so far?", thread)
     call = cost["tool_calls"][0]
     assert call["name"] == "calculate_training_cost" and call["args"] == {"job_id": job_id}
-    assert call["result"]["total_usd"] > 0 and f"${call['result']['total_usd']:.4f}" in cost["answer"]
+    assert call["result"]["live"] and call["result"]["total_usd"] > 0
+    assert f"${call['result']['total_usd']:.4f}" in cost["answer"]
+
+    # "it" is still that job: cancelling stops it in Ray (~40 s of a 3-epoch job were left).
+    cancelled = say(agent_url, "ok, cancel it", thread)
+    call = cancelled["tool_calls"][0]
+    assert call["name"] == "cancel_job" and call["args"] == {"job_id": job_id}
+    assert call["result"] == {"cancelled": [job_id], "refused": []}
+    assert queue.get(job_id).state.value == "CANCELLED"
+    ray_id = queue.get(job_id).ray_submission_id
+    deadline = time.monotonic() + 60
+    while not queue.ray_client().get_job_status(ray_id).is_terminal():
+        assert time.monotonic() < deadline, "Ray never stopped the cancelled job"
+        time.sleep(0.5)
+    assert queue.ray_client().get_job_status(ray_id).value == "STOPPED"
 
     # Another tenant using the same thread id gets its own, empty thread: "it" means nothing there.
     other = say(agent_url, "and what did it cost?", thread, headers=B)

@@ -21,82 +21,12 @@ from trainers.mnist_model import to_tensors
 from trainers.pricing import load_catalog
 
 pytestmark = pytest.mark.slow
-SMALL = {"train_samples": 2000, "test_samples": 500}
+# Big enough to learn (> 0.8 after 2 epochs), small enough that start-up dominates.
+SMALL = {"train_samples": 3000, "test_samples": 500}
 
 
 def metric_steps(client: MlflowClient, run_id: str, key: str) -> dict[int, float]:
     return {m.step: m.value for m in client.get_metric_history(run_id, key)}
-
-
-def test_mnist_job_logs_params_metrics_cost_and_a_loadable_model(platform):
-    sub = submit_training(platform, "mnist", {"epochs": 2, **SMALL}, metadata={"tenant": "team-a"})
-    progress = []
-    outcome = follow(platform, sub.submission_id, on_progress=progress.append, poll_s=0.5)
-    assert outcome.ok, "\n".join(outcome.log_tail)
-    assert any("epoch 1/2" in p for p in progress) and any("epoch 2/2" in p for p in progress)
-
-    info = JobSubmissionClient(platform.dashboard_url).get_job_info(sub.submission_id)
-    assert info.metadata["mlflow_run_id"] == sub.mlflow_run_id and info.metadata["tenant"] == "team-a"
-
-    client = MlflowClient(platform.tracking_uri)
-    run = client.get_run(sub.mlflow_run_id)
-    assert run.info.status == "FINISHED"
-    params = run.data.params
-    assert params["epochs"] == "2" and params["train_samples"] == "2000" and params["width"] == "16"
-    assert params["data_source"].startswith(("pypi:", "hf:")) and params["device"] == "cpu"
-    assert run.data.tags["ray.submission_id"] == sub.submission_id and run.data.tags["oppen.tenant"] == "team-a"
-
-    acc = metric_steps(client, sub.mlflow_run_id, "test_accuracy")
-    assert sorted(acc) == [1, 2] and acc[2] > 0.8
-
-    # The finished run is a new version of the registered model `mnist`, tagged with its accuracy.
-    version = client.get_model_version("mnist", outcome.result["model_version"])
-    assert version.run_id == sub.mlflow_run_id and float(version.tags["test_accuracy"]) == pytest.approx(acc[2])
-    loss = metric_steps(client, sub.mlflow_run_id, "train_loss")
-    assert loss[2] < loss[1]
-
-    # Cost = allocation (1 worker x 2 CPUs, 0 GPUs) x catalog rate x measured time.
-    elapsed = metric_steps(client, sub.mlflow_run_id, "elapsed_s")
-    cost = metric_steps(client, sub.mlflow_run_id, "cost_usd")
-    rate = load_catalog(platform.costs_file).cpu_core_hour
-    for step in (1, 2):
-        assert cost[step] == pytest.approx(2 * rate * elapsed[step] / 3600, rel=1e-9)
-    assert cost[2] > cost[1] > 0
-    assert metric_steps(client, sub.mlflow_run_id, "cost_gpu_usd")[2] == 0
-    assert outcome.result["cost_usd"] == pytest.approx(cost[2])
-
-    # The logged model loads back over HTTP and scores what training reported.
-    mlflow.set_tracking_uri(platform.tracking_uri)
-    model = mlflow.pytorch.load_model(f"runs:/{sub.mlflow_run_id}/model")
-    data = load_mnist(platform.data_dir)
-    x, y = to_tensors(data.test_images[:500], data.test_labels[:500])
-    with torch.no_grad():
-        served_acc = float((model(x).argmax(1) == y).float().mean())
-    assert served_acc == pytest.approx(acc[2], abs=1e-6)
-
-
-def test_plain_ray_job_submit_then_resume_continues_the_same_run(platform):
-    """Without the platform's help: env comes from the head, as with `ray job submit`."""
-    client = JobSubmissionClient(platform.dashboard_url)
-    runtime_env = {"working_dir": str(PROJECT_ROOT), "excludes": WORKING_DIR_EXCLUDES}
-    base = "python -m trainers.mnist --train-samples 1000 --test-samples 200 --run-name mnist-resume-test"
-    first = client.submit_job(entrypoint=f"{base} --epochs 1", runtime_env=runtime_env)
-    assert follow(platform, first, on_progress=lambda _: None, poll_s=0.5).ok
-    again = client.submit_job(entrypoint=f"{base} --epochs 2 --resume", runtime_env=runtime_env)
-    outcome = follow(platform, again, on_progress=lambda _: None, poll_s=0.5)
-    assert outcome.ok, "\n".join(outcome.log_tail)
-    logs = job_logs(platform, again)
-    assert "start_epoch=1" in logs and "epoch 1/2" not in logs and "epoch 2/2" in logs
-
-    run_id = outcome.result["mlflow_run_id"]
-    mlflow_client = MlflowClient(platform.tracking_uri)
-    assert run_id == follow(platform, first, on_progress=lambda _: None).result["mlflow_run_id"]
-    assert sorted(metric_steps(mlflow_client, run_id, "test_accuracy")) == [1, 2]
-    elapsed = metric_steps(mlflow_client, run_id, "elapsed_s")
-    assert elapsed[2] > elapsed[1]  # cost keeps counting across the two segments
-    tags = mlflow_client.get_run(run_id).data.tags
-    assert tags["oppen.resumed_from_epoch"] == "1" and json.loads(tags["oppen.resume_overrides"]) == {"epochs": 2}
-    assert outcome.result["tracking_lost"] is None
 
 
 def _train_worker_pids() -> list[int]:
@@ -107,8 +37,11 @@ def _train_worker_pids() -> list[int]:
     return pids
 
 
-def test_killed_worker_is_replaced_and_training_resumes_from_checkpoint(platform):
-    sub = submit_training(platform, "mnist", {"epochs": 3, "train_samples": 6000, "test_samples": 500})
+def test_mnist_job_life_worker_killed_everything_logged_then_resumed_by_plain_ray_job_submit(platform):
+    """One job's life in three acts (each real Ray Train start costs ~40 s here): a killed worker is
+    replaced from a checkpoint; the run logs params, metrics, cost and a loadable model; a later plain
+    `ray job submit ... --resume` (env from the head, no platform) continues the same run."""
+    sub = submit_training(platform, "mnist", {"epochs": 3, **SMALL}, metadata={"tenant": "team-a"})
     # Kill only once Ray Train has registered the first checkpoint (its snapshot file says so).
     snapshot = platform.data_dir / "checkpoints" / sub.submission_id / "checkpoint_manager_snapshot.json"
     assert processes.wait_until(lambda: snapshot.exists() and '"checkpoint_results":[{' in snapshot.read_text(),
@@ -117,12 +50,68 @@ def test_killed_worker_is_replaced_and_training_resumes_from_checkpoint(platform
     assert victims, "no Ray Train worker process found"
     for pid in victims:
         psutil.Process(pid).kill()
-    outcome = follow(platform, sub.submission_id, on_progress=lambda _: None, poll_s=0.5)
+    progress = []
+    outcome = follow(platform, sub.submission_id, on_progress=progress.append, poll_s=0.5)
     assert outcome.ok, "\n".join(outcome.log_tail)
     starts = [int(n) for n in re.findall(r"start_epoch=(\d+)", job_logs(platform, sub.submission_id))]
     assert starts[0] == 0 and max(starts) >= 1  # the new group started from a checkpoint, not epoch 0
-    steps = metric_steps(MlflowClient(platform.tracking_uri), sub.mlflow_run_id, "test_accuracy")
-    assert sorted(steps) == [1, 2, 3]
+    assert all(any(f"epoch {e}/3" in p for p in progress) for e in (1, 2, 3))
+
+    info = JobSubmissionClient(platform.dashboard_url).get_job_info(sub.submission_id)
+    assert info.metadata["mlflow_run_id"] == sub.mlflow_run_id and info.metadata["tenant"] == "team-a"
+
+    client = MlflowClient(platform.tracking_uri)
+    run = client.get_run(sub.mlflow_run_id)
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    assert params["epochs"] == "3" and params["train_samples"] == str(SMALL["train_samples"]) and params["width"] == "16"
+    assert params["data_source"].startswith(("pypi:", "hf:")) and params["device"] == "cpu"
+    assert run.data.tags["ray.submission_id"] == sub.submission_id and run.data.tags["oppen.tenant"] == "team-a"
+
+    acc = metric_steps(client, sub.mlflow_run_id, "test_accuracy")
+    assert sorted(acc) == [1, 2, 3] and acc[3] > 0.8
+
+    # The finished run is a new version of the registered model `mnist`, tagged with its accuracy.
+    version = client.get_model_version("mnist", outcome.result["model_version"])
+    assert version.run_id == sub.mlflow_run_id and float(version.tags["test_accuracy"]) == pytest.approx(acc[3])
+    loss = metric_steps(client, sub.mlflow_run_id, "train_loss")
+    assert loss[3] < loss[1]
+
+    # Cost = allocation (1 worker x 2 CPUs, 0 GPUs) x catalog rate x measured time, across the restart.
+    elapsed = metric_steps(client, sub.mlflow_run_id, "elapsed_s")
+    cost = metric_steps(client, sub.mlflow_run_id, "cost_usd")
+    rate = load_catalog(platform.costs_file).cpu_core_hour
+    for step in (1, 2, 3):
+        assert cost[step] == pytest.approx(2 * rate * elapsed[step] / 3600, rel=1e-9)
+    assert cost[3] > cost[2] > cost[1] > 0
+    assert metric_steps(client, sub.mlflow_run_id, "cost_gpu_usd")[3] == 0
+    assert outcome.result["cost_usd"] == pytest.approx(cost[3])
+
+    # The logged model loads back over HTTP and scores what training reported.
+    mlflow.set_tracking_uri(platform.tracking_uri)
+    model = mlflow.pytorch.load_model(f"runs:/{sub.mlflow_run_id}/model")
+    data = load_mnist(platform.data_dir)
+    n = SMALL["test_samples"]
+    x, y = to_tensors(data.test_images[:n], data.test_labels[:n])
+    with torch.no_grad():
+        served_acc = float((model(x).argmax(1) == y).float().mean())
+    assert served_acc == pytest.approx(acc[3], abs=1e-6)
+
+    # Resumed later for one more epoch, with nothing but Ray's own job API.
+    ray_jobs = JobSubmissionClient(platform.dashboard_url)
+    again = ray_jobs.submit_job(
+        entrypoint=f"python -m trainers.mnist --run-name {sub.submission_id} --epochs 4 --resume",
+        runtime_env={"working_dir": str(PROJECT_ROOT), "excludes": WORKING_DIR_EXCLUDES})
+    resumed = follow(platform, again, on_progress=lambda _: None, poll_s=0.5)
+    assert resumed.ok, "\n".join(resumed.log_tail)
+    logs = job_logs(platform, again)
+    assert "start_epoch=3" in logs and "epoch 3/4" not in logs and "epoch 4/4" in logs
+    assert resumed.result["mlflow_run_id"] == sub.mlflow_run_id and resumed.result["tracking_lost"] is None
+    assert sorted(metric_steps(client, sub.mlflow_run_id, "test_accuracy")) == [1, 2, 3, 4]
+    elapsed = metric_steps(client, sub.mlflow_run_id, "elapsed_s")
+    assert elapsed[4] > elapsed[3]  # cost keeps counting across the two segments
+    tags = client.get_run(sub.mlflow_run_id).data.tags
+    assert tags["oppen.resumed_from_epoch"] == "3" and json.loads(tags["oppen.resume_overrides"]) == {"epochs": 4}
 
 
 def test_mlflow_going_away_does_not_kill_training(platform, tmp_path):
@@ -135,7 +124,7 @@ def test_mlflow_going_away_does_not_kill_training(platform, tmp_path):
         uri = f"http://127.0.0.1:{port}"
         assert processes.wait_until(lambda: cluster.mlflow_healthy(uri), timeout=60)
         doomed = platform.model_copy(update={"mlflow_tracking_uri": uri})
-        sub = submit_training(doomed, "mnist", {"epochs": 3, "train_samples": 6000, "test_samples": 500})
+        sub = submit_training(doomed, "mnist", {"epochs": 3, **SMALL})
         wait_for_log(platform, sub.submission_id, "epoch 1/3")
         processes.stop(server)
         outcome = follow(platform, sub.submission_id, on_progress=lambda _: None, poll_s=0.5)
