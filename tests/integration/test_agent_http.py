@@ -9,6 +9,7 @@ import pytest
 import requests
 
 from ray_apps.cluster import serve_url
+from ray_apps.processes import wait_until
 from ray_apps.scheduler.api import Queue
 
 pytestmark = pytest.mark.slow
@@ -58,13 +59,12 @@ def test_train_then_status_then_cost_then_cancel_in_one_thread(agent_url, platfo
     call = cancelled["tool_calls"][0]
     assert call["name"] == "cancel_job" and call["args"] == {"job_id": job_id}
     assert call["result"] == {"cancelled": [job_id], "refused": []}
-    assert queue.get(job_id).state.value == "CANCELLED"
-    ray_id = queue.get(job_id).ray_submission_id
-    deadline = time.monotonic() + 60
-    while not queue.ray_client().get_job_status(ray_id).is_terminal():
-        assert time.monotonic() < deadline, "Ray never stopped the cancelled job"
-        time.sleep(0.5)
-    assert queue.ray_client().get_job_status(ray_id).value == "STOPPED"
+    job = queue.get(job_id)
+    assert job.state.value == "CANCELLED"
+    ray_jobs = queue.ray_client()
+    assert wait_until(lambda: ray_jobs.get_job_status(job.ray_submission_id).is_terminal(), timeout=60), \
+        "Ray never stopped the cancelled job"
+    assert ray_jobs.get_job_status(job.ray_submission_id).value == "STOPPED"
 
     # Another tenant using the same thread id gets its own, empty thread: "it" means nothing there.
     other = say(agent_url, "and what did it cost?", thread, headers=B)

@@ -57,7 +57,8 @@ def test_mnist_job_life_worker_killed_everything_logged_then_resumed_by_plain_ra
     assert starts[0] == 0 and max(starts) >= 1  # the new group started from a checkpoint, not epoch 0
     assert all(any(f"epoch {e}/3" in p for p in progress) for e in (1, 2, 3))
 
-    info = JobSubmissionClient(platform.dashboard_url).get_job_info(sub.submission_id)
+    ray_jobs = JobSubmissionClient(platform.dashboard_url)
+    info = ray_jobs.get_job_info(sub.submission_id)
     assert info.metadata["mlflow_run_id"] == sub.mlflow_run_id and info.metadata["tenant"] == "team-a"
 
     client = MlflowClient(platform.tracking_uri)
@@ -99,7 +100,6 @@ def test_mnist_job_life_worker_killed_everything_logged_then_resumed_by_plain_ra
     assert served_acc == pytest.approx(acc[3], abs=1e-6)
 
     # Resumed later for one more epoch, with nothing but Ray's own job API.
-    ray_jobs = JobSubmissionClient(platform.dashboard_url)
     again = ray_jobs.submit_job(
         entrypoint=f"python -m trainers.mnist --run-name {sub.submission_id} --epochs 4 --resume",
         runtime_env={"working_dir": str(PROJECT_ROOT), "excludes": WORKING_DIR_EXCLUDES})

@@ -1,7 +1,6 @@
 """`oppen up` / `status` / `down` against real processes."""
 
 import socket
-import time
 
 import psutil
 import pytest
@@ -10,7 +9,7 @@ import requests
 from ray_apps import cluster
 from ray_apps.cluster import PlatformError
 from ray_apps.observability import prometheus
-from ray_apps.processes import ServiceRegistry, port_holder
+from ray_apps.processes import ServiceRegistry, port_holder, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -29,11 +28,8 @@ def test_second_up_reports_what_runs(platform):
     assert res.total["CPU"] >= 1 and res.total["GPU"] == 2
     # Ray frees a finished job's placement group a moment after the job ends (an earlier test's job
     # may just have finished): every declared GPU comes back within a bounded wait.
-    deadline = time.monotonic() + 30
-    while res.free("GPU") != 2 and time.monotonic() < deadline:
-        time.sleep(0.5)
-        res = cluster.cluster_resources(platform.dashboard_url)
-    assert res.free("GPU") == 2, res
+    assert wait_until(lambda: cluster.cluster_resources(platform.dashboard_url).free("GPU") == 2, timeout=30), \
+        cluster.cluster_resources(platform.dashboard_url)
 
 
 def test_port_held_by_someone_else_is_named(platform, tmp_path):
