@@ -35,7 +35,8 @@ from ray_apps.training import follow, submit_training  # noqa: E402
 from trainers.data import load_mnist  # noqa: E402
 
 BENCH = {"ray": {"gcs_port": 7079, "dashboard_port": 8965, "metrics_export_port": 8780, "client_server_port": 9501,
-                 "dashboard_agent_port": 53065, "num_gpus": 0}, "mlflow": {"port": 5700}, "serve_port": 8700,
+                 "dashboard_agent_port": 53065},
+         "cluster_file": "configs/cluster.single-head.yaml", "mlflow": {"port": 5700}, "serve_port": 8700,
          "metrics_port": 9487, "serve_proxy": {"stats_port": 8774, "metrics_port": 9177, "fallback_port": 8775},
          "prometheus": {"enabled": False}}
 TRAIN = {"epochs": 1, "train_samples": 6000, "test_samples": 1000, "cpus_per_worker": 2}

@@ -48,7 +48,8 @@ def start_platform(workdir: Path):
     data_dir = workdir / "data"
     data_dir.mkdir(parents=True)
     cfg = workdir / "platform.yaml"
-    cfg.write_text(yaml.safe_dump({"data_dir": str(data_dir), "ray": {**BENCH_PORTS, "num_gpus": 2},
+    cfg.write_text(yaml.safe_dump({"data_dir": str(data_dir), "ray": BENCH_PORTS,
+                                   "cluster_file": "configs/cluster.single-head.yaml",
                                    "mlflow": {"port": 5200}, "serve_port": 8200,
                                    "metrics_port": 9482, "prometheus": {"enabled": False},
                                    "serve_proxy": {"stats_port": 8274, "metrics_port": 9172, "fallback_port": 8275}}))

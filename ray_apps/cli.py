@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from ray_apps.cluster import PlatformError
+from ray_apps.ray_client import PlatformError
 from ray_apps.config import SettingsError, load_settings
 from ray_apps.costs.forecast import ForecastError
 from ray_apps.costs.report import ReportError

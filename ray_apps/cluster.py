@@ -11,14 +11,10 @@ them: the address is the one switch between laptop and cluster.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import secrets
 import sys
 import time
-import urllib.error
-import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -26,13 +22,12 @@ import yaml
 
 from ray_apps.config import CONFIG_DIR, Settings
 from ray_apps.observability import prometheus
+from ray_apps.ray_client import (PlatformError, cluster_resources, ensure_ray_token, http_get,  # noqa: F401
+                                 mlflow_healthy, ray_healthy, use_ray_token)
+from ray_apps.topology import Topology, TopologyError, autoscaler_config, check_fits_machine
 from ray_apps.processes import PortHolder, ServiceRegistry, port_holder, spawn, stop, wait_until
 
 RAY, MLFLOW, DISPATCHER, PROMETHEUS = "ray", "mlflow", "dispatcher", "prometheus"
-
-
-class PlatformError(RuntimeError):
-    """The platform could not be started or reached; the message says why and what to do."""
 
 
 @dataclass
@@ -44,23 +39,6 @@ class ServiceStatus:
     pid: int | None = None
     rss_mb: float | None = None
     note: str = ""
-
-
-@dataclass
-class Resources:
-    total: dict[str, float] = field(default_factory=dict)
-    used: dict[str, float] = field(default_factory=dict)
-    by_node: dict[str, dict[str, tuple[float, float]]] = field(default_factory=dict)  # node -> res -> (used, total)
-
-    def free(self, name: str) -> float:
-        return self.total.get(name, 0.0) - self.used.get(name, 0.0)
-
-    def node_totals(self) -> list[dict[str, float]]:
-        """Each node's total CPUs and GPUs: what the cluster could ever give a job."""
-        return [{"CPU": u.get("CPU", (0, 0))[1], "GPU": u.get("GPU", (0, 0))[1]} for u in self.by_node.values()]
-
-    def node_free(self) -> list[dict[str, float]]:
-        return [{k: u.get(k, (0, 0))[1] - u.get(k, (0, 0))[0] for k in ("CPU", "GPU")} for u in self.by_node.values()]
 
 
 # --------------------------------------------------------------------------- commands
@@ -77,17 +55,43 @@ def ray_temp_dir(settings: Settings) -> Path:
     return Path("/tmp") / f"oppen-ray-{digest}"
 
 
-def ray_head_command(settings: Settings) -> list[str]:
+def autoscaler_config_path(settings: Settings) -> Path:
+    return settings.state_dir / "autoscaler.yaml"
+
+
+def ray_head_command(settings: Settings, topology: Topology) -> list[str]:
     r = settings.ray
     cmd = [_bin("ray"), "start", "--head", "--block", f"--port={r.gcs_port}",
            f"--dashboard-host={settings.host}",
            f"--dashboard-port={r.dashboard_port}", f"--metrics-export-port={r.metrics_export_port}",
            f"--ray-client-server-port={r.client_server_port}", f"--dashboard-agent-listen-port={r.dashboard_agent_port}",
-           "--include-dashboard=true", "--disable-usage-stats", f"--num-gpus={r.num_gpus}",
+           "--include-dashboard=true", "--disable-usage-stats", f"--num-gpus={int(topology.head.gpus)}",
            f"--temp-dir={ray_temp_dir(settings)}"]
-    if r.num_cpus:
-        cmd.append(f"--num-cpus={r.num_cpus}")
+    if topology.head.cpus is not None:
+        cmd.append(f"--num-cpus={int(topology.head.cpus)}")
+    if topology.autoscaling:
+        cmd.append(f"--autoscaling-config={autoscaler_config_path(settings)}")
     return cmd
+
+
+def write_autoscaler_config(settings: Settings, topology: Topology) -> Path:
+    """The topology as Ray's autoscaling config (fake multi-node provider), beside the platform's state."""
+    path = autoscaler_config_path(settings)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(autoscaler_config(topology, gcs_address=f"{settings.host}:{settings.ray.gcs_port}"),
+                                   sort_keys=False))
+    return path
+
+
+def load_local_topology(settings: Settings) -> Topology:
+    """The topology `up` will start, checked before anything starts (PlatformError: file, field, fix)."""
+    try:
+        topology = settings.topology()
+        if settings.is_local and topology.autoscaling:
+            check_fits_machine(topology, settings.cluster_file)
+    except TopologyError as exc:
+        raise PlatformError(str(exc)) from None
+    return topology
 
 
 def mlflow_command(settings: Settings) -> list[str]:
@@ -102,83 +106,12 @@ def mlflow_command(settings: Settings) -> list[str]:
 # --------------------------------------------------------------------------- health
 
 
-def _http_get(url: str, *, timeout: float = 3.0, headers: dict | None = None) -> bytes | None:
-    try:
-        req = urllib.request.Request(url, headers=headers or {})
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return resp.read() if resp.status == 200 else None
-    except (urllib.error.URLError, OSError, ValueError):
-        return None
-
-
-def _token_path() -> Path:
-    return Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
-
-
-def ray_token() -> str | None:
-    """Where Ray's own clients look: $RAY_AUTH_TOKEN, then $RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token."""
-    token = os.environ.get("RAY_AUTH_TOKEN")
-    if not token:
-        try:
-            token = _token_path().read_text().strip()
-        except OSError:
-            return None
-    return token or None
-
-
-def ensure_ray_token() -> None:
-    """The local head runs with token auth (its GCS listens beyond loopback): make a token once."""
-    if ray_token() is None:
-        path = _token_path()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(secrets.token_hex(32))
-        path.chmod(0o600)
-
-
-def use_ray_token() -> None:
-    """Ray's Python clients send the token only when RAY_AUTH_MODE=token is set in the
-    process; set it whenever a token exists (an explicit RAY_AUTH_MODE wins)."""
-    if ray_token() is not None and "RAY_AUTH_MODE" not in os.environ:
-        os.environ["RAY_AUTH_MODE"] = "token"
-        if "ray._raylet" in sys.modules:  # Ray read its config at import: refresh it
-            from ray._raylet import Config
-
-            Config.initialize("")
-
-
-def ray_auth_headers() -> dict[str, str]:
-    token = ray_token()
-    return {"Authorization": f"Bearer {token}"} if token else {}
-
-
-def ray_healthy(dashboard_url: str) -> bool:
-    return _http_get(f"{dashboard_url}/api/version", headers=ray_auth_headers()) is not None
-
-
 def ray_ready(dashboard_url: str) -> bool:
     """Answering, and its resources reported (the head's report lags start-up by seconds)."""
     try:
-        return cluster_resources(dashboard_url).total.get("CPU", 0) > 0
+        return cluster_resources(dashboard_url).total.get("memory", 0) > 0  # a head may declare 0 CPUs
     except (PlatformError, KeyError, ValueError):
         return False
-
-
-def mlflow_healthy(tracking_uri: str) -> bool:
-    return _http_get(f"{tracking_uri}/health") is not None
-
-
-def cluster_resources(dashboard_url: str) -> Resources:
-    """CPUs, GPUs... total and in use, cluster-wide and per node, from the dashboard."""
-    body = _http_get(f"{dashboard_url}/api/cluster_status", timeout=5, headers=ray_auth_headers())
-    if body is None:
-        raise PlatformError(f"Ray at {dashboard_url} does not answer. To fix: run `oppen up` or set RAY_ADDRESS.")
-    report = json.loads(body)["data"]["clusterStatus"]["loadMetricsReport"]
-    res = Resources()
-    for name, (used, total) in report.get("usage", {}).items():
-        res.used[name], res.total[name] = float(used), float(total)
-    for node, usage in (report.get("usageByNode") or {}).items():
-        res.by_node[node] = {k: (float(u), float(t)) for k, (u, t) in usage.items()}
-    return res
 
 
 # --------------------------------------------------------------------------- up / down / status
@@ -196,15 +129,15 @@ class _Managed:
     env: dict[str, str]
 
 
-def _managed_services(settings: Settings, say: Callable[[str], None]) -> list[_Managed]:
+def _managed_services(settings: Settings, topology: Topology, say: Callable[[str], None]) -> list[_Managed]:
     out = []
     if settings.is_local:
         r = settings.ray
         out.append(_Managed(RAY, settings.dashboard_url, lambda: ray_healthy(settings.dashboard_url),
-                            ray_head_command(settings), [r.gcs_port, r.dashboard_port, r.metrics_export_port,
+                            ray_head_command(settings, topology), [r.gcs_port, r.dashboard_port, r.metrics_export_port,
                                                          r.client_server_port, r.dashboard_agent_port,
                                                          settings.serve_port, *settings.serve_proxy.ports()],
-                            _ray_env(settings)))
+                            _ray_env(settings, topology)))
     else:
         say(f"ray: using the cluster at {settings.dashboard_url} (RAY_ADDRESS); no local head started")
     if settings.mlflow_tracking_uri is None:
@@ -221,7 +154,7 @@ def _managed_services(settings: Settings, say: Callable[[str], None]) -> list[_M
                         [settings.metrics_port], {}))
     if prometheus.binary(settings):
         out.append(_Managed(PROMETHEUS, prometheus.url(settings),
-                            lambda: _http_get(f"{prometheus.url(settings)}/-/ready") is not None,
+                            lambda: http_get(f"{prometheus.url(settings)}/-/ready") is not None,
                             prometheus.command(settings), [settings.prometheus.port], {}))
     elif settings.prometheus.enabled:
         say(f"prometheus: not installed ({settings.prometheus.binary!r} not on PATH; Debian: "
@@ -238,12 +171,15 @@ def metrics_url(settings: Settings) -> str:
 def up(settings: Settings, *, timeout: float = 90.0, serve: bool = True,
        say: Callable[[str], None] = print) -> list[ServiceStatus]:
     """Start what is missing: Ray head, MLflow, dispatcher, and (with `serve`) the Serve apps."""
+    topology = load_local_topology(settings)  # a bad topology starts nothing
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     if settings.is_local:
         ensure_ray_token()
     registry = ServiceRegistry(settings.state_dir)
     services = registry.running()
-    wanted = _managed_services(settings, say)
+    wanted = _managed_services(settings, topology, say)
+    if settings.is_local and RAY not in services and topology.autoscaling:
+        write_autoscaler_config(settings, topology)
     for m in wanted:
         if m.name in services:
             say(f"{m.name}: already running at {m.url} (pid {services[m.name].pid})")
@@ -277,7 +213,7 @@ def up(settings: Settings, *, timeout: float = 90.0, serve: bool = True,
 
 
 def serve_url(settings: Settings) -> str:
-    return f"http://{settings.host}:{settings.serve_port}"
+    return settings.serve_url
 
 
 def serve_config(settings: Settings) -> dict:
@@ -291,7 +227,7 @@ SERVE_HEALTH_PATHS = ("/v1/health", "/v1/agent/health", "/v1/models/health")  # 
 
 
 def serve_healthy(settings: Settings) -> bool:
-    return all(_http_get(f"{serve_url(settings)}{path}") is not None for path in SERVE_HEALTH_PATHS)
+    return all(http_get(f"{serve_url(settings)}{path}") is not None for path in SERVE_HEALTH_PATHS)
 
 
 def deploy_serve(settings: Settings, *, timeout: float = 90.0, say: Callable[[str], None] = print) -> None:
@@ -311,13 +247,16 @@ def deploy_serve(settings: Settings, *, timeout: float = 90.0, say: Callable[[st
     say(f"serve: healthy after {time.monotonic() - t0:.1f} s")
 
 
-def _ray_env(settings: Settings) -> dict[str, str]:
+def _ray_env(settings: Settings, topology: Topology) -> dict[str, str]:
     # Jobs inherit the head's environment: a plain `ray job submit -- python -m
     # trainers.mnist` then finds this venv's python, the data dir and MLflow.
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     # Serve's controller loops every 0.1 s by default: ~4% of a core idle on a 2-core box, taken
     # from training. Deployments here change rarely; 1 s is plenty.
-    return {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token", "PATH": path,
+    # Worker groups: Ray's autoscaler starts each node as a raylet on this machine (fake
+    # multi-node provider), deciding every second instead of every 5 s.
+    nodes = {"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"} if topology.autoscaling else {}
+    return {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token", "PATH": path, **nodes,
             "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "1.0", **serve_proxy_env(settings), **settings.ray.serve_env,
             **settings.job_env()}
 
@@ -377,11 +316,11 @@ def status(settings: Settings) -> list[ServiceStatus]:
     running = ServiceRegistry(settings.state_dir).running()
     out = []
     checks = [(RAY, settings.dashboard_url, ray_healthy), (MLFLOW, settings.tracking_uri, mlflow_healthy),
-              (DISPATCHER, metrics_url(settings), lambda url: DISPATCHER in running and _http_get(url) is not None),
+              (DISPATCHER, metrics_url(settings), lambda url: DISPATCHER in running and http_get(url) is not None),
               ("serve", serve_url(settings), lambda _: serve_healthy(settings))]
     if PROMETHEUS in running or prometheus.binary(settings):
         checks.append((PROMETHEUS, prometheus.url(settings),
-                       lambda url: _http_get(f"{url}/-/ready") is not None))
+                       lambda url: http_get(f"{url}/-/ready") is not None))
     for name, url, healthy in checks:
         svc = running.get(name)
         out.append(ServiceStatus(name=name, url=url, healthy=healthy(url), managed=svc is not None,

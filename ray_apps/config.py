@@ -32,8 +32,6 @@ class RayHeadSettings(BaseModel):
     metrics_export_port: int = Field(8080, ge=1, le=65535)
     client_server_port: int = Field(10001, ge=1, le=65535)
     dashboard_agent_port: int = Field(52365, ge=1, le=65535)
-    num_cpus: int | None = Field(None, ge=1, description="None: all cores")
-    num_gpus: int = Field(0, ge=0, description="logical GPUs on a CPU-only machine")
     # Ray Serve's own switches (RAY_SERVE_*), set in the head's environment at start, over
     # those that `serve_proxy` sets.
     serve_env: dict[str, str] = {}
@@ -104,6 +102,9 @@ class Settings(BaseSettings):
     mlflow_tracking_uri: str | None = Field(
         None, validation_alias=AliasChoices("MLFLOW_TRACKING_URI", "OPPEN_MLFLOW_TRACKING_URI"))
     costs_file: Path = Path("configs/costs.yaml")
+    # The cluster's head and worker groups (ray_apps/topology.py): what `oppen up` starts locally
+    # and what the queue may scale to. configs/cluster.single-head.yaml: one head, no autoscaler.
+    cluster_file: Path = Path("configs/cluster.yaml")
     # The queue's database; None: a SQLite file in the data dir. Any SQLAlchemy URL works.
     queue_db_url: str | None = None
     # Tenant tokens for the REST API, {token: tenant}; set them in the environment
@@ -122,7 +123,7 @@ class Settings(BaseSettings):
     def source(self) -> Path | None:
         return self._source
 
-    @field_validator("data_dir", "costs_file")
+    @field_validator("data_dir", "costs_file", "cluster_file")
     @classmethod
     def _absolute(cls, value: Path) -> Path:
         return (value.expanduser() if value.expanduser().is_absolute() else PROJECT_ROOT / value).resolve()
@@ -138,6 +139,25 @@ class Settings(BaseSettings):
     def dashboard_url(self) -> str:
         """The Ray Jobs API / dashboard address every client uses."""
         return self.ray_address or f"http://{self.host}:{self.ray.dashboard_port}"
+
+    @property
+    def gcs_address(self) -> str:
+        """Ray's GCS (host:port): where the autoscaler's state and resource requests live. On a remote
+        cluster, the dashboard's host at `ray.gcs_port` (a KubeRay head service exposes both)."""
+        from urllib.parse import urlsplit
+
+        host = urlsplit(self.ray_address).hostname if self.ray_address else self.host
+        return f"{host}:{self.ray.gcs_port}"
+
+    def topology(self):
+        """The cluster topology of `cluster_file` (TopologyError when it is not usable)."""
+        from ray_apps.topology import load_topology
+
+        return load_topology(self.cluster_file)
+
+    @property
+    def serve_url(self) -> str:
+        return f"http://{self.host}:{self.serve_port}"
 
     @property
     def tracking_uri(self) -> str:

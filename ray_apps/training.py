@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from ray_apps.cluster import PlatformError, cluster_resources, mlflow_healthy, use_ray_token
+from ray_apps.ray_client import PlatformError, cluster_resources, mlflow_healthy, use_ray_token
 from ray_apps.config import PROJECT_ROOT, Settings
 from ray_apps.scheduler.policy import Gang, infeasibility
 from trainers.driver import PROGRESS, RESULT  # the lines the trainers print

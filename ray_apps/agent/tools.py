@@ -310,7 +310,7 @@ class PlatformTools:
 
     def start_hyperparameter_search(self, trainer: str, num_samples: int = 4, budget_usd: float | None = None,
                                     params: dict | None = None) -> dict:
-        from ray_apps.cluster import PlatformError
+        from ray_apps.ray_client import PlatformError
         from ray_apps.training import submit_search
 
         params = self._validated(trainer, params or {})
@@ -338,7 +338,6 @@ class PlatformTools:
 
     def deploy_model(self, name: str, version: str | None = None, alias: str | None = None) -> dict:
         """Serve a registered version (or alias) of a model; replicas roll over with no failed request."""
-        from ray_apps.cluster import serve_url
         from trainers.registry import RegistryError, Selector, set_serving
 
         if version is not None and alias is not None:
@@ -350,11 +349,11 @@ class PlatformTools:
             raise ToolError(str(exc)) from None
         action = "predict" if name == "mnist" else "generate"
         return {"name": name, "selector": str(selector), "version": mv.version, "run_id": mv.run_id,
-                "endpoint": f"{serve_url(self.settings)}/v1/models/{name}/{action}"}
+                "endpoint": f"{self.settings.serve_url}/v1/models/{name}/{action}"}
 
     @staticmethod
     def _costs_call(call: Callable[[], Any]) -> Any:
-        from ray_apps.cluster import PlatformError
+        from ray_apps.ray_client import PlatformError
         from ray_apps.costs.forecast import ForecastError
         from ray_apps.costs.report import ReportError
         from ray_apps.costs.service import RunNotFound

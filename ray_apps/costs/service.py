@@ -18,7 +18,7 @@ import threading
 import time
 from typing import Any
 
-from ray_apps.cluster import PlatformError
+from ray_apps.ray_client import PlatformError
 from ray_apps.config import Settings
 from ray_apps.costs import runs
 from ray_apps.costs.advisor import Recommendation, recommend

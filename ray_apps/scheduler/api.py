@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ray_apps.cluster import PlatformError, Resources, cluster_resources
+from ray_apps.ray_client import PlatformError, Resources, cluster_resources
 from ray_apps.config import Settings
 from ray_apps.scheduler.config import QueueConfig, load_queue_config
 from ray_apps.scheduler.policy import Gang, infeasibility
@@ -180,7 +180,7 @@ class Queue:
     def ray_client(self):
         from ray.job_submission import JobSubmissionClient
 
-        from ray_apps.cluster import use_ray_token
+        from ray_apps.ray_client import use_ray_token
 
         use_ray_token()
         return JobSubmissionClient(self.settings.dashboard_url)

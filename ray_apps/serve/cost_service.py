@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 from ray import serve
 
-from ray_apps.cluster import PlatformError
+from ray_apps.ray_client import PlatformError
 from ray_apps.config import load_settings
 from ray_apps.costs.forecast import ForecastError
 from ray_apps.costs.report import ReportError

@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from ray_apps.cluster import PlatformError
+from ray_apps.ray_client import PlatformError
 from ray_apps.config import load_settings
 from ray_apps.observability.status import PAGE as STATUS_PAGE
 from ray_apps.scheduler.api import Infeasible, JobNotFound, Queue, QueueError

@@ -36,7 +36,8 @@ def platform(tmp_path_factory, mnist_cache):
     for name in ("mnist.npz", "mnist.json"):
         shutil.copy(mnist_cache / "datasets" / name, data_dir / "datasets" / name)
     config = root / "platform.yaml"
-    config.write_text(yaml.safe_dump({"data_dir": str(data_dir), "ray": {**TEST_PORTS, "num_gpus": 2},
+    config.write_text(yaml.safe_dump({"data_dir": str(data_dir), "ray": TEST_PORTS,
+                                      "cluster_file": "configs/cluster.single-head.yaml",
                                       "mlflow": {"port": 5100}, "serve_port": 8100, "metrics_port": 9564,
                                       "serve_proxy": TEST_PROXY_PORTS, "prometheus": {"port": 9190}}))
     (root / "queue.yaml").write_text(yaml.safe_dump(QUEUE_CONFIG))

@@ -53,7 +53,7 @@ def test_default_is_ray_s_haproxy_in_front_of_direct_ingress(tmp_path):
 
 def test_haproxy_ports_are_checked_before_anything_starts(tmp_path):
     s = settings(tmp_path, "serve_proxy: {stats_port: 8414, metrics_port: 9111, fallback_port: 8510}\n")
-    ray = next(m for m in cluster._managed_services(s, say=lambda _: None) if m.name == cluster.RAY)
+    ray = next(m for m in cluster._managed_services(s, s.topology(), say=lambda _: None) if m.name == cluster.RAY)
     assert {8414, 9111, 8510, s.serve_port} <= set(ray.ports)
     assert ray.env["RAY_SERVE_HAPROXY_STATS_PORT"] == "8414"
 
@@ -68,7 +68,7 @@ def test_python_proxy_keeps_direct_ingress_off(tmp_path):
 
 def test_raw_serve_env_still_overrides_the_proxy_choice(tmp_path):
     s = settings(tmp_path, "ray: {serve_env: {RAY_SERVE_THROUGHPUT_OPTIMIZED: '0'}}\n")
-    assert cluster._ray_env(s)["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "0"
+    assert cluster._ray_env(s, s.topology())["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "0"
 
 
 def test_unknown_proxy_kind_is_named(tmp_path):

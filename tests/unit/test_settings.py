@@ -13,7 +13,7 @@ def write(tmp_path: Path, text: str) -> Path:
 
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch):
-    for key in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "OPPEN_DATA_DIR", "OPPEN_RAY__NUM_GPUS"):
+    for key in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "OPPEN_DATA_DIR", "OPPEN_RAY__GCS_PORT"):
         monkeypatch.delenv(key, raising=False)
 
 
@@ -27,8 +27,8 @@ def test_project_file_loads_with_local_defaults():
 
 
 def test_file_values_and_relative_data_dir(tmp_path):
-    s = load_settings(write(tmp_path, "data_dir: state\nray:\n  num_gpus: 4\nmlflow:\n  port: 5055\n"))
-    assert s.ray.num_gpus == 4
+    s = load_settings(write(tmp_path, "data_dir: state\nray:\n  gcs_port: 6400\nmlflow:\n  port: 5055\n"))
+    assert s.ray.gcs_port == 6400
     assert s.tracking_uri == "http://127.0.0.1:5055"
     assert s.data_dir == PROJECT_ROOT / "state"  # relative to the project, not the cwd
 
@@ -37,27 +37,28 @@ def test_environment_overrides_the_file(tmp_path, monkeypatch):
     monkeypatch.setenv("RAY_ADDRESS", "http://10.0.0.5:8265/")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.internal:5000")
     monkeypatch.setenv("OPPEN_DATA_DIR", str(tmp_path / "d"))
-    monkeypatch.setenv("OPPEN_RAY__NUM_GPUS", "3")
-    s = load_settings(write(tmp_path, "ray:\n  num_gpus: 1\n"))
+    monkeypatch.setenv("OPPEN_RAY__GCS_PORT", "6401")
+    s = load_settings(write(tmp_path, "ray:\n  gcs_port: 6400\n"))
     assert s.dashboard_url == "http://10.0.0.5:8265"
     assert not s.is_local
     assert s.tracking_uri == "http://mlflow.internal:5000"
     assert s.data_dir == tmp_path / "d"
-    assert s.ray.num_gpus == 3
+    assert s.ray.gcs_port == 6401
+    assert s.gcs_address == "10.0.0.5:6401"  # the remote head's GCS, for the autoscaler
     assert s.job_env()["MLFLOW_TRACKING_URI"] == "http://mlflow.internal:5000"
 
 
 def test_bad_value_names_file_field_and_fix(tmp_path):
-    path = write(tmp_path, "ray:\n  num_gpus: -2\n")
+    path = write(tmp_path, "ray:\n  gcs_port: -2\n")
     with pytest.raises(SettingsError) as err:
         load_settings(path)
     msg = str(err.value)
-    assert str(path) in msg and "ray.num_gpus" in msg and "-2" in msg and "To fix" in msg
+    assert str(path) in msg and "ray.gcs_port" in msg and "-2" in msg and "To fix" in msg
 
 
 def test_bad_env_value_names_the_variable(tmp_path, monkeypatch):
-    monkeypatch.setenv("OPPEN_RAY__NUM_GPUS", "many")
-    with pytest.raises(SettingsError, match=r"\$OPPEN_RAY__NUM_GPUS"):
+    monkeypatch.setenv("OPPEN_RAY__GCS_PORT", "many")
+    with pytest.raises(SettingsError, match=r"\$OPPEN_RAY__GCS_PORT"):
         load_settings(write(tmp_path, ""))
 
 

@@ -1,0 +1,125 @@
+"""Ray's autoscaler, seen and asked through the GCS (no `ray.init`, no driver process).
+
+- `cluster_state`: every node with its group (Ray's node type), its resources and
+  whether it is running, idle or still starting, read from the autoscaler's status
+  (`ray.autoscaler.v2.sdk.get_cluster_status`), folded per worker group with the
+  topology's min/max.
+- `ResourceRequester`: asks the autoscaler to make room for bundles (what
+  `ray.autoscaler.sdk.request_resources` does, sent straight to the GCS so the
+  dispatcher needs no Ray driver), only when the ask changes; an empty ask withdraws
+  it, so idle nodes scale back down.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+
+from ray_apps.topology import HEAD_NODE_TYPE, Topology
+
+log = logging.getLogger("oppen.autoscaler")
+RESOURCE_REQUEST_KEY = b"autoscaler_resource_request"  # the v1 autoscaler's channel (ray_constants)
+
+
+@dataclass
+class NodeView:
+    node_id: str
+    group: str                      # the worker group (Ray node type); HEAD_NODE_TYPE for the head
+    status: str                     # RUNNING, IDLE, or PENDING (asked for, not joined yet)
+    total: dict[str, float] = field(default_factory=dict)
+    available: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class GroupState:
+    name: str
+    running: int = 0
+    idle: int = 0
+    pending: int = 0
+    min_workers: int = 0
+    max_workers: int = 0
+    cpus: float = 0.0
+    gpus: float = 0.0
+
+    @property
+    def joined(self) -> int:
+        return self.running + self.idle
+
+
+@dataclass
+class ClusterState:
+    nodes: list[NodeView] = field(default_factory=list)       # joined nodes (head included)
+    groups: dict[str, GroupState] = field(default_factory=dict)
+    requested: list[dict[str, float]] = field(default_factory=list)  # the standing resource request
+
+    def joined_per_group(self) -> dict[str, int]:
+        return {name: g.joined for name, g in self.groups.items()}
+
+
+def cluster_state(gcs_address: str, topology: Topology) -> ClusterState:
+    """Nodes and groups as the autoscaler sees them now. Raises on an unreachable GCS."""
+    from ray.autoscaler.v2.sdk import get_cluster_status
+
+    from ray_apps.ray_client import use_ray_token
+
+    use_ray_token()
+    status = get_cluster_status(gcs_address, timeout=5)
+    state = ClusterState(groups={g.name: GroupState(g.name, min_workers=g.min_workers, max_workers=g.max_workers,
+                                                    cpus=g.cpus, gpus=g.gpus) for g in topology.worker_groups})
+    for kind, nodes in (("RUNNING", status.active_nodes), ("IDLE", status.idle_nodes)):
+        for n in nodes:
+            group = n.ray_node_type_name or HEAD_NODE_TYPE
+            state.nodes.append(NodeView(n.node_id or n.instance_id, group, kind, n.total_resources(),
+                                        n.available_resources()))
+            if group in state.groups:
+                setattr(state.groups[group], kind.lower(), getattr(state.groups[group], kind.lower()) + 1)
+    for n in status.pending_nodes:
+        if n.ray_node_type_name in state.groups:
+            state.groups[n.ray_node_type_name].pending += 1
+    for launch in status.pending_launches:
+        if launch.ray_node_type_name in state.groups:
+            state.groups[launch.ray_node_type_name].pending += launch.count
+    for demand in status.resource_demands.cluster_constraint_demand:
+        for by_count in demand.bundles_by_count:
+            state.requested += [dict(by_count.bundle)] * by_count.count
+    return state
+
+
+class ResourceRequester:
+    """The dispatcher's standing ask to the autoscaler: the bundles that must fit the cluster at once."""
+
+    def __init__(self, gcs_address: str):
+        self.gcs_address = gcs_address
+        self.current: list[dict[str, float]] | None = None  # None: unknown (a fresh dispatcher withdraws)
+
+    def request(self, bundles: list[dict[str, float]]) -> bool:
+        """Send `bundles` (all of them: Ray counts what already runs) if they differ from the last ask."""
+        bundles = [{k: float(v) for k, v in b.items() if v} for b in bundles]
+        bundles = [b for b in bundles if b]
+        key = sorted(json.dumps(b, sort_keys=True) for b in bundles)
+        if self.current is not None and key == sorted(json.dumps(b, sort_keys=True) for b in self.current):
+            return False
+        _send(self.gcs_address, bundles)
+        log.info("autoscaler request: %s", bundles or "withdrawn")
+        self.current = bundles
+        return True
+
+    def withdraw(self) -> bool:
+        return self.request([])
+
+
+def _send(gcs_address: str, bundles: list[dict[str, float]]) -> None:
+    from ray._raylet import GcsClient
+    from ray.autoscaler.v2.utils import is_autoscaler_v2
+
+    from ray_apps.ray_client import use_ray_token
+
+    use_ray_token()
+    client = GcsClient(gcs_address)
+    if is_autoscaler_v2(fetch_from_server=True, gcs_client=client):
+        from ray.autoscaler.v2.sdk import request_cluster_resources
+
+        request_cluster_resources(gcs_address, [{"resources": b, "label_selector": {}} for b in bundles])
+    else:  # the v1 monitor reads the ask from the GCS's key-value store
+        client.internal_kv_put(RESOURCE_REQUEST_KEY, json.dumps(bundles).encode(), True, None)
