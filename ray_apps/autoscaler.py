@@ -51,7 +51,6 @@ class GroupState:
 class ClusterState:
     nodes: list[NodeView] = field(default_factory=list)       # joined nodes (head included)
     groups: dict[str, GroupState] = field(default_factory=dict)
-    requested: list[dict[str, float]] = field(default_factory=list)  # the standing resource request
 
     def joined_per_group(self) -> dict[str, int]:
         return {name: g.joined for name, g in self.groups.items()}
@@ -80,9 +79,6 @@ def cluster_state(gcs_address: str, topology: Topology) -> ClusterState:
     for launch in status.pending_launches:
         if launch.ray_node_type_name in state.groups:
             state.groups[launch.ray_node_type_name].pending += launch.count
-    for demand in status.resource_demands.cluster_constraint_demand:
-        for by_count in demand.bundles_by_count:
-            state.requested += [dict(by_count.bundle)] * by_count.count
     return state
 
 

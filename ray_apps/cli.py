@@ -48,9 +48,14 @@ def cmd_status(args, settings) -> int:
         print(f"{row.name:10} {health:8} {row.url:28} ({owner})")
     ray_row = next(r for r in rows if r.name == cluster.RAY)
     if ray_row.healthy:
-        res = cluster.cluster_resources(settings.dashboard_url)
+        from ray_apps.scheduler.capacity import read_capacity
+
+        capacity = read_capacity(settings, settings.topology())
+        res = capacity.resources
         for name in ("CPU", "GPU"):
             print(f"{'':10} {name}: {res.free(name):g} free / {res.total.get(name, 0):g} total")
+        for line in _group_lines([vars(g) for g in capacity.groups.values()]):
+            print(f"{'':10} {line}")
     print(f"{'':10} data dir: {settings.data_dir}")
     # The Serve API is optional (`up --no-serve`); the rest is the platform.
     return 0 if all(r.healthy for r in rows if r.name != "serve") else 1
@@ -178,7 +183,16 @@ def cmd_gpus(args, settings) -> int:
           f"queued demand {gpus.queued_demand:g} GPUs in {gpus.queued_jobs} jobs")
     for node, info in gpus.by_node.items():
         print(f"  {node[:12]} {info['type'] or '-':10} {info['free']:g} free / {info['total']:g}")
+    for line in _group_lines(gpus.groups):
+        print(f"  {line}")
     return 0
+
+
+def _group_lines(groups: list[dict]) -> list[str]:
+    """One line per worker group: nodes running, idle and starting against the group's bounds."""
+    return [f"group {g['name']:8} {g['running']} running, {g['idle']} idle, {g['pending']} starting "
+            f"(min {g['min_workers']}, max {g['max_workers']}; {g['cpus']:g} CPU, {g['gpus']:g} GPU per node)"
+            for g in groups]
 
 
 def _costs(settings):

@@ -106,7 +106,7 @@ def cluster_resources(dashboard_url: str) -> Resources:
 
 
 def mlflow_healthy(tracking_uri: str) -> bool:
-    return _http_get(f"{tracking_uri}/health") is not None
+    return http_get(f"{tracking_uri}/health") is not None
 
 
 def job_client(dashboard_url: str):

@@ -153,9 +153,11 @@ def autoscaler_config(topology: Topology, *, gcs_address: str, cluster_name: str
     """Ray's autoscaling config for the fake multi-node provider: worker nodes are raylets on this machine."""
     types = {HEAD_NODE_TYPE: {"resources": {"CPU": 0} if topology.head.cpus == 0 else {}, "node_config": {},
                               "max_workers": 0}}
+    # No `memory` here: the fake provider passes it to Ray as a custom resource, which Ray refuses.
+    # Locally memory_gib bounds the topology against this machine (check_fits_machine).
     for g in topology.worker_groups:
-        types[g.name] = {"resources": {**g.node_resources(), "memory": int(g.memory_gib * 2**30)},
-                         "node_config": {}, "min_workers": g.min_workers, "max_workers": g.max_workers}
+        types[g.name] = {"resources": g.node_resources(), "node_config": {}, "min_workers": g.min_workers,
+                         "max_workers": g.max_workers}
     empty_lists = ("initialization_commands", "setup_commands", "head_setup_commands", "worker_setup_commands",
                    "head_start_ray_commands", "worker_start_ray_commands", "cluster_synced_files",
                    "rsync_exclude", "rsync_filter")

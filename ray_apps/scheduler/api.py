@@ -11,15 +11,18 @@ only that tenant's jobs.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from ray_apps.ray_client import PlatformError, Resources, cluster_resources
+from ray_apps.ray_client import PlatformError, Resources
 from ray_apps.config import Settings
+from ray_apps.scheduler.capacity import Capacity, read_capacity
 from ray_apps.scheduler.config import QueueConfig, load_queue_config
 from ray_apps.scheduler.policy import Gang, infeasibility
 from ray_apps.scheduler.states import ACTIVE, JobState
 from ray_apps.scheduler.store import JobRecord, JobStore, UnknownJob
+from ray_apps.topology import Topology
 from trainers.runtime import new_run_name
 from trainers.specs import TRAINERS, SpecError, build_config
 
@@ -59,6 +62,8 @@ class GpuAvailability:
     by_node: dict[str, dict[str, Any]] = field(default_factory=dict)
     queued_demand: float = 0.0
     queued_jobs: int = 0
+    # Worker groups (empty for a single head): nodes running, idle and starting, and the bounds.
+    groups: list[dict[str, Any]] = field(default_factory=list)
 
 
 def store_url(settings: Settings) -> str:
@@ -75,11 +80,12 @@ class Queue:
     settings: Settings
     config: QueueConfig
     store: JobStore
+    topology: Topology = field(default_factory=Topology)
 
     @classmethod
     def from_settings(cls, settings: Settings, config: QueueConfig | None = None) -> Queue:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        return cls(settings, config or load_queue_config(), JobStore(store_url(settings)))
+        return cls(settings, config or load_queue_config(), JobStore(store_url(settings)), settings.topology())
 
     # ------------------------------------------------------------------ submit
 
@@ -119,14 +125,18 @@ class Queue:
         return infeasibility(gang, self.max_nodes())
 
     def max_nodes(self) -> list[dict[str, float]]:
-        """Every node's total CPUs/GPUs, plus what the autoscaler may add."""
-        return self.resources().node_totals() + self.config.extra_nodes()
+        """Every node's total CPUs/GPUs, plus the nodes the autoscaler may still add."""
+        return self.capacity().potential_nodes()
 
-    def resources(self) -> Resources:
+    def capacity(self) -> Capacity:
+        """The nodes there are and those the autoscaler may add, read live (QueueError if Ray is away)."""
         try:
-            return cluster_resources(self.settings.dashboard_url)
+            return read_capacity(self.settings, self.topology)
         except PlatformError as exc:
             raise QueueError(str(exc)) from None
+
+    def resources(self) -> Resources:
+        return self.capacity().resources
 
     # ------------------------------------------------------------------ read
 
@@ -164,7 +174,8 @@ class Queue:
     # ------------------------------------------------------------------ GPUs
 
     def gpu_availability(self) -> GpuAvailability:
-        res = self.resources()
+        capacity = self.capacity()
+        res = capacity.resources
         by_node = {}
         for node, usage in res.by_node.items():
             used, total = usage.get("GPU", (0.0, 0.0))
@@ -175,7 +186,8 @@ class Queue:
         return GpuAvailability(total=res.total.get("GPU", 0.0), used=res.used.get("GPU", 0.0),
                                free=res.free("GPU"), by_node=by_node,
                                queued_demand=sum(j.workers * j.gpus_per_worker for j in queued),
-                               queued_jobs=len(queued))
+                               queued_jobs=len(queued),
+                               groups=[dataclasses.asdict(g) for g in capacity.groups.values()])
 
     def ray_client(self):
         from ray.job_submission import JobSubmissionClient

@@ -1,4 +1,4 @@
-"""`configs/queue.yaml`: priority classes, tenants' quotas, autoscaling headroom."""
+"""`configs/queue.yaml`: priority classes and tenants' quotas (capacity comes from Ray and the topology)."""
 
 from __future__ import annotations
 
@@ -27,12 +27,6 @@ class QuotaSpec(_Strict):
     budget_usd: float | None = Field(None, gt=0)  # per calendar month; checked, not enforced
 
 
-class NodeGroup(_Strict):
-    count: int = Field(ge=1)
-    CPU: float = Field(0, ge=0)
-    GPU: float = Field(0, ge=0)
-
-
 class QueueConfig(_Strict):
     priorities: dict[str, ClassSpec] = {"high": ClassSpec(rank=2, preempt_after_s=30),
                                         "normal": ClassSpec(rank=1), "low": ClassSpec(rank=0)}
@@ -41,7 +35,6 @@ class QueueConfig(_Strict):
     tenants: dict[str, QuotaSpec] = {}
     default_quota: QuotaSpec = QuotaSpec()
     default_tenant: str = "default"
-    autoscaling: list[NodeGroup] = []
     poll_s: float = Field(1.0, gt=0, le=60)
 
     @model_validator(mode="after")
@@ -60,9 +53,6 @@ class QueueConfig(_Strict):
     def budget_usd(self, tenant: str | None) -> float | None:
         quota = self.tenants.get(tenant, self.default_quota) if tenant else None
         return quota.budget_usd if quota else None
-
-    def extra_nodes(self) -> list[dict[str, float]]:
-        return [{"CPU": g.CPU, "GPU": g.GPU} for g in self.autoscaling for _ in range(g.count)]
 
 
 def load_queue_config(path: str | Path | None = None) -> QueueConfig:

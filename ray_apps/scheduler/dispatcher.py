@@ -10,7 +10,11 @@ Invariants (see also `store` and `policy`):
   knows, so no job runs twice.
 - Admission only when the whole gang fits the free resources (policy.plan), with
   resources of admitted jobs that Ray does not show as used yet counted as taken,
-  so nothing ever waits PENDING inside Ray.
+  so nothing waits PENDING inside Ray longer than a node start.
+- Autoscaling: a gang that fits only once the worker groups grow is asked of Ray's
+  autoscaler (the bundles of every active gang plus the waiting ones, since Ray
+  sizes the cluster for the whole ask) and admitted when the nodes have joined;
+  the ask is withdrawn when no job waits for nodes, so idle nodes scale down.
 - Preemption: RUNNING -> PREEMPTING, `stop_job`; once Ray reports it stopped the
   job is QUEUED again and its next attempt resumes from its last checkpoint.
 - Metering: each attempt's start and end as Ray timed them go to the store; a
@@ -29,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from queue import SimpleQueue
 
+from ray_apps.autoscaler import ResourceRequester
 from ray_apps.scheduler import policy
 from ray_apps.scheduler.api import Queue, ray_submission_id
 from ray_apps.scheduler.states import ACTIVE, JobState
@@ -53,6 +58,12 @@ def _gang(job: JobRecord) -> policy.Gang:
     return policy.Gang(job.workers, job.cpus_per_worker, job.gpus_per_worker)
 
 
+def worker_bundles(gang: policy.Gang) -> list[dict[str, float]]:
+    """One bundle per worker, as Ray Train's placement group asks for them."""
+    bundle = {k: v for k, v in (("CPU", gang.cpus_per_worker), ("GPU", gang.gpus_per_worker)) if v}
+    return [dict(bundle) for _ in range(gang.workers)]
+
+
 class Dispatcher:
     def __init__(self, queue: Queue):
         from ray_apps.costs.service import CostService
@@ -61,6 +72,9 @@ class Dispatcher:
         self.queue = queue
         self.costs = CostService(queue, load_catalog(queue.settings.costs_file))  # meters finished jobs
         self._client = None
+        self._requester = (ResourceRequester(queue.settings.gcs_address) if queue.topology.autoscaling
+                           else None)
+        self.waiting: dict[str, str] = {}  # why each queued job waited, as of the last cycle
         self._to_forecast: SimpleQueue[str] | None = None  # admitted jobs whose pre-start forecast to record
 
     @property
@@ -85,20 +99,37 @@ class Dispatcher:
         active = self.queue.store.list(states=ACTIVE)
         queued = self.queue.store.list(states=[JobState.QUEUED])
         if not queued:
+            self.waiting = {}
+            if self._requester is not None and self._requester.current:  # an idle queue never calls Ray
+                self._requester.withdraw()
             return report
+        capacity = self.queue.capacity()
         plan = policy.plan(
             [policy.QueuedJob(j.id, j.tenant, j.priority, j.submitted_at, _gang(j)) for j in queued],
             [policy.RunningJob(j.id, j.tenant, j.priority, j.started_at or j.submitted_at, _gang(j))
              for j in active if j.state is not JobState.PREEMPTING],
-            self._free_nodes(active), self.queue.config.policy(), now)
+            self._free_nodes(active, capacity.resources), self.queue.config.policy(), now,
+            addable=capacity.addable)
+        self.waiting = plan.waiting
         for job_id in plan.preempt:
             if self._preempt(job_id):
                 report.preempted.append(job_id)
         for job_id in plan.admit:
             if self._admit(job_id):
                 report.admitted.append(job_id)
+        self._ask_autoscaler(plan, active, queued)
         self._forecast_later(report.admitted)
         return report
+
+    def _ask_autoscaler(self, plan: policy.Plan, active: list[JobRecord], queued: list[JobRecord]) -> None:
+        if self._requester is None:
+            return
+        if not plan.scale_up:
+            self._requester.withdraw()
+            return
+        by_id = {j.id: j for j in queued}
+        gangs = [_gang(j) for j in active] + [_gang(by_id[i]) for i in plan.admit + plan.scale_up]
+        self._requester.request([bundle for g in gangs for bundle in worker_bundles(g)])
 
     def _forecast_later(self, job_ids: list[str]) -> None:
         """Record what past runs predicted for each admitted job, off the cycle's path (MLflow is
@@ -123,8 +154,7 @@ class Dispatcher:
             except Exception as exc:  # noqa: BLE001 - no history, untracked trainer, MLflow away: no record
                 log.debug("no admission forecast for %s: %s", job_id, exc)
 
-    def _free_nodes(self, active: list[JobRecord]) -> list[policy.Node]:
-        res = self.queue.resources()
+    def _free_nodes(self, active: list[JobRecord], res) -> list[policy.Node]:
         nodes = res.node_free()
         # Admitted jobs reserve their workers seconds after they start: count the gap as taken.
         owed_cpu = sum(_gang(j).cpus for j in active) - res.used.get("CPU", 0.0)

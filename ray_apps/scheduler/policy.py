@@ -10,10 +10,14 @@ running jobs to preempt, given the free resources of each node. Rules:
 - FIFO within a class: once a job of a class does not fit, later jobs of that
   class wait behind it; jobs of other classes may still use what is free.
 - Quotas: a tenant's running + admitted CPUs and GPUs stay within its quota.
-- Preemption: a job whose class allows it and that has waited `preempt_after_s`
-  may stop running jobs of strictly lower classes, newest first (least work
-  lost), as few as make it fit. The freed resources are held for it, and it is
-  admitted in a later cycle once Ray has released them.
+- Scaling: a job that does not fit what is free but fits what is free plus the
+  nodes the autoscaler may still add (`addable`) waits for those nodes
+  (`Plan.scale_up`: the dispatcher asks the autoscaler for its gang); it
+  preempts nobody, and the nodes it counts on are not promised to a later job.
+- Preemption: only when scaling cannot help. A job whose class allows it and that
+  has waited `preempt_after_s` may stop running jobs of strictly lower classes,
+  newest first (least work lost), as few as make it fit. The freed resources are
+  held for it, and it is admitted in a later cycle once Ray has released them.
 """
 
 from __future__ import annotations
@@ -87,6 +91,7 @@ class RunningJob:
 class Plan:
     admit: list[str] = field(default_factory=list)
     preempt: list[str] = field(default_factory=list)
+    scale_up: list[str] = field(default_factory=list)      # waiting for nodes the autoscaler may add
     waiting: dict[str, str] = field(default_factory=dict)  # job id -> why it waits
 
 
@@ -132,7 +137,7 @@ def infeasibility(gang: Gang, nodes: list[Node]) -> str | None:
 
 
 def plan(queued: list[QueuedJob], running: list[RunningJob], free_nodes: list[Node],
-         cfg: PolicyConfig, now: float) -> Plan:
+         cfg: PolicyConfig, now: float, addable: list[Node] = ()) -> Plan:
     result = Plan()
     usage: dict[str, list[float]] = {}
     for job in running:
@@ -140,6 +145,7 @@ def plan(queued: list[QueuedJob], running: list[RunningJob], free_nodes: list[No
         used[0] += job.gang.cpus
         used[1] += job.gang.gpus
     free = [dict(n) for n in free_nodes]
+    spare = [dict(n) for n in addable]  # empty nodes the autoscaler may still start
     blocked_classes: set[str] = set()
     victims_left = sorted(running, key=lambda r: (cfg.classes[r.priority].rank, -r.started_at))
 
@@ -161,6 +167,14 @@ def plan(queued: list[QueuedJob], running: list[RunningJob], free_nodes: list[No
             result.admit.append(job.id)
             continue
         blocked_classes.add(job.priority)
+        grown = place(job.gang, free + spare)
+        if grown is not None:  # more nodes make it fit: ask for them rather than stop anyone
+            free, spare = grown[:len(free)], grown[len(free):]
+            used[0] += job.gang.cpus
+            used[1] += job.gang.gpus
+            result.scale_up.append(job.id)
+            result.waiting[job.id] = "waiting for the autoscaler to add nodes"
+            continue
         if cls.preempt_after_s is not None and now - job.submitted_at >= cls.preempt_after_s:
             chosen = _victims(job, cls, victims_left, free, cfg)
             if chosen:

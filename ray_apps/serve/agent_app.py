@@ -9,9 +9,10 @@ from typing import Any
 from ray import serve
 
 from ray_apps.agent import http
+from ray_apps.serve.http_common import ON_HEAD_NODE
 
 
-@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64)
+@serve.deployment(num_replicas=1, ray_actor_options=ON_HEAD_NODE, max_ongoing_requests=64)
 @serve.ingress(http.app)
 class AgentAPI:
     def __init__(self):

@@ -20,6 +20,7 @@ from ray_apps.costs.forecast import ForecastError
 from ray_apps.costs.report import ReportError
 from ray_apps.costs.service import CostService, RunNotFound
 from ray_apps.scheduler.api import JobNotFound, QueueError
+from ray_apps.serve.http_common import ON_HEAD_NODE
 from trainers.specs import SpecError
 
 log = logging.getLogger("oppen.costs")
@@ -50,7 +51,7 @@ def guarded(call: Callable[[], Any]) -> Any:
         raise
 
 
-@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64)
+@serve.deployment(num_replicas=1, ray_actor_options=ON_HEAD_NODE, max_ongoing_requests=64)
 class CostForecaster:
     def __init__(self):
         self.settings = load_settings()

@@ -8,6 +8,9 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 
 MAX_BODY_BYTES = 64 * 1024
+# Every Serve replica lives on the head (0 CPU, a sliver of the head's own node resource): one on a
+# worker node would keep that node busy, and the autoscaler would never scale its group down.
+ON_HEAD_NODE = {"num_cpus": 0, "resources": {"node:__internal_head__": 0.001}}
 
 
 def problem(status: int, field: str | None, reason: str) -> HTTPException:

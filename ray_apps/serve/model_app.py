@@ -23,7 +23,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from ray_apps.config import load_settings
-from ray_apps.serve.http_common import limit_body_size, problem, tenant_of
+from ray_apps.serve.http_common import ON_HEAD_NODE, limit_body_size, problem, tenant_of
 from ray_apps.serve.served_models import LlmModel, MnistModel
 from trainers.registry import (SERVABLE, ModelNotFound, RegistryError, Selector, list_models, resolve,
                                serving_selector, set_serving)
@@ -114,7 +114,7 @@ def unknown_model(name: str, action: str):
 limit_body_size(app, MAX_BODY_BYTES)
 
 
-@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=128)
+@serve.deployment(num_replicas=1, ray_actor_options=ON_HEAD_NODE, max_ongoing_requests=128)
 @serve.ingress(app)
 class ModelAPI:
     def __init__(self, mnist: DeploymentHandle, llm: DeploymentHandle, tokens: Optional[dict] = None):

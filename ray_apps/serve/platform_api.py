@@ -36,7 +36,7 @@ from ray_apps.scheduler.api import Infeasible, JobNotFound, Queue, QueueError
 from ray_apps.scheduler.states import JobState
 from ray_apps.scheduler.store import JobRecord
 from ray_apps.serve.cost_service import CostForecaster
-from ray_apps.serve.http_common import limit_body_size, problem, tenant_of
+from ray_apps.serve.http_common import ON_HEAD_NODE, limit_body_size, problem, tenant_of
 
 app = FastAPI(title="Oppen platform API", version="1",
               description="A durable priority queue with quotas and preemption in front of Ray.")
@@ -105,7 +105,7 @@ def _answer(result: dict) -> dict:
 limit_body_size(app)
 
 
-@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=32)
+@serve.deployment(num_replicas=1, ray_actor_options=ON_HEAD_NODE, max_ongoing_requests=32)
 @serve.ingress(app)
 class PlatformAPI:
     def __init__(self, costs: DeploymentHandle, tokens: dict[str, str] | None = None):

@@ -18,6 +18,7 @@ import numpy as np
 from ray import serve
 
 from ray_apps.config import load_settings
+from ray_apps.serve.http_common import ON_HEAD_NODE
 from trainers.registry import ModelNotFound, ModelVersion, Selector, resolve, serving_selector
 
 log = logging.getLogger("oppen.models")
@@ -97,7 +98,7 @@ class ServedModel:
             self._stop.set()
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64)
+@serve.deployment(ray_actor_options=ON_HEAD_NODE, max_ongoing_requests=64)
 class MnistModel(ServedModel):
     """Digits from 28x28 uint8 images; requests are batched across callers with @serve.batch."""
 
@@ -157,7 +158,7 @@ def forward(model, images: np.ndarray) -> np.ndarray:
         return torch.softmax(model(x), dim=1).numpy()
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=8)
+@serve.deployment(ray_actor_options=ON_HEAD_NODE, max_ongoing_requests=8)
 class LlmModel(ServedModel):
     """Text continuation with the fine-tuned GPT-2-family model and its own tokenizer."""
 

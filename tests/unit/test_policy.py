@@ -79,3 +79,25 @@ def test_ten_thousand_jobs_on_a_thousand_gpus():
     p = plan(jobs, [], nodes, CFG, now=20_000)
     assert len(p.admit) == 1000 and len(p.admit) + len(p.waiting) == 10_000
     assert len(set(p.admit)) == 1000
+
+
+def test_a_gang_that_fits_nodes_the_autoscaler_may_add_scales_instead_of_preempting():
+    full = [{"CPU": 1, "GPU": 0}]          # the running low job holds the only GPU node's GPU
+    gpu_node = {"CPU": 1, "GPU": 1}
+    p = plan([q("h", "high", at=0)], [r("low-1", "low", at=1)], full, CFG, now=1000, addable=[gpu_node])
+    assert p.scale_up == ["h"] and p.preempt == [] and p.admit == []
+    assert p.waiting["h"] == "waiting for the autoscaler to add nodes"
+    # The group at its maximum: nothing to add, so the old rule stands and the low job is stopped.
+    p = plan([q("h", "high", at=0)], [r("low-1", "low", at=1)], full, CFG, now=1000, addable=[])
+    assert p.preempt == ["low-1"] and p.scale_up == []
+
+
+def test_nodes_counted_on_by_one_scaling_job_are_not_promised_to_the_next():
+    two_gpus = Gang(workers=2, cpus_per_worker=1, gpus_per_worker=1)
+    addable = [{"CPU": 1, "GPU": 1}, {"CPU": 1, "GPU": 1}]
+    p = plan([q("a", at=0, gang=two_gpus), q("b", "low", at=1)], [], [], CFG, now=2, addable=addable)
+    assert p.scale_up == ["a"]
+    assert p.waiting["b"] == "waiting for free resources"  # both addable GPU nodes are a's
+    # A gang may use what is free now and one new node together.
+    p = plan([q("a", at=0, gang=two_gpus)], [], [{"CPU": 1, "GPU": 1}], CFG, now=1, addable=addable[:1])
+    assert p.scale_up == ["a"]
