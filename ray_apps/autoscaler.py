@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 
 from ray_apps.topology import HEAD_NODE_TYPE, Topology
@@ -85,24 +86,32 @@ def cluster_state(gcs_address: str, topology: Topology) -> ClusterState:
 class ResourceRequester:
     """The dispatcher's standing ask to the autoscaler: the bundles that must fit the cluster at once."""
 
-    def __init__(self, gcs_address: str):
+    def __init__(self, gcs_address: str, *, refresh_s: float = 2.0):
         self.gcs_address = gcs_address
-        self.current: list[dict[str, float]] | None = None  # None: unknown (a fresh dispatcher withdraws)
+        self.refresh_s = refresh_s
+        self.current: list[dict[str, float]] | None = None  # None: nothing asked by this process yet
+        self._sent_at = 0.0
 
     def request(self, bundles: list[dict[str, float]]) -> bool:
-        """Send `bundles` (all of them: Ray counts what already runs) if they differ from the last ask."""
+        """Send `bundles` (all of them: Ray sizes the cluster for the whole ask, running work included)
+        when they differ from the last ask, or when a standing ask is due again. True when sent."""
         bundles = [{k: float(v) for k, v in b.items() if v} for b in bundles]
         bundles = [b for b in bundles if b]
-        key = sorted(json.dumps(b, sort_keys=True) for b in bundles)
-        if self.current is not None and key == sorted(json.dumps(b, sort_keys=True) for b in self.current):
+        same = self.current is not None and _key(bundles) == _key(self.current)
+        if same and (not bundles or time.monotonic() - self._sent_at < self.refresh_s):
             return False
         _send(self.gcs_address, bundles)
-        log.info("autoscaler request: %s", bundles or "withdrawn")
-        self.current = bundles
+        if not same:
+            log.info("autoscaler request: %s", bundles or "withdrawn")
+        self.current, self._sent_at = bundles, time.monotonic()
         return True
 
     def withdraw(self) -> bool:
         return self.request([])
+
+
+def _key(bundles: list[dict[str, float]]) -> list[str]:
+    return sorted(json.dumps(b, sort_keys=True) for b in bundles)
 
 
 def _send(gcs_address: str, bundles: list[dict[str, float]]) -> None:

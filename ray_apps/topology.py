@@ -19,7 +19,7 @@ from pathlib import Path
 
 import psutil
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 HEAD_NODE_TYPE = "ray.head.default"
 
@@ -79,12 +79,17 @@ class Topology(_Strict):
     idle_timeout_s: float = Field(60, gt=0, le=86_400)
     kubernetes_idle_timeout_s: float | None = Field(None, gt=0)
 
-    @model_validator(mode="after")
-    def _consistent(self) -> Topology:
-        names = [g.name for g in self.worker_groups]
+    @field_validator("worker_groups")
+    @classmethod
+    def _unique_names(cls, groups: list[WorkerGroup]) -> list[WorkerGroup]:
+        names = [g.name for g in groups]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"worker group name(s) used twice: {', '.join(dupes)}; give each group its own name")
+        return groups
+
+    @model_validator(mode="after")
+    def _gpus_in_one_place(self) -> Topology:
         if self.worker_groups and self.head.gpus and any(g.gpus for g in self.worker_groups):
             raise ValueError("logical GPUs are declared both on the head (head.gpus) and in a worker group; "
                              "declare them in the GPU group only (set head.gpus: 0)")
