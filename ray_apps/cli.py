@@ -70,28 +70,31 @@ def _quiet_ray_client_logs() -> None:
 
 
 def cmd_train(args, settings) -> int:
-    from ray_apps.training import follow, submit_training
+    """Through the queue like any job (quota, priority, metering), then followed to its end."""
+    from ray_apps.training import follow_queued
 
     _quiet_ray_client_logs()
     params = {k: v for k, v in vars(args).items() if k in args.spec_fields}
-    sub = submit_training(settings, args.trainer, params)
-    print(f"submitted {sub.submission_id}: {sub.entrypoint}")
-    print(f"  Ray job: {settings.dashboard_url}/#/jobs/{sub.submission_id}")
-    print(f"  MLflow run: {sub.mlflow_run_url}")
+    queue = _queue(settings)
+    job = queue.submit(args.trainer, params, priority=args.priority, tenant=args.tenant)
+    print(f"queued {job.id} ({job.priority}, tenant {job.tenant})")
     if args.no_follow:
+        print(f"  follow with: oppen queue show {job.id}")
         return 0
     try:
-        outcome = follow(settings, sub.submission_id, poll_s=2.0,
-                         on_progress=lambda line: print(f"  {line}", flush=True))
+        outcome = follow_queued(queue, job.id, poll_s=2.0, on_progress=lambda line: print(f"  {line}", flush=True))
     except KeyboardInterrupt:
-        print(f"\nstopped following; the job goes on. Stop it with: ray job stop {sub.submission_id}")
+        print(f"\nstopped following; the job goes on. Cancel it with: oppen queue cancel {job.id}")
         return 130
+    job = queue.get(job.id)
+    run_url = f"{settings.tracking_uri}/#/runs/{job.mlflow_run_id}" if job.mlflow_run_id else None
     if not outcome.ok:
-        print(f"job {sub.submission_id} {outcome.status}. Last log lines:", file=sys.stderr)
+        print(f"job {job.id} {job.state.value}. Last log lines:", file=sys.stderr)
         print("\n".join(f"  | {line}" for line in outcome.log_tail), file=sys.stderr)
         return 1
     print(f"done in {outcome.seconds:.0f} s: {_result_line(outcome.result)}")
-    print(f"  MLflow run: {sub.mlflow_run_url}")
+    if run_url:
+        print(f"  MLflow run: {run_url}")
     if outcome.result.get("tracking_lost"):
         print(f"  WARNING: {outcome.result['tracking_lost']}")
     return 0
@@ -349,12 +352,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("down", help="stop what `oppen up` started").set_defaults(func=cmd_down)
     sub.add_parser("status", help="URLs, health and cluster resources").set_defaults(func=cmd_status)
 
-    p = sub.add_parser("train", help="run a catalogued trainer as a Ray job and follow it")
+    p = sub.add_parser("train", help="run a catalogued trainer through the queue and follow it")
     trainers = p.add_subparsers(dest="trainer", required=True, metavar="TRAINER")
     for name, spec in TRAINERS.items():
         tp = trainers.add_parser(name, help=f"train {name}")
         add_arguments(tp, spec, with_defaults=False)
         tp.add_argument("--no-follow", action="store_true", default=False, help="submit and return")
+        tp.add_argument("--priority", default="high", help="priority class (configs/queue.yaml; default: high)")
+        tp.add_argument("--tenant", default=None, help="tenant that owns the job")
         tp.set_defaults(func=cmd_train, spec_fields={f for f in spec.__dataclass_fields__})
 
     p = sub.add_parser("queue", help="the priority job queue")

@@ -146,3 +146,27 @@ def follow(settings: Settings, submission_id: str, *, on_progress: Callable[[str
         if timeout_s is not None and time.monotonic() - start > timeout_s:
             return JobOutcome(status=status.value, log_tail=lines[-30:], seconds=time.monotonic() - start)
         time.sleep(poll_s)
+
+
+def follow_queued(queue, job_id: str, *, on_progress: Callable[[str], None] = print, poll_s: float = 1.0
+                  ) -> JobOutcome:
+    """Follow a queued job through its wait and every attempt (a preempted job resumes as a new Ray
+    job) to its end; the outcome carries the queue's final state and the last attempt's result."""
+    from ray_apps.scheduler.states import JobState
+
+    start, said, followed, outcome = time.monotonic(), None, set(), JobOutcome(status="QUEUED")
+    while True:
+        job = queue.get(job_id)
+        attempt = job.ray_submission_id
+        if attempt and attempt not in followed and job.state in (JobState.RUNNING, JobState.SUCCEEDED,
+                                                                 JobState.FAILED):
+            followed.add(attempt)
+            outcome = follow(queue.settings, attempt, on_progress=on_progress, poll_s=poll_s)
+            continue
+        if job.state.is_terminal():
+            return dataclasses.replace(outcome, status=job.state.value, seconds=time.monotonic() - start)
+        status = f"{job.state.value}: {job.message}" if job.message else job.state.value
+        if status != said:
+            on_progress(f"job {job_id}: {status}")
+            said = status
+        time.sleep(poll_s)

@@ -169,3 +169,25 @@ def test_mnist_spans_two_nodes_and_resumes_from_its_checkpoint_when_a_worker_die
     starts = [int(n) for n in re.findall(r"start_epoch=(\d+)", logs)]
     assert starts[0] == 0 and max(starts) >= 1, starts  # restarted from a checkpoint, not from epoch 0
     assert float(re.findall(r"test_accuracy=([0-9.]+)", logs)[-1]) > 0.8
+
+
+def test_oppen_train_goes_through_the_queue_and_its_cost_is_reported(scaling):
+    """`oppen train` is a queued job like any other: priority high by default, the caller's tenant,
+    GPUs from the autoscaler, and metered into `oppen cost report`."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OPPEN_CONFIG_DIR": str(scaling.settings.cluster_file.parent)}
+    cli = [sys.executable, "-m", "ray_apps.cli", "--config", str(scaling.settings.source)]
+    done = subprocess.run([*cli, "train", "probe", "--gpus-per-worker", "1", "--seconds", "2", "--tenant", "team-x"],
+                          capture_output=True, text=True, timeout=180, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    job_id = re.search(r"queued (probe-\S+) \(high, tenant team-x\)", done.stdout).group(1)
+    assert f"job {job_id}: QUEUED" in done.stdout and "done in" in done.stdout
+    job = scaling.get(job_id)
+    assert job.state is JobState.SUCCEEDED and job.tenant == "team-x" and job.priority == "high"
+    assert wait_until(lambda: "team-x" in subprocess.run([*cli, "cost", "report", "--by", "tenant"],
+                                                         capture_output=True, text=True, env=env).stdout, timeout=30)
+    report = subprocess.run([*cli, "cost", "report", "--by", "tenant"], capture_output=True, text=True, env=env)
+    row = next(line for line in report.stdout.splitlines() if line.startswith("team-x"))
+    assert row.split()[1] == "1" and float(row.split()[3]) > 0, report.stdout  # one job, GPU-hours > 0
