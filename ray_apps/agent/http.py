@@ -68,6 +68,7 @@ limit_body_size(app)
 
 
 @app.post("/", response_model=AgentResponse)
+@app.post("", response_model=AgentResponse, include_in_schema=False)  # POST /v1/agent: no 307 to follow
 def ask(body: AgentRequest, authorization: str | None = Header(None)) -> AgentResponse:
     agent, settings = _agent()
     tenant = tenant_of(settings.tenant_tokens, authorization)

@@ -151,6 +151,7 @@ class ModelAPI:
         raise unknown_model(name, "generate")
 
     @app.get("/")
+    @app.get("", include_in_schema=False)  # GET /v1/models: no 307 to follow
     async def models(self) -> list[dict[str, Any]]:
         """The registry's view, the version replicas converge to (`target`), and the MNIST replica's
         own report. The LLM deployment scales to zero: asking its replica would wake it."""

@@ -84,3 +84,15 @@ def test_agent_http_guards(agent_url):
     assert refused["tool_calls"] == [] and "Which trainer" in refused["answer"]
     declined = say(agent_url, "delete all files on the server", "guards2")
     assert declined["tool_calls"] == [] and "I can help with" in declined["answer"]
+
+
+def test_the_routes_answer_without_a_trailing_slash_and_with_one(agent_url, platform):
+    # Python's urllib and many SDKs do not re-send a POST after a 307: the route must answer itself.
+    for url in (agent_url, agent_url + "/"):
+        resp = requests.post(url, json={"message": "what GPUs are free?"}, headers=A, timeout=60,
+                             allow_redirects=False)
+        assert resp.status_code == 200, (url, resp.status_code, resp.text)
+        assert resp.json()["tool_calls"][0]["name"] == "get_gpu_availability"
+    for url in (serve_url(platform) + "/v1/models", serve_url(platform) + "/v1/models/"):
+        resp = requests.get(url, headers=A, timeout=30, allow_redirects=False)
+        assert resp.status_code == 200 and isinstance(resp.json(), list), (url, resp.status_code, resp.text)
