@@ -27,7 +27,18 @@ def cmd_up(args, settings) -> int:
     from ray_apps import cluster
 
     cluster.up(settings, timeout=args.timeout, serve=not args.no_serve)
-    return cmd_status(args, settings)
+    rc = cmd_status(args, settings)
+    print(f"{'':10} Ray's and MLflow's own CLIs (ray job submit, ray job list, mlflow): eval \"$(oppen env)\"")
+    return rc
+
+
+def cmd_env(args, settings) -> int:
+    """Shell exports for Ray's and MLflow's own clients: `eval "$(oppen env)"`."""
+    import shlex
+
+    for key, value in settings.client_env().items():
+        print(f"export {key}={shlex.quote(value)}")
+    return 0
 
 
 def cmd_down(args, settings) -> int:
@@ -351,6 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_up)
     sub.add_parser("down", help="stop what `oppen up` started").set_defaults(func=cmd_down)
     sub.add_parser("status", help="URLs, health and cluster resources").set_defaults(func=cmd_status)
+    sub.add_parser("env", help='exports for Ray\'s and MLflow\'s own CLIs: eval "$(oppen env)"').set_defaults(
+        func=cmd_env)
 
     p = sub.add_parser("train", help="run a catalogued trainer through the queue and follow it")
     trainers = p.add_subparsers(dest="trainer", required=True, metavar="TRAINER")

@@ -140,6 +140,10 @@ class Settings(BaseSettings):
         """The Ray Jobs API / dashboard address every client uses."""
         return self.ray_address or f"http://{self.host}:{self.ray.dashboard_port}"
 
+    def client_env(self) -> dict[str, str]:
+        """What Ray's and MLflow's own clients need to reach this platform (`oppen env`)."""
+        return {"RAY_ADDRESS": self.dashboard_url, "RAY_AUTH_MODE": "token", "MLFLOW_TRACKING_URI": self.tracking_uri}
+
     @property
     def gcs_address(self) -> str:
         """Ray's GCS (host:port): where the autoscaler's state and resource requests live. On a remote
@@ -165,8 +169,9 @@ class Settings(BaseSettings):
 
     @property
     def is_local(self) -> bool:
-        """True when the platform should start the Ray head itself."""
-        return self.ray_address is None
+        """True when the platform should start the Ray head itself (RAY_ADDRESS unset, or set to this
+        platform's own head by `eval "$(oppen env)"`)."""
+        return self.ray_address in (None, f"http://{self.host}:{self.ray.dashboard_port}")
 
     @property
     def state_dir(self) -> Path:

@@ -21,8 +21,10 @@ from trainers.driver import PROGRESS, RESULT  # the lines the trainers print
 from trainers.runtime import new_run_name
 from trainers.specs import build_config
 
-# Never upload platform state with the job's working dir (Ray already skips .git and .venv).
-WORKING_DIR_EXCLUDES = [".oppen", "*.egg-info", "__pycache__", ".pytest_cache"]
+# Never upload platform state, environments or databases with the job's working dir (Ray already
+# skips .git and .venv).
+WORKING_DIR_EXCLUDES = [".oppen", ".venv*", "*.egg-info", "__pycache__", ".pytest_cache", "*.db", "*.whl",
+                        "mlruns", "benchmarks/results"]
 
 
 @dataclass

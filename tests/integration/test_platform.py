@@ -61,3 +61,19 @@ def test_serve_front_is_ray_s_haproxy_on_loopback_inside_ray_s_session(platform)
     assert {ip for ip, _ in listening} == {"127.0.0.1"}, listening  # stats and metrics too (the wrapper)
     routes = requests.get(f"{cluster.serve_url(platform)}/-/routes", timeout=10).json()
     assert set(routes) == {"/", "/v1/agent", "/v1/models"}
+
+
+def test_eval_oppen_env_makes_ray_s_own_cli_work_in_a_fresh_shell(platform):
+    import os
+    import subprocess
+    import sys
+
+    bin_dir = os.path.dirname(sys.executable)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
+    env["PATH"] = f"{bin_dir}:{env.get('PATH', '')}"
+    done = subprocess.run(["bash", "-c", 'eval "$(oppen env)" && ray job list && echo "mlflow=$MLFLOW_TRACKING_URI"'],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"mlflow={platform.tracking_uri}" in done.stdout
+    # The exported address is this platform's own head: `oppen up/down` still treat it as local.
+    assert platform.model_copy(update={"ray_address": platform.dashboard_url}).is_local

@@ -77,3 +77,11 @@ def test_ray_address_must_be_the_dashboard_url(tmp_path, monkeypatch):
 def test_malformed_file(tmp_path, text, match):
     with pytest.raises(SettingsError, match=match):
         load_settings(write(tmp_path, text))
+
+
+def test_ray_address_of_the_platform_s_own_head_is_still_local(tmp_path, monkeypatch):
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")   # as `eval "$(oppen env)"` leaves it
+    assert load_settings(write(tmp_path, "")).is_local
+    monkeypatch.setenv("RAY_ADDRESS", "http://10.0.0.5:8265")
+    s = load_settings(write(tmp_path, ""))
+    assert not s.is_local and s.client_env()["RAY_ADDRESS"] == "http://10.0.0.5:8265"
