@@ -145,7 +145,7 @@ def _queue(settings):
 
 
 def _job_line(job) -> str:
-    waited = (job.started_at or time.time()) - job.submitted_at
+    waited = job.waited_s(time.time())
     gpus = f" {job.workers * job.gpus_per_worker:g} GPU" if job.gpus_per_worker else ""
     return (f"{job.id:34} {job.state.value:10} {job.priority:7} {job.tenant:10} "
             f"{job.workers * job.cpus_per_worker:g} CPU{gpus:8} waited {waited:5.0f} s  {job.message[:60]}")

@@ -174,7 +174,7 @@ class PlatformTools:
         return {"job_id": job.id, "trainer": job.trainer, "state": job.state.value, "priority": job.priority,
                 "tenant": job.tenant, "params": job.params, "attempt": job.attempt, "message": job.message,
                 "mlflow_run_id": job.mlflow_run_id,
-                "waited_s": round((job.started_at or time.time()) - job.submitted_at, 1)}
+                "waited_s": round(job.waited_s(time.time()), 1)}
 
     def _submit(self, trainer: str, params: dict, priority: str | None) -> dict:
         from ray_apps.scheduler.api import QueueError

@@ -1,5 +1,5 @@
 """What the status page shows, in one snapshot: the queue, running jobs with live cost and
-forecast, recent jobs, and spend over time and per tenant, each job linked to its Ray job and
+forecast, recent jobs, the cluster's nodes per worker group, and spend over time and per tenant, each job linked to its Ray job and
 MLflow run. Served as JSON by the CostForecaster (GET /v1/status) and drawn by status.html.
 """
 from __future__ import annotations
@@ -33,7 +33,7 @@ def _job(job, now: float) -> dict[str, Any]:
     return {"id": job.id, "trainer": job.trainer, "tenant": job.tenant, "priority": job.priority,
             "state": job.state.value, "gang": f"{job.workers} x ({job.cpus_per_worker:g} CPU, "
                                               f"{job.gpus_per_worker:g} GPU)",
-            "submitted_at": job.submitted_at, "waited_s": (job.started_at or now) - job.submitted_at,
+            "submitted_at": job.submitted_at, "waited_s": job.waited_s(now),
             "started_at": job.started_at, "ended_at": job.ended_at, "attempt": job.attempt, "message": job.message}
 
 
@@ -63,10 +63,14 @@ def snapshot(costs, settings, tenant: str | None = None, now: float | None = Non
     recent = [{**_job(j, now), "cost_usd": stored[j.id].cpu_usd + stored[j.id].gpu_usd + stored[j.id].memory_usd
                if j.id in stored else None, "links": _links(settings, j, experiments, costs)}
               for j in ended[:RECENT]]
+    try:  # the cluster's worker groups (none in single-head mode), as the autoscaler sees them now
+        nodes = [vars(g) for g in queue.capacity().groups.values()]
+    except Exception:  # noqa: BLE001 - Ray away: the page still shows the queue
+        nodes = []
     by_day = costs.report(since="14d", group_by="day", tenant=tenant).as_dict()["rows"]
     by_tenant = costs.report(since="30d", group_by="tenant", tenant=tenant).as_dict()["rows"]
     return {
-        "time": now, "tenant": tenant, "queued": queued, "running": running, "recent": recent,
+        "time": now, "tenant": tenant, "queued": queued, "running": running, "recent": recent, "nodes": nodes,
         # Ended jobs by the day they ended; running jobs' live cost is in `running`.
         "spend_by_day": sorted(({"day": r["group"]["day"], "usd": r["total_usd"]} for r in by_day
                                 if r["group"]["day"] != "running"), key=lambda r: r["day"]),

@@ -119,6 +119,17 @@ class JobRecord:
     message: str
     updated_at: float
 
+    def waited_s(self, now: float) -> float:
+        """Seconds from submission to its start; a job that ended without starting (rejected,
+        cancelled while queued) stopped waiting when it ended."""
+        if self.started_at is not None:
+            end = self.started_at
+        elif self.state.is_terminal():
+            end = self.ended_at or self.updated_at
+        else:
+            end = now
+        return max(0.0, end - self.submitted_at)
+
     @classmethod
     def from_row(cls, row) -> JobRecord:
         data = dict(row._mapping)

@@ -78,3 +78,16 @@ def test_concurrent_writers_each_stored_once_and_one_transition_wins(tmp_path):
     for t in racers:
         t.join()
     assert len(wins) == 1 and len(store.events("t0-0")) == 2
+
+
+def test_a_job_that_ended_without_starting_stops_waiting(store):
+    add(store, "rejected", state=JobState.REJECTED, now=10.0)
+    assert store.get("rejected").waited_s(now=1000.0) == 0.0      # not 990 s and growing
+    add(store, "cancelled", now=10.0)
+    store.transition("cancelled", JobState.CANCELLED, now=25.0)
+    assert store.get("cancelled").waited_s(now=1000.0) == 15.0
+    add(store, "waiting", now=10.0)
+    assert store.get("waiting").waited_s(now=40.0) == 30.0
+    store.transition("waiting", JobState.STARTING, now=41.0)
+    store.transition("waiting", JobState.RUNNING, now=42.0, started_at=42.0)
+    assert store.get("waiting").waited_s(now=1000.0) == 32.0
