@@ -237,6 +237,13 @@ def cmd_cost_report(args, settings) -> int:
               f"  {row.gpu_hours:5.3f}  {_usd(row.total_usd)}{live}")
     t = report.total
     print(f"total: {t.jobs} job(s), {t.cpu_core_hours:.3f} CPU-core-h, {t.gpu_hours:.3f} GPU-h, {_usd(t.total_usd)}")
+    for n in report.nodes:
+        print(f"group {n['group']:8} ran {n['node_hours']:.3f} node-h ({n['cpu_hours']:.3f} CPU-h, "
+              f"{n['gpu_hours']:.3f} GPU-h)")
+    used = [f"{name} {value:.0%}" for name, value in (("CPU", report.cpu_utilisation),
+                                                       ("GPU", report.gpu_utilisation)) if value is not None]
+    if used:
+        print(f"utilisation (jobs' hours over the nodes'): {', '.join(used)}")
     return 0
 
 

@@ -79,10 +79,25 @@ class CostReport:
     group_by: tuple[str, ...]
     rows: list[ReportRow] = field(default_factory=list)
     total: ReportRow = field(default_factory=lambda: ReportRow({}))
+    # What the worker groups ran in the period against what the jobs used (empty: no groups).
+    nodes: list[dict] = field(default_factory=list)
+    cpu_utilisation: float | None = None
+    gpu_utilisation: float | None = None
+
+    def set_node_usage(self, usage: list) -> None:
+        """`usage`: the store's NodeUsage per group; utilisation = the jobs' CPU-/GPU-hours over the
+        groups' (whoever's jobs they were: idle nodes are the cluster's cost)."""
+        self.nodes = [{"group": u.group, "node_hours": u.node_seconds / 3600, "cpu_hours": u.cpu_seconds / 3600,
+                       "gpu_hours": u.gpu_seconds / 3600} for u in usage]
+        cpu = sum(n["cpu_hours"] for n in self.nodes)
+        gpu = sum(n["gpu_hours"] for n in self.nodes)
+        self.cpu_utilisation = self.total.cpu_core_hours / cpu if cpu else None
+        self.gpu_utilisation = self.total.gpu_hours / gpu if gpu else None
 
     def as_dict(self) -> dict:
         return {"since": self.since, "until": self.until, "group_by": list(self.group_by),
-                "rows": [vars(r) for r in self.rows], "total": vars(self.total)}
+                "rows": [vars(r) for r in self.rows], "total": vars(self.total), "nodes": self.nodes,
+                "cpu_utilisation": self.cpu_utilisation, "gpu_utilisation": self.gpu_utilisation}
 
 
 def _key(cost: JobCost, name: str) -> str:

@@ -82,7 +82,10 @@ class CostService:
         groups = parse_groups(group_by)
         jobs = [j for j in self.queue.store.list(tenant=tenant, ended_after=start) if j.submitted_at <= until]
         costs = self.meter.costs_of(jobs, now=until)
-        return build_report(list(costs.values()), since=start, until=until, group_by=groups)
+        report = build_report(list(costs.values()), since=start, until=until, group_by=groups)
+        if tenant is None:  # the cluster's nodes are everyone's: not in a tenant's view
+            report.set_node_usage(self.queue.store.node_usage(start, until))
+        return report
 
     def budget(self, budget_usd: float | None = None, *, tenant: str | None = None,
                since: str | float | None = None) -> BudgetStatus:

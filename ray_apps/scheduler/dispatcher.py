@@ -43,6 +43,7 @@ from trainers.specs import spec_for
 
 log = logging.getLogger("oppen.dispatcher")
 HEARTBEAT_FILE = "dispatcher.heartbeat"  # in the settings' state dir, rewritten after every cycle
+NODE_SAMPLE_S = 10.0  # how often the worker groups' nodes are counted into node-hours
 
 
 @dataclass
@@ -75,6 +76,7 @@ class Dispatcher:
         self._requester = (ResourceRequester(queue.settings.gcs_address) if queue.topology.autoscaling
                            else None)
         self.waiting: dict[str, str] = {}  # why each queued job waited, as of the last cycle
+        self._nodes_sampled_at: float | None = None
         self._to_forecast: SimpleQueue[str] | None = None  # admitted jobs whose pre-start forecast to record
 
     @property
@@ -95,6 +97,7 @@ class Dispatcher:
             for job in active:
                 self._reconcile(job, ray_jobs.get(job.ray_submission_id), report)
         report.metered = self.costs.settle(self._ray_end_time)
+        self._sample_nodes(now)
 
         active = self.queue.store.list(states=ACTIVE)
         queued = self.queue.store.list(states=[JobState.QUEUED])
@@ -120,6 +123,20 @@ class Dispatcher:
         self._ask_autoscaler(plan, active, queued)
         self._forecast_later(report.admitted)
         return report
+
+    def _sample_nodes(self, now: float) -> None:
+        """Count the worker groups' joined nodes into node-hours (every NODE_SAMPLE_S; idle nodes too)."""
+        if not self.queue.topology.autoscaling:
+            return
+        if self._nodes_sampled_at is not None and now - self._nodes_sampled_at < NODE_SAMPLE_S:
+            return
+        last, self._nodes_sampled_at = self._nodes_sampled_at, now
+        groups = self.queue.capacity().groups
+        if last is None:
+            return  # the first sample only starts the clock
+        for g in groups.values():
+            if g.joined:
+                self.queue.store.add_node_usage(g.name, now, g.joined, g.cpus, g.gpus, min(now - last, 3 * NODE_SAMPLE_S))
 
     def _ask_autoscaler(self, plan: policy.Plan, active: list[JobRecord], queued: list[JobRecord]) -> None:
         if self._requester is None:

@@ -91,6 +91,26 @@ job_forecasts = Table(
 )
 
 
+# What the worker groups ran, per hour: node-, CPU- and GPU-seconds, sampled by the dispatcher. On an
+# autoscaling cluster idle nodes cost money too; the cost report sets this against what jobs used.
+node_usage = Table(
+    "node_usage", metadata,
+    Column("group_name", String(64), primary_key=True),
+    Column("hour", Float, primary_key=True),      # epoch seconds at the start of the hour
+    Column("node_seconds", Float, nullable=False),
+    Column("cpu_seconds", Float, nullable=False),
+    Column("gpu_seconds", Float, nullable=False),
+)
+
+
+@dataclass(frozen=True)
+class NodeUsage:
+    group: str
+    node_seconds: float
+    cpu_seconds: float
+    gpu_seconds: float
+
+
 class UnknownJob(KeyError):
     pass
 
@@ -310,6 +330,36 @@ class JobStore:
             if not conn.execute(select(job_forecasts.c.job_id).where(job_forecasts.c.job_id == job_id)).first():
                 conn.execute(insert(job_forecasts).values(job_id=job_id, at=at, total_usd=total_usd, low_usd=low_usd,
                                                           high_usd=high_usd))
+
+    def add_node_usage(self, group: str, at: float, nodes: int, cpus: float, gpus: float, seconds: float) -> None:
+        """`nodes` of `group` (each with `cpus` and `gpus`) ran for `seconds` ending at `at`."""
+        hour = at - at % 3600
+        key = (node_usage.c.group_name == group) & (node_usage.c.hour == hour)
+        add = {"node_seconds": nodes * seconds, "cpu_seconds": nodes * cpus * seconds,
+               "gpu_seconds": nodes * gpus * seconds}
+        with self.engine.begin() as conn:
+            row = conn.execute(select(node_usage).where(key)).first()
+            if row is None:
+                conn.execute(insert(node_usage).values(group_name=group, hour=hour, **add))
+            else:
+                conn.execute(update(node_usage).where(key).values(
+                    **{k: getattr(row, k) + v for k, v in add.items()}))
+
+    def node_usage(self, since: float | None = None, until: float | None = None) -> list[NodeUsage]:
+        """Per group, summed over the hours that start within [since, until)."""
+        query = select(node_usage)
+        if since is not None:
+            query = query.where(node_usage.c.hour >= since - since % 3600)
+        if until is not None:
+            query = query.where(node_usage.c.hour < until)
+        totals: dict[str, list[float]] = {}
+        with self.engine.connect() as conn:
+            for row in conn.execute(query):
+                t = totals.setdefault(row.group_name, [0.0, 0.0, 0.0])
+                t[0] += row.node_seconds
+                t[1] += row.cpu_seconds
+                t[2] += row.gpu_seconds
+        return [NodeUsage(g, *t) for g, t in sorted(totals.items())]
 
     def mark_cost_logged(self, job_id: str) -> None:
         with self.engine.begin() as conn:

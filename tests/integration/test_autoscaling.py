@@ -191,3 +191,7 @@ def test_oppen_train_goes_through_the_queue_and_its_cost_is_reported(scaling):
     report = subprocess.run([*cli, "cost", "report", "--by", "tenant"], capture_output=True, text=True, env=env)
     row = next(line for line in report.stdout.splitlines() if line.startswith("team-x"))
     assert row.split()[1] == "1" and float(row.split()[3]) > 0, report.stdout  # one job, GPU-hours > 0
+    # The nodes the groups ran (the CPU group's node has run all along) against what jobs used.
+    cpu_group = re.search(r"group cpu +ran ([0-9.]+) node-h", report.stdout)
+    assert cpu_group and float(cpu_group.group(1)) > 0, report.stdout
+    assert "utilisation (jobs' hours over the nodes'):" in report.stdout

@@ -91,3 +91,28 @@ def test_a_job_that_ended_without_starting_stops_waiting(store):
     store.transition("waiting", JobState.STARTING, now=41.0)
     store.transition("waiting", JobState.RUNNING, now=42.0, started_at=42.0)
     assert store.get("waiting").waited_s(now=1000.0) == 32.0
+
+
+def test_node_usage_adds_up_per_group_and_hour(store):
+    hour = 1_800_000_000.0 - 1_800_000_000.0 % 3600
+    store.add_node_usage("gpu", hour + 10, nodes=2, cpus=1, gpus=1, seconds=10)
+    store.add_node_usage("gpu", hour + 20, nodes=1, cpus=1, gpus=1, seconds=10)
+    store.add_node_usage("cpu", hour + 3600 + 5, nodes=1, cpus=2, gpus=0, seconds=5)
+    gpu, = [u for u in store.node_usage() if u.group == "gpu"]
+    assert (gpu.node_seconds, gpu.cpu_seconds, gpu.gpu_seconds) == (30, 30, 30)
+    assert [u.group for u in store.node_usage(since=hour + 3600)] == ["cpu"]   # by the hour they fall in
+    assert [u.group for u in store.node_usage(until=hour + 3600)] == ["gpu"]
+
+
+def test_utilisation_is_the_jobs_hours_over_the_nodes_hours():
+    from ray_apps.costs.report import CostReport, ReportRow
+    from ray_apps.scheduler.store import NodeUsage
+
+    report = CostReport(since=None, until=0, group_by=("tenant",),
+                        total=ReportRow({}, cpu_core_hours=1.0, gpu_hours=0.5))
+    report.set_node_usage([NodeUsage("cpu", 2 * 3600, 4 * 3600, 0), NodeUsage("gpu", 3600, 3600, 3600)])
+    assert report.cpu_utilisation == pytest.approx(1.0 / 5) and report.gpu_utilisation == pytest.approx(0.5)
+    assert report.as_dict()["nodes"][1] == {"group": "gpu", "node_hours": 1.0, "cpu_hours": 1.0, "gpu_hours": 1.0}
+    empty = CostReport(since=None, until=0, group_by=("tenant",))
+    empty.set_node_usage([])
+    assert empty.gpu_utilisation is None   # single-head mode: nothing to set jobs against
