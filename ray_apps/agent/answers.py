@@ -90,6 +90,10 @@ def _gpus(r: dict) -> str:
     text = f"{r['free']:g} of {r['total']:g} GPUs are free ({r['used']:g} in use)"
     if r["queued_jobs"]:
         text += f"; queued jobs want {r['queued_demand']:g} more"
+    gpu_groups = [g for g in r.get("groups", []) if g["gpus"]]
+    for g in gpu_groups:  # on an autoscaling cluster, what may still be added counts too
+        text += (f"; group {g['name']} has {g['running'] + g['idle']} node(s) of {g['gpus']:g} GPU "
+                 f"(up to {g['max_workers']}, {g['pending']} starting)")
     return text + "."
 
 

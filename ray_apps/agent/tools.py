@@ -383,7 +383,8 @@ class PlatformTools:
             ("forecast_training_cost", "Remaining time and final cost of a job, or the cost of a config not yet "
                                        "run, with a 90% interval.", ForecastArgs),
             ("recommend_cost_optimization", "Savings measured from a finished run and past runs.", AdviceArgs),
-            ("get_gpu_availability", "GPUs free and used by node, and queued GPU demand.", NoArgs),
+            ("get_gpu_availability", "GPUs free and used by node, queued GPU demand, and the nodes of each "
+                                     "worker group (running, idle, starting, min, max).", NoArgs),
             ("validate_job_resources", "Would this trainer config fit the cluster and the caller's quota? Nothing "
                                        "is started.", TrainArgs),
             ("start_hyperparameter_search", "A Ray Tune search over a trainer's config, with an optional budget.",
