@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import time
 from dataclasses import dataclass, field
 
@@ -57,12 +58,22 @@ class ClusterState:
         return {name: g.joined for name, g in self.groups.items()}
 
 
+def check_reachable(gcs_address: str, timeout: float = 1.0) -> None:
+    """Fail in a second when nothing listens at the GCS: Ray's own client retries for ~30 s first."""
+    host, _, port = gcs_address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except (OSError, ValueError) as exc:
+        raise ConnectionError(f"nothing answers at {gcs_address} ({exc})") from None
+
+
 def cluster_state(gcs_address: str, topology: Topology) -> ClusterState:
     """Nodes and groups as the autoscaler sees them now. Raises on an unreachable GCS."""
     from ray.autoscaler.v2.sdk import get_cluster_status
 
     from ray_apps.ray_client import use_ray_token
 
+    check_reachable(gcs_address)
     use_ray_token()
     status = get_cluster_status(gcs_address, timeout=5)
     state = ClusterState(groups={g.name: GroupState(g.name, min_workers=g.min_workers, max_workers=g.max_workers,
@@ -120,6 +131,7 @@ def _send(gcs_address: str, bundles: list[dict[str, float]]) -> None:
 
     from ray_apps.ray_client import use_ray_token
 
+    check_reachable(gcs_address)
     use_ray_token()
     client = GcsClient(gcs_address)
     if is_autoscaler_v2(fetch_from_server=True, gcs_client=client):

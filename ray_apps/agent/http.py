@@ -18,7 +18,7 @@ from typing import Any
 from fastapi import FastAPI, Header
 from pydantic import BaseModel, ConfigDict, Field
 
-from ray_apps.serve.http_common import limit_body_size, problem, tenant_of
+from ray_apps.serve.http_common import limit_body_size, problem, root_without_slash, tenant_of
 
 THREAD_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 
@@ -65,10 +65,10 @@ def _agent():
 
 
 limit_body_size(app)
+root_without_slash(app)
 
 
 @app.post("/", response_model=AgentResponse)
-@app.post("", response_model=AgentResponse, include_in_schema=False)  # POST /v1/agent: no 307 to follow
 def ask(body: AgentRequest, authorization: str | None = Header(None)) -> AgentResponse:
     agent, settings = _agent()
     tenant = tenant_of(settings.tenant_tokens, authorization)

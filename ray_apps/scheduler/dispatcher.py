@@ -17,6 +17,9 @@ Invariants (see also `store` and `policy`):
   the ask is withdrawn when no job waits for nodes, so idle nodes scale down.
 - Preemption: RUNNING -> PREEMPTING, `stop_job`; once Ray reports it stopped the
   job is QUEUED again and its next attempt resumes from its last checkpoint.
+- Adoption: every ADOPT_S, a catalogued trainer job in Ray's job list that the
+  store does not know (submitted around the queue) is recorded (`adoption`), so
+  it is metered and shown like the rest.
 - Metering: each attempt's start and end as Ray timed them go to the store; a
   finished job's cost is frozen there and written to its MLflow run
   (`ray_apps.costs`), retried each cycle until MLflow takes it.
@@ -35,7 +38,8 @@ from queue import SimpleQueue
 
 from ray_apps.autoscaler import ResourceRequester
 from ray_apps.scheduler import policy
-from ray_apps.scheduler.api import Queue, ray_submission_id
+from ray_apps.scheduler.adoption import ADOPTED_PRIORITY, adopt_unknown
+from ray_apps.scheduler.api import Queue, QueueError, ray_submission_id
 from ray_apps.scheduler.states import ACTIVE, JobState
 from ray_apps.scheduler.store import InvalidTransition, JobRecord
 from ray_apps.training import create_run, entrypoint_for, submit_entrypoint
@@ -44,6 +48,7 @@ from trainers.specs import spec_for
 log = logging.getLogger("oppen.dispatcher")
 HEARTBEAT_FILE = "dispatcher.heartbeat"  # in the settings' state dir, rewritten after every cycle
 NODE_SAMPLE_S = 10.0  # how often the worker groups' nodes are counted into node-hours
+ADOPT_S = 5.0         # how often Ray's job list is read for jobs submitted around the queue
 
 
 @dataclass
@@ -53,6 +58,7 @@ class CycleReport:
     finished: list[str] = field(default_factory=list)
     requeued: list[str] = field(default_factory=list)
     metered: list[str] = field(default_factory=list)
+    adopted: list[str] = field(default_factory=list)
 
 
 def _gang(job: JobRecord) -> policy.Gang:
@@ -77,6 +83,7 @@ class Dispatcher:
                            else None)
         self.waiting: dict[str, str] = {}  # why each queued job waited, as of the last cycle
         self._nodes_sampled_at: float | None = None
+        self._adopted_at: float | None = None
         self._to_forecast: SimpleQueue[str] | None = None  # admitted jobs whose pre-start forecast to record
 
     @property
@@ -92,10 +99,22 @@ class Dispatcher:
         now = time.time() if now is None else now
         report = CycleReport()
         active = self.queue.store.list(states=ACTIVE)
-        if active:  # an idle queue costs a few SQLite queries a cycle, nothing in Ray
-            ray_jobs = {j.submission_id: j for j in self.client.list_jobs() if j.submission_id}
+        adopt = self._adopted_at is None or now - self._adopted_at >= ADOPT_S
+        # An idle queue costs a few SQLite queries a cycle, and Ray's job list every ADOPT_S.
+        if active or adopt:
+            try:
+                listed = self.client.list_jobs()
+            except Exception:  # noqa: BLE001 - Ray away: fatal to this cycle only if it has jobs to follow
+                if active:
+                    raise
+                self._adopted_at, listed = now, []
+                log.debug("Ray's job list unavailable; adoption retried in %.0f s", ADOPT_S)
+            ray_jobs = {j.submission_id: j for j in listed if j.submission_id}
             for job in active:
                 self._reconcile(job, ray_jobs.get(job.ray_submission_id), report)
+            if adopt:
+                self._adopted_at = now
+                report.adopted = adopt_unknown(self.queue.store, listed, self.queue.store.known_ids(ray_jobs))
         report.metered = self.costs.settle(self._ray_end_time)
         self._sample_nodes(now)
 
@@ -109,7 +128,7 @@ class Dispatcher:
         capacity = self.queue.capacity()
         plan = policy.plan(
             [policy.QueuedJob(j.id, j.tenant, j.priority, j.submitted_at, _gang(j)) for j in queued],
-            [policy.RunningJob(j.id, j.tenant, j.priority, j.started_at or j.submitted_at, _gang(j))
+            [policy.RunningJob(j.id, j.tenant, self._policy_class(j), j.started_at or j.submitted_at, _gang(j))
              for j in active if j.state is not JobState.PREEMPTING],
             self._free_nodes(active, capacity.resources), self.queue.config.policy(), now,
             addable=capacity.addable)
@@ -124,6 +143,12 @@ class Dispatcher:
         self._forecast_later(report.admitted)
         return report
 
+    def _policy_class(self, job: JobRecord) -> str:
+        """An adopted job counts in its tenant's usage but is never a victim: the queue did not start it."""
+        if job.priority in self.queue.config.priorities:
+            return job.priority
+        return max(self.queue.config.priorities, key=lambda name: self.queue.config.priorities[name].rank)
+
     def _sample_nodes(self, now: float) -> None:
         """Count the worker groups' joined nodes into node-hours (every NODE_SAMPLE_S; idle nodes too)."""
         if not self.queue.topology.autoscaling:
@@ -131,7 +156,12 @@ class Dispatcher:
         if self._nodes_sampled_at is not None and now - self._nodes_sampled_at < NODE_SAMPLE_S:
             return
         last, self._nodes_sampled_at = self._nodes_sampled_at, now
-        groups = self.queue.capacity().groups
+        try:
+            groups = self.queue.capacity().groups
+        except QueueError as exc:  # Ray away: no sample (the gap is not counted)
+            log.debug("no node sample: %s", exc)
+            self._nodes_sampled_at = None
+            return
         if last is None:
             return  # the first sample only starts the clock
         for g in groups.values():
@@ -188,6 +218,11 @@ class Dispatcher:
             if info is None:
                 if job.state is JobState.STARTING:  # crashed between STARTING and submit: submit now
                     self._submit(job)
+                elif job.priority == ADOPTED_PRIORITY:  # not ours to start again
+                    self.queue.store.transition(job.id, JobState.FAILED, expect=job.state,
+                                                message="no longer known to Ray (head restarted?)")
+                    self.queue.store.attempt_ended(job.id, job.attempt, time.time())
+                    report.finished.append(job.id)
                 elif job.state in (JobState.RUNNING, JobState.PREEMPTING):  # lost with a restarted head
                     self.queue.store.transition(job.id, JobState.QUEUED, expect=job.state,
                                                 message="not known to Ray (head restarted?); requeued to resume")
@@ -281,7 +316,8 @@ class Dispatcher:
             try:
                 report = self.cycle()
                 ok = True
-                if report.admitted or report.preempted or report.finished or report.requeued or report.metered:
+                if (report.admitted or report.preempted or report.finished or report.requeued or report.metered
+                        or report.adopted):
                     log.info("cycle: %s", report)
             except Exception:  # noqa: BLE001 - a cycle is retried; the store is the state
                 log.exception("dispatcher cycle failed; retrying")

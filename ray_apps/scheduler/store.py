@@ -18,6 +18,7 @@ from typing import Any, Iterable
 from sqlalchemy import (JSON, Column, Float, ForeignKey, Integer, MetaData, String, Table, Text, create_engine, event,
                         insert, or_, select, update)
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
 
 from ray_apps.scheduler.states import ALLOWED, TERMINAL, JobState
 
@@ -227,6 +228,43 @@ class JobStore:
             conn.execute(insert(job_events).values(job_id=id, at=now, from_state=None, to_state=state.value,
                                                    message=message))
         return self.get(id)
+
+    def adopt(self, *, id: str, trainer: str, params: dict, tenant: str, priority: str, workers: int,
+              cpus_per_worker: float, gpus_per_worker: float, ray_status: str, started_at: float | None,
+              ended_at: float | None, mlflow_run_id: str | None, message: str, now: float | None = None) -> bool:
+        """Record a job Ray runs (or ran) that the queue did not start, as its attempt 1 under Ray's own
+        submission id. False if the id is known already (a concurrent dispatcher adopted it first)."""
+        now = time.time() if now is None else now
+        state = {"PENDING": JobState.STARTING, "RUNNING": JobState.RUNNING, "SUCCEEDED": JobState.SUCCEEDED,
+                 "STOPPED": JobState.CANCELLED}.get(ray_status, JobState.FAILED)
+        submitted = started_at or now
+        row = dict(id=id, trainer=trainer, params=params, tenant=tenant, priority=priority, state=state.value,
+                   workers=workers, cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
+                   submitted_at=submitted, started_at=started_at, attempt=1, ray_submission_id=id,
+                   mlflow_run_id=mlflow_run_id, message=message, updated_at=now,
+                   ended_at=(ended_at or now) if state.is_terminal() else None)
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(insert(jobs).values(**row))
+                conn.execute(insert(job_events).values(job_id=id, at=now, from_state=None, to_state=state.value,
+                                                       message=message))
+                if started_at is not None:
+                    conn.execute(insert(job_attempts).values(job_id=id, attempt=1, started_at=started_at,
+                                                             ended_at=row["ended_at"] if state.is_terminal()
+                                                             else None))
+        except IntegrityError:
+            return False
+        return True
+
+    def known_ids(self, ids: Iterable[str]) -> set[str]:
+        """Which of `ids` the store knows, as a job id or an attempt's Ray submission id."""
+        ids = list(ids)
+        if not ids:
+            return set()
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(jobs.c.id, jobs.c.ray_submission_id).where(
+                or_(jobs.c.id.in_(ids), jobs.c.ray_submission_id.in_(ids)))).all()
+        return {v for row in rows for v in row if v in ids}
 
     def get(self, job_id: str) -> JobRecord:
         with self.engine.connect() as conn:

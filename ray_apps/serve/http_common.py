@@ -13,6 +13,24 @@ MAX_BODY_BYTES = 64 * 1024
 ON_HEAD_NODE = {"num_cpus": 0, "resources": {"node:__internal_head__": 0.001}}
 
 
+class _RootWithoutSlash:
+    """`POST /v1/agent` answers like `POST /v1/agent/`: the app's root route is matched without the
+    307 redirect that clients which do not re-send a POST (Python's urllib, many SDKs) cannot follow."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        root = scope.get("root_path", "")
+        if scope["type"] == "http" and root and scope["path"] in (root, ""):
+            scope = {**scope, "path": root + "/", "raw_path": (root + "/").encode()}
+        await self.app(scope, receive, send)
+
+
+def root_without_slash(app: FastAPI) -> None:
+    app.add_middleware(_RootWithoutSlash)
+
+
 def problem(status: int, field: str | None, reason: str) -> HTTPException:
     """A 4xx whose body names the offending field and the reason."""
     return HTTPException(status_code=status, detail={"field": field, "reason": reason})

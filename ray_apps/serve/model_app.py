@@ -23,7 +23,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from ray_apps.config import load_settings
-from ray_apps.serve.http_common import ON_HEAD_NODE, limit_body_size, problem, tenant_of
+from ray_apps.serve.http_common import ON_HEAD_NODE, limit_body_size, problem, root_without_slash, tenant_of
 from ray_apps.serve.served_models import LlmModel, MnistModel
 from trainers.registry import (SERVABLE, ModelNotFound, RegistryError, Selector, list_models, resolve,
                                serving_selector, set_serving)
@@ -112,6 +112,7 @@ def unknown_model(name: str, action: str):
 
 
 limit_body_size(app, MAX_BODY_BYTES)
+root_without_slash(app)
 
 
 @serve.deployment(num_replicas=1, ray_actor_options=ON_HEAD_NODE, max_ongoing_requests=128)
@@ -151,7 +152,6 @@ class ModelAPI:
         raise unknown_model(name, "generate")
 
     @app.get("/")
-    @app.get("", include_in_schema=False)  # GET /v1/models: no 307 to follow
     async def models(self) -> list[dict[str, Any]]:
         """The registry's view, the version replicas converge to (`target`), and the MNIST replica's
         own report. The LLM deployment scales to zero: asking its replica would wake it."""

@@ -195,3 +195,33 @@ def test_oppen_train_goes_through_the_queue_and_its_cost_is_reported(scaling):
     cpu_group = re.search(r"group cpu +ran ([0-9.]+) node-h", report.stdout)
     assert cpu_group and float(cpu_group.group(1)) > 0, report.stdout
     assert "utilisation (jobs' hours over the nodes'):" in report.stdout
+
+
+def test_a_plain_ray_job_submit_of_a_trainer_is_adopted_metered_and_cancellable(scaling):
+    """Submitted around the queue with Ray's own client: the dispatcher finds it in Ray's job list,
+    records it under Ray's submission id with the tenant from its metadata, and meters it."""
+    from ray.job_submission import JobSubmissionClient
+
+    from ray_apps.config import PROJECT_ROOT
+    from ray_apps.scheduler.adoption import ADOPTED_PRIORITY
+    from ray_apps.training import WORKING_DIR_EXCLUDES
+
+    ray_jobs = JobSubmissionClient(scaling.settings.dashboard_url)
+    runtime_env = {"working_dir": str(PROJECT_ROOT), "excludes": WORKING_DIR_EXCLUDES}
+    done = ray_jobs.submit_job(entrypoint="python -m trainers.probe --gpus-per-worker 1 --seconds 2",
+                               metadata={"tenant": "team-y"}, runtime_env=runtime_env)
+    assert wait_until(lambda: done in scaling.store.known_ids([done]), timeout=30), "not adopted"
+    job = scaling.get(done)
+    assert (job.tenant, job.priority, job.gpus_per_worker, job.trainer) == ("team-y", ADOPTED_PRIORITY, 1.0, "probe")
+    assert wait_until(lambda: done in scaling.store.costs([done]), timeout=120), scaling.get(done)
+    assert scaling.get(done).state is JobState.SUCCEEDED
+    cost = scaling.store.costs([done])[done]
+    assert cost.gpu_usd > 0 and cost.seconds > 1
+
+    # A long one is cancelled through the queue like any job of its tenant.
+    long = ray_jobs.submit_job(entrypoint="python -m trainers.probe --seconds 120", metadata={"tenant": "team-y"},
+                               runtime_env=runtime_env)
+    assert wait_until(lambda: long in scaling.store.known_ids([long]) and state(scaling, long) is JobState.RUNNING,
+                      timeout=60), "not adopted as running"
+    scaling.cancel(long, tenant="team-y")
+    assert wait_until(lambda: ray_jobs.get_job_status(long).value == "STOPPED", timeout=30)
