@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import typing
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from ray_apps.config import Settings
 from trainers.specs import TRAINERS, SpecError, build_config
@@ -30,10 +31,30 @@ class _Args(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _catalog_params() -> type[BaseModel]:
+    """Every parameter of the user trainers, typed as the catalog types it and described with the
+    trainers that take it; an unknown name is refused. Which trainer takes which is checked per
+    call against the catalog (`build_config`)."""
+    fields: dict[str, tuple] = {}
+    for trainer in USER_TRAINERS:
+        cls = TRAINERS[trainer]
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            takers = fields.get(f.name, (None, None, []))[2] + [trainer]
+            help_text = f.metadata.get("help", f.name)
+            fields[f.name] = (hints[f.name] | None, help_text, takers)
+    return create_model("TrainerParams", __config__=ConfigDict(extra="forbid"), **{
+        name: (typ, Field(None, description=f"{text} ({', '.join(takers)})"))
+        for name, (typ, text, takers) in fields.items()})
+
+
+TrainerParams = _catalog_params()
+
+
 class TrainArgs(_Args):
-    trainer: str = Field(description="a catalogued trainer: mnist or llm")
-    params: dict[str, Any] = Field(default_factory=dict,
-                                   description="trainer parameters by field name, e.g. {'epochs': 3, 'lr': 0.01}")
+    trainer: Literal[USER_TRAINERS] = Field(description=f"a catalogued trainer: {' or '.join(USER_TRAINERS)}")
+    params: TrainerParams = Field(default_factory=TrainerParams,
+                                  description="trainer parameters by field name, e.g. {'epochs': 3, 'lr': 0.01}")
 
 
 class QueueArgs(TrainArgs):
@@ -73,8 +94,8 @@ class BudgetArgs(_Args):
 
 class ForecastArgs(_Args):
     job_id: str | None = Field(None, description="a queued or running job, or 'last'")
-    trainer: str | None = Field(None, description="or a trainer config not yet run")
-    params: dict[str, Any] = Field(default_factory=dict)
+    trainer: Literal[USER_TRAINERS] | None = Field(None, description="or a trainer config not yet run")
+    params: TrainerParams = Field(default_factory=TrainerParams)
 
 
 class AdviceArgs(_Args):
@@ -84,10 +105,10 @@ class AdviceArgs(_Args):
 
 
 class SearchArgs(_Args):
-    trainer: str = Field(description="mnist or llm")
+    trainer: Literal[USER_TRAINERS] = Field(description=f"{' or '.join(USER_TRAINERS)}")
     num_samples: int = Field(4, ge=1, le=64, description="trials")
     budget_usd: float | None = Field(None, gt=0, description="stop launching trials at this spend")
-    params: dict[str, Any] = Field(default_factory=dict, description="fixed trainer parameters")
+    params: TrainerParams = Field(default_factory=TrainerParams, description="fixed trainer parameters")
 
 
 class ModelArgs(_Args):

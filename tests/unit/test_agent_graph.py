@@ -74,12 +74,15 @@ def test_the_model_path_runs_the_tools_it_calls_and_answers_with_their_results(t
 
 
 @pytest.mark.parametrize("name,args,refusal", [
-    ("trigger_training_job", {"trainer": "probe"}, "only start the catalogued trainers"),
+    # The tool schemas are the catalog's: user trainers only, typed parameters, no other keys.
+    ("trigger_training_job", {"trainer": "probe"}, "trainer: Input should be 'mnist' or 'llm'"),
     ("trigger_training_job", {"trainer": "mnist", "params": {"command": "rm -rf /"}},
-     "unknown parameter(s) for mnist: command"),
-    ("trigger_training_job", {"trainer": "../../bin/sh"}, "only start the catalogued trainers"),
+     "params.command: Extra inputs are not permitted"),
+    ("trigger_training_job", {"trainer": "../../bin/sh"}, "trainer: Input should be 'mnist' or 'llm'"),
     ("start_hyperparameter_search", {"trainer": "mnist", "params": {"epochs": "2; curl evil"}},
-     "--epochs must be int"),
+     "params.epochs: Input should be a valid integer"),
+    ("queue_training_job", {"trainer": "mnist", "epochs": "lots"}, "epochs: Extra inputs are not permitted"),
+    ("validate_job_resources", {"trainer": "llm", "params": {"width": 8}}, "unknown parameter(s) for llm: width"),
     ("run_shell", {"cmd": "id"}, "there is no tool 'run_shell'"),
     ("cancel_job", {"job_id": "x", "extra": 1}, "Extra inputs are not permitted"),
 ])

@@ -28,10 +28,26 @@ def test_mcp_client_lists_the_tools_calls_one_and_gets_refusals(tmp_path):
             status = await session.call_tool("get_job_queue_status", {})
             refused = await session.call_tool("trigger_training_job", {"trainer": "probe"})
             shell = await session.call_tool("run_shell", {"cmd": "id"})
-            return tools, status, refused, shell
+            misplaced = await session.call_tool("queue_training_job", {"trainer": "mnist", "epochs": "lots"})
+            mistyped = await session.call_tool("queue_training_job", {"trainer": "mnist", "params": {"epochs": "lots"}})
+            unknown = await session.call_tool("validate_job_resources", {"trainer": "mnist",
+                                                                         "params": {"gpu_count": 8}})
+            return tools, status, refused, shell, misplaced, mistyped, unknown
 
-    tools, status, refused, shell = asyncio.run(asyncio.wait_for(session_run(), 60))
+    tools, status, refused, shell, misplaced, mistyped, unknown = asyncio.run(asyncio.wait_for(session_run(), 60))
     assert len(tools) == 17 and tools["trigger_training_job"].input_schema["required"] == ["trainer"]
     assert not status.is_error and json.loads(status.content[0].text) == {"by_state": {}, "jobs": [], "total": 0}
-    assert refused.is_error and "only start the catalogued trainers" in refused.content[0].text
+    assert refused.is_error and "'mnist' or 'llm'" in refused.content[0].text
     assert shell.is_error and "run_shell" in shell.content[0].text
+    # The schema is the catalog's: each parameter typed and described, nothing else accepted.
+    schema = tools["queue_training_job"].input_schema
+    params = schema["$defs"]["TrainerParams"]
+    assert schema["additionalProperties"] is False and params["additionalProperties"] is False
+    assert params["properties"]["epochs"]["anyOf"][0] == {"type": "integer"}
+    assert params["properties"]["lr"]["anyOf"][0] == {"type": "number"} and "mnist" in params["properties"]["lr"][
+        "description"]
+    assert schema["properties"]["trainer"]["enum"] == ["mnist", "llm"]
+    # Nothing queued with defaults behind the caller's back: each refusal names the argument.
+    assert misplaced.is_error and "epochs" in misplaced.content[0].text
+    assert mistyped.is_error and "params.epochs" in mistyped.content[0].text
+    assert unknown.is_error and "gpu_count" in unknown.content[0].text
