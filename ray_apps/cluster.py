@@ -1,5 +1,6 @@
-"""The embedded default cluster: a local Ray head, an MLflow server, the queue's
-dispatcher (supervised) and the Serve apps of `configs/serve.yaml`.
+"""The embedded default cluster: a local Ray head with Ray's autoscaler and the worker
+groups of the topology (`configs/cluster.yaml`, nodes as raylets on this machine), an
+MLflow server, the queue's dispatcher (supervised) and the Serve apps of `configs/serve.yaml`.
 
 `up` starts what is missing and reports what already runs; `down` stops only
 what `up` started (by process session, see `processes`; the Serve apps live
@@ -22,10 +23,11 @@ import yaml
 
 from ray_apps.config import CONFIG_DIR, Settings
 from ray_apps.observability import prometheus
+from ray_apps.processes import PortHolder, ServiceRegistry, port_holder, spawn, stop, wait_until
+# Re-exported: the CLI, tests and benchmarks reach the Ray client through the platform's module.
 from ray_apps.ray_client import (PlatformError, cluster_resources, ensure_ray_token, http_get,  # noqa: F401
                                  mlflow_healthy, ray_healthy, use_ray_token)
 from ray_apps.topology import Topology, TopologyError, autoscaler_config, check_fits_machine
-from ray_apps.processes import PortHolder, ServiceRegistry, port_holder, spawn, stop, wait_until
 
 RAY, MLFLOW, DISPATCHER, PROMETHEUS = "ray", "mlflow", "dispatcher", "prometheus"
 

@@ -64,7 +64,7 @@ DASHBOARDS: dict[str, tuple[str, list[Panel]]] = {
         Panel("GPUs in the cluster (Ray)", 'sum(ray_resources{Name="GPU"})', "total"),
         Panel("GPU utilisation by device", "avg by (instance, GpuIndex) (ray_node_gpus_utilization)",
               "{{instance}} GPU {{GpuIndex}}", unit="percent",
-              description="Physical GPUs only: logical GPUs (declared in configs/cluster.yaml on a CPU machine) report none."),
+              description="Physical GPUs only: logical GPUs (configs/cluster.yaml on a CPU machine) report none."),
         Panel("GPU-hours / day by tenant", "sum by (tenant) (increase(oppen_gpu_hours_total[1d]))", "{{tenant}}"),
         Panel("GPU-hours / day by trainer", "sum by (trainer) (increase(oppen_gpu_hours_total[1d]))", "{{trainer}}"),
     ]),

@@ -164,9 +164,10 @@ class Dispatcher:
             return
         if last is None:
             return  # the first sample only starts the clock
+        seconds = min(now - last, 3 * NODE_SAMPLE_S)  # a long gap (Ray away) is not guessed at
         for g in groups.values():
             if g.joined:
-                self.queue.store.add_node_usage(g.name, now, g.joined, g.cpus, g.gpus, min(now - last, 3 * NODE_SAMPLE_S))
+                self.queue.store.add_node_usage(g.name, now, g.joined, g.cpus, g.gpus, seconds)
 
     def _ask_autoscaler(self, plan: policy.Plan, active: list[JobRecord], queued: list[JobRecord]) -> None:
         if self._requester is None:
@@ -216,13 +217,13 @@ class Dispatcher:
         status = info.status.value if info else None
         try:
             if info is None:
-                if job.state is JobState.STARTING:  # crashed between STARTING and submit: submit now
-                    self._submit(job)
-                elif job.priority == ADOPTED_PRIORITY:  # not ours to start again
+                if job.priority == ADOPTED_PRIORITY:  # not ours to submit or start again
                     self.queue.store.transition(job.id, JobState.FAILED, expect=job.state,
                                                 message="no longer known to Ray (head restarted?)")
                     self.queue.store.attempt_ended(job.id, job.attempt, time.time())
                     report.finished.append(job.id)
+                elif job.state is JobState.STARTING:  # crashed between STARTING and submit: submit now
+                    self._submit(job)
                 elif job.state in (JobState.RUNNING, JobState.PREEMPTING):  # lost with a restarted head
                     self.queue.store.transition(job.id, JobState.QUEUED, expect=job.state,
                                                 message="not known to Ray (head restarted?); requeued to resume")

@@ -48,7 +48,8 @@ def scaling(tmp_path_factory, mnist_cache):
     (root / "cluster.yaml").write_text(yaml.safe_dump(TOPOLOGY))
     (root / "queue.yaml").write_text(yaml.safe_dump(QUEUE))
     config = root / "platform.yaml"
-    config.write_text(yaml.safe_dump({"data_dir": str(data_dir), "ray": PORTS, "cluster_file": str(root / "cluster.yaml"),
+    config.write_text(yaml.safe_dump({"data_dir": str(data_dir), "ray": PORTS,
+                                      "cluster_file": str(root / "cluster.yaml"),
                                       "mlflow": {"port": 5250}, "metrics_port": 9664, "serve_port": 8250,
                                       "serve_proxy": {"stats_port": 8434, "metrics_port": 9131, "fallback_port": 8530},
                                       "prometheus": {"enabled": False}}))
