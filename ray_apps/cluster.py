@@ -206,11 +206,17 @@ def up(settings: Settings, *, timeout: float = 90.0, serve: bool = True,
             registry.save(services)
             raise PlatformError(f"{m.name} did not become healthy within {timeout:.0f} s. Last log lines:\n{tail}")
         say(f"{m.name}: healthy after {time.monotonic() - t0:.1f} s")
-    if serve:  # needs only Ray's API, so it overlaps the wait for the resource report
-        deploy_serve(settings, timeout=timeout, say=say)
-    if settings.is_local and not wait_until(lambda: ray_ready(settings.dashboard_url), timeout=timeout):
-        raise PlatformError(f"Ray at {settings.dashboard_url} answers but reports no resources after "
-                            f"{timeout:.0f} s. To fix: see {settings.data_dir / 'logs' / 'ray.log'}.")
+    try:
+        if serve:  # needs only Ray's API, so it overlaps the wait for the resource report
+            deploy_serve(settings, timeout=timeout, say=say)
+        if settings.is_local and not wait_until(lambda: ray_ready(settings.dashboard_url), timeout=timeout):
+            raise PlatformError(f"Ray at {settings.dashboard_url} answers but reports no resources after "
+                                f"{timeout:.0f} s. To fix: see {settings.data_dir / 'logs' / 'ray.log'}.")
+    except BaseException:  # all or nothing here too: what this call started goes with it
+        for started in to_start:
+            stop(services.pop(started.name))
+        registry.save(services)
+        raise
     return status(settings)
 
 

@@ -23,7 +23,7 @@ from trainers.specs import build_config
 
 # Never upload platform state, environments or databases with the job's working dir (Ray already
 # skips .git and .venv).
-WORKING_DIR_EXCLUDES = [".oppen", ".venv*", "*.egg-info", "__pycache__", ".pytest_cache", "*.db", "*.whl",
+WORKING_DIR_EXCLUDES = [".oppen", ".venv*", "*.egg-info", "__pycache__", ".pytest_cache", ".ruff_cache", "*.db", "*.whl",
                         "mlruns", "benchmarks/results"]
 
 
