@@ -263,7 +263,9 @@ def _ray_env(settings: Settings, topology: Topology) -> dict[str, str]:
     # from training. Deployments here change rarely; 1 s is plenty.
     # Worker groups: Ray's autoscaler starts each node as a raylet on this machine (fake
     # multi-node provider), deciding every second instead of every 5 s.
-    nodes = {"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"} if topology.autoscaling else {}
+    # A node silent for 15 s (Ray's default: 30) is replaced: every node is on this machine.
+    nodes = ({"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1", "AUTOSCALER_HEARTBEAT_TIMEOUT_S": "15"}
+             if topology.autoscaling else {})
     return {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token", "PATH": path, **nodes,
             "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "1.0", **serve_proxy_env(settings), **settings.ray.serve_env,
             **settings.job_env()}

@@ -171,7 +171,9 @@ def autoscaler_config(topology: Topology, *, gcs_address: str, cluster_name: str
         "max_workers": sum(g.max_workers for g in topology.worker_groups),
         "idle_timeout_minutes": topology.idle_timeout_s / 60,
         "upscaling_speed": 1.0,
-        "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
+        # Ray's fake multi-node provider, through `external` so that a dead node is replaced (local_nodes.py).
+        "provider": {"type": "external", "module": "ray_apps.local_nodes.LocalNodeProvider",
+                     "use_node_id_as_ip": True, "disable_node_updaters": True,
                      "disable_launch_config_check": True, "gcs_address": gcs_address},
         "auth": {}, "docker": {}, "file_mounts": {}, "file_mounts_sync_continuously": False,
         "available_node_types": types, "head_node_type": HEAD_NODE_TYPE,

@@ -148,12 +148,19 @@ def _train_workers(queue: Queue) -> list:
                                                                        ("state", "=", "ALIVE")])
 
 
-def test_mnist_spans_two_nodes_and_resumes_from_its_checkpoint_when_a_worker_dies(scaling):
+def _raylet(node_id: str) -> psutil.Process:
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmd = proc.info["cmdline"] or []
+        if cmd and cmd[0].endswith("raylet") and f"--node_id={node_id}" in cmd:
+            return proc
+    raise AssertionError(f"no raylet for node {node_id}")
+
+
+def test_mnist_spans_two_nodes_and_resumes_when_a_node_dies(scaling):
     """2 workers x 2 CPUs on 2-CPU nodes: the queue asks for the second node, Ray Train puts one
-    worker on each. The worker on one node is SIGKILLed after the first checkpoint: the group restarts
-    from it across the two nodes and the job reaches the accuracy of a single-node run
-    (test_mnist_job.py). (A whole node killed is not replaced by Ray's fake multi-node provider:
-    its nodes stay `uninitialized`, which Ray's liveness check skips; README, Limits.)"""
+    worker on each. After the first checkpoint one node dies (its raylet and its workers SIGKILLed):
+    the autoscaler replaces it, Ray Train restarts the group from the checkpoint across the two
+    nodes, and the job reaches the accuracy of a single-node run (test_mnist_job.py)."""
     job = scaling.submit("mnist", {"num_workers": 2, "cpus_per_worker": 2, "epochs": 3, "train_samples": 3000,
                                    "test_samples": 500}).id
     assert wait_until(lambda: len({a.node_id for a in _train_workers(scaling)}) == 2, timeout=180, interval=1), \
@@ -162,7 +169,10 @@ def test_mnist_spans_two_nodes_and_resumes_from_its_checkpoint_when_a_worker_die
     snapshot = scaling.settings.data_dir / "checkpoints" / job / "checkpoint_manager_snapshot.json"
     assert wait_until(lambda: snapshot.exists() and '"checkpoint_results":[{' in snapshot.read_text(),
                       timeout=180, interval=0.2)
-    psutil.Process(_train_workers(scaling)[0].pid).kill()
+    victim = _train_workers(scaling)[0].node_id
+    raylet = _raylet(victim)
+    for proc in [*raylet.children(recursive=True), raylet]:
+        proc.kill()
     assert wait_until(lambda: state(scaling, job).is_terminal(), timeout=300, interval=2), scaling.get(job)
     record = scaling.get(job)
     logs = job_logs(scaling.settings, record.ray_submission_id)
@@ -170,6 +180,8 @@ def test_mnist_spans_two_nodes_and_resumes_from_its_checkpoint_when_a_worker_die
     starts = [int(n) for n in re.findall(r"start_epoch=(\d+)", logs)]
     assert starts[0] == 0 and max(starts) >= 1, starts  # restarted from a checkpoint, not from epoch 0
     assert float(re.findall(r"test_accuracy=([0-9.]+)", logs)[-1]) > 0.8
+    nodes = {n for n in scaling.capacity().resources.by_node}
+    assert victim not in nodes and joined(scaling, "cpu") == 2  # replaced by a new node
 
 
 def test_oppen_train_goes_through_the_queue_and_its_cost_is_reported(scaling):

@@ -57,7 +57,11 @@ def test_maxima_this_machine_cannot_hold_are_refused_with_the_numbers(tmp_path):
 def test_rendered_for_ray_s_fake_multi_node_autoscaler():
     topology = load_topology(DEFAULT)
     cfg = autoscaler_config(topology, gcs_address="127.0.0.1:6379")
-    assert cfg["provider"]["type"] == "fake_multinode" and cfg["provider"]["gcs_address"] == "127.0.0.1:6379"
+    assert cfg["provider"]["type"] == "external" and cfg["provider"]["gcs_address"] == "127.0.0.1:6379"
+    from ray._common.utils import load_class
+    from ray.autoscaler._private.fake_multi_node.node_provider import FakeMultiNodeProvider
+
+    assert issubclass(load_class(cfg["provider"]["module"]), FakeMultiNodeProvider)
     types = cfg["available_node_types"]
     assert types[HEAD_NODE_TYPE] == {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0}
     assert types["gpu"] == {"resources": {"CPU": 1, "GPU": 1}, "node_config": {}, "min_workers": 0, "max_workers": 2}
