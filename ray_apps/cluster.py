@@ -80,8 +80,9 @@ def write_autoscaler_config(settings: Settings, topology: Topology) -> Path:
     """The topology as Ray's autoscaling config (fake multi-node provider), beside the platform's state."""
     path = autoscaler_config_path(settings)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(autoscaler_config(topology, gcs_address=f"{settings.host}:{settings.ray.gcs_port}"),
-                                   sort_keys=False))
+    config = autoscaler_config(topology, gcs_address=f"{settings.host}:{settings.ray.gcs_port}",
+                               node_temp_root=str(ray_temp_dir(settings)))
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
 
 

@@ -180,6 +180,9 @@ def test_mnist_spans_two_nodes_and_resumes_when_a_node_dies(scaling):
     starts = [int(n) for n in re.findall(r"start_epoch=(\d+)", logs)]
     assert starts[0] == 0 and max(starts) >= 1, starts  # restarted from a checkpoint, not from epoch 0
     assert float(re.findall(r"test_accuracy=([0-9.]+)", logs)[-1]) > 0.8
+    # The driver's final logging (model, registry) ran on the head while the workers' nodes let go of
+    # the job's working dir: each local node has a temp dir of its own, so nothing it deletes is the head's.
+    assert '"tracking_lost": null' in logs, logs[-2000:]
     nodes = {n for n in scaling.capacity().resources.by_node}
     assert victim not in nodes and joined(scaling, "cpu") == 2  # replaced by a new node
 

@@ -67,6 +67,9 @@ def test_rendered_for_ray_s_fake_multi_node_autoscaler():
     assert types["gpu"] == {"resources": {"CPU": 1, "GPU": 1}, "node_config": {}, "min_workers": 0, "max_workers": 2}
     assert types["cpu"]["min_workers"] == 1 and types["cpu"]["resources"] == {"CPU": 2}
     assert cfg["max_workers"] == 4 and cfg["idle_timeout_minutes"] == topology.idle_timeout_s / 60
+    # Each local node gets a temp dir of its own under the head's (a machine has its own disk).
+    own = autoscaler_config(topology, gcs_address="127.0.0.1:6379", node_temp_root="/tmp/oppen-ray-x")
+    assert own["provider"]["node_temp_root"] == "/tmp/oppen-ray-x"
     assert "--autoscaling-config" in " ".join(cluster.ray_head_command(Settings(), topology))
     assert "--num-cpus=0" in cluster.ray_head_command(Settings(), topology)
 
