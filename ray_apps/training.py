@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from ray_apps.ray_client import PlatformError, cluster_resources, mlflow_healthy, use_ray_token
+from ray_apps.ray_client import PlatformError, mlflow_healthy, use_ray_token
 from ray_apps.config import PROJECT_ROOT, Settings
 from ray_apps.scheduler.policy import Gang, infeasibility
 from trainers.driver import PROGRESS, RESULT  # the lines the trainers print
@@ -23,8 +23,8 @@ from trainers.specs import build_config
 
 # Never upload platform state, environments or databases with the job's working dir (Ray already
 # skips .git and .venv).
-WORKING_DIR_EXCLUDES = [".oppen", ".venv*", "*.egg-info", "__pycache__", ".pytest_cache", ".ruff_cache", "*.db", "*.whl",
-                        "mlruns", "benchmarks/results"]
+WORKING_DIR_EXCLUDES = [".oppen", ".venv*", "*.egg-info", "__pycache__", ".pytest_cache", ".ruff_cache", "*.db",
+                        "*.whl", "mlruns", "benchmarks/results"]
 
 
 @dataclass
@@ -58,8 +58,10 @@ def entrypoint_for(trainer: str, params: dict[str, Any], extra: list[str] = ()) 
 
 def check_feasible(settings: Settings, spec: Any) -> None:
     """Refuse a gang the cluster can never hold (Ray would leave it PENDING silently)."""
-    reason = infeasibility(Gang.of(spec),
-                           cluster_resources(settings.dashboard_url).node_totals())
+    from ray_apps.scheduler.capacity import read_capacity
+
+    # Fully scaled out: the nodes there are and those the worker groups may still add.
+    reason = infeasibility(Gang.of(spec), read_capacity(settings, settings.topology()).potential_nodes())
     if reason:
         raise PlatformError(f"infeasible request: it {reason} (Ray at {settings.dashboard_url}). To fix: ask "
                             "for fewer workers or less per worker, or add capacity to the cluster.")
