@@ -1,13 +1,13 @@
 """Ray's autoscaler, seen and asked through the GCS (no `ray.init`, no driver process).
 
-- `cluster_state`: every node with its group (Ray's node type), its resources and
-  whether it is running, idle or still starting, read from the autoscaler's status
-  (`ray.autoscaler.v2.sdk.get_cluster_status`), folded per worker group with the
-  topology's min/max.
+- `cluster_state`: every joined node with its resources, and per worker group the
+  nodes running, idle and still starting, read from the autoscaler's status
+  (`ray.autoscaler.v2.sdk.get_cluster_status`) with the topology's min/max.
 - `ResourceRequester`: asks the autoscaler to make room for bundles (what
   `ray.autoscaler.sdk.request_resources` does, sent straight to the GCS so the
-  dispatcher needs no Ray driver), only when the ask changes; an empty ask withdraws
-  it, so idle nodes scale back down.
+  dispatcher needs no Ray driver); an empty ask withdraws it, so idle nodes scale
+  back down. Ray has one ask per cluster and Ray Train's autoscaling coordinator
+  rewrites it every 20 s, so a standing ask is sent again every `refresh_s`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 
-from ray_apps.topology import HEAD_NODE_TYPE, Topology
+from ray_apps.topology import Topology
 
 log = logging.getLogger("oppen.autoscaler")
 RESOURCE_REQUEST_KEY = b"autoscaler_resource_request"  # the v1 autoscaler's channel (ray_constants)
@@ -27,8 +27,6 @@ RESOURCE_REQUEST_KEY = b"autoscaler_resource_request"  # the v1 autoscaler's cha
 @dataclass
 class NodeView:
     node_id: str
-    group: str                      # the worker group (Ray node type); HEAD_NODE_TYPE for the head
-    status: str                     # RUNNING, IDLE, or PENDING (asked for, not joined yet)
     total: dict[str, float] = field(default_factory=dict)
     available: dict[str, float] = field(default_factory=dict)
 
@@ -80,11 +78,10 @@ def cluster_state(gcs_address: str, topology: Topology) -> ClusterState:
                                                     cpus=g.cpus, gpus=g.gpus) for g in topology.worker_groups})
     for kind, nodes in (("RUNNING", status.active_nodes), ("IDLE", status.idle_nodes)):
         for n in nodes:
-            group = n.ray_node_type_name or HEAD_NODE_TYPE
-            state.nodes.append(NodeView(n.node_id or n.instance_id, group, kind, n.total_resources(),
-                                        n.available_resources()))
-            if group in state.groups:
-                setattr(state.groups[group], kind.lower(), getattr(state.groups[group], kind.lower()) + 1)
+            state.nodes.append(NodeView(n.node_id or n.instance_id, n.total_resources(), n.available_resources()))
+            group = state.groups.get(n.ray_node_type_name)
+            if group is not None:
+                setattr(group, kind.lower(), getattr(group, kind.lower()) + 1)
     for n in status.pending_nodes:
         if n.ray_node_type_name in state.groups:
             state.groups[n.ray_node_type_name].pending += 1
@@ -102,6 +99,7 @@ class ResourceRequester:
         self.refresh_s = refresh_s
         self.current: list[dict[str, float]] | None = None  # None: nothing asked by this process yet
         self._sent_at = 0.0
+        self._v2: bool | None = None  # which autoscaler reads the ask: asked of the GCS once
 
     def request(self, bundles: list[dict[str, float]]) -> bool:
         """Send `bundles` (all of them: Ray sizes the cluster for the whole ask, running work included)
@@ -111,7 +109,7 @@ class ResourceRequester:
         same = self.current is not None and _key(bundles) == _key(self.current)
         if same and (not bundles or time.monotonic() - self._sent_at < self.refresh_s):
             return False
-        _send(self.gcs_address, bundles)
+        self._send(bundles)
         if not same:
             log.info("autoscaler request: %s", bundles or "withdrawn")
         self.current, self._sent_at = bundles, time.monotonic()
@@ -120,23 +118,25 @@ class ResourceRequester:
     def withdraw(self) -> bool:
         return self.request([])
 
+    def _send(self, bundles: list[dict[str, float]]) -> None:
+        from ray._raylet import GcsClient
+        from ray.autoscaler.v2.utils import is_autoscaler_v2
+
+        from ray_apps.ray_client import use_ray_token
+
+        check_reachable(self.gcs_address)
+        use_ray_token()
+        client = GcsClient(self.gcs_address)
+        if self._v2 is None:
+            self._v2 = is_autoscaler_v2(fetch_from_server=True, gcs_client=client)
+        if self._v2:
+            from ray.autoscaler.v2.sdk import request_cluster_resources
+
+            request_cluster_resources(self.gcs_address, [{"resources": b, "label_selector": {}} for b in bundles])
+        else:  # the v1 monitor reads the ask from the GCS's key-value store
+            client.internal_kv_put(RESOURCE_REQUEST_KEY, json.dumps(bundles).encode(), True, None)
+
 
 def _key(bundles: list[dict[str, float]]) -> list[str]:
     return sorted(json.dumps(b, sort_keys=True) for b in bundles)
 
-
-def _send(gcs_address: str, bundles: list[dict[str, float]]) -> None:
-    from ray._raylet import GcsClient
-    from ray.autoscaler.v2.utils import is_autoscaler_v2
-
-    from ray_apps.ray_client import use_ray_token
-
-    check_reachable(gcs_address)
-    use_ray_token()
-    client = GcsClient(gcs_address)
-    if is_autoscaler_v2(fetch_from_server=True, gcs_client=client):
-        from ray.autoscaler.v2.sdk import request_cluster_resources
-
-        request_cluster_resources(gcs_address, [{"resources": b, "label_selector": {}} for b in bundles])
-    else:  # the v1 monitor reads the ask from the GCS's key-value store
-        client.internal_kv_put(RESOURCE_REQUEST_KEY, json.dumps(bundles).encode(), True, None)

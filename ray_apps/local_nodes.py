@@ -21,9 +21,6 @@ from ray.autoscaler._private.fake_multi_node.node_provider import FakeMultiNodeP
 from ray.autoscaler.tags import (NODE_KIND_WORKER, STATUS_UP_TO_DATE, TAG_RAY_NODE_KIND, TAG_RAY_NODE_NAME,
                                  TAG_RAY_NODE_STATUS, TAG_RAY_USER_NODE_TYPE)
 
-PROVIDER = f"{__name__}.LocalNodeProvider"  # for `provider: {type: external, module: ...}`
-
-
 class LocalNodeProvider(FakeMultiNodeProvider):
     def _create_node_with_resources_and_labels(self, node_config, tags, count, resources, labels):
         # Ray 2.60's FakeMultiNodeProvider._create_node_with_resources_and_labels, with a temp dir

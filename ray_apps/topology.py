@@ -99,9 +99,6 @@ class Topology(_Strict):
     def autoscaling(self) -> bool:
         return bool(self.worker_groups)
 
-    def group(self, name: str) -> WorkerGroup | None:
-        return next((g for g in self.worker_groups if g.name == name), None)
-
     def memory_at_max_gib(self) -> float:
         return sum(g.memory_gib * g.max_workers for g in self.worker_groups)
 

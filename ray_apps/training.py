@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from ray_apps.ray_client import PlatformError, mlflow_healthy, use_ray_token
+from ray_apps.ray_client import PlatformError, job_client, mlflow_healthy
 from ray_apps.config import PROJECT_ROOT, Settings
 from ray_apps.scheduler.policy import Gang, infeasibility
 from trainers.driver import PROGRESS, RESULT  # the lines the trainers print
@@ -97,10 +97,7 @@ def submit_search(settings: Settings, argv: list[str], *, metadata: dict[str, st
 
 def submit_entrypoint(settings: Settings, submission_id: str, entrypoint: str, metadata: dict[str, str]) -> None:
     """Hand a trainer command to Ray with this project as its working dir."""
-    from ray.job_submission import JobSubmissionClient
-
-    use_ray_token()
-    JobSubmissionClient(settings.dashboard_url).submit_job(
+    job_client(settings.dashboard_url).submit_job(
         entrypoint=entrypoint, submission_id=submission_id, metadata=metadata,
         runtime_env={"working_dir": str(PROJECT_ROOT), "excludes": WORKING_DIR_EXCLUDES,
                      "env_vars": settings.job_env()})
@@ -125,10 +122,7 @@ def create_run(settings: Settings, trainer: str, run_name: str, tags: dict[str, 
 def follow(settings: Settings, submission_id: str, *, on_progress: Callable[[str], None] = print,
            poll_s: float = 1.0, timeout_s: float | None = None) -> JobOutcome:
     """Poll the job until it ends, passing each new trainer progress line to `on_progress`."""
-    from ray.job_submission import JobSubmissionClient
-
-    use_ray_token()
-    client = JobSubmissionClient(settings.dashboard_url)
+    client = job_client(settings.dashboard_url)
     seen, last_status, start = 0, None, time.monotonic()
     shown: set[str] = set()
     while True:

@@ -1,6 +1,7 @@
 """What the status page shows, in one snapshot: the queue, running jobs with live cost and
 forecast, recent jobs, the cluster's nodes per worker group, and spend over time and per
-tenant, each job linked to its Ray job and MLflow run. Served as JSON by the CostForecaster (GET /v1/status) and drawn by status.html.
+tenant, each job linked to its Ray job and MLflow run. Served as JSON by the CostForecaster
+(GET /v1/status) and drawn by status.html.
 """
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from ray_apps.ray_client import PlatformError, Resources
+from ray_apps.ray_client import PlatformError, job_client
 from ray_apps.config import Settings
 from ray_apps.scheduler.capacity import Capacity, read_capacity
 from ray_apps.scheduler.config import QueueConfig, load_queue_config
@@ -135,9 +135,6 @@ class Queue:
         except PlatformError as exc:
             raise QueueError(str(exc)) from None
 
-    def resources(self) -> Resources:
-        return self.capacity().resources
-
     # ------------------------------------------------------------------ read
 
     def get(self, job_id: str, *, tenant: str | None = None) -> JobRecord:
@@ -190,12 +187,7 @@ class Queue:
                                groups=[dataclasses.asdict(g) for g in capacity.groups.values()])
 
     def ray_client(self):
-        from ray.job_submission import JobSubmissionClient
-
-        from ray_apps.ray_client import use_ray_token
-
-        use_ray_token()
-        return JobSubmissionClient(self.settings.dashboard_url)
+        return job_client(self.settings.dashboard_url)
 
 
 def _spec(trainer: str, params: dict[str, Any]):

@@ -40,6 +40,7 @@ from ray_apps.autoscaler import ResourceRequester
 from ray_apps.scheduler import policy
 from ray_apps.scheduler.adoption import ADOPTED_PRIORITY, adopt_unknown
 from ray_apps.scheduler.api import Queue, QueueError, ray_submission_id
+from ray_apps.scheduler.capacity import Capacity
 from ray_apps.scheduler.states import ACTIVE, JobState
 from ray_apps.scheduler.store import InvalidTransition, JobRecord
 from ray_apps.training import create_run, entrypoint_for, submit_entrypoint
@@ -116,7 +117,6 @@ class Dispatcher:
                 self._adopted_at = now
                 report.adopted = adopt_unknown(self.queue.store, listed, self.queue.store.known_ids(ray_jobs))
         report.metered = self.costs.settle(self._ray_end_time)
-        self._sample_nodes(now)
 
         active = self.queue.store.list(states=ACTIVE)
         queued = self.queue.store.list(states=[JobState.QUEUED])
@@ -124,8 +124,10 @@ class Dispatcher:
             self.waiting = {}
             if self._requester is not None and self._requester.current:  # an idle queue never calls Ray
                 self._requester.withdraw()
+            self._sample_nodes(now)
             return report
         capacity = self.queue.capacity()
+        self._sample_nodes(now, capacity)
         plan = policy.plan(
             [policy.QueuedJob(j.id, j.tenant, j.priority, j.submitted_at, _gang(j)) for j in queued],
             [policy.RunningJob(j.id, j.tenant, self._policy_class(j), j.started_at or j.submitted_at, _gang(j))
@@ -149,15 +151,16 @@ class Dispatcher:
             return job.priority
         return max(self.queue.config.priorities, key=lambda name: self.queue.config.priorities[name].rank)
 
-    def _sample_nodes(self, now: float) -> None:
-        """Count the worker groups' joined nodes into node-hours (every NODE_SAMPLE_S; idle nodes too)."""
+    def _sample_nodes(self, now: float, capacity: Capacity | None = None) -> None:
+        """Count the worker groups' joined nodes into node-hours (every NODE_SAMPLE_S; idle nodes too),
+        from this cycle's capacity when it read one."""
         if not self.queue.topology.autoscaling:
             return
         if self._nodes_sampled_at is not None and now - self._nodes_sampled_at < NODE_SAMPLE_S:
             return
         last, self._nodes_sampled_at = self._nodes_sampled_at, now
         try:
-            groups = self.queue.capacity().groups
+            groups = (capacity or self.queue.capacity()).groups
         except QueueError as exc:  # Ray away: no sample (the gap is not counted)
             log.debug("no node sample: %s", exc)
             self._nodes_sampled_at = None

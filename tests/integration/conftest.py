@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -27,20 +28,26 @@ TEST_PORTS = {"gcs_port": 6479, "dashboard_port": 8365, "metrics_export_port": 8
 TEST_PROXY_PORTS = {"stats_port": 8414, "metrics_port": 9111, "fallback_port": 8510}
 
 
-@pytest.fixture(scope="session")
-def platform(tmp_path_factory, mnist_cache):
-    """Settings of a running local platform (Ray head with 2 logical GPUs + MLflow)."""
-    root = tmp_path_factory.mktemp("platform")
+def write_platform(root: Path, mnist_cache: Path, queue_config: dict, settings: dict) -> Path:
+    """A platform's files under `root`: its data dir (with the cached MNIST), platform.yaml and
+    queue.yaml. Returns the settings file."""
     data_dir = root / "data"
     (data_dir / "datasets").mkdir(parents=True)
     for name in ("mnist.npz", "mnist.json"):
         shutil.copy(mnist_cache / "datasets" / name, data_dir / "datasets" / name)
+    (root / "queue.yaml").write_text(yaml.safe_dump(queue_config))
     config = root / "platform.yaml"
-    config.write_text(yaml.safe_dump({"data_dir": str(data_dir), "ray": TEST_PORTS,
-                                      "cluster_file": "configs/cluster.single-head.yaml",
-                                      "mlflow": {"port": 5100}, "serve_port": 8100, "metrics_port": 9564,
-                                      "serve_proxy": TEST_PROXY_PORTS, "prometheus": {"port": 9190}}))
-    (root / "queue.yaml").write_text(yaml.safe_dump(QUEUE_CONFIG))
+    config.write_text(yaml.safe_dump({"data_dir": str(data_dir), **settings}))
+    return config
+
+
+@pytest.fixture(scope="session")
+def platform(tmp_path_factory, mnist_cache):
+    """Settings of a running local platform (Ray head with 2 logical GPUs + MLflow)."""
+    root = tmp_path_factory.mktemp("platform")
+    config = write_platform(root, mnist_cache, QUEUE_CONFIG, {
+        "ray": TEST_PORTS, "cluster_file": "configs/cluster.single-head.yaml", "mlflow": {"port": 5100},
+        "serve_port": 8100, "metrics_port": 9564, "serve_proxy": TEST_PROXY_PORTS, "prometheus": {"port": 9190}})
     # The dispatcher and Serve apps that `up` starts read settings, queue config and
     # tenant tokens from the environment they inherit.
     os.environ["OPPEN_CONFIG"], os.environ["OPPEN_CONFIG_DIR"] = str(config), str(root)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import time
 
 import psutil
@@ -23,7 +22,7 @@ from ray_apps.processes import wait_until
 from ray_apps.scheduler.api import Infeasible, Queue
 from ray_apps.scheduler.config import load_queue_config
 from ray_apps.scheduler.states import JobState
-from tests.integration.conftest import job_logs
+from tests.integration.conftest import job_logs, write_platform
 
 pytestmark = pytest.mark.slow
 
@@ -41,18 +40,11 @@ PORTS = {"gcs_port": 6679, "dashboard_port": 8665, "metrics_export_port": 8380, 
 @pytest.fixture(scope="module")
 def scaling(tmp_path_factory, mnist_cache):
     root = tmp_path_factory.mktemp("scaling")
-    data_dir = root / "data"
-    (data_dir / "datasets").mkdir(parents=True)
-    for name in ("mnist.npz", "mnist.json"):
-        shutil.copy(mnist_cache / "datasets" / name, data_dir / "datasets" / name)
     (root / "cluster.yaml").write_text(yaml.safe_dump(TOPOLOGY))
-    (root / "queue.yaml").write_text(yaml.safe_dump(QUEUE))
-    config = root / "platform.yaml"
-    config.write_text(yaml.safe_dump({"data_dir": str(data_dir), "ray": PORTS,
-                                      "cluster_file": str(root / "cluster.yaml"),
-                                      "mlflow": {"port": 5250}, "metrics_port": 9664, "serve_port": 8250,
-                                      "serve_proxy": {"stats_port": 8434, "metrics_port": 9131, "fallback_port": 8530},
-                                      "prometheus": {"enabled": False}}))
+    config = write_platform(root, mnist_cache, QUEUE, {
+        "ray": PORTS, "cluster_file": str(root / "cluster.yaml"), "mlflow": {"port": 5250}, "metrics_port": 9664,
+        "serve_port": 8250, "serve_proxy": {"stats_port": 8434, "metrics_port": 9131, "fallback_port": 8530},
+        "prometheus": {"enabled": False}})
     saved = {k: os.environ.get(k) for k in ("OPPEN_CONFIG", "OPPEN_CONFIG_DIR")}
     os.environ["OPPEN_CONFIG"], os.environ["OPPEN_CONFIG_DIR"] = str(config), str(root)  # for the dispatcher
     settings = load_settings(config)

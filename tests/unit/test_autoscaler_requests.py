@@ -11,7 +11,7 @@ from ray_apps.scheduler.policy import Gang
 @pytest.fixture()
 def sent(monkeypatch):
     calls = []
-    monkeypatch.setattr(autoscaler, "_send", lambda address, bundles: calls.append(bundles))
+    monkeypatch.setattr(autoscaler.ResourceRequester, "_send", lambda self, bundles: calls.append(bundles))
     return calls
 
 
