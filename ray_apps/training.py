@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shlex
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -19,7 +20,7 @@ from ray_apps.config import PROJECT_ROOT, Settings
 from ray_apps.scheduler.policy import Gang, infeasibility
 from trainers.driver import PROGRESS, RESULT  # the lines the trainers print
 from trainers.runtime import new_run_name
-from trainers.specs import build_config
+from trainers.specs import build_config, spec_for, validated_params
 
 # Never upload platform state, environments or databases with the job's working dir (Ray already
 # skips .git and .venv).
@@ -49,11 +50,14 @@ class JobOutcome:
 
 
 def entrypoint_for(trainer: str, params: dict[str, Any], extra: list[str] = ()) -> str:
+    """The trainer's command line from validated params. Ray runs an entrypoint through a shell:
+    every word is quoted, so no value can add a word, a flag or a command."""
+    spec_for(trainer)  # a catalogued trainer only: its name becomes a module path
     flags = []
     for key, value in params.items():
         if value is not None:
             flags += [f"--{key.replace('_', '-')}", str(value)]
-    return " ".join(["python", "-m", f"trainers.{trainer}", *flags, *extra])
+    return shlex.join(["python", "-m", f"trainers.{trainer}", *flags, *extra])
 
 
 def check_feasible(settings: Settings, spec: Any) -> None:
@@ -74,7 +78,7 @@ def submit_training(settings: Settings, trainer: str, params: dict[str, Any], *,
     check_feasible(settings, spec)
     submission_id = new_run_name(trainer)
     run_id, run_url = create_run(settings, trainer, submission_id)
-    clean = {k: v for k, v in dataclasses.asdict(spec).items() if k in params}
+    clean = validated_params(spec, params)
     entrypoint = entrypoint_for(trainer, clean, ["--run-name", submission_id, "--mlflow-run-id", run_id])
     submit_entrypoint(settings, submission_id, entrypoint, {"trainer": trainer, "mlflow_run_id": run_id,
                                                             **(metadata or {})})
@@ -83,14 +87,12 @@ def submit_training(settings: Settings, trainer: str, params: dict[str, Any], *,
 
 def submit_search(settings: Settings, argv: list[str], *, metadata: dict[str, str] | None = None) -> Submission:
     """A Ray Tune search (`python -m trainers.tune ...`) as a Ray job, checked before it is submitted."""
-    import shlex
-
     from trainers.tune import validate_search
 
     trainer, one_trial = validate_search(argv)  # SpecError on a bad flag, space or budget
     check_feasible(settings, one_trial)
     submission_id = new_run_name(f"tune-{trainer}")
-    entrypoint = " ".join(["python", "-m", "trainers.tune", *map(shlex.quote, argv), "--run-name", submission_id])
+    entrypoint = shlex.join(["python", "-m", "trainers.tune", *argv, "--run-name", submission_id])
     submit_entrypoint(settings, submission_id, entrypoint, {"trainer": trainer, "kind": "tune", **(metadata or {})})
     return Submission(submission_id, trainer, None, None, entrypoint)
 

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import numbers
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -28,9 +31,12 @@ class ScalingSpec:
     gpus_per_worker: float = field(default=0.0, metadata={"help": "GPUs reserved per worker"})
 
     def _check_scaling(self) -> None:
-        _require(self.num_workers >= 1, "num_workers", self.num_workers, "at least 1")
-        _require(self.cpus_per_worker > 0, "cpus_per_worker", self.cpus_per_worker, "above 0")
-        _require(self.gpus_per_worker >= 0, "gpus_per_worker", self.gpus_per_worker, ">= 0")
+        _require(1 <= self.num_workers <= 1024, "num_workers", self.num_workers, "in [1, 1024]")
+        # A worker's torch threads take whole cores: a fractional reservation would let a quota
+        # of N CPUs run many times N busy threads.
+        _require(1 <= self.cpus_per_worker <= 512, "cpus_per_worker", self.cpus_per_worker,
+                 "at least 1 (a worker takes whole cores)")
+        _require(0 <= self.gpus_per_worker <= 64, "gpus_per_worker", self.gpus_per_worker, "in [0, 64]")
 
     @property
     def total_cpus(self) -> float:
@@ -210,16 +216,51 @@ def build_config(trainer: str, params: dict[str, Any]) -> Any:
     return cls(**coerced)
 
 
+_INT_TEXT = re.compile(r"[+-]?[0-9]{1,15}")
+_FLOAT_TEXT = re.compile(r"[+-]?([0-9]{1,15}(\.[0-9]{0,15})?|\.[0-9]{1,15})([eE][+-]?[0-9]{1,3})?")
+_MAX_TEXT = 64
+
+
+def validated_params(spec: Any, given: dict[str, Any]) -> dict[str, Any]:
+    """The fields the caller set, as the typed values of the validated config (what a job record keeps
+    and what reaches the command line), never the raw input."""
+    return {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec) if f.name in given}
+
+
 def _coerce(name: str, value: Any, hint: Any) -> Any:
+    """A typed value or a SpecError: the value ends up on a command line, so only well-formed
+    numbers and plain one-line text pass (numeric text is accepted: CLI flags and MLflow params)."""
     base = _scalar_type(hint)
-    if value is None or isinstance(value, base) and not isinstance(value, bool) or base is bool:
+    flag = f"--{name.replace('_', '-')}"
+    if value is None:
+        if base is hint:  # not Optional
+            raise SpecError(f"{flag} must be {_kind(base)}, got None")
+        return None
+    if isinstance(value, bool):
+        raise SpecError(f"{flag} must be {_kind(base)}, got {value!r}")
+    if base is int:
+        if isinstance(value, numbers.Integral):
+            return int(value)
+        if isinstance(value, str) and _INT_TEXT.fullmatch(value):
+            return int(value)
+    elif base is float:
+        if isinstance(value, numbers.Real) or isinstance(value, str) and _FLOAT_TEXT.fullmatch(value):
+            number = float(value)
+            if math.isfinite(number):
+                return number
+    elif base is str and isinstance(value, str) and len(value) <= _MAX_TEXT and value.isprintable():
         return value
-    try:
-        if base is int and isinstance(value, float) and not value.is_integer():
-            raise ValueError
-        return base(value)
-    except (TypeError, ValueError):
-        raise SpecError(f"--{name.replace('_', '-')} must be {base.__name__}, got {value!r}") from None
+    raise SpecError(f"{flag} must be {_kind(base)}, got {_shown(value)}")
+
+
+def _kind(base: type) -> str:
+    return {int: "a whole number", float: "a finite number",
+            str: f"one line of printable text (at most {_MAX_TEXT} characters)"}.get(base, base.__name__)
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _scalar_type(hint: Any) -> type:

@@ -24,7 +24,7 @@ from ray_apps.scheduler.states import ACTIVE, JobState
 from ray_apps.scheduler.store import JobRecord, JobStore, UnknownJob
 from ray_apps.topology import Topology
 from trainers.runtime import new_run_name
-from trainers.specs import TRAINERS, SpecError, build_config
+from trainers.specs import TRAINERS, SpecError, build_config, validated_params
 
 
 class QueueError(ValueError):
@@ -102,7 +102,8 @@ class Queue:
         job_id = new_run_name(trainer)
         reason = self._never_fits(gang, tenant)
         state = JobState.REJECTED if reason else JobState.QUEUED
-        job = self.store.add(id=job_id, trainer=trainer, params=params, tenant=tenant, priority=priority,
+        job = self.store.add(id=job_id, trainer=trainer, params=validated_params(spec, params), tenant=tenant,
+                             priority=priority,
                              workers=gang.workers, cpus_per_worker=gang.cpus_per_worker,
                              gpus_per_worker=gang.gpus_per_worker, state=state, message=reason or "")
         if reason:

@@ -12,7 +12,17 @@ def test_build_config_coerces_and_validates():
 
 @pytest.mark.parametrize("params,match", [
     ({"epochs": -1}, "--epochs must be at least 1, got -1"),
-    ({"epochs": 1.5}, "--epochs must be int"),
+    ({"epochs": 1.5}, "--epochs must be a whole number"),
+    ({"epochs": 1.0}, "--epochs must be a whole number, got 1.0"),     # argparse would refuse it in the job
+    ({"epochs": "1\n"}, "--epochs must be a whole number"),            # int() would strip the newline
+    ({"epochs": True}, "--epochs must be a whole number, got True"),
+    ({"epochs": None}, "--epochs must be a whole number, got None"),
+    ({"epochs": "٣"}, "--epochs must be a whole number"),          # a non-ASCII digit
+    ({"lr": float("inf")}, "--lr must be a finite number"),
+    ({"lr": "1e999"}, "--lr must be a finite number"),
+    ({"lr": "nan"}, "--lr must be a finite number"),
+    ({"cpus_per_worker": 0.02}, "--cpus-per-worker must be at least 1"),
+    ({"num_workers": 10**9}, "--num-workers must be in"),
     ({"num_workers": 0}, "--num-workers"),
     ({"lr": 0}, "--lr"),
     ({"batch_size": 1, "num_workers": 2}, "--batch-size must be at least num_workers"),
@@ -21,6 +31,27 @@ def test_build_config_coerces_and_validates():
 def test_bad_parameters_are_named(params, match):
     with pytest.raises(SpecError, match=match):
         build_config("mnist", params)
+
+
+def test_bad_text_is_refused_before_it_reaches_a_command_line():
+    with pytest.raises(SpecError, match="--model must be one line of printable text"):
+        build_config("llm", {"model": "tiny\n; rm -rf ~"})
+
+
+def test_numeric_text_becomes_typed_values_and_the_entrypoint_is_quoted_word_by_word():
+    import shlex
+
+    from ray_apps.training import entrypoint_for
+    from trainers.specs import validated_params
+
+    given = {"epochs": "3", "lr": "0.01", "train_samples": None}
+    params = validated_params(build_config("mnist", given), given)
+    assert params == {"epochs": 3, "lr": 0.01, "train_samples": None}
+    assert type(params["epochs"]) is int
+    words = shlex.split(entrypoint_for("llm", {"model": "tiny", "dataset": "a b;c"}, ["--run-name", "x y"]))
+    assert words == ["python", "-m", "trainers.llm", "--model", "tiny", "--dataset", "a b;c", "--run-name", "x y"]
+    with pytest.raises(SpecError, match="unknown trainer"):
+        entrypoint_for("mnist;id", {})
 
 
 def test_unknown_trainer():
