@@ -192,6 +192,37 @@ resource "kubernetes_secret_v1" "ray_token" {
   depends_on = [kubectl_manifest.namespace]
 }
 
+# The REST API's tenant tokens, {token: tenant} as JSON: the RayService requires this Secret, so
+# that its API, on the pod's network, never runs without them. One random token per tenant.
+resource "random_password" "tenant_tokens" {
+  for_each = toset(var.tenants)
+  length   = 48
+  special  = false
+}
+
+resource "kubernetes_secret_v1" "tenant_tokens" {
+  metadata {
+    name      = "oppen-tenant-tokens"
+    namespace = local.namespace
+  }
+  data       = { tokens = jsonencode({ for tenant in var.tenants : random_password.tenant_tokens[tenant].result => tenant }) }
+  depends_on = [kubectl_manifest.namespace]
+}
+
+# --------------------------------------------------------------------------- network policies
+
+# Default-deny ingress in the namespace, and who may reach each Ray cluster's ports. Applied
+# before the Ray pods start, so that they are never reachable without them.
+data "kubectl_file_documents" "network_policies" {
+  content = file("${local.manifests}/network-policies.yaml")
+}
+
+resource "kubectl_manifest" "network_policies" {
+  for_each   = data.kubectl_file_documents.network_policies.manifests
+  yaml_body  = each.value
+  depends_on = [kubectl_manifest.namespace]
+}
+
 # --------------------------------------------------------------------------- the platform
 
 data "kubectl_file_documents" "mlflow" {
@@ -215,13 +246,19 @@ resource "kubectl_manifest" "platform" {
 }
 
 resource "kubectl_manifest" "ray_cluster" {
-  yaml_body  = yamlencode(local.ray_cluster_scaled)
-  depends_on = [helm_release.kuberay_operator, kubernetes_secret_v1.ray_token, kubectl_manifest.mlflow]
+  yaml_body = yamlencode(local.ray_cluster_scaled)
+  depends_on = [
+    helm_release.kuberay_operator, kubernetes_secret_v1.ray_token, kubectl_manifest.mlflow,
+    kubectl_manifest.network_policies,
+  ]
 }
 
 resource "kubectl_manifest" "ray_service" {
-  yaml_body  = file("${local.manifests}/ray-service.oppen.yaml")
-  depends_on = [helm_release.kuberay_operator, kubectl_manifest.platform, kubectl_manifest.ray_cluster]
+  yaml_body = file("${local.manifests}/ray-service.oppen.yaml")
+  depends_on = [
+    helm_release.kuberay_operator, kubectl_manifest.platform, kubectl_manifest.ray_cluster,
+    kubernetes_secret_v1.tenant_tokens, kubectl_manifest.network_policies,
+  ]
 }
 
 # --------------------------------------------------------------------------- monitoring

