@@ -12,6 +12,7 @@ them: the address is the one switch between laptop and cluster.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import os
 import sys
 import time
@@ -23,7 +24,7 @@ import yaml
 
 from ray_apps.config import CONFIG_DIR, Settings
 from ray_apps.observability import prometheus
-from ray_apps.processes import PortHolder, ServiceRegistry, port_holder, spawn, stop, wait_until
+from ray_apps.processes import PortHolder, ServiceRegistry, port_holder, private_dir, spawn, stop, wait_until
 # Re-exported: the CLI, tests and benchmarks reach the Ray client through the platform's module.
 from ray_apps.ray_client import (PlatformError, cluster_resources, ensure_ray_token, http_get,  # noqa: F401
                                  mlflow_healthy, ray_healthy, use_ray_token)
@@ -53,8 +54,9 @@ def _bin(name: str) -> str:
 def ray_temp_dir(settings: Settings) -> Path:
     # Ray's unix sockets live under its temp dir and must fit in 107 bytes, so a
     # deep data dir cannot hold them: use a short folder named after the data dir.
+    # Ray makes its temp dir world-writable (0777); its private parent keeps other users out.
     digest = hashlib.sha1(str(settings.data_dir).encode()).hexdigest()[:8]
-    return Path("/tmp") / f"oppen-ray-{digest}"
+    return Path("/tmp") / f"oppen-{digest}" / "ray"
 
 
 def autoscaler_config_path(settings: Settings) -> Path:
@@ -71,9 +73,33 @@ def ray_head_command(settings: Settings, topology: Topology) -> list[str]:
            f"--temp-dir={ray_temp_dir(settings)}"]
     if topology.head.cpus is not None:
         cmd.append(f"--num-cpus={int(topology.head.cpus)}")
+    if node_ip_address(settings):
+        cmd.append(f"--node-ip-address={node_ip_address(settings)}")
     if topology.autoscaling:
         cmd.append(f"--autoscaling-config={autoscaler_config_path(settings)}")
     return cmd
+
+
+def node_ip_address(settings: Settings) -> str | None:
+    """The address Ray's nodes advertise and listen on: the configured host, unless that is a wildcard
+    (then Ray picks the machine's address). On loopback, Ray binds its raylets, agents, metrics and
+    Serve replicas there instead of on every interface."""
+    return None if settings.host in ("0.0.0.0", "::", "") else settings.host
+
+
+def node_ip_env(settings: Settings) -> dict[str, str]:
+    """Ray turns a loopback --node-ip-address into the machine's outward address, and every process
+    it starts (dashboard modules, workers, job drivers) looks its node up by that address, unless
+    multi-machine clusters are off: then Ray's own "this machine" address is loopback. Local worker
+    nodes are started by the autoscaler's provider, which this switch does not touch."""
+    return {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"} if is_loopback(settings.host) else {}
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def write_autoscaler_config(settings: Settings, topology: Topology) -> Path:
@@ -81,7 +107,7 @@ def write_autoscaler_config(settings: Settings, topology: Topology) -> Path:
     path = autoscaler_config_path(settings)
     path.parent.mkdir(parents=True, exist_ok=True)
     config = autoscaler_config(topology, gcs_address=f"{settings.host}:{settings.ray.gcs_port}",
-                               node_temp_root=str(ray_temp_dir(settings)))
+                               node_temp_root=str(ray_temp_dir(settings)), node_ip_address=node_ip_address(settings))
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
 
@@ -175,7 +201,9 @@ def up(settings: Settings, *, timeout: float = 90.0, serve: bool = True,
        say: Callable[[str], None] = print) -> list[ServiceStatus]:
     """Start what is missing: Ray head, MLflow, dispatcher, and (with `serve`) the Serve apps."""
     topology = load_local_topology(settings)  # a bad topology starts nothing
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(settings.data_dir)  # queue and MLflow databases, conversations, tokens' users
+    if settings.is_local:
+        private_dir(ray_temp_dir(settings).parent)  # Ray's sockets and session files
     if settings.is_local:
         ensure_ray_token()
     registry = ServiceRegistry(settings.state_dir)
@@ -268,7 +296,8 @@ def _ray_env(settings: Settings, topology: Topology) -> dict[str, str]:
     nodes = ({"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1", "AUTOSCALER_HEARTBEAT_TIMEOUT_S": "15"}
              if topology.autoscaling else {})
     return {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token", "PATH": path, **nodes,
-            "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "1.0", **serve_proxy_env(settings), **settings.ray.serve_env,
+            "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "1.0", **node_ip_env(settings), **serve_proxy_env(settings),
+            **settings.ray.serve_env,
             **settings.job_env()}
 
 

@@ -5,6 +5,7 @@ node a raylet on this machine), with two fixes that make its nodes behave like m
   `uninitialized` (it runs no node updaters), and the autoscaler's liveness check skips nodes that
   are not up to date: a node whose raylet died kept its slot forever. Tagged up to date, a dead
   node misses its heartbeats, is terminated, and the autoscaler starts another.
+- Its servers on the head's address (a loopback head keeps its nodes on loopback).
 - A temp dir of its own (`<head temp dir>/n<k>`). Sharing the head's, a node's runtime-env agent
   deleted a job's working dir as unused on its node when the job's workers ended there, while the
   job's driver on the head still ran in it.
@@ -36,6 +37,7 @@ class LocalNodeProvider(FakeMultiNodeProvider):
                 object_store_memory=resources.pop("object_store_memory", None), resources=resources,
                 labels=labels, redis_address=self._gcs_address, gcs_address=self._gcs_address,
                 temp_dir=f"{root}/n{self._next_node_id}" if root else None,
+                node_ip_address=self.provider_config.get("node_ip_address"),  # its servers listen there
                 env_vars={
                     "RAY_OVERRIDE_NODE_ID_FOR_TESTING": next_id,
                     "RAY_CLOUD_INSTANCE_ID": next_id,

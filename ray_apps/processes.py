@@ -8,9 +8,11 @@ Stopping a service stops exactly that session and nothing else on the machine:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import time
 from dataclasses import asdict, dataclass
@@ -87,11 +89,23 @@ class ServiceRegistry:
         return {n: s for n, s in self.load().items() if s.alive()}
 
 
+# What a service creates (databases, logs, Ray's sockets and session files, its children's files)
+# is readable by its owner only.
+PRIVATE_UMASK = 0o077
+
+
+def private_dir(path: Path) -> Path:
+    """`path` created if missing and made 0700: only its owner may list or enter it."""
+    path.mkdir(parents=True, exist_ok=True)
+    path.chmod(0o700)
+    return path
+
+
 def spawn(name: str, cmd: list[str], *, log_path: Path, env: dict[str, str] | None = None) -> Service:
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "ab") as log:
+    with open(os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env={**os.environ, **(env or {})}, start_new_session=True)
+                                env={**os.environ, **(env or {})}, start_new_session=True, umask=PRIVATE_UMASK)
     return Service(name=name, pid=proc.pid, cmd=cmd, log=str(log_path),
                    started_at=psutil.Process(proc.pid).create_time(), start_ticks=start_ticks(proc.pid))
 
@@ -155,3 +169,35 @@ def wait_until(check, *, timeout: float, interval: float = 0.5) -> bool:
             return True
         time.sleep(interval)
     return check()
+
+
+def listening_sockets(pids: list[int]) -> set[tuple[str, int]]:
+    """(address, port) of every TCP socket in LISTEN state held by `pids` (Linux /proc)."""
+    inodes: set[str] = set()
+    for pid in pids:
+        try:
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                with contextlib.suppress(OSError):
+                    target = os.readlink(fd)
+                    if target.startswith("socket:["):
+                        inodes.add(target[8:-1])
+        except OSError:
+            continue
+    found = set()
+    for table, decode in (("/proc/net/tcp", _ipv4), ("/proc/net/tcp6", _ipv6)):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                    address, port = fields[1].split(":")
+                    found.add((decode(address), int(port, 16)))
+    return found
+
+
+def _ipv4(hex_address: str) -> str:
+    return socket.inet_ntop(socket.AF_INET, bytes.fromhex(hex_address)[::-1])
+
+
+def _ipv6(hex_address: str) -> str:
+    raw = bytes.fromhex(hex_address)  # four little-endian 32-bit words
+    return socket.inet_ntop(socket.AF_INET6, b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4)))

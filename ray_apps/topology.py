@@ -152,7 +152,7 @@ def check_fits_machine(topology: Topology, path: Path, total_memory_gib: float |
 
 
 def autoscaler_config(topology: Topology, *, gcs_address: str, node_temp_root: str | None = None,
-                      cluster_name: str = "oppen") -> dict:
+                      node_ip_address: str | None = None, cluster_name: str = "oppen") -> dict:
     """Ray's autoscaling config for the fake multi-node provider: worker nodes are raylets on this machine."""
     types = {HEAD_NODE_TYPE: {"resources": {"CPU": 0} if topology.head.cpus == 0 else {}, "node_config": {},
                               "max_workers": 0}}
@@ -173,7 +173,8 @@ def autoscaler_config(topology: Topology, *, gcs_address: str, node_temp_root: s
         "provider": {"type": "external", "module": "ray_apps.local_nodes.LocalNodeProvider",
                      "use_node_id_as_ip": True, "disable_node_updaters": True,
                      "disable_launch_config_check": True, "gcs_address": gcs_address,
-                     **({"node_temp_root": node_temp_root} if node_temp_root else {})},
+                     **({"node_temp_root": node_temp_root} if node_temp_root else {}),
+                     **({"node_ip_address": node_ip_address} if node_ip_address else {})},
         "auth": {}, "docker": {}, "file_mounts": {}, "file_mounts_sync_continuously": False,
         "available_node_types": types, "head_node_type": HEAD_NODE_TYPE,
         **{key: [] for key in empty_lists},

@@ -8,6 +8,34 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 
 MAX_BODY_BYTES = 64 * 1024
+
+
+def _internal_grpc_on_node_address() -> None:
+    """Serve replicas open a gRPC server for calls between deployments on `[::]:0`, every interface,
+    with no setting for its host (Ray 2.60, replica.py). Every replica imports this module (each
+    deployment's module does), so the server is bound to the node's own address instead: on a
+    loopback head that is loopback; on a cluster, the pod's address that other nodes dial."""
+    try:
+        from ray.serve._private import replica
+    except ImportError:
+        return
+    bind = getattr(replica, "add_port_to_grpc_server", None)
+    if bind is None or getattr(bind, "on_node_address", False):
+        return
+
+    def on_node_address(server, address: str):
+        import ray
+
+        if address.startswith("[::]:") and ray.is_initialized():
+            host = ray.util.get_node_ip_address()
+            address = f"[{host}]:{address[5:]}" if ":" in host else f"{host}:{address[5:]}"
+        return bind(server, address)
+
+    on_node_address.on_node_address = True
+    replica.add_port_to_grpc_server = on_node_address
+
+
+_internal_grpc_on_node_address()
 # Every Serve replica lives on the head (0 CPU, a sliver of the head's own node resource): one on a
 # worker node would keep that node busy, and the autoscaler would never scale its group down.
 ON_HEAD_NODE = {"num_cpus": 0, "resources": {"node:__internal_head__": 0.001}}

@@ -6,12 +6,14 @@ keep running beside the tests.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 
@@ -76,3 +78,19 @@ def wait_for_log(settings, submission_id: str, text: str, timeout: float = 180) 
             return
         time.sleep(0.5)
     raise AssertionError(f"{text!r} not in the logs of {submission_id} after {timeout} s")
+
+
+def listeners_off_host(settings) -> dict[tuple[str, int], str]:
+    """Every TCP listener of the platform's processes (each service's whole session) that is not on
+    the configured host, with the process that holds it (read from /proc/net/tcp*)."""
+    from ray_apps.processes import ServiceRegistry, listening_sockets
+
+    allowed = {settings.host, f"::ffff:{settings.host}"}
+    off = {}
+    for service in ServiceRegistry(settings.state_dir).running().values():
+        for proc in service.processes():
+            for address in listening_sockets([proc.pid]):
+                if address[0] not in allowed:
+                    with contextlib.suppress(psutil.Error):
+                        off[address] = f"{service.name}: {proc.name()}"
+    return off

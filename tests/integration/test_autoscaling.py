@@ -23,7 +23,7 @@ from ray_apps.processes import wait_until
 from ray_apps.scheduler.api import Infeasible, Queue
 from ray_apps.scheduler.config import load_queue_config
 from ray_apps.scheduler.states import JobState
-from tests.integration.conftest import job_logs, write_platform
+from tests.integration.conftest import listeners_off_host, job_logs, write_platform
 
 pytestmark = pytest.mark.slow
 
@@ -108,6 +108,8 @@ def test_a_gpu_job_scales_the_gpu_group_from_zero_and_the_node_goes_when_idle(sc
     assert wait_until(lambda: state(scaling, job) is JobState.RUNNING, timeout=60), scaling.get(job)
     admitted_after = time.monotonic() - t0
     assert joined(scaling, "gpu") == 1
+    # A worker node started by Ray's autoscaler listens on the head's host too (raylet, agents, job workers).
+    assert listeners_off_host(scaling.settings) == {}
     assert wait_until(lambda: state(scaling, job) is JobState.SUCCEEDED, timeout=60), scaling.get(job)
     events = [e.message for e in scaling.store.events(job)]
     assert any("admitted" in m for m in events)

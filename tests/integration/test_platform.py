@@ -77,3 +77,18 @@ def test_eval_oppen_env_makes_ray_s_own_cli_work_in_a_fresh_shell(platform):
     assert f"mlflow={platform.tracking_uri}" in done.stdout
     # The exported address is this platform's own head: `oppen up/down` still treat it as local.
     assert platform.model_copy(update={"ray_address": platform.dashboard_url}).is_local
+
+
+def test_every_listener_is_on_the_configured_host_and_the_state_is_private(platform):
+    """Ray's GCS, raylet, agents, metrics, client server, Serve replicas (HTTP and their internal
+    gRPC), HAProxy, MLflow, the dispatcher and Prometheus: nothing listens beyond `host`. The data
+    dir (databases, conversations) and Ray's temp dir are readable by their owner only."""
+    from tests.integration.conftest import listeners_off_host
+
+    # Each Serve app answers, so every replica has opened its servers.
+    assert cluster.serve_healthy(platform)
+    assert listeners_off_host(platform) == {}
+    assert platform.data_dir.stat().st_mode & 0o777 == 0o700
+    assert cluster.ray_temp_dir(platform).parent.stat().st_mode & 0o777 == 0o700
+    for db in [platform.data_dir / "queue.db", platform.data_dir / "mlflow" / "mlflow.db"]:
+        assert db.stat().st_mode & 0o077 == 0, (db, oct(db.stat().st_mode))

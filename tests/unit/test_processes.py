@@ -1,3 +1,4 @@
+import os
 import socket
 import subprocess
 import sys
@@ -62,3 +63,28 @@ def test_a_running_service_is_known_by_its_start_ticks_not_the_wall_clock(tmp_pa
     finally:
         stop(svc, grace_s=5)
     assert not svc.alive()
+
+
+def test_listening_sockets_are_read_from_proc_with_their_addresses():
+    import socket
+
+    from ray_apps.processes import listening_sockets
+
+    with socket.socket() as loopback, socket.socket(socket.AF_INET6) as everywhere, socket.socket() as idle:
+        loopback.bind(("127.0.0.1", 0))
+        loopback.listen()
+        everywhere.bind(("::", 0))
+        everywhere.listen()
+        idle.bind(("127.0.0.1", 0))  # bound, not listening: not a listener
+        found = listening_sockets([os.getpid()])
+        assert ("127.0.0.1", loopback.getsockname()[1]) in found
+        assert ("::", everywhere.getsockname()[1]) in found
+        assert all(port != idle.getsockname()[1] for _, port in found)
+
+
+def test_private_dir_is_made_owner_only(tmp_path):
+    from ray_apps.processes import private_dir
+
+    (tmp_path / "data").mkdir(mode=0o755)
+    assert private_dir(tmp_path / "data").stat().st_mode & 0o777 == 0o700
+    assert private_dir(tmp_path / "new" / "deep").stat().st_mode & 0o777 == 0o700

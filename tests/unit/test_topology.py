@@ -74,6 +74,19 @@ def test_rendered_for_ray_s_fake_multi_node_autoscaler():
     assert "--num-cpus=0" in cluster.ray_head_command(Settings(), topology)
 
 
+def test_a_loopback_host_keeps_ray_s_nodes_on_loopback_and_a_wildcard_leaves_the_choice_to_ray():
+    topology = load_topology(DEFAULT)
+    local = Settings(host="127.0.0.1")
+    assert "--node-ip-address=127.0.0.1" in cluster.ray_head_command(local, topology)
+    # Ray's own processes then call this machine 127.0.0.1 instead of its outward address.
+    assert cluster._ray_env(local, topology)["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0"
+    config = autoscaler_config(topology, gcs_address="127.0.0.1:6379", node_ip_address="127.0.0.1")
+    assert config["provider"]["node_ip_address"] == "127.0.0.1"
+    public = Settings(host="0.0.0.0")
+    assert not any(c.startswith("--node-ip-address") for c in cluster.ray_head_command(public, topology))
+    assert "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in cluster._ray_env(public, topology)
+
+
 def test_single_head_topology_starts_no_autoscaler():
     topology = load_topology(PROJECT_ROOT / "configs" / "cluster.single-head.yaml")
     cmd = cluster.ray_head_command(Settings(), topology)
