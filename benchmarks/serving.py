@@ -70,15 +70,13 @@ def set_batching(settings, on: bool) -> None:
 
 
 def in_process(uri: str, version: str, images: np.ndarray) -> dict:
-    import mlflow.pytorch
     import torch
 
-    from ray_apps.serve.served_models import forward
+    from ray_apps.serve.served_models import forward, load_mnist_version
+    from trainers.registry import get_version
 
     torch.set_num_threads(1)  # as one replica
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    model = mlflow.pytorch.load_model(f"models:/mnist/{version}", map_location="cpu").eval()
+    model = load_mnist_version(uri, get_version(uri, "mnist", version))  # the replicas' own loader
     out = {}
     for per_call in (1, 8):
         forward(model, images[:per_call])  # warm-up

@@ -225,21 +225,24 @@ def fit(spec: LlmConfig, ctx: RunContext) -> int:
 
 
 def _log_model(spec: LlmConfig, ctx: RunContext, checkpoint, tokenizer) -> None:
-    """The trained weights and the tokenizer as one `from_pretrained` folder, artifact path `model`."""
+    """The trained weights (safetensors) and the tokenizer as one `from_pretrained` folder, plus the
+    platform's model JSON; artifact path `model`."""
     import mlflow
     import torch
 
     from trainers.llm_model import build_model
+    from trainers.registry import MODEL_DIR, write_model_files
 
     model, _ = build_model(spec.model, len(tokenizer), offline=True)  # the architecture; weights next
     with checkpoint.as_directory() as ckpt_dir:
         model.load_state_dict(torch.load(Path(ckpt_dir) / CHECKPOINT_FILE, weights_only=True)["model"])
     with tempfile.TemporaryDirectory() as tmp:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp)  # always safetensors in transformers 5: one model.safetensors up to 50 GB
         tokenizer.save_pretrained(tmp)
+        write_model_files(tmp, TRAINER, {"model": spec.model})
         mlflow.set_tracking_uri(ctx.uri)
         with mlflow.start_run(run_id=ctx.run_id):
-            mlflow.log_artifacts(tmp, artifact_path="model")
+            mlflow.log_artifacts(tmp, artifact_path=MODEL_DIR)
 
 
 def main(argv: list[str] | None = None) -> int:

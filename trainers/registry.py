@@ -5,12 +5,17 @@ Which version is served is also kept here, as the registered model's `oppen.serv
 ("alias:champion" or "version:3"; none: the `champion` alias, else the newest version). The
 serving replicas poll it, so `oppen models serve` and `oppen models promote` reach every replica
 wherever it runs, through the one store that already knows the versions.
+
+A version is stored as weights only, never a pickle: MLflow has no authentication, and a pickle
+registered by anyone who reaches it would run its code in the serving replica. The run's `model/`
+artifacts hold `model.safetensors` and `oppen_model.json` (trainer, format version, the catalog's
+architecture parameters); `check_model_files` is the gate the loaders pass first.
 """
 from __future__ import annotations
 
-import os
-from contextlib import contextmanager
+import json
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from trainers.specs import TRAINERS
@@ -18,6 +23,11 @@ from trainers.specs import TRAINERS
 SERVABLE = ("mnist", "llm")      # trainers whose runs log a model the serving app can load
 SERVE_TAG = "oppen.serve"
 DEFAULT_ALIAS = "champion"
+MODEL_DIR = "model"                  # a run's model: artifact path, and what a version's source names
+FORMAT_FILE = "oppen_model.json"
+WEIGHTS_FILE = "model.safetensors"
+FORMAT_VERSION = 1
+PICKLE_SUFFIXES = (".pkl", ".pickle", ".pt", ".pth", ".bin", ".ckpt", ".joblib")  # or MLmodel beside them
 
 
 class RegistryError(ValueError):
@@ -30,6 +40,10 @@ class RegistryError(ValueError):
 
 class ModelNotFound(RegistryError):
     pass
+
+
+class ModelRefused(RegistryError):
+    """A version the platform will not load: not stored in its weights-only format."""
 
 
 @dataclass
@@ -71,26 +85,6 @@ def _client(uri: str):
     return MlflowClient(uri, registry_uri=uri)
 
 
-@contextmanager
-def _global_uri(uri: str):
-    """mlflow.register_model reads the process-wide URIs: point them at `uri`, then put back what
-    was there, including "nothing" (MLflow's module state; None unsets it and its env variable)."""
-    import mlflow
-    from mlflow.tracking._model_registry import utils as registry_utils
-    from mlflow.tracking._tracking_service import utils as tracking_utils
-
-    before = tracking_utils._tracking_uri, registry_utils._registry_uri
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(before[0])
-        mlflow.set_registry_uri(before[1])
-        if before[1] is None:  # set_registry_uri(None) leaves its variable behind
-            os.environ.pop("MLFLOW_REGISTRY_URI", None)
-
-
 def _check_name(name: str) -> None:
     if name not in SERVABLE:
         raise ModelNotFound(f"no model {name!r}; the registry holds one per trainer: {', '.join(SERVABLE)}", "name")
@@ -105,7 +99,6 @@ def _version(mv, aliases: list[str] | None = None) -> ModelVersion:
 def register_run(uri: str, run_id: str) -> ModelVersion:
     """Register the model a finished run logged (artifact path `model`) as a new version of its
     trainer's registered model; a run already registered returns its existing version."""
-    import mlflow
     from mlflow.exceptions import MlflowException
 
     client = _client(uri)
@@ -136,13 +129,11 @@ def register_run(uri: str, run_id: str) -> ModelVersion:
     except MlflowException:
         client.create_registered_model(trainer, description=f"Oppen's {trainer} trainer: a version per run",
                                        tags={"trainer": trainer})
-    if trainer == "mnist":
-        # An MLflow pytorch model: registering through runs:/ links the version to its logged model.
-        with _global_uri(uri):
-            mv = mlflow.register_model(f"runs:/{run_id}/model", trainer, tags=tags)
-    else:
-        # A `from_pretrained` folder logged as plain artifacts: its location is the version's source.
-        mv = client.create_model_version(trainer, source=f"{run.info.artifact_uri}/model", run_id=run_id, tags=tags)
+    check_model_files([Path(f.path).name for f in client.list_artifacts(run_id, MODEL_DIR)], trainer,
+                      f"run {run_id}")
+    # Plain artifacts, not an MLflow flavour: their location is the version's source.
+    mv = client.create_model_version(trainer, source=f"{run.info.artifact_uri}/{MODEL_DIR}", run_id=run_id,
+                                     tags=tags)
     return _version(client.get_model_version(trainer, mv.version))
 
 
@@ -187,6 +178,7 @@ def promote(uri: str, name: str, version: str, alias: str = DEFAULT_ALIAS) -> Mo
         raise RegistryError(f"alias must be a name of letters, digits, '-' or '_' (not a number), got {alias!r}",
                             "alias")
     mv = get_version(uri, name, version)
+    check_stored_version(uri, mv)
     _client(uri).set_registered_model_alias(name, alias, mv.version)
     return get_version(uri, name, version)
 
@@ -194,6 +186,7 @@ def promote(uri: str, name: str, version: str, alias: str = DEFAULT_ALIAS) -> Mo
 def set_serving(uri: str, name: str, selector: Selector) -> ModelVersion:
     """Choose what the serving replicas load for `name`; checked against the registry first."""
     resolved = resolve(uri, name, selector)
+    check_stored_version(uri, resolved)
     _client(uri).set_registered_model_tag(name, SERVE_TAG, str(selector))
     return resolved
 
@@ -237,3 +230,57 @@ def _exists(client, name: str) -> bool:
         return True
     except MlflowException:
         return False
+
+
+def write_model_files(folder: str | Path, trainer: str, architecture: dict[str, Any], state_dict=None) -> None:
+    """The platform's stored form of a model, into `folder`: the weights as safetensors (unless the
+    caller wrote them, as `save_pretrained` does) and the JSON a loader rebuilds the architecture from."""
+    folder = Path(folder)
+    if state_dict is not None:
+        from safetensors.torch import save_file
+
+        save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, folder / WEIGHTS_FILE)
+    (folder / FORMAT_FILE).write_text(json.dumps(
+        {"trainer": trainer, "format_version": FORMAT_VERSION, "weights": WEIGHTS_FILE, "architecture": architecture},
+        indent=1))
+
+
+def check_model_files(files: list[str], trainer: str, what: str) -> None:
+    """Refuse (ModelRefused, saying why and what to do) unless `files`, the paths in a version's model
+    folder, are the platform's weights-only format with nothing pickled beside it."""
+    fix = (f"the platform stores and serves only weights ({WEIGHTS_FILE} + {FORMAT_FILE}) and never "
+           f"unpickles. To fix: retrain with `oppen train {trainer}`, or re-log the weights with "
+           f"trainers.registry.write_model_files and register that run")
+    pickled = sorted(f for f in files if Path(f).name == "MLmodel" or f.endswith(PICKLE_SUFFIXES))
+    if pickled:
+        raise ModelRefused(f"{what} of {trainer} is stored as a pickle ({', '.join(pickled)}); {fix}", "version")
+    missing = [f for f in (FORMAT_FILE, WEIGHTS_FILE) if f not in files]
+    if missing:
+        raise ModelRefused(f"{what} of {trainer} has no {' or '.join(missing)} "
+                           f"(it holds: {', '.join(sorted(files)) or 'nothing'}); {fix}", "version")
+
+
+def check_stored_version(uri: str, mv: ModelVersion) -> None:
+    """Refuse to point the serving at a version the replicas would refuse (they check again: anyone
+    who reaches MLflow can move a tag or an alias)."""
+    import mlflow
+
+    source = _client(uri).get_model_version_download_uri(mv.name, mv.version)
+    files = mlflow.artifacts.list_artifacts(artifact_uri=source, tracking_uri=uri)
+    check_model_files([Path(f.path).name for f in files], mv.name, f"version {mv.version}")
+
+
+def read_model_files(folder: str | Path, trainer: str, what: str) -> dict[str, Any]:
+    """The checked contents of `oppen_model.json` in a downloaded model folder."""
+    folder = Path(folder)
+    check_model_files([p.relative_to(folder).as_posix() for p in folder.rglob("*")], trainer, what)
+    try:
+        meta = json.loads((folder / FORMAT_FILE).read_text())
+    except ValueError as exc:
+        raise ModelRefused(f"{what} of {trainer}: {FORMAT_FILE} is not valid JSON ({exc})", "version") from None
+    if not isinstance(meta, dict) or meta.get("trainer") != trainer or meta.get("format_version") != FORMAT_VERSION \
+            or meta.get("weights") != WEIGHTS_FILE or not isinstance(meta.get("architecture"), dict):
+        raise ModelRefused(f"{what} of {trainer}: {FORMAT_FILE} must name trainer {trainer!r}, format_version "
+                           f"{FORMAT_VERSION}, weights {WEIGHTS_FILE!r} and an architecture; it holds "
+                           f"{json.dumps(meta)[:300]}", "version")
+    return meta

@@ -89,10 +89,13 @@ def _png(i: int, text: str) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(io.BytesIO(base64.b64decode(text, validate=True))) as img:
+        # PNG only (by its signature), and the size read from the header before any pixel is decoded.
+        with Image.open(io.BytesIO(base64.b64decode(text, validate=True)), formats=["PNG"]) as img:
             if img.size != (28, 28):
                 raise problem(422, f"png_base64[{i}]", f"image {i} is {img.size[0]}x{img.size[1]}; expected 28x28")
             return np.asarray(img.convert("L"), dtype=np.uint8)
+    except Image.DecompressionBombError:  # raised by open itself for a huge header size
+        raise problem(422, f"png_base64[{i}]", f"image {i} is far larger than 28x28") from None
     except (binascii.Error, ValueError, UnidentifiedImageError, OSError):
         raise problem(422, f"png_base64[{i}]", f"image {i} is not a base64-encoded PNG") from None
 

@@ -5,13 +5,18 @@ when the selector (the `oppen.serve` tag, or the alias it names) points elsewher
 version beside the old one and swaps a single reference. Requests in flight finish on the old
 model, later ones use the new, none fails, and every answer names the version that produced it.
 
+A version is loaded from weights only (trainers.registry's format): one stored any other way, a
+pickle above all, is refused without being read, and the replica says why in its status and answers.
+
 Results cross the handle as plain dicts; a refusal is {"error": {"status", "field", "reason"}}.
 """
 from __future__ import annotations
 
 import logging
+import tempfile
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,7 +24,16 @@ from ray import serve
 
 from ray_apps.config import load_settings
 from ray_apps.serve.http_common import ON_HEAD_NODE
-from trainers.registry import ModelNotFound, ModelVersion, Selector, resolve, serving_selector
+from trainers.registry import (
+    WEIGHTS_FILE,
+    ModelNotFound,
+    ModelRefused,
+    ModelVersion,
+    Selector,
+    read_model_files,
+    resolve,
+    serving_selector,
+)
 
 log = logging.getLogger("oppen.models")
 
@@ -44,6 +58,7 @@ class ServedModel:
         self.current: tuple[ModelVersion, Any] | None = None   # swapped as one reference
         self.selector = Selector()
         self.problem: str | None = None      # why nothing (or not the chosen version) is loaded
+        self.refused: str | None = None      # a version refused once is not downloaded again
         self.loads = 0
         try:
             self._refresh()  # serve from the first request when a version exists
@@ -71,8 +86,15 @@ class ServedModel:
             self.problem = str(exc)
             return
         if self.current is None or self.current[0].version != mv.version:
+            if self.refused == mv.version:
+                return  # self.problem still says why
             started = time.perf_counter()
-            model = self._load(mv)
+            try:
+                model = self._load(mv)
+            except ModelRefused as exc:  # keep serving what is loaded, if anything
+                self.refused, self.problem = mv.version, str(exc)
+                log.warning("%s: %s", self.name, exc)
+                return
             self.current = (mv, model)
             self.loads += 1
             log.info("%s: serving version %s (%s), loaded in %.2f s", self.name, mv.version, self.selector,
@@ -112,10 +134,7 @@ class MnistModel(ServedModel):
         super().__init__()
 
     def _load(self, mv: ModelVersion) -> Any:
-        import mlflow.pytorch
-
-        model = mlflow.pytorch.load_model(f"models:/{mv.name}/{mv.version}", map_location="cpu")
-        return model.eval()
+        return load_mnist_version(self.uri, mv)
 
     def reconfigure(self, config: dict) -> None:
         super().reconfigure(config)
@@ -147,6 +166,57 @@ class MnistModel(ServedModel):
         return [(mv, p) for p in np.split(probs, bounds)]
 
 
+def download(uri: str, mv: ModelVersion, dst: str) -> Path:
+    """The version's model folder as plain files under `dst`; nothing in it is read here."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    source = MlflowClient(uri, registry_uri=uri).get_model_version_download_uri(mv.name, mv.version)
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=dst, tracking_uri=uri))
+
+
+def load_mnist_version(uri: str, mv: ModelVersion):
+    """MnistCNN at the stored width with the stored weights (safetensors), or ModelRefused."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from trainers.mnist_model import MnistCNN
+    from trainers.specs import MnistConfig, SpecError
+
+    what = f"version {mv.version}"
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = download(uri, mv, tmp)
+        width = read_model_files(folder, "mnist", what)["architecture"].get("width")
+        try:
+            MnistConfig(width=width)  # the trainer's own bounds: a huge width is a memory bomb
+            model = MnistCNN(width)
+            model.load_state_dict(load_file(folder / WEIGHTS_FILE))
+        except (SpecError, TypeError, RuntimeError, SafetensorError) as exc:
+            raise ModelRefused(f"{what} of mnist: its weights do not load into MnistCNN(width={width!r}): "
+                               f"{str(exc)[:300]}", "version") from None
+    return model.eval()
+
+
+def load_llm_version(uri: str, mv: ModelVersion):
+    """(GPT-2 model, tokenizer) from safetensors and JSON files only; the architecture must be the
+    catalog's preset the version names; or ModelRefused."""
+    from transformers import GPT2Config, GPT2LMHeadModel, GPT2Tokenizer
+
+    from trainers.llm_model import PRESETS
+
+    what = f"version {mv.version}"
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = download(uri, mv, tmp)
+        name = read_model_files(folder, "llm", what)["architecture"].get("model")
+        config = GPT2Config.from_pretrained(folder)  # JSON
+        preset = PRESETS.get(name) if isinstance(name, str) else None
+        if preset is None or any(getattr(config, k, None) != v for k, v in preset.items()):
+            raise ModelRefused(f"{what} of llm: its architecture ({name!r}, config.json) is not one of the "
+                               f"catalog's presets ({', '.join(PRESETS)})", "version")
+        model = GPT2LMHeadModel.from_pretrained(folder, config=config, use_safetensors=True)
+        return model.eval(), GPT2Tokenizer.from_pretrained(folder)
+
+
 def forward(model, images: np.ndarray) -> np.ndarray:
     """The trainer's own preprocessing (trainers.mnist_model.to_tensors), then softmax."""
     import torch
@@ -165,13 +235,10 @@ class LlmModel(ServedModel):
     name = "llm"
 
     def _load(self, mv: ModelVersion) -> Any:
-        import mlflow
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
 
         torch.set_num_threads(1)
-        folder = mlflow.artifacts.download_artifacts(artifact_uri=mv.source)
-        return AutoModelForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
+        return load_llm_version(self.uri, mv)
 
     def generate(self, prompt: str, max_new_tokens: int, temperature: float, seed: int | None) -> dict:
         import torch
@@ -195,4 +262,4 @@ class LlmModel(ServedModel):
         new = out[0, ids["input_ids"].shape[1]:]
         return {"model": self.name, "version": mv.version, "run_id": mv.run_id,
                 "text": tokenizer.decode(new, skip_special_tokens=True),
-                "prompt_tokens": int(ids["input_ids"].shape[1]), "new_tokens": int(len(new))}
+                "prompt_tokens": int(ids["input_ids"].shape[1]), "new_tokens": len(new)}

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import re
 
-import mlflow
 import psutil
 import pytest
 import torch
@@ -14,11 +13,13 @@ from ray.job_submission import JobSubmissionClient
 
 from ray_apps import cluster, processes
 from ray_apps.config import PROJECT_ROOT
+from ray_apps.serve.served_models import load_mnist_version
 from ray_apps.training import WORKING_DIR_EXCLUDES, follow, submit_training
 from tests.integration.conftest import job_logs, wait_for_log
 from trainers.data import load_mnist
 from trainers.mnist_model import to_tensors
 from trainers.pricing import load_catalog
+from trainers.registry import get_version
 
 pytestmark = pytest.mark.slow
 # Big enough to learn (> 0.8 after 2 epochs), small enough that start-up dominates.
@@ -89,9 +90,9 @@ def test_mnist_job_life_worker_killed_everything_logged_then_resumed_by_plain_ra
     assert metric_steps(client, sub.mlflow_run_id, "cost_gpu_usd")[3] == 0
     assert outcome.result["cost_usd"] == pytest.approx(cost[3])
 
-    # The logged model loads back over HTTP and scores what training reported.
-    mlflow.set_tracking_uri(platform.tracking_uri)
-    model = mlflow.pytorch.load_model(f"runs:/{sub.mlflow_run_id}/model")
+    # The registered weights load back over HTTP, as a Serve replica loads them, and score what
+    # training reported.
+    model = load_mnist_version(platform.tracking_uri, get_version(platform.tracking_uri, "mnist", version.version))
     data = load_mnist(platform.data_dir)
     n = SMALL["test_samples"]
     x, y = to_tensors(data.test_images[:n], data.test_labels[:n])

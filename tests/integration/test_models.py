@@ -3,26 +3,32 @@ register themselves, Ray Serve serves them over real HTTP, an alias move rolls t
 
 The LLM version is a tiny random GPT-2 logged like the trainer logs its model (no training: the
 serving path is under test here; test_llm_and_tune covers training, and the registration code is
-the same `driver.finish` for both trainers).
+the same `driver.finish` for both trainers). A pickled version is refused by the platform and by the
+replica, and never unpickled.
 """
 from __future__ import annotations
 
 import base64
 import io
+import os
+import shlex
 import tempfile
 import threading
 import time
 
-import mlflow
+import mlflow.pytorch
 import numpy as np
 import pytest
 import requests
+import torch
 from mlflow.tracking import MlflowClient
+from PIL import Image
 
 from ray_apps.cluster import serve_url
+from ray_apps.serve.served_models import load_mnist_version
 from ray_apps.training import follow, submit_training
 from trainers.data import load_mnist
-from trainers.registry import list_models, promote, register_run, resolve
+from trainers.registry import get_version, list_models, promote, register_run, resolve, write_model_files
 
 pytestmark = pytest.mark.slow
 A = {"Authorization": "Bearer token-a"}
@@ -54,12 +60,22 @@ def mnist_versions(platform):
     return [(previous["version"], previous["run_id"]), (newest["version"], newest["run_id"])]
 
 
+def png(image: Image.Image, fmt: str = "PNG") -> str:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def mnist_replica(models_url: str) -> dict:
+    return next(m for m in requests.get(models_url, timeout=30).json() if m["name"] == "mnist")["replica"]
+
+
 def serve_and_wait(models_url: str, body: dict, version: str, timeout: float = 60) -> None:
     resp = requests.post(f"{models_url}/mnist/serve", json=body, headers=A, timeout=30)
     assert resp.status_code == 200, resp.text
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        replica = next(m for m in requests.get(models_url, timeout=30).json() if m["name"] == "mnist")["replica"]
+        replica = mnist_replica(models_url)
         if replica["version"] == version:
             return
         time.sleep(0.5)
@@ -88,27 +104,16 @@ def test_served_predictions_equal_the_same_model_in_process(platform, models_url
     body = resp.json()
     assert body["version"] == version and len(body["predictions"]) == 20
 
-    from PIL import Image
-
-    def png(image):
-        buf = io.BytesIO()
-        Image.fromarray(image).save(buf, format="PNG")
-        return base64.b64encode(buf.getvalue()).decode()
-
-    resp_png = requests.post(f"{models_url}/mnist/predict", json={"png_base64": [png(i) for i in test_images[20:]]},
+    resp_png = requests.post(f"{models_url}/mnist/predict",
+                             json={"png_base64": [png(Image.fromarray(i)) for i in test_images[20:]]},
                              headers=A, timeout=60)
     assert resp_png.status_code == 200, resp_png.text
     served = np.array([p["probabilities"] for p in body["predictions"] + resp_png.json()["predictions"]])
 
-    import torch
-
     from trainers.mnist_model import to_tensors
 
     # The same registered version, loaded here (no process-wide MLflow state is set by this test).
-    client = MlflowClient(platform.tracking_uri, registry_uri=platform.tracking_uri)
-    folder = mlflow.artifacts.download_artifacts(artifact_uri=client.get_model_version_download_uri("mnist", version),
-                                                 tracking_uri=platform.tracking_uri)
-    model = mlflow.pytorch.load_model(folder, map_location="cpu").eval()
+    model = load_mnist_version(platform.tracking_uri, get_version(platform.tracking_uri, "mnist", version))
     with torch.inference_mode():
         local = torch.softmax(model(to_tensors(test_images, np.zeros(24, dtype=np.int64))[0]), dim=1).numpy()
     np.testing.assert_allclose(served, local, atol=2e-6)  # the response rounds to 6 decimals
@@ -152,6 +157,49 @@ def test_an_alias_move_rolls_over_with_zero_failed_requests(platform, models_url
     print(f"alias move under load: {len(seen)} requests, 0 failed, {seen.count(v1)} on v{v1}, {seen.count(v2)} on v{v2}")
 
 
+class Payload(torch.nn.Module):
+    """A 'model' whose unpickling runs a shell command: creates `marker`."""
+
+    def __init__(self, marker):
+        super().__init__()
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.system, (f"touch {shlex.quote(self.marker)}",)
+
+
+def test_a_pickled_version_is_refused_and_never_unpickled(platform, models_url, mnist_versions, tmp_path):
+    _, (good, _) = mnist_versions
+    uri = platform.tracking_uri
+    serve_and_wait(models_url, {"version": good}, good)
+    marker = tmp_path / "unpickled"
+    client = MlflowClient(uri, registry_uri=uri)
+    run = client.create_run(client.get_experiment_by_name("mnist").experiment_id, tags={"oppen.trainer": "mnist"})
+    with tempfile.TemporaryDirectory() as tmp:  # an MLflow pytorch model as the platform logged it before
+        mlflow.pytorch.save_model(Payload(marker), f"{tmp}/model", serialization_format="pickle",
+                                  pip_requirements=["torch"])
+        client.log_artifacts(run.info.run_id, f"{tmp}/model", artifact_path="model")
+    bad = client.create_model_version("mnist", source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id).version
+
+    resp = requests.post(f"{models_url}/mnist/serve", json={"version": bad}, headers=A, timeout=30)
+    assert resp.status_code == 422, resp.text
+    assert f"version {bad} of mnist is stored as a pickle (MLmodel" in resp.json()["detail"]["reason"]
+    # Whoever reaches MLflow can set the serving tag directly: the replica refuses the version itself.
+    client.set_registered_model_tag("mnist", "oppen.serve", f"version:{bad}")
+    try:
+        deadline = time.monotonic() + 60
+        while "stored as a pickle" not in (mnist_replica(models_url)["problem"] or "") and time.monotonic() < deadline:
+            time.sleep(0.5)
+        replica = mnist_replica(models_url)
+        assert replica["version"] == good and f"version {bad} of mnist is stored as a pickle" in replica["problem"]
+        image = load_mnist(platform.data_dir).test_images[:1].tolist()
+        served = requests.post(f"{models_url}/mnist/predict", json={"images": image}, headers=A, timeout=30)
+        assert served.status_code == 200 and served.json()["version"] == good  # still the version it had
+    finally:
+        client.set_registered_model_tag("mnist", "oppen.serve", f"version:{good}")
+    assert not marker.exists()
+
+
 def test_llm_generate_serves_the_registered_version(platform, models_url):
     from trainers.llm_model import build_model
     from trainers.tokenizer import load_gpt2_tokenizer
@@ -165,6 +213,7 @@ def test_llm_generate_serves_the_registered_version(platform, models_url):
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        write_model_files(tmp, "llm", {"model": "tiny"})
         client.log_artifacts(run.info.run_id, tmp, artifact_path="model")
     client.log_metric(run.info.run_id, "eval_loss", 10.5)
     client.set_terminated(run.info.run_id, status="FINISHED")
@@ -189,6 +238,8 @@ def test_llm_generate_serves_the_registered_version(platform, models_url):
     ("mnist/predict", {"images": [[[0] * 28] * 28] * 257}, 413, "at most 256"),
     ("mnist/predict", {"images": []}, 422, "no images"),
     ("mnist/predict", {"png_base64": ["not-a-png"]}, 422, "not a base64-encoded PNG"),
+    ("mnist/predict", {"png_base64": [png(Image.new("L", (28, 28)), "BMP")]}, 422, "not a base64-encoded PNG"),
+    ("mnist/predict", {"png_base64": [png(Image.new("1", (20_000, 20_000)))]}, 422, "far larger than 28x28"),
     ("mnist/predict", {}, 422, "exactly one of"),
     ("llm/generate", {"prompt": ""}, 422, "prompt"),
     ("llm/generate", {"prompt": "hi", "max_new_tokens": 0}, 422, "max_new_tokens"),

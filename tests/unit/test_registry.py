@@ -2,16 +2,26 @@
 the default choice (champion, else newest), aliases, the served-version tag, and the agent's
 list_models / deploy_model tools on top."""
 import os
+import tempfile
 
 import mlflow
-import numpy as np
 import pytest
 
 from ray_apps.agent.tools import PlatformTools, ToolError
 from ray_apps.config import Settings
 from trainers.mnist_model import MnistCNN
-from trainers.registry import (ModelNotFound, RegistryError, Selector, list_models, promote, register_run, resolve,
-                               serving_selector, set_serving)
+from trainers.registry import (
+    ModelNotFound,
+    RegistryError,
+    Selector,
+    list_models,
+    promote,
+    register_run,
+    resolve,
+    serving_selector,
+    set_serving,
+    write_model_files,
+)
 
 
 @pytest.fixture
@@ -23,6 +33,15 @@ def uri(tmp_path, monkeypatch):
     mlflow.set_tracking_uri(None)
     mlflow.set_registry_uri(None)
     os.environ.pop("MLFLOW_REGISTRY_URI", None)
+
+
+def log_mnist_model(width: int = 4) -> MnistCNN:
+    """Into the active run, as trainers.mnist logs it: weights and their JSON under `model/`."""
+    model = MnistCNN(width).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        write_model_files(tmp, "mnist", {"width": width}, model.state_dict())
+        mlflow.log_artifacts(tmp, artifact_path="model")
+    return model
 
 
 def mnist_run(uri, accuracy: float, status: str = "FINISHED") -> str:
@@ -37,8 +56,7 @@ def mnist_run(uri, accuracy: float, status: str = "FINISHED") -> str:
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment(experiment_id=exp.experiment_id)  # the process may hold another active experiment
     with mlflow.start_run(run_id=run.info.run_id):
-        mlflow.pytorch.log_model(MnistCNN(4).eval(), name="model", pip_requirements=["torch"],
-                                 input_example=np.zeros((1, 1, 28, 28), dtype=np.float32))
+        log_mnist_model()
         mlflow.log_metrics({"test_accuracy": accuracy, "cost_usd": 0.0012})
     if status != "FINISHED":
         client.set_terminated(run.info.run_id, status=status)
@@ -70,8 +88,7 @@ def test_a_run_finished_again_after_a_resume_gets_a_new_version(uri):
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment(experiment_id=client.get_run(run_id).info.experiment_id)
     with mlflow.start_run(run_id=run_id):           # ...a new model and metric, finished again
-        mlflow.pytorch.log_model(MnistCNN(4).eval(), name="model", pip_requirements=["torch"],
-                                 input_example=np.zeros((1, 1, 28, 28), dtype=np.float32))
+        log_mnist_model()
         mlflow.log_metric("test_accuracy", 0.97)
     second = register_run(uri, run_id)
     assert (first.version, second.version) == ("1", "2") and second.tags["test_accuracy"] == "0.97"
