@@ -80,6 +80,8 @@ class AgentSettings(BaseModel):
     llm_model: str | None = None
     llm_api_key_env: str = "OPENAI_API_KEY"   # the variable holding the key, never the key itself
     max_message_chars: int = Field(4000, ge=100, le=100_000)
+    # Checkpoints a conversation keeps on disk (the newest holds its whole state; older ones only history).
+    checkpoints_per_thread: int = Field(20, ge=1, le=10_000)
 
 
 class PrometheusSettings(BaseModel):

@@ -9,7 +9,9 @@ runs the tool calls through `PlatformTools.call` (schema-checked, catalogued
 trainers only, as the caller's tenant); `respond` words the router's results.
 Threads persist in a SQLite checkpointer in the data dir, with a small context
 (the job and run of the last turn, a question awaiting its answer), so "and what
-did it cost?" refers to the job just discussed.
+did it cost?" refers to the job just discussed. The file stays bounded: after each
+turn a thread keeps only its newest checkpoints (the latest holds the whole state:
+messages, context), and past MAX_THREADS the least recently used threads are dropped.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from ray_apps.agent.tools import PlatformTools, ToolError
 MAX_MODEL_ROUNDS = 4
 HISTORY_FOR_MODEL = 20  # messages of the thread a model sees
 KEEP_MESSAGES = 60      # a thread keeps its last messages: each turn's checkpoint must not grow forever
+MAX_THREADS = 1000      # threads kept in the SQLite file; the least recently used go first
 SYSTEM = ("You operate Oppen, an ML training platform on Ray. Use the tools to act; never invent job ids, "
           "costs or metrics. Trainers: mnist, llm. Answer briefly with the figures the tools returned.")
 
@@ -43,6 +46,7 @@ class AgentState(TypedDict, total=False):
     context: dict[str, Any]
     calls: list[dict]
     rounds: int
+    note: str  # the router's remark on this turn's message (it was cut), said with the answer
 
 
 @dataclass
@@ -65,11 +69,15 @@ def _remember(context: dict, result: Any) -> dict:
 
 
 class Agent:
-    def __init__(self, tools: PlatformTools, *, model: ChatModel | None = None, db_path: Path | None = None):
+    def __init__(self, tools: PlatformTools, *, model: ChatModel | None = None, db_path: Path | None = None,
+                 checkpoints_per_thread: int = 20, max_threads: int = MAX_THREADS):
         self.tools = tools
         self.model = model
         self.router = Router()
         self._local = threading.local()
+        self.checkpoints_per_thread = max(1, checkpoints_per_thread)  # the newest holds the thread's state
+        self.max_threads = max(1, max_threads)
+        self._on_disk = db_path is not None
         if db_path is not None:
             from langgraph.checkpoint.sqlite import SqliteSaver
 
@@ -106,13 +114,14 @@ class Agent:
         if decision.kind == "call":
             context.pop("pending", None)
             call = {"name": decision.tool, "args": decision.args, "id": uuid.uuid4().hex}
-            return {"messages": [AIMessage("", tool_calls=[call])], "context": context}
+            return {"messages": [AIMessage("", tool_calls=[call])], "context": context, "note": decision.note or ""}
         if decision.kind == "ask":
             context["pending"] = {"tool": decision.tool, "args": decision.args, "missing": decision.missing,
                                   "question": decision.text}
         else:
             context.pop("pending", None)
-        return {"messages": [AIMessage(decision.text)], "context": context}
+        text = f"{decision.text} {decision.note}" if decision.note else decision.text
+        return {"messages": [AIMessage(text)], "context": context}
 
     def _act(self, state: AgentState, config) -> dict:
         tenant = config["configurable"].get("tenant")
@@ -140,6 +149,8 @@ class Agent:
                 lines.append(f"I couldn't do that: {record['error']}")
             else:
                 lines.append(answer(record["name"], record["result"]))
+        if state.get("note"):
+            lines.append(state["note"])
         return {"messages": [AIMessage(" ".join(lines))]}
 
     # ------------------------------------------------------------------ wiring
@@ -169,12 +180,41 @@ class Agent:
         config = {"configurable": {"thread_id": thread_id, "tenant": tenant}}
         # One checkpoint per turn, written at its end: a turn cut short by a crash is asked again;
         # what its tools did is already in the queue store.
-        state = self.graph.invoke({"messages": [HumanMessage(message)], "calls": [], "rounds": 0}, config,
-                                  durability="exit")
+        state = self.graph.invoke({"messages": [HumanMessage(message)], "calls": [], "rounds": 0, "note": ""},
+                                  config, durability="exit")
+        self._prune(thread_id)
         last = state["messages"][-1]
         text = last.content if isinstance(last, AIMessage) and last.content else \
             "I ran out of steps before I could answer."
         return Reply(answer=text, tool_calls=state.get("calls") or [], thread_id=thread_id)
+
+    def _prune(self, thread_id: str) -> None:
+        """Keep the thread's newest checkpoints and the most recently used threads; drop the rest.
+
+        Each SqliteSaver checkpoint holds every channel's full value (this graph has no delta
+        channels), so the newest alone restores the thread: older ones only serve time travel,
+        which the agent does not offer. SqliteSaver has no prune of its own (only delete_thread),
+        hence the SQL on its tables, under its lock. Checkpoint ids are uuid6, ordered by time.
+        """
+        if not self._on_disk:
+            return  # the in-memory saver (no data dir) lives and dies with the process
+        with self.checkpointer.cursor() as cur:
+            cur.execute(
+                "DELETE FROM checkpoints WHERE thread_id = ? AND checkpoint_id NOT IN ("
+                " SELECT c.checkpoint_id FROM checkpoints AS c WHERE c.thread_id = checkpoints.thread_id"
+                " AND c.checkpoint_ns = checkpoints.checkpoint_ns ORDER BY c.checkpoint_id DESC LIMIT ?)",
+                (thread_id, self.checkpoints_per_thread))
+            cur.execute(
+                "DELETE FROM writes WHERE thread_id = ? AND NOT EXISTS (SELECT 1 FROM checkpoints AS c"
+                " WHERE c.thread_id = writes.thread_id AND c.checkpoint_ns = writes.checkpoint_ns"
+                " AND c.checkpoint_id = writes.checkpoint_id)", (thread_id,))
+            excess = cur.execute("SELECT COUNT(DISTINCT thread_id) FROM checkpoints").fetchone()[0] - self.max_threads
+            if excess > 0:
+                old = [row[0] for row in cur.execute(
+                    "SELECT thread_id FROM checkpoints GROUP BY thread_id ORDER BY MAX(checkpoint_id) LIMIT ?",
+                    (excess,))]
+                cur.executemany("DELETE FROM checkpoints WHERE thread_id = ?", [(t,) for t in old])
+                cur.executemany("DELETE FROM writes WHERE thread_id = ?", [(t,) for t in old])
 
 
 def agent_from_settings(settings, model: ChatModel | None = None) -> Agent:
@@ -184,4 +224,5 @@ def agent_from_settings(settings, model: ChatModel | None = None) -> Agent:
 
         model = OpenAICompatibleChat(settings.agent.llm_base_url, settings.agent.llm_model,
                                      settings.agent.llm_api_key_env)
-    return Agent(PlatformTools(settings), model=model, db_path=settings.data_dir / "agent" / "threads.db")
+    return Agent(PlatformTools(settings), model=model, db_path=settings.data_dir / "agent" / "threads.db",
+                 checkpoints_per_thread=settings.agent.checkpoints_per_thread)

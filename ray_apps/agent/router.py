@@ -6,11 +6,18 @@ values people give (trainer, epochs, learning rate, GPUs, priority, job ids,
 amounts, periods) and picks the tool by the words that signal each intent, most
 specific first. When a required value is missing it asks one short question and
 remembers what it was doing; when nothing matches it says what it can do.
+
+Its work is bounded by construction: it reads at most MAX_SCAN_CHARS of a message,
+every pattern runs in time linear in the text (numbers start only at the start of a
+digit run and never backtrack; no `.*` between words), and every number it passes on
+is finite and in range, else it says which value and what range it takes.
 """
 
 from __future__ import annotations
 
 import difflib
+import functools
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,7 +28,11 @@ CAPABILITIES = ("start or queue training (mnist, llm), job status and the queue,
 
 JOB_ID = re.compile(r"\b(?:mnist|llm|probe|tune-(?:mnist|llm))-\d{8}-\d{6}-[0-9a-f]{6}(?:-r\d+)?\b")
 RUN_ID = re.compile(r"\b[0-9a-f]{32}\b")
-NUMBER = r"(\d+(?:\.\d+)?(?:e-?\d+)?)"
+# A number starts where a digit run starts (a sign only where a word does not end) and its parts
+# are possessive: a run of digits is tried once, not once per position and split.
+NUMBER = r"((?:(?<![\w.-])-)?+(?<![\d.])\d++(?:\.\d++)?+(?:e-?\d++)?+)"
+MAX_SCAN_CHARS = 1000  # a request is a sentence or two; the HTTP layer admits up to agent.max_message_chars
+MAX_TYPO_LEN = 20      # longer than any vocabulary word: never a typo of one
 WORDS = {"one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6", "seven": "7", "eight": "8",
          "nine": "9", "ten": "10", "twelve": "12", "twenty": "20", "a couple of": "2", "a single": "1"}
 VOCAB = sorted(set("""train training trainer run runs running start launch kick queue queued schedule submit status
@@ -35,6 +46,27 @@ deploy registered registry version versions champion promote
 TRAINER_WORDS = {"mnist": "mnist", "digits": "mnist", "digit": "mnist", "cnn": "mnist", "llm": "llm", "gpt": "llm",
                  "gpt2": "llm", "distilgpt2": "llm", "language": "llm", "wikitext": "llm", "lm": "llm"}
 REF_WORDS = re.compile(r"\b(it|that|this|the same|that job|this job|that run|the job|the run)\b")
+# What each number may be, as the tools take it: (lowest, highest, whole number, lowest excluded).
+# Trainer fields follow trainers/specs.py where it bounds them; unbounded ones get a generous cap
+# so a typed 1e20 is refused here rather than queued.
+LIMITS: dict[str, tuple[float, float, bool, bool]] = {
+    "epochs": (1, 100_000, True, False),
+    "lr": (0, 10, False, True),
+    "batch_size": (1, 1_000_000, True, False),
+    "max_steps": (1, 100_000_000, True, False),
+    "train_samples": (1, 100_000_000, True, False),
+    "width": (1, 512, True, False),
+    "num_workers": (1, 1024, True, False),
+    "cpus_per_worker": (1, 512, False, False),
+    "gpus_per_worker": (0, 64, False, False),
+    "num_samples": (1, 64, True, False),
+    "budget_usd": (0, 1_000_000, False, True),
+}
+LABELS = {"epochs": "The number of epochs", "lr": "The learning rate", "batch_size": "The batch size",
+          "max_steps": "The number of steps", "train_samples": "The number of training samples",
+          "width": "The width", "num_workers": "The number of workers", "cpus_per_worker": "CPUs per worker",
+          "gpus_per_worker": "GPUs per worker", "num_samples": "The number of trials",
+          "budget_usd": "A budget in USD"}
 
 
 @dataclass
@@ -44,6 +76,7 @@ class Decision:
     args: dict[str, Any] = field(default_factory=dict)
     text: str | None = None            # the question, or what I can do
     missing: str | None = None         # for "ask": the value still needed
+    note: str | None = None            # said with the answer, e.g. that the message was cut
 
 
 def normalise(text: str) -> str:
@@ -53,12 +86,44 @@ def normalise(text: str) -> str:
         text = re.sub(rf"\b{word}\b", digit, text)
     out = []
     for token in re.findall(r"[\w.$/:'-]+|[^\w\s]", text):
-        if token.isalpha() and len(token) >= 4 and token not in VOCAB and token not in TRAINER_WORDS:
-            # Typos keep their first letter ("trian", "mnsit"); "each" is not "search".
-            close = [w for w in difflib.get_close_matches(token, VOCAB, n=3, cutoff=0.8) if w[0] == token[0]]
-            token = close[0] if close else token
+        if token.isalpha() and 4 <= len(token) <= MAX_TYPO_LEN and token not in VOCAB and \
+                token not in TRAINER_WORDS:
+            token = _fix_typo(token)
         out.append(token)
     return " ".join(out)
+
+
+@functools.lru_cache(maxsize=4096)
+def _fix_typo(token: str) -> str:
+    # Typos keep their first letter ("trian", "mnsit"); "each" is not "search".
+    close = [w for w in difflib.get_close_matches(token, VOCAB, n=3, cutoff=0.8) if w[0] == token[0]]
+    return close[0] if close else token
+
+
+def _number(raw: str, whole: bool) -> int | float:
+    """The number as the tools take it; a non-finite one stays a float for `out_of_range` to refuse."""
+    value = float(raw)  # digits only (NUMBER): a huge exponent gives inf, never an exception
+    return int(value) if whole and math.isfinite(value) else value
+
+
+def _fmt(x: float) -> str:
+    return f"{int(x):,}" if float(x).is_integer() else f"{x:g}"
+
+
+def out_of_range(args: dict, raw: dict[str, str]) -> str | None:
+    """A plain sentence about the first number of a call's arguments that no tool would take."""
+    values = {**{k: v for k, v in args.items() if k != "params"}, **(args.get("params") or {})}
+    for name, value in values.items():
+        if name not in LIMITS or not isinstance(value, (int, float)):
+            continue
+        low, high, whole, open_low = LIMITS[name]
+        if math.isfinite(value) and (low < value if open_low else low <= value) and value <= high:
+            continue
+        bounds = f"above {_fmt(low)} and at most {_fmt(high)}" if open_low else f"from {_fmt(low)} to {_fmt(high)}"
+        shown = raw.get(name, f"{value:g}" if isinstance(value, float) else str(value))
+        return (f"{LABELS[name]} must be {'a whole number' if whole else 'a number'} {bounds}, and {shown} is "
+                "not: please ask again with a value in that range.")
+    return None
 
 
 def _has(text: str, *patterns: str) -> bool:
@@ -74,27 +139,36 @@ def extract(text: str) -> dict[str, Any]:
     if len(trainers) == 1:
         found["trainer"] = trainers.pop()
     params: dict[str, Any] = {}
-    for name, pattern, cast in (
-            ("epochs", rf"{NUMBER}\s*(?:epochs?|passes)", int),
-            ("lr", rf"(?:\blr|learning rate)\s*(?:of|=|:|at)?\s*{NUMBER}", float),
-            ("batch_size", rf"batch(?: size)?\s*(?:of|=|:)?\s*{NUMBER}", int),
-            ("max_steps", rf"{NUMBER}\s*steps", int),
-            ("train_samples", rf"{NUMBER}\s*(?:samples|images|examples)", int),
-            ("width", rf"width\s*(?:of|=|:)?\s*{NUMBER}", int),
-            ("num_workers", rf"{NUMBER}\s*workers?", int),
-            ("cpus_per_worker", rf"{NUMBER}\s*cpus?", float)):
+    raw: dict[str, str] = {}  # the numbers as written, to name them if out of range
+    for name, pattern, whole in (
+            ("epochs", rf"{NUMBER}\s*(?:epochs?|passes)", True),
+            ("lr", rf"(?:\blr|learning rate)\s*(?:of|=|:|at)?\s*{NUMBER}", False),
+            ("batch_size", rf"batch(?: size)?\s*(?:of|=|:)?\s*{NUMBER}", True),
+            ("max_steps", rf"{NUMBER}\s*steps", True),
+            ("train_samples", rf"{NUMBER}\s*(?:samples|images|examples)", True),
+            ("width", rf"width\s*(?:of|=|:)?\s*{NUMBER}", True),
+            ("num_workers", rf"{NUMBER}\s*workers?", True),
+            ("cpus_per_worker", rf"{NUMBER}\s*cpus?", False)):
         m = re.search(pattern, text)
         if m:
-            params[name] = cast(float(m.group(1)))
+            params[name], raw[name] = _number(m.group(1), whole), m.group(1)
     gpus = re.search(rf"{NUMBER}\s*gpus?\b", text) or re.search(r"\b(?:a|one|single)\s+gpu\b", text)
     if gpus and not _has(text, "free", "available", "idle"):
-        n = int(float(gpus.group(1))) if gpus.groups() else 1
-        params.setdefault("num_workers", n)  # N GPUs: N data-parallel workers with one GPU each
-        params["gpus_per_worker"] = 1.0 if params["num_workers"] == n else n / params["num_workers"]
+        n = _number(gpus.group(1), True) if gpus.groups() else 1
+        if "num_workers" not in params:  # N GPUs: N data-parallel workers with one GPU each
+            params["num_workers"] = n
+            if gpus.groups():
+                raw["num_workers"] = f"{gpus.group(1)} GPUs (a worker each)"
+        workers = params["num_workers"]
+        if workers == n or not (math.isfinite(n) and math.isfinite(workers) and workers > 0):
+            params["gpus_per_worker"] = 1.0  # a bad count is refused by name (num_workers), not divided by
+        else:
+            params["gpus_per_worker"] = n / workers
     if "tiny" in text and found.get("trainer") == "llm":
         params["model"] = "tiny"
     if params:
         found["params"] = params
+    found["raw"] = raw
     if _has(text, "high", "urgent", "asap", "top"):
         found["priority"] = "high"
     elif _has(text, "low", "background", "whenever"):
@@ -103,17 +177,19 @@ def extract(text: str) -> dict[str, Any]:
         found["priority"] = "normal"
     money = re.search(rf"\$\s*{NUMBER}|{NUMBER}\s*(?:usd|dollars?|bucks)", text)
     if money:
-        found["budget_usd"] = float(money.group(1) or money.group(2))
+        raw["budget_usd"] = money.group(1) or money.group(2)
+        found["budget_usd"] = _number(raw["budget_usd"], False)
     trials = re.search(rf"{NUMBER}\s*(?:trials|configs|configurations|samples)", text)
     if trials:
-        found["num_samples"] = int(float(trials.group(1)))
+        raw["num_samples"] = trials.group(1)
+        found["num_samples"] = _number(trials.group(1), True)
     found.update(_period(text))
     return found
 
 
 def _period(text: str) -> dict[str, str]:
-    m = re.search(r"(?:last|past)\s+(\d+)\s*(day|days|d|hours?|h|weeks?|w)\b", text) or \
-        re.search(r"\b(\d+)\s*(d|h|w)\b", text)
+    m = re.search(r"(?:last|past)\s+(\d++)\s*(day|days|d|hours?|h|weeks?|w)\b", text) or \
+        re.search(r"\b(\d++)\s*(d|h|w)\b", text)
     if m:
         return {"since": f"{m.group(1)}{m.group(2)[0]}"}
     for words, since in (("today", "1d"), ("this week|last week|past week|weekly", "7d"),
@@ -142,16 +218,41 @@ def _needs_trainer(tool: str, args: dict, question: str) -> Decision:
     return Decision("ask", tool, args, question, missing="trainer")
 
 
+def _before(text: str, first: str, then: str) -> bool:
+    """`first` somewhere before `then`: what `first .* then` says, in linear time."""
+    a = re.search(rf"\b(?:{first})\b", text)
+    return bool(a and re.search(rf"\b(?:{then})\b", text[a.end():]))
+
+
+def _cut(message: str) -> tuple[str, str | None]:
+    """The part of a message the router reads, and what to tell the user when that is not all of it."""
+    text = message.strip()
+    if len(text) <= MAX_SCAN_CHARS:
+        return text, None
+    head = text[:MAX_SCAN_CHARS]
+    if not text[MAX_SCAN_CHARS].isspace() and re.search(r"\s", head):
+        head = head.rsplit(None, 1)[0]  # a word or number cut in two would be misread: leave it out
+    return head, (f"(Your message is {len(text)} characters long; I read only the first {len(head)}: "
+                  "please keep a request to a sentence or two.)")
+
+
 class Router:
     def route(self, message: str, context: dict | None = None) -> Decision:
         context = context or {}
-        raw = message.strip()
+        raw, note = _cut(message)
         text = normalise(raw)
         values = extract(text)
         pending = context.get("pending")
         if pending and not self._has_intent(text):
-            return self._complete(pending, values, text)
-        return self._decide(raw, text, values, context)
+            decision = self._complete(pending, values, text)
+        else:
+            decision = self._decide(raw, text, values, context)
+        if decision.kind in ("call", "ask"):
+            refusal = out_of_range(decision.args, values["raw"])
+            if refusal:
+                decision = Decision("decline", text=refusal)
+        decision.note = note
+        return decision
 
     @staticmethod
     def _has_intent(text: str) -> bool:
@@ -190,8 +291,8 @@ class Router:
                 return Decision("call", "cancel_job", {"job_id": job})
             return Decision("ask", "cancel_job", {}, "Which job should I cancel (its id, or all your queued "
                                                      "jobs)?", missing="job_id")
-        if _has(text, "deploy", "serve", "serving", "roll ?out", "promote", "put .* (?:in|into) production") and \
-                not _has(text, "train", "training"):
+        if (_has(text, "deploy", "serve", "serving", "roll ?out", "promote") or
+                _before(text, "put", "(?:in|into) production")) and not _has(text, "train", "training"):
             version = re.search(r"\bv(?:ersion)?\s*#?(\d+)\b", text)
             alias = re.search(r"\b(?:alias|tag(?:ged)?)\s+['\"]?([a-z][\w-]*)", text) or \
                 re.search(r"\b(champion|challenger|production|staging)\b", text)
@@ -241,8 +342,8 @@ class Router:
             if trainer:  # "how much does mnist cost": before it runs, that is a forecast
                 return Decision("call", "forecast_training_cost", {"trainer": trainer, "params": params})
             return Decision("call", "get_cost_report", {"since": v.get("since", "30d")})
-        if _has(text, "validate", "feasible", "fit", "fits", "enough resources", "can i run", "would .* run",
-                "is there room"):
+        if _has(text, "validate", "feasible", "fit", "fits", "enough resources", "can i run", "is there room") or \
+                _before(text, "would", "run"):
             if not trainer:
                 return _needs_trainer("validate_job_resources", {"params": params}, "Check which trainer: mnist or llm?")
             return Decision("call", "validate_job_resources", {"trainer": trainer, "params": params})

@@ -110,3 +110,75 @@ def test_tenants_see_only_their_jobs(tools):
     assert mine["total"] == 0
     with pytest.raises(ToolError, match="no job 'mnist-20261130-000000-dddddd' of yours"):
         tools.for_tenant("team-b").call("cancel_job", {"job_id": "mnist-20261130-000000-dddddd"})
+
+
+def _checkpoints(db, thread_id=None):
+    import sqlite3
+
+    with sqlite3.connect(db) as conn:
+        if thread_id is None:
+            return conn.execute("SELECT COUNT(*), COUNT(DISTINCT thread_id) FROM checkpoints").fetchone()
+        return conn.execute("SELECT COUNT(*) FROM checkpoints WHERE thread_id = ?", (thread_id,)).fetchone()[0]
+
+
+def test_a_long_thread_keeps_a_bounded_number_of_checkpoints_and_its_context(tools, tmp_path):
+    add_job(tools, "mnist-20261130-000000-eeeeee")
+    db = tmp_path / "threads.db"
+    agent = Agent(tools, db_path=db, checkpoints_per_thread=5)
+    first = agent.ask("status of mnist-20261130-000000-eeeeee", thread_id="t")
+    assert first.tool_calls[0]["name"] == "get_training_status"
+    for i in range(48):
+        agent.ask("show me the queue" if i % 2 else "hello", thread_id="t")
+    assert _checkpoints(db, "t") <= 5
+    # 50 turns in: "it" is still the job of the first turn, in this process and in a new one.
+    later = Agent(tools, db_path=db, checkpoints_per_thread=5).ask("cancel it", thread_id="t")
+    assert later.tool_calls[0]["args"] == {"job_id": "mnist-20261130-000000-eeeeee"}
+    assert later.tool_calls[0]["result"]["cancelled"] == ["mnist-20261130-000000-eeeeee"]
+    state = agent.graph.get_state({"configurable": {"thread_id": "t"}}).values
+    assert state["messages"][-1].content == later.answer and len(state["messages"]) >= 50  # the last 60 kept
+    assert _checkpoints(db, "t") <= 5
+
+
+def test_a_question_survives_pruning_down_to_one_checkpoint(tools, tmp_path):
+    db = tmp_path / "threads.db"
+    agent = Agent(tools, db_path=db, checkpoints_per_thread=1)
+    for _ in range(3):
+        agent.ask("hello", thread_id="t")
+    assert agent.ask("cancel", thread_id="t").answer.startswith("Which job")
+    assert _checkpoints(db, "t") == 1
+    add_job(tools, "mnist-20261130-000000-ffffff")
+    reply = agent.ask("mnist-20261130-000000-ffffff", thread_id="t")
+    assert reply.tool_calls[0]["name"] == "cancel_job" and reply.tool_calls[0]["result"]["cancelled"]
+
+
+def test_past_the_thread_bound_the_least_recently_used_threads_go(tools, tmp_path):
+    add_job(tools, "mnist-20261130-000000-abcdef")
+    db = tmp_path / "threads.db"
+    agent = Agent(tools, db_path=db, max_threads=3)
+    agent.ask("status of mnist-20261130-000000-abcdef", thread_id="old")
+    for name in ("a", "b", "c"):
+        agent.ask("hello", thread_id=name)
+    assert _checkpoints(db) == (3, 3) and _checkpoints(db, "old") == 0
+    agent.ask("hello", thread_id="a")  # used again: now "b" is the oldest
+    agent.ask("hello", thread_id="d")
+    assert _checkpoints(db, "b") == 0 and all(_checkpoints(db, t) for t in ("a", "c", "d"))
+    # A dropped thread starts afresh: it no longer knows which job "it" is.
+    assert agent.ask("cancel it", thread_id="old").tool_calls == []
+
+
+def test_the_bound_comes_from_settings(tmp_path):
+    from ray_apps.agent.graph import agent_from_settings
+
+    settings = Settings(data_dir=tmp_path / "data", agent={"checkpoints_per_thread": 3})
+    agent = agent_from_settings(settings)
+    assert agent.checkpoints_per_thread == 3
+    for _ in range(6):
+        agent.ask("hello", thread_id="t")
+    assert _checkpoints(tmp_path / "data" / "agent" / "threads.db", "t") == 3
+
+
+def test_the_answer_says_when_a_long_message_was_cut(tools):
+    reply = Agent(tools).ask("show me the queue " + "please " * 1000)
+    assert reply.tool_calls[0]["name"] == "get_job_queue_status" and "I read only the first" in reply.answer
+    refusal = Agent(tools).ask("train mnist for 1e999 epochs")
+    assert refusal.tool_calls == [] and "1e999" in refusal.answer and tools.queue.list() == []

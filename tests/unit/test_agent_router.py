@@ -169,3 +169,70 @@ def test_an_answer_to_a_question_completes_the_pending_request():
 def test_typos_are_fixed_only_against_the_vocabulary():
     assert normalise("Trian the mnsit modle, 3 epocs") == "train the mnist model , 3 epochs"
     assert "paris" in normalise("weather in paris")
+
+
+# ---- bounded work and values: what a probe of the running agent sent
+
+ADVERSARIAL = {
+    "digits": "1" * 4000,
+    "letters": "a" * 5000,
+    "exponents": "1e" * 2000,
+    "signed exponents": "1e-" * 1400,
+    "dotted digits": "1." * 2000,
+    "train train": "train " * 1000,
+    "spaces": "train" + " " * 4000 + "mnist",
+    "punctuation": "!?.,;:-$#" * 450,
+    "would ... run": "would " * 700,
+    "put ... production": "put in " * 600,
+    "numbers and units": "1 epochs 2 gpus lr 3 batch 4 " * 150,
+    "distinct near-typos": " ".join(f"tr{a}{b}n" for a in "abcdefghijklmnopqrstuvwxyz" for b in "aeiou") * 8,
+    "dollars": "$" + "9" * 3999,
+    "job refs": "job #" * 800,
+}
+
+
+@pytest.mark.parametrize("message", ADVERSARIAL.values(), ids=ADVERSARIAL.keys())
+def test_adversarial_messages_route_quickly(message):
+    import time
+
+    start = time.perf_counter()
+    decision = Router().route(message, {"job_id": JOB})
+    assert time.perf_counter() - start < 0.5  # a bound, not a benchmark: before, 4,000 digits took seconds
+    assert decision.kind in ("call", "ask", "decline")
+
+
+@pytest.mark.parametrize("message,value,bounds", [
+    ("train mnist for 1e999 epochs", "1e999", "from 1 to 100,000"),
+    ("train mnist for -5 epochs", "-5", "from 1 to 100,000"),
+    ("train mnist for 99999999999999999999 epochs", "99999999999999999999", "from 1 to 100,000"),
+    ("train something for 1e999 epochs", "1e999", "from 1 to 100,000"),
+    ("train mnist with lr 1e999", "1e999", "above 0 and at most 10"),
+    ("train mnist with learning rate -0.01", "-0.01", "above 0 and at most 10"),
+    ("train mnist on 1e999 gpus", "1e999 GPUs", "from 1 to 1,024"),
+    ("train mnist on 0 workers with 2 gpus", "0", "from 1 to 1,024"),
+    ("tune mnist with 1e400 trials", "1e400", "from 1 to 64"),
+    ("check my budget of $1e999", "1e999", "above 0 and at most 1,000,000"),
+])
+def test_numbers_out_of_range_get_a_plain_answer_not_an_exception(message, value, bounds):
+    decision = Router().route(message)
+    assert decision.kind == "decline" and decision.tool is None, decision
+    assert f"and {value}" in decision.text and bounds in decision.text
+
+
+def test_numbers_in_range_still_pass():
+    decision = Router().route("train mnist for 100000 epochs with lr 10 on 1024 gpus")
+    assert decision.args["params"] == {"epochs": 100000, "lr": 10.0, "num_workers": 1024, "gpus_per_worker": 1.0}
+
+
+def test_a_long_message_is_read_up_to_a_bound_and_the_answer_says_so():
+    from ray_apps.agent.router import MAX_SCAN_CHARS
+
+    long = "train mnist for 3 epochs " + "really " * 1000
+    decision = Router().route(long)
+    assert (decision.kind, decision.tool, decision.args["params"]) == ("call", "trigger_training_job", {"epochs": 3})
+    assert f"{len(long.strip())} characters" in decision.note and "first" in decision.note
+    # A number cut at the bound is left out, not read as its first digits.
+    cut = "x" * (MAX_SCAN_CHARS - 30) + " train mnist for 12345678901234567890 epochs"
+    decision = Router().route(cut)
+    assert decision.kind == "call" and "epochs" not in decision.args["params"] and decision.note
+    assert Router().route("train mnist for 3 epochs").note is None
