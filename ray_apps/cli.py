@@ -32,6 +32,26 @@ def cmd_up(args, settings) -> int:
     return rc
 
 
+def cmd_users(args, settings) -> int:
+    from ray_apps.auth import Role, Users
+
+    users = Users.from_settings(settings)
+    if args.action == "add":
+        try:
+            token = users.add(args.name, args.tenant, Role(args.role))
+        except ValueError as exc:
+            raise SystemExit(f"oppen users add: {exc}") from None
+        print(f"user {args.name} ({args.role}, tenant {args.tenant}); its token, shown only now:\n{token}")
+    elif args.action == "remove":
+        if not users.remove(args.name):
+            raise SystemExit(f"oppen users remove: no user {args.name!r}")
+        print(f"user {args.name} removed; its token no longer works")
+    else:
+        for caller in users.list():
+            print(f"{caller.user:20} {caller.role.value:8} {caller.tenant}")
+    return 0
+
+
 def cmd_env(args, settings) -> int:
     """Shell exports for Ray's and MLflow's own clients: `eval "$(oppen env)"`."""
     import shlex
@@ -369,6 +389,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_up)
     sub.add_parser("down", help="stop what `oppen up` started").set_defaults(func=cmd_down)
     sub.add_parser("status", help="URLs, health and cluster resources").set_defaults(func=cmd_status)
+    p = sub.add_parser("users", help="per-user tokens with a tenant and a role (hashed in the data dir)")
+    users = p.add_subparsers(dest="action", required=True)
+    q = users.add_parser("add", help="a new user; prints its token once")
+    q.add_argument("name")
+    q.add_argument("--tenant", required=True)
+    q.add_argument("--role", choices=["viewer", "member", "admin"], default="member")
+    users.add_parser("remove", help="revoke a user's token").add_argument("name")
+    users.add_parser("list", help="users, roles and tenants (never tokens)")
+    p.set_defaults(func=cmd_users)
+
     sub.add_parser("env", help='exports for Ray\'s and MLflow\'s own CLIs: eval "$(oppen env)"').set_defaults(
         func=cmd_env)
 

@@ -95,6 +95,16 @@ def node_ip_env(settings: Settings) -> dict[str, str]:
     return {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"} if is_loopback(settings.host) else {}
 
 
+def check_not_open(settings: Settings) -> None:
+    """Refuse to listen beyond loopback with no tokens: every API would answer anyone, unauthenticated."""
+    from ray_apps.auth import Users
+
+    if not is_loopback(settings.host) and not Users.from_settings(settings).configured:
+        raise PlatformError(f"host {settings.host} with no tokens would open the platform's APIs to anyone "
+                            "who can reach this machine. To fix: add users first (`oppen users add NAME --tenant "
+                            "TEAM --role admin`), or set OPPEN_TENANT_TOKENS, or keep host 127.0.0.1.")
+
+
 def is_loopback(host: str) -> bool:
     try:
         return ipaddress.ip_address(host).is_loopback
@@ -201,6 +211,7 @@ def up(settings: Settings, *, timeout: float = 90.0, serve: bool = True,
        say: Callable[[str], None] = print) -> list[ServiceStatus]:
     """Start what is missing: Ray head, MLflow, dispatcher, and (with `serve`) the Serve apps."""
     topology = load_local_topology(settings)  # a bad topology starts nothing
+    check_not_open(settings)
     private_dir(settings.data_dir)  # queue and MLflow databases, conversations, tokens' users
     if settings.is_local:
         private_dir(ray_temp_dir(settings).parent)  # Ray's sockets and session files

@@ -109,9 +109,10 @@ class Settings(BaseSettings):
     cluster_file: Path = Path("configs/cluster.yaml")
     # The queue's database; None: a SQLite file in the data dir. Any SQLAlchemy URL works.
     queue_db_url: str | None = None
-    # Tenant tokens for the REST API, {token: tenant}; set them in the environment
-    # (OPPEN_TENANT_TOKENS='{"...": "team-a"}'), never in a committed file.
-    tenant_tokens: dict[str, str] = {}
+    # Tokens from the environment, {token: tenant} (a member) or {token: {"tenant", "role"}}:
+    # OPPEN_TENANT_TOKENS='{"...": "team-a"}', never in a committed file. `oppen users add` keeps
+    # hashed per-user tokens in the data dir instead (ray_apps/auth.py).
+    tenant_tokens: dict[str, str | dict[str, str]] = {}
     serve_port: int = Field(8000, ge=1, le=65535)
     serve_proxy: ServeProxySettings = ServeProxySettings()
     # The platform's own Prometheus metrics (queue, admissions, cost...), served by the dispatcher.

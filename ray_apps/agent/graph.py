@@ -124,8 +124,9 @@ class Agent:
         return {"messages": [AIMessage(text)], "context": context}
 
     def _act(self, state: AgentState, config) -> dict:
-        tenant = config["configurable"].get("tenant")
-        tools = self.tools.for_tenant(tenant) if tenant != self.tools.tenant else self.tools
+        tenant, admin = config["configurable"].get("tenant"), config["configurable"].get("admin", True)
+        same = (tenant, admin) == (self.tools.tenant, self.tools.admin)
+        tools = self.tools if same else self.tools.for_caller(tenant, admin)
         context = dict(state.get("context") or {})
         out, calls = [], list(state.get("calls") or [])
         for call in state["messages"][-1].tool_calls:
@@ -175,9 +176,10 @@ class Agent:
 
     # ------------------------------------------------------------------ entry point
 
-    def ask(self, message: str, *, thread_id: str | None = None, tenant: str | None = None) -> Reply:
+    def ask(self, message: str, *, thread_id: str | None = None, tenant: str | None = None,
+            admin: bool = True) -> Reply:
         thread_id = thread_id or uuid.uuid4().hex
-        config = {"configurable": {"thread_id": thread_id, "tenant": tenant}}
+        config = {"configurable": {"thread_id": thread_id, "tenant": tenant, "admin": admin}}
         # One checkpoint per turn, written at its end: a turn cut short by a crash is asked again;
         # what its tools did is already in the queue store.
         state = self.graph.invoke({"messages": [HumanMessage(message)], "calls": [], "rounds": 0, "note": ""},

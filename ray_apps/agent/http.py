@@ -4,9 +4,9 @@
     {"message": "train mnist for 3 epochs", "thread_id": "t1"}
  -> {"answer": "...", "tool_calls": [{"name", "args", "result" | "error"}], "thread_id": "t1"}
 
-Tenancy as in the queue API: with tenant tokens configured each request carries
-`Authorization: Bearer <token>`, acts as that tenant, and its thread ids live in
-that tenant's own space. Bodies over 64 KB and messages over the configured
+Callers as in the queue API (ray_apps/auth.py): with tokens configured each request
+carries `Authorization: Bearer <token>` of a member or admin, acts as its tenant,
+and its thread ids live in that tenant's own space. Bodies over 64 KB and messages over the configured
 length are refused.
 """
 
@@ -18,12 +18,13 @@ from typing import Any
 from fastapi import FastAPI, Header
 from pydantic import BaseModel, ConfigDict, Field
 
-from ray_apps.serve.http_common import limit_body_size, problem, root_without_slash, tenant_of
+from ray_apps.auth import Role, Users
+from ray_apps.serve.http_common import caller_of, limit_body_size, problem, require_token, root_without_slash
 
 THREAD_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 
 app = FastAPI(title="Oppen agent", version="1", description="Plain-language control of the platform.")
-_state: dict[str, Any] = {"agent": None, "settings": None}
+_state: dict[str, Any] = {"agent": None, "settings": None, "users": None}
 _lock = threading.Lock()
 
 
@@ -49,7 +50,7 @@ class AgentResponse(BaseModel):
 
 def configure(agent, settings) -> None:
     """Install the agent this app answers with (Serve's replica constructor, or a test)."""
-    _state["agent"], _state["settings"] = agent, settings
+    _state["agent"], _state["settings"], _state["users"] = agent, settings, Users.from_settings(settings)
 
 
 def _agent():
@@ -64,21 +65,28 @@ def _agent():
     return _state["agent"], _state["settings"]
 
 
+def users() -> Users:
+    _agent()
+    return _state["users"]
+
+
 limit_body_size(app)
 root_without_slash(app)
+require_token(app, users, public=("/health",))
 
 
 @app.post("/", response_model=AgentResponse)
 def ask(body: AgentRequest, authorization: str | None = Header(None)) -> AgentResponse:
     agent, settings = _agent()
-    tenant = tenant_of(settings.tenant_tokens, authorization)
+    caller = caller_of(users(), authorization, role=Role.MEMBER, action="asking the agent")
+    tenant = caller.scope
     if len(body.message) > settings.agent.max_message_chars:
         raise problem(413, "message", f"message over {settings.agent.max_message_chars} characters")
     if body.thread_id is not None and not THREAD_ID.match(body.thread_id):
         raise problem(422, "thread_id", "use 1-64 letters, digits or _.:-")
     # Threads live in the tenant's own space: another tenant's thread id opens a fresh thread.
     thread = f"{tenant or '-'}/{body.thread_id}" if body.thread_id else None
-    reply = agent.ask(body.message, thread_id=thread, tenant=tenant)
+    reply = agent.ask(body.message, thread_id=thread, tenant=tenant, admin=caller.role is Role.ADMIN)
     return AgentResponse(answer=reply.answer, tool_calls=[ToolCall(**c) for c in reply.tool_calls],
                          thread_id=reply.thread_id.split("/", 1)[-1])
 

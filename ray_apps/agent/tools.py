@@ -135,11 +135,13 @@ class Tool:
 
 
 class PlatformTools:
-    """The tools, bound to one platform and one tenant (None: no tenancy, loopback mode)."""
+    """The tools, bound to one platform and one caller: a tenant (None: every tenant, for admins and
+    loopback mode) and whether it is an admin (serving changes are)."""
 
-    def __init__(self, settings: Settings, tenant: str | None = None, queue=None, costs=None):
+    def __init__(self, settings: Settings, tenant: str | None = None, queue=None, costs=None, *, admin: bool = True):
         self.settings = settings
         self.tenant = tenant
+        self.admin = admin
         self._queue, self._costs = queue, costs
 
     # Built on first use: a question about GPUs should not wait for MLflow.
@@ -159,8 +161,8 @@ class PlatformTools:
             self._costs = CostService.from_settings(self.settings, self.queue)
         return self._costs
 
-    def for_tenant(self, tenant: str | None) -> PlatformTools:
-        return PlatformTools(self.settings, tenant, self._queue, self._costs)
+    def for_caller(self, tenant: str | None, admin: bool) -> PlatformTools:
+        return PlatformTools(self.settings, tenant, self._queue, self._costs, admin=admin)
 
     # ------------------------------------------------------------------ helpers
 
@@ -361,6 +363,8 @@ class PlatformTools:
         """Serve a registered version (or alias) of a model; replicas roll over with no failed request."""
         from trainers.registry import RegistryError, Selector, set_serving
 
+        if not self.admin:  # what every tenant is served
+            raise ToolError("changing the served version needs the admin role; ask an admin of the platform")
         if version is not None and alias is not None:
             raise ToolError("give a version or an alias, not both")
         selector = Selector(alias=alias, version=version)

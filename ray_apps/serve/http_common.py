@@ -1,11 +1,13 @@
-"""What every HTTP app of the platform shares: problem bodies, the body-size limit, tenant tokens."""
+"""What every HTTP app of the platform shares: problem bodies, the body-size limit, callers and roles."""
 
 from __future__ import annotations
 
-import secrets
+from collections.abc import Callable
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
+
+from ray_apps.auth import AuthError, Caller, Role, Users
 
 MAX_BODY_BYTES = 64 * 1024
 
@@ -64,24 +66,75 @@ def problem(status: int, field: str | None, reason: str) -> HTTPException:
     return HTTPException(status_code=status, detail={"field": field, "reason": reason})
 
 
+class _BodyLimit:
+    """Reads the body before the app does and answers 413 as soon as it passes `max_bytes`, whether
+    it came with a Content-Length or chunked: nothing parses an oversized body, nor waits for all of it."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            return await self._refuse(send)
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return await self.app(scope, _replay([message]), send)  # the client went away
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            more = message.get("more_body", False)
+            if size > self.max_bytes:
+                return await self._refuse(send)
+        body = b"".join(chunks)
+        return await self.app(scope, _replay([{"type": "http.request", "body": body, "more_body": False}],
+                                             then=receive), send)
+
+    async def _refuse(self, send) -> None:
+        response = JSONResponse(status_code=413, content={"detail": {
+            "field": "body", "reason": f"request body over {self.max_bytes} bytes"}}, headers={"Connection": "close"})
+        await response({"type": "http"}, _replay([]), send)
+
+
+def _replay(messages: list[dict], then=None):
+    async def receive():
+        if messages:
+            return messages.pop(0)
+        if then is not None:
+            return await then()  # after the body: e.g. http.disconnect
+        return {"type": "http.disconnect"}
+    return receive
+
+
 def limit_body_size(app: FastAPI, max_bytes: int = MAX_BODY_BYTES) -> None:
-    """Refuse bodies over `max_bytes` by their Content-Length, before anything parses them."""
+    """Refuse bodies over `max_bytes` by the bytes read (chunked bodies too), before anything parses them."""
+    app.add_middleware(_BodyLimit, max_bytes=max_bytes)
+
+
+def caller_of(users: Users, authorization: str | None, *, role: Role = Role.VIEWER, action: str = "this") -> Caller:
+    """The request's caller with at least `role`, or a 401/403 problem."""
+    try:
+        caller = users.authenticate(authorization)
+        caller.require(role, action)
+        return caller
+    except AuthError as exc:
+        raise problem(exc.status, "Authorization", str(exc)) from None
+
+
+def require_token(app: FastAPI, users: Callable[[], Users], public: tuple[str, ...]) -> None:
+    """With tokens configured every path but `public` ones (health checks, a page without data) needs
+    a valid token, the API docs and schema included; the routes then check the caller's role."""
 
     @app.middleware("http")
-    async def _limit(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > max_bytes):
-            return JSONResponse(status_code=413, content={"detail": {
-                "field": "body", "reason": f"request body over {max_bytes} bytes"}})
+    async def _gate(request: Request, call_next):
+        path = request.url.path[len(request.scope.get("root_path", "")):] or "/"
+        if path not in public:
+            try:
+                users().authenticate(request.headers.get("authorization"))
+            except AuthError as exc:
+                return JSONResponse(status_code=exc.status, content={"detail": {
+                    "field": "Authorization", "reason": str(exc)}}, headers={"WWW-Authenticate": "Bearer"})
         return await call_next(request)
-
-
-def tenant_of(tokens: dict[str, str], authorization: str | None) -> str | None:
-    """None when no tokens are configured (loopback-only mode); else the token's tenant, or a 401."""
-    if not tokens:
-        return None
-    scheme, _, token = (authorization or "").partition(" ")
-    for known, tenant in tokens.items():
-        if scheme.lower() == "bearer" and secrets.compare_digest(token, known):
-            return tenant
-    raise problem(401, "Authorization", "a valid `Bearer <token>` of a tenant is required")

@@ -23,7 +23,9 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from ray_apps.config import load_settings
-from ray_apps.serve.http_common import ON_HEAD_NODE, limit_body_size, problem, root_without_slash, tenant_of
+from ray_apps.auth import Role, Users
+from ray_apps.serve.http_common import (ON_HEAD_NODE, caller_of, limit_body_size, problem, require_token,
+                                        root_without_slash)
 from ray_apps.serve.served_models import LlmModel, MnistModel
 from trainers.registry import (SERVABLE, ModelNotFound, RegistryError, Selector, list_models, resolve,
                                serving_selector, set_serving)
@@ -114,17 +116,26 @@ def unknown_model(name: str, action: str):
     return problem(404, "name", f"no model {name!r}; served: {served}")
 
 
+_users: list[Users] = []
+
+
+def users() -> Users:
+    if not _users:
+        _users.append(Users.from_settings(load_settings()))
+    return _users[0]
+
+
 limit_body_size(app, MAX_BODY_BYTES)
 root_without_slash(app)
+require_token(app, users, public=("/health",))
 
 
 @serve.deployment(num_replicas=1, ray_actor_options=ON_HEAD_NODE, max_ongoing_requests=128)
 @serve.ingress(app)
 class ModelAPI:
-    def __init__(self, mnist: DeploymentHandle, llm: DeploymentHandle, tokens: Optional[dict] = None):
+    def __init__(self, mnist: DeploymentHandle, llm: DeploymentHandle):
         self.models = {"mnist": mnist, "llm": llm}
         self.settings = load_settings()
-        self.tokens = tokens if tokens is not None else self.settings.tenant_tokens
 
     @app.get("/health")
     def health(self) -> dict:
@@ -132,7 +143,7 @@ class ModelAPI:
 
     @app.post("/mnist/predict")
     async def predict_mnist(self, req: PredictRequest, authorization: Optional[str] = Header(None)) -> dict:
-        tenant_of(self.tokens, authorization)
+        caller_of(users(), authorization, role=Role.MEMBER, action="prediction")
         images = decode_images(req)
         out = answer(await self.models["mnist"].predict.remote(images))
         probs = np.asarray(out.pop("probabilities"))
@@ -142,7 +153,7 @@ class ModelAPI:
 
     @app.post("/llm/generate")
     async def generate(self, req: GenerateRequest, authorization: Optional[str] = Header(None)) -> dict:
-        tenant_of(self.tokens, authorization)
+        caller_of(users(), authorization, role=Role.MEMBER, action="generation")
         return answer(await self.models["llm"].generate.remote(req.prompt, req.max_new_tokens, req.temperature,
                                                                req.seed))
 
@@ -173,7 +184,8 @@ class ModelAPI:
 
     @app.post("/{name}/serve")
     async def serve_version(self, name: str, req: ServeRequest, authorization: Optional[str] = Header(None)) -> dict:
-        tenant_of(self.tokens, authorization)
+        # What every tenant is served: an admin's decision.
+        caller_of(users(), authorization, role=Role.ADMIN, action="changing the served version")
         if name not in SERVABLE:
             raise unknown_model(name, "serve")
         try:
@@ -186,4 +198,4 @@ class ModelAPI:
 
 def app_builder(args: dict[str, Any]) -> serve.Application:
     """`import_path: ray_apps.serve.model_app:app_builder` in configs/serve.yaml."""
-    return ModelAPI.bind(MnistModel.bind(), LlmModel.bind(), tokens=args.get("tokens"))
+    return ModelAPI.bind(MnistModel.bind(), LlmModel.bind())

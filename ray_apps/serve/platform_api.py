@@ -14,9 +14,10 @@
 The cost routes are answered by the CostForecaster deployment (ray_apps.serve.cost_service).
 
 Bad input is a 4xx whose body names the field and the reason, never a 500. With
-tenant tokens configured (`OPPEN_TENANT_TOKENS`, JSON {token: tenant}) every
-request carries `Authorization: Bearer <token>` and sees only its tenant's jobs;
-without tokens, Serve listens on loopback only (configs/serve.yaml).
+tokens configured (`oppen users add`, or `OPPEN_TENANT_TOKENS`; ray_apps/auth.py) every
+request but the health check and the status page's HTML carries
+`Authorization: Bearer <token>`: viewers read their tenant's data, members also submit
+and cancel, admins see every tenant. Without tokens the platform is loopback only.
 """
 
 # No `from __future__ import annotations`: FastAPI under Serve's ingress resolves the
@@ -36,7 +37,8 @@ from ray_apps.scheduler.api import Infeasible, JobNotFound, Queue, QueueError
 from ray_apps.scheduler.states import JobState
 from ray_apps.scheduler.store import JobRecord
 from ray_apps.serve.cost_service import CostForecaster
-from ray_apps.serve.http_common import ON_HEAD_NODE, limit_body_size, problem, tenant_of
+from ray_apps.auth import Caller, Role, Users
+from ray_apps.serve.http_common import ON_HEAD_NODE, caller_of, limit_body_size, problem, require_token
 
 app = FastAPI(title="Oppen platform API", version="1",
               description="A durable priority queue with quotas and preemption in front of Ray.")
@@ -102,28 +104,37 @@ def _answer(result: dict) -> dict:
     return result
 
 
+_users: list[Users] = []
+
+
+def users() -> Users:
+    if not _users:
+        _users.append(Users.from_settings(load_settings()))
+    return _users[0]
+
+
 limit_body_size(app)
+require_token(app, users, public=("/v1/health", "/status"))
 
 
 @serve.deployment(num_replicas=1, ray_actor_options=ON_HEAD_NODE, max_ongoing_requests=32)
 @serve.ingress(app)
 class PlatformAPI:
-    def __init__(self, costs: DeploymentHandle, tokens: dict[str, str] | None = None):
+    def __init__(self, costs: DeploymentHandle):
         self.costs = costs
         self.settings = load_settings()
         self.queue = Queue.from_settings(self.settings)
-        self.tokens = tokens if tokens is not None else self.settings.tenant_tokens
 
     def _tenant(self, authorization: str | None) -> str | None:
-        return tenant_of(self.tokens, authorization)
+        """The tenant whose data the caller may read (None: all, for admins and local mode)."""
+        return caller_of(users(), authorization).scope
 
     @app.post("/v1/jobs", status_code=201, response_model=JobOut)
     def submit(self, body: SubmitJob, authorization: str | None = Header(None)) -> JobOut:
-        tenant = self._tenant(authorization)
-        if tenant is not None and body.tenant not in (None, tenant):
-            raise problem(403, "tenant", f"your token is for tenant {tenant!r}, not {body.tenant!r}")
+        caller = caller_of(users(), authorization, role=Role.MEMBER, action="submitting a job")
+        tenant = _acting_tenant(caller, body.tenant)
         try:
-            job = self.queue.submit(body.trainer, body.params, priority=body.priority, tenant=tenant or body.tenant)
+            job = self.queue.submit(body.trainer, body.params, priority=body.priority, tenant=tenant)
         except Infeasible as exc:
             raise problem(422, exc.field, str(exc)) from None
         except QueueError as exc:
@@ -147,6 +158,7 @@ class PlatformAPI:
 
     @app.delete("/v1/jobs/{job_id}", response_model=JobOut)
     def cancel(self, job_id: str, authorization: str | None = Header(None)) -> JobOut:
+        caller_of(users(), authorization, role=Role.MEMBER, action="cancelling a job")
         job = self._get(job_id, authorization)
         try:
             return JobOut.of(self.queue.cancel(job.id, tenant=job.tenant))
@@ -210,6 +222,15 @@ class PlatformAPI:
             raise problem(404, "job_id", f"no job {job_id!r}") from None
 
 
+def _acting_tenant(caller: Caller, asked: str | None) -> str | None:
+    """The tenant a job is submitted for: the caller's own; an admin (or local mode) may name one."""
+    if caller.role is Role.ADMIN:
+        return asked or caller.tenant
+    if asked not in (None, caller.tenant):
+        raise problem(403, "tenant", f"your token is for tenant {caller.tenant!r}, not {asked!r}")
+    return caller.tenant
+
+
 def app_builder(args: dict[str, Any]) -> serve.Application:
     """`import_path: ray_apps.serve.platform_api:app_builder` in configs/serve.yaml."""
-    return PlatformAPI.bind(CostForecaster.bind(), tokens=args.get("tokens"))
+    return PlatformAPI.bind(CostForecaster.bind())

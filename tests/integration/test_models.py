@@ -32,6 +32,7 @@ from trainers.registry import get_version, list_models, promote, register_run, r
 
 pytestmark = pytest.mark.slow
 A = {"Authorization": "Bearer token-a"}
+ADMIN = {"Authorization": "Bearer token-admin"}  # what everyone is served is an admin's decision
 TINY_MNIST = {"epochs": 1, "train_samples": 600, "test_samples": 200, "cpus_per_worker": 1, "width": 8}
 
 
@@ -67,11 +68,11 @@ def png(image: Image.Image, fmt: str = "PNG") -> str:
 
 
 def mnist_replica(models_url: str) -> dict:
-    return next(m for m in requests.get(models_url, timeout=30).json() if m["name"] == "mnist")["replica"]
+    return next(m for m in requests.get(models_url, headers=A, timeout=30).json() if m["name"] == "mnist")["replica"]
 
 
 def serve_and_wait(models_url: str, body: dict, version: str, timeout: float = 60) -> None:
-    resp = requests.post(f"{models_url}/mnist/serve", json=body, headers=A, timeout=30)
+    resp = requests.post(f"{models_url}/mnist/serve", json=body, headers=ADMIN, timeout=30)
     assert resp.status_code == 200, resp.text
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -181,7 +182,7 @@ def test_a_pickled_version_is_refused_and_never_unpickled(platform, models_url, 
         client.log_artifacts(run.info.run_id, f"{tmp}/model", artifact_path="model")
     bad = client.create_model_version("mnist", source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id).version
 
-    resp = requests.post(f"{models_url}/mnist/serve", json={"version": bad}, headers=A, timeout=30)
+    resp = requests.post(f"{models_url}/mnist/serve", json={"version": bad}, headers=ADMIN, timeout=30)
     assert resp.status_code == 422, resp.text
     assert f"version {bad} of mnist is stored as a pickle (MLmodel" in resp.json()["detail"]["reason"]
     # Whoever reaches MLflow can set the serving tag directly: the replica refuses the version itself.
@@ -250,7 +251,8 @@ def test_llm_generate_serves_the_registered_version(platform, models_url):
     ("mnist/serve", {"alias": "a", "version": "1"}, 422, "exactly one of"),
 ])
 def test_bad_requests_are_4xx_naming_the_problem(models_url, path, body, status, names):
-    resp = requests.post(f"{models_url}/{path}", json=body, headers=A, timeout=30)
+    resp = requests.post(f"{models_url}/{path}", json=body, headers=ADMIN if path.endswith("/serve") else A,
+                         timeout=30)
     assert resp.status_code == status, resp.text
     assert names in resp.text
 

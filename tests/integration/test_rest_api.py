@@ -12,6 +12,8 @@ from ray_apps.cluster import serve_url
 pytestmark = pytest.mark.slow
 A = {"Authorization": "Bearer token-a"}
 B = {"Authorization": "Bearer token-b"}
+ADMIN = {"Authorization": "Bearer token-admin"}
+VIEWER = {"Authorization": "Bearer token-view"}
 
 
 @pytest.fixture()
@@ -20,7 +22,7 @@ def api(platform):
 
 
 def test_openapi_describes_the_jobs_api(api):
-    spec = requests.get(api.removesuffix("/v1") + "/openapi.json", timeout=10).json()
+    spec = requests.get(api.removesuffix("/v1") + "/openapi.json", headers=VIEWER, timeout=10).json()
     assert {"/v1/jobs", "/v1/jobs/{job_id}", "/v1/gpus"} <= set(spec["paths"])
 
 
@@ -32,6 +34,11 @@ def test_openapi_describes_the_jobs_api(api):
     ({"trainer": "probe", "priority": "urgent"}, 422, "priority", "unknown priority 'urgent'"),
     ({"trainer": "probe", "colour": "red"}, 422, "colour", "Extra inputs are not permitted"),
     ({"trainer": "probe", "params": {"gpus_per_worker": 5}}, 422, "params", "asks for 5 GPU"),
+    # Typed before anything is stored: a newline would split Ray's shell command line.
+    ({"trainer": "mnist", "params": {"epochs": "1\n"}}, 422, "params", "--epochs must be a whole number"),
+    ({"trainer": "mnist", "params": {"epochs": 1.0}}, 422, "params", "--epochs must be a whole number"),
+    ({"trainer": "mnist", "params": {"epochs": True}}, 422, "params", "--epochs must be a whole number"),
+    ({"trainer": "mnist", "params": {"cpus_per_worker": 0.02}}, 422, "params", "--cpus-per-worker must be at least 1"),
 ])
 def test_bad_bodies_are_4xx_naming_field_and_reason(api, body, status, field, reason):
     resp = requests.post(f"{api}/jobs", json=body, headers=A, timeout=30)
@@ -75,3 +82,51 @@ def test_unknown_id_oversized_body_and_gpus(api):
     assert requests.post(f"{api}/jobs", json=big, headers=A, timeout=10).status_code == 413
     gpus = requests.get(f"{api}/gpus", headers=A, timeout=10).json()
     assert gpus["total"] == 2 and 0 <= gpus["free"] <= 2 and "queued_demand" in gpus
+
+
+def test_every_data_route_and_the_docs_need_a_token_and_roles_limit_what_it_may_do(api, platform):
+    root = api.removesuffix("/v1")
+    for path in ("/docs", "/openapi.json", "/v1/status", "/v1/costs/report", "/v1/models/", "/v1/models",
+                 "/v1/agent/docs", "/v1/models/openapi.json"):
+        resp = requests.get(root + path, timeout=10)
+        assert resp.status_code == 401 and resp.headers["WWW-Authenticate"] == "Bearer", (path, resp.status_code)
+    for path in ("/v1/health", "/v1/agent/health", "/v1/models/health", "/status"):
+        assert requests.get(root + path, timeout=10).status_code == 200, path
+    assert requests.get(root + "/docs", headers=VIEWER, timeout=10).status_code == 200
+    # A viewer reads its tenant's jobs but may not submit; a member may not change what everyone is served.
+    assert requests.get(f"{api}/jobs", headers=VIEWER, timeout=10).status_code == 200
+    refused = requests.post(f"{api}/jobs", json={"trainer": "probe"}, headers=VIEWER, timeout=10)
+    assert refused.status_code == 403 and "needs the member role" in refused.json()["detail"]["reason"]
+    moved = requests.post(f"{root}/v1/models/mnist/serve", json={"alias": "champion"}, headers=A, timeout=10)
+    assert moved.status_code == 403 and "needs the admin role" in moved.json()["detail"]["reason"], moved.text
+    # An admin sees every tenant's jobs and may submit for one.
+    job = requests.post(f"{api}/jobs", json={"trainer": "probe", "params": {"seconds": 0}, "tenant": "team-b"},
+                        headers=ADMIN, timeout=30).json()
+    assert job["tenant"] == "team-b"
+    assert job["id"] in [j["id"] for j in requests.get(f"{api}/jobs", headers=ADMIN, timeout=10).json()]
+    assert job["id"] not in [j["id"] for j in requests.get(f"{api}/jobs", headers=A, timeout=10).json()]
+
+
+def test_a_chunked_oversized_body_is_refused_before_parsing_while_the_api_keeps_answering(api):
+    """The limit counts the bytes read, so a body with no Content-Length cannot make the replica
+    read and parse megabytes; meanwhile other requests are answered."""
+    import concurrent.futures
+
+    def chunks():
+        yield b'{"trainer": "probe", "params": {"x": "'
+        for _ in range(400):  # 20 MB if read in full
+            yield b"y" * 50_000
+        yield b'"}}'
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        t0 = time.monotonic()
+        big = pool.submit(requests.post, f"{api}/jobs", data=chunks(), timeout=60,
+                          headers={**A, "Content-Type": "application/json"})
+        listing = [requests.get(f"{api}/jobs", headers=A, timeout=10) for _ in range(5)]
+        try:
+            status = big.result().status_code
+        except requests.ConnectionError:  # the server answered and closed while the client still sent
+            status = 413
+    assert status == 413
+    assert all(r.status_code == 200 for r in listing)
+    assert time.monotonic() - t0 < 20

@@ -106,10 +106,10 @@ def test_a_model_that_keeps_calling_tools_is_stopped(tools):
 
 def test_tenants_see_only_their_jobs(tools):
     add_job(tools, "mnist-20261130-000000-dddddd", tenant="team-a")
-    mine = tools.for_tenant("team-b").call("get_job_queue_status", {})
+    mine = tools.for_caller("team-b", admin=False).call("get_job_queue_status", {})
     assert mine["total"] == 0
     with pytest.raises(ToolError, match="no job 'mnist-20261130-000000-dddddd' of yours"):
-        tools.for_tenant("team-b").call("cancel_job", {"job_id": "mnist-20261130-000000-dddddd"})
+        tools.for_caller("team-b", admin=False).call("cancel_job", {"job_id": "mnist-20261130-000000-dddddd"})
 
 
 def _checkpoints(db, thread_id=None):

@@ -139,3 +139,6 @@ def test_agent_tools_list_and_deploy_models(uri, tmp_path):
                          ({"name": "mnist", "path": "/etc"}, "bad arguments")):
         with pytest.raises(ToolError, match=reason):
             tools.call("deploy_model", args)
+    # A tenant's member may not change what every tenant is served, through the agent either.
+    with pytest.raises(ToolError, match="needs the admin role"):
+        tools.for_caller("team-b", admin=False).call("deploy_model", {"name": "mnist", "version": "1"})
