@@ -125,8 +125,9 @@ class Agent:
 
     def _act(self, state: AgentState, config) -> dict:
         tenant, admin = config["configurable"].get("tenant"), config["configurable"].get("admin", True)
-        same = (tenant, admin) == (self.tools.tenant, self.tools.admin)
-        tools = self.tools if same else self.tools.for_caller(tenant, admin)
+        key = config["configurable"].get("request_key")
+        same = (tenant, admin, key) == (self.tools.tenant, self.tools.admin, None)
+        tools = self.tools if same else self.tools.for_caller(tenant, admin, key)
         context = dict(state.get("context") or {})
         out, calls = [], list(state.get("calls") or [])
         for call in state["messages"][-1].tool_calls:
@@ -177,9 +178,12 @@ class Agent:
     # ------------------------------------------------------------------ entry point
 
     def ask(self, message: str, *, thread_id: str | None = None, tenant: str | None = None,
-            admin: bool = True) -> Reply:
+            admin: bool = True, request_key: str | None = None) -> Reply:
+        """`request_key`: the client's Idempotency-Key; asked again with it, a job this turn queued
+        the first time is returned, not queued twice."""
         thread_id = thread_id or uuid.uuid4().hex
-        config = {"configurable": {"thread_id": thread_id, "tenant": tenant, "admin": admin}}
+        config = {"configurable": {"thread_id": thread_id, "tenant": tenant, "admin": admin,
+                                   "request_key": request_key}}
         # One checkpoint per turn, written at its end: a turn cut short by a crash is asked again;
         # what its tools did is already in the queue store.
         state = self.graph.invoke({"messages": [HumanMessage(message)], "calls": [], "rounds": 0, "note": ""},

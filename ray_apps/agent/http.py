@@ -76,7 +76,9 @@ require_token(app, users, public=("/health",))
 
 
 @app.post("/", response_model=AgentResponse)
-def ask(body: AgentRequest, authorization: str | None = Header(None)) -> AgentResponse:
+def ask(body: AgentRequest, authorization: str | None = Header(None),
+        idempotency_key: str | None = Header(None, max_length=128, pattern=r"^[\x21-\x7e]+$", description=(
+            "retrying with the same key queues no second job"))) -> AgentResponse:
     agent, settings = _agent()
     caller = caller_of(users(), authorization, role=Role.MEMBER, action="asking the agent")
     tenant = caller.scope
@@ -86,7 +88,9 @@ def ask(body: AgentRequest, authorization: str | None = Header(None)) -> AgentRe
         raise problem(422, "thread_id", "use 1-64 letters, digits or _.:-")
     # Threads live in the tenant's own space: another tenant's thread id opens a fresh thread.
     thread = f"{tenant or '-'}/{body.thread_id}" if body.thread_id else None
-    reply = agent.ask(body.message, thread_id=thread, tenant=tenant, admin=caller.role is Role.ADMIN)
+    key = f"{caller.user}:{idempotency_key}" if idempotency_key else None
+    reply = agent.ask(body.message, thread_id=thread, tenant=tenant, admin=caller.role is Role.ADMIN,
+                      request_key=key)
     return AgentResponse(answer=reply.answer, tool_calls=[ToolCall(**c) for c in reply.tool_calls],
                          thread_id=reply.thread_id.split("/", 1)[-1])
 

@@ -138,10 +138,14 @@ class PlatformTools:
     """The tools, bound to one platform and one caller: a tenant (None: every tenant, for admins and
     loopback mode) and whether it is an admin (serving changes are)."""
 
-    def __init__(self, settings: Settings, tenant: str | None = None, queue=None, costs=None, *, admin: bool = True):
+    def __init__(self, settings: Settings, tenant: str | None = None, queue=None, costs=None, *, admin: bool = True,
+                 request_key: str | None = None):
         self.settings = settings
         self.tenant = tenant
         self.admin = admin
+        # The client's Idempotency-Key for this request: a retried request queues no second job.
+        self.request_key = request_key
+        self._submits = 0
         self._queue, self._costs = queue, costs
 
     # Built on first use: a question about GPUs should not wait for MLflow.
@@ -161,8 +165,8 @@ class PlatformTools:
             self._costs = CostService.from_settings(self.settings, self.queue)
         return self._costs
 
-    def for_caller(self, tenant: str | None, admin: bool) -> PlatformTools:
-        return PlatformTools(self.settings, tenant, self._queue, self._costs, admin=admin)
+    def for_caller(self, tenant: str | None, admin: bool, request_key: str | None = None) -> PlatformTools:
+        return PlatformTools(self.settings, tenant, self._queue, self._costs, admin=admin, request_key=request_key)
 
     # ------------------------------------------------------------------ helpers
 
@@ -203,8 +207,12 @@ class PlatformTools:
         from ray_apps.scheduler.api import QueueError
 
         params = self._validated(trainer, params)
+        key = None
+        if self.request_key:
+            self._submits += 1
+            key = f"agent:{self.request_key}:{self._submits}"
         try:
-            job = self.queue.submit(trainer, params, priority=priority, tenant=self.tenant)
+            job = self.queue.submit(trainer, params, priority=priority, tenant=self.tenant, idempotency_key=key)
         except QueueError as exc:
             raise ToolError(str(exc)) from None
         return self._job_dict(job)

@@ -12,6 +12,10 @@ only that tenant's jobs.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import math
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,8 +24,8 @@ from ray_apps.config import Settings
 from ray_apps.scheduler.capacity import Capacity, read_capacity
 from ray_apps.scheduler.config import QueueConfig, load_queue_config
 from ray_apps.scheduler.policy import Gang, infeasibility
-from ray_apps.scheduler.states import ACTIVE, JobState
-from ray_apps.scheduler.store import JobRecord, JobStore, UnknownJob
+from ray_apps.scheduler.states import JobState
+from ray_apps.scheduler.store import InvalidTransition, JobRecord, JobStore, KeyReused, UnknownJob
 from ray_apps.topology import Topology
 from trainers.runtime import new_run_name
 from trainers.specs import TRAINERS, SpecError, build_config, validated_params
@@ -33,6 +37,18 @@ class QueueError(ValueError):
     def __init__(self, message: str, field: str | None = None):
         super().__init__(message)
         self.field = field
+
+
+class Conflict(QueueError):
+    """The job's state does not allow this (already finished, or changing under the request): a 409."""
+
+
+class RateLimited(QueueError):
+    """Too many submissions from one tenant: a 429 with Retry-After."""
+
+    def __init__(self, message: str, retry_after: int):
+        super().__init__(message, field="tenant")
+        self.retry_after = retry_after
 
 
 class Infeasible(QueueError):
@@ -90,25 +106,54 @@ class Queue:
     # ------------------------------------------------------------------ submit
 
     def submit(self, trainer: str, params: dict[str, Any], *, priority: str | None = None,
-               tenant: str | None = None) -> JobRecord:
-        """Validate and enqueue. Raises QueueError (bad input) or Infeasible (never fits)."""
+               tenant: str | None = None, idempotency_key: str | None = None) -> JobRecord:
+        """Validate and enqueue. Raises QueueError (bad input), Infeasible (never fits), RateLimited, or
+        Conflict (an idempotency key reused for another request). A key the tenant used before returns
+        the job that first request made, so a client may retry a submit whose answer it lost."""
         spec = _spec(trainer, params)
         priority = priority or self.config.default_priority
         if priority not in self.config.priorities:
             raise QueueError(f"unknown priority {priority!r}; known: {', '.join(self.config.priorities)}",
                              field="priority")
         tenant = tenant or self.config.default_tenant
+        allowed = self.config.allowed_priorities(tenant)
+        if priority not in allowed:
+            raise QueueError(f"tenant {tenant} may use priorities {', '.join(allowed)}, not {priority!r}",
+                             field="priority")
         gang = Gang.of(spec)
-        job_id = new_run_name(trainer)
+        clean = validated_params(spec, params)
+        idempotency = None
+        if idempotency_key is not None:
+            request = json.dumps([trainer, clean, priority], sort_keys=True)
+            idempotency = (idempotency_key, hashlib.sha256(request.encode()).hexdigest())
+            try:
+                first = self.store.job_for_key(tenant, *idempotency)
+            except KeyReused as exc:
+                raise Conflict(str(exc), field="Idempotency-Key") from None
+            if first is not None:
+                return _as_answered(first)
+        self._check_rate(tenant)
         reason = self._never_fits(gang, tenant)
         state = JobState.REJECTED if reason else JobState.QUEUED
-        job = self.store.add(id=job_id, trainer=trainer, params=validated_params(spec, params), tenant=tenant,
-                             priority=priority,
-                             workers=gang.workers, cpus_per_worker=gang.cpus_per_worker,
-                             gpus_per_worker=gang.gpus_per_worker, state=state, message=reason or "")
-        if reason:
-            raise Infeasible(f"job {job.id} rejected: {reason}", field="params")
-        return job
+        try:
+            job = self.store.add(id=new_run_name(trainer), trainer=trainer, params=clean, tenant=tenant,
+                                 priority=priority, workers=gang.workers, cpus_per_worker=gang.cpus_per_worker,
+                                 gpus_per_worker=gang.gpus_per_worker, state=state, message=reason or "",
+                                 idempotency=idempotency)
+        except KeyReused as exc:
+            raise Conflict(str(exc), field="Idempotency-Key") from None
+        return _as_answered(job)
+
+    def _check_rate(self, tenant: str) -> None:
+        limit = self.config.submit_rate_per_minute
+        if limit is None:
+            return
+        now = time.time()
+        recent = sorted(self.store.submitted_since(tenant, now - 60))
+        if len(recent) >= limit:
+            retry_after = max(1, math.ceil(recent[len(recent) - limit] + 60 - now))
+            raise RateLimited(f"tenant {tenant} submitted {len(recent)} jobs in the last minute (limit {limit}); "
+                              f"retry in {retry_after} s", retry_after)
 
     def validate(self, trainer: str, params: dict[str, Any], *, tenant: str | None = None) -> Validation:
         """Would this request be accepted? Nothing is queued. Raises QueueError on bad parameters."""
@@ -148,8 +193,11 @@ class Queue:
         return job
 
     def list(self, *, tenant: str | None = None, states: list[JobState] | None = None,
-             limit: int | None = None) -> list[JobRecord]:
-        return self.store.list(tenant=tenant, states=states, limit=limit)
+             limit: int | None = None, newest_first: bool = False, after_id: str | None = None) -> list[JobRecord]:
+        """`after_id` (newest first): the page after that job, for a client paging through its jobs."""
+        before = self.get(after_id, tenant=tenant) if after_id else None
+        return self.store.list(tenant=tenant, states=states, limit=limit, newest_first=newest_first or bool(before),
+                               before=before)
 
     def logs(self, job_id: str, *, tenant: str | None = None) -> str:
         job = self.get(job_id, tenant=tenant)
@@ -160,13 +208,26 @@ class Queue:
     # ------------------------------------------------------------------ cancel
 
     def cancel(self, job_id: str, *, tenant: str | None = None) -> JobRecord:
-        job = self.get(job_id, tenant=tenant)
-        if job.state.is_terminal():
-            raise QueueError(f"job {job_id} is already {job.state.value}", field="job_id")
-        was_active = job.state in ACTIVE
-        job = self.store.transition(job_id, JobState.CANCELLED, expect=job.state, message="cancelled by its owner")
-        if was_active and job.ray_submission_id:
-            self.ray_client().stop_job(job.ray_submission_id)  # the job fits (we admitted it), so stop is prompt
+        """Mark the job CANCELLED and ask Ray to stop it. The dispatcher stops any Ray job of a cancelled
+        record every cycle until Ray confirms, so a cancel that races an admission or a stop that fails
+        here still ends the job in Ray; this call never waits on Ray."""
+        for _ in range(5):  # the dispatcher may move the job between our read and our write
+            job = self.get(job_id, tenant=tenant)
+            if job.state.is_terminal():
+                raise Conflict(f"job {job_id} is already {job.state.value}", field="job_id")
+            try:
+                job = self.store.transition(job_id, JobState.CANCELLED, expect=job.state,
+                                            message="cancelled by its owner")
+                break
+            except InvalidTransition:
+                continue
+        else:
+            raise Conflict(f"job {job_id} keeps changing state; try again", field="job_id")
+        if job.ray_submission_id:
+            try:
+                self.ray_client().stop_job(job.ray_submission_id)
+            except Exception:  # noqa: BLE001 - not in Ray yet, or Ray away: the dispatcher's sweep stops it
+                pass
         return job
 
     # ------------------------------------------------------------------ GPUs
@@ -189,6 +250,13 @@ class Queue:
 
     def ray_client(self):
         return job_client(self.settings.dashboard_url)
+
+
+def _as_answered(job: JobRecord) -> JobRecord:
+    """A rejected request raises, the first time and on every retry with its key."""
+    if job.state is JobState.REJECTED:
+        raise Infeasible(f"job {job.id} rejected: {job.message}", field="params")
+    return job
 
 
 def _spec(trainer: str, params: dict[str, Any]):

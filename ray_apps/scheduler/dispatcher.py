@@ -50,6 +50,7 @@ log = logging.getLogger("oppen.dispatcher")
 HEARTBEAT_FILE = "dispatcher.heartbeat"  # in the settings' state dir, rewritten after every cycle
 NODE_SAMPLE_S = 10.0  # how often the worker groups' nodes are counted into node-hours
 ADOPT_S = 5.0         # how often Ray's job list is read for jobs submitted around the queue
+PRUNE_S = 60.0        # how often REJECTED requests past their retention are forgotten
 
 
 @dataclass
@@ -85,6 +86,7 @@ class Dispatcher:
         self.waiting: dict[str, str] = {}  # why each queued job waited, as of the last cycle
         self._nodes_sampled_at: float | None = None
         self._adopted_at: float | None = None
+        self._pruned_at = 0.0
         self._to_forecast: SimpleQueue[str] | None = None  # admitted jobs whose pre-start forecast to record
 
     @property
@@ -113,10 +115,14 @@ class Dispatcher:
             ray_jobs = {j.submission_id: j for j in listed if j.submission_id}
             for job in active:
                 self._reconcile(job, ray_jobs.get(job.ray_submission_id), report)
+            self._stop_cancelled(ray_jobs)
             if adopt:
                 self._adopted_at = now
                 report.adopted = adopt_unknown(self.queue.store, listed, self.queue.store.known_ids(ray_jobs))
         report.metered = self.costs.settle(self._ray_end_time)
+        if now - self._pruned_at >= PRUNE_S:
+            self._pruned_at = now
+            self.queue.store.prune_rejected(now - self.queue.config.rejected_retention_s)
 
         active = self.queue.store.list(states=ACTIVE)
         queued = self.queue.store.list(states=[JobState.QUEUED])
@@ -234,6 +240,8 @@ class Dispatcher:
                     report.requeued.append(job.id)
                 return
             started = (info.start_time or time.time() * 1000) / 1000
+            if job.state is JobState.PREEMPTING and status in ("PENDING", "RUNNING"):
+                self._stop(job.ray_submission_id)  # a stop that failed, or one Ray has not acted on yet
             if status == "RUNNING" and job.state is JobState.STARTING:
                 self.queue.store.transition(job.id, JobState.RUNNING, expect=job.state, started_at=started)
                 self.queue.store.attempt_started(job.id, job.attempt, started)
@@ -256,6 +264,20 @@ class Dispatcher:
         except InvalidTransition:
             pass  # someone else (a cancel, another dispatcher) moved it first: theirs stands
 
+    def _stop_cancelled(self, ray_jobs: dict) -> None:
+        """A job the queue has cancelled stops in Ray, however the two raced (a cancel while it was being
+        admitted, a stop that failed): asked again every cycle until Ray says it is over."""
+        live = [sid for sid, info in ray_jobs.items() if info.status.value in ("PENDING", "RUNNING")]
+        for sid in self.queue.store.cancelled_submissions(live):
+            self._stop(sid)
+
+    def _stop(self, submission_id: str) -> None:
+        try:
+            self.client.stop_job(submission_id)
+            log.info("stopping %s in Ray", submission_id)
+        except Exception as exc:  # noqa: BLE001 - Ray not ready or away: the next cycle asks again
+            log.warning("could not stop %s yet: %s", submission_id, exc)
+
     def _ray_end_time(self, job: JobRecord) -> float | None:
         """When Ray ended a job the queue finished on its own (a cancel): closes its open attempt."""
         try:
@@ -270,7 +292,7 @@ class Dispatcher:
                                               message="preempted by a higher-priority job")
         except InvalidTransition:
             return False
-        self.client.stop_job(job.ray_submission_id)
+        self._stop(job.ray_submission_id)  # retried by _reconcile while Ray still runs it
         log.info("preempting %s", job_id)
         return True
 
@@ -295,6 +317,8 @@ class Dispatcher:
         return True
 
     def _submit(self, job: JobRecord) -> None:
+        if self.queue.store.get(job.id).state is not JobState.STARTING:
+            return  # cancelled while being admitted: never handed to Ray (a later cancel is swept)
         extra = ["--run-name", job.id]
         if job.mlflow_run_id:
             extra += ["--mlflow-run-id", job.mlflow_run_id]

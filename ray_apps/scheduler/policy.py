@@ -50,6 +50,9 @@ class PriorityClass:
     name: str
     rank: int                          # higher runs first
     preempt_after_s: float | None = None  # None: never preempts
+    # By default a job stops only its own tenant's jobs: across tenants, the victim's tenant would pay
+    # for a restart it did not choose.
+    preempts_other_tenants: bool = False
 
 
 @dataclass(frozen=True)
@@ -201,6 +204,8 @@ def _victims(job: QueuedJob, cls: PriorityClass, candidates: list[RunningJob], f
     for victim in candidates:
         if cfg.classes[victim.priority].rank >= cls.rank:
             break
+        if victim.tenant != job.tenant and not cls.preempts_other_tenants:
+            continue
         chosen.append(victim)
         pool["CPU"] += victim.gang.cpus
         pool["GPU"] += victim.gang.gpus

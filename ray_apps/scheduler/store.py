@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 from sqlalchemy import (JSON, Column, Float, ForeignKey, Integer, MetaData, String, Table, Text, create_engine, event,
-                        insert, or_, select, update)
+                        and_, delete, insert, or_, select, update)
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
@@ -43,6 +43,16 @@ jobs = Table(
     Column("mlflow_run_id", String(64)),
     Column("message", Text, nullable=False, default=""),
     Column("updated_at", Float, nullable=False),
+)
+
+# An `Idempotency-Key` per tenant: a retried submit returns the job the first one made.
+submit_keys = Table(
+    "submit_keys", metadata,
+    Column("tenant", String(64), primary_key=True),
+    Column("key", String(128), primary_key=True),
+    Column("job_id", String(64), ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False),
+    Column("request_sha256", String(64), nullable=False),
+    Column("created_at", Float, nullable=False),
 )
 
 job_events = Table(
@@ -118,6 +128,10 @@ class UnknownJob(KeyError):
 
 class InvalidTransition(ValueError):
     pass
+
+
+class KeyReused(ValueError):
+    """An idempotency key came back with a different request."""
 
 
 @dataclass(frozen=True)
@@ -217,17 +231,57 @@ class JobStore:
 
     def add(self, *, id: str, trainer: str, params: dict, tenant: str, priority: str, workers: int,
             cpus_per_worker: float, gpus_per_worker: float, state: JobState = JobState.QUEUED,
-            message: str = "", now: float | None = None) -> JobRecord:
+            message: str = "", now: float | None = None,
+            idempotency: tuple[str, str] | None = None) -> JobRecord:
+        """Store a new job. With `idempotency` (key, request hash), a key the tenant used before returns
+        that job instead (KeyReused if it came with a different request)."""
         now = time.time() if now is None else now
         row = dict(id=id, trainer=trainer, params=params, tenant=tenant, priority=priority, state=state.value,
                    workers=workers, cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
                    submitted_at=now, attempt=0, message=message, updated_at=now,
                    ended_at=now if state.is_terminal() else None)
-        with self.engine.begin() as conn:
-            conn.execute(insert(jobs).values(**row))
-            conn.execute(insert(job_events).values(job_id=id, at=now, from_state=None, to_state=state.value,
-                                                   message=message))
+        if idempotency and (first := self.job_for_key(tenant, *idempotency)):
+            return first
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(insert(jobs).values(**row))
+                conn.execute(insert(job_events).values(job_id=id, at=now, from_state=None, to_state=state.value,
+                                                       message=message))
+                if idempotency:
+                    conn.execute(insert(submit_keys).values(tenant=tenant, key=idempotency[0], job_id=id,
+                                                            request_sha256=idempotency[1], created_at=now))
+        except IntegrityError:
+            if idempotency and (first := self.job_for_key(tenant, *idempotency)):
+                return first  # a concurrent retry stored it first
+            raise
         return self.get(id)
+
+    def job_for_key(self, tenant: str, key: str, request_sha256: str) -> JobRecord | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(submit_keys).where(submit_keys.c.tenant == tenant,
+                                                         submit_keys.c.key == key)).first()
+        if row is None:
+            return None
+        if row.request_sha256 != request_sha256:
+            raise KeyReused(f"Idempotency-Key {key!r} was used for a different request (job {row.job_id})")
+        return self.get(row.job_id)
+
+    def submitted_since(self, tenant: str, since: float) -> list[float]:
+        """Submission times of the tenant's jobs since `since` (its submit rate)."""
+        with self.engine.connect() as conn:
+            return [r.submitted_at for r in conn.execute(select(jobs.c.submitted_at).where(
+                jobs.c.tenant == tenant, jobs.c.submitted_at >= since))]
+
+    def prune_rejected(self, before: float) -> int:
+        """Forget REJECTED requests that ended before `before` (they never ran and cost nothing)."""
+        with self.engine.begin() as conn:
+            ids = [r.id for r in conn.execute(select(jobs.c.id).where(
+                jobs.c.state == JobState.REJECTED.value, jobs.c.ended_at < before))]
+            if ids:
+                conn.execute(delete(submit_keys).where(submit_keys.c.job_id.in_(ids)))
+                conn.execute(delete(job_events).where(job_events.c.job_id.in_(ids)))
+                conn.execute(delete(jobs).where(jobs.c.id.in_(ids)))
+        return len(ids)
 
     def adopt(self, *, id: str, trainer: str, params: dict, tenant: str, priority: str, workers: int,
               cpus_per_worker: float, gpus_per_worker: float, ray_status: str, started_at: float | None,
@@ -266,6 +320,16 @@ class JobStore:
                 or_(jobs.c.id.in_(ids), jobs.c.ray_submission_id.in_(ids)))).all()
         return {v for row in rows for v in row if v in ids}
 
+    def cancelled_submissions(self, submission_ids: Iterable[str]) -> set[str]:
+        """Which of these Ray submissions belong to jobs the queue has cancelled."""
+        ids = list(submission_ids)
+        if not ids:
+            return set()
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(jobs.c.ray_submission_id).where(
+                jobs.c.state == JobState.CANCELLED.value, jobs.c.ray_submission_id.in_(ids))).all()
+        return {row.ray_submission_id for row in rows}
+
     def get(self, job_id: str) -> JobRecord:
         with self.engine.connect() as conn:
             row = conn.execute(select(jobs).where(jobs.c.id == job_id)).first()
@@ -274,9 +338,17 @@ class JobStore:
         return JobRecord.from_row(row)
 
     def list(self, *, states: Iterable[JobState] | None = None, tenant: str | None = None,
-             limit: int | None = None, ended_after: float | None = None) -> list[JobRecord]:
-        """Jobs in submission order; `ended_after` keeps those still open or ended since then."""
-        query = select(jobs).order_by(jobs.c.submitted_at, jobs.c.id)
+             limit: int | None = None, ended_after: float | None = None, newest_first: bool = False,
+             before: JobRecord | None = None) -> list[JobRecord]:
+        """Jobs in submission order (or newest first); `ended_after` keeps those still open or ended since
+        then; `before` (newest first) continues a listing after that job."""
+        if newest_first:
+            query = select(jobs).order_by(jobs.c.submitted_at.desc(), jobs.c.id.desc())
+            if before is not None:
+                query = query.where(or_(jobs.c.submitted_at < before.submitted_at,
+                                        and_(jobs.c.submitted_at == before.submitted_at, jobs.c.id < before.id)))
+        else:
+            query = select(jobs).order_by(jobs.c.submitted_at, jobs.c.id)
         if ended_after is not None:
             query = query.where(or_(jobs.c.ended_at.is_(None), jobs.c.ended_at >= ended_after))
         if states is not None:

@@ -1,7 +1,8 @@
 """The platform's REST API on Ray Serve: the queue over HTTP.
 
-    POST   /v1/jobs           queue a catalogued trainer      201 / 401 / 422
-    GET    /v1/jobs           the caller's jobs
+    POST   /v1/jobs           queue a catalogued trainer      201 / 401 / 403 / 409 / 422 / 429
+                              (Idempotency-Key: a retry returns the first job)
+    GET    /v1/jobs           the caller's jobs, newest first (?limit=&after=<last id>)
     GET    /v1/jobs/{id}      one job and its events          404 if unknown or not the caller's
     DELETE /v1/jobs/{id}      cancel it                       409 if already finished
     GET    /v1/gpus           GPUs by node, and queued demand
@@ -24,7 +25,7 @@ and cancel, admins see every tenant. Without tokens the platform is loopback onl
 # handlers' annotations outside this module, so they must be real types, not strings.
 from typing import Any
 
-from fastapi import FastAPI, Header
+from fastapi import FastAPI, Header, HTTPException, Query, Response
 from fastapi.responses import HTMLResponse
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
@@ -33,7 +34,7 @@ from ray.serve.handle import DeploymentHandle
 from ray_apps.ray_client import PlatformError
 from ray_apps.config import load_settings
 from ray_apps.observability.status import PAGE as STATUS_PAGE
-from ray_apps.scheduler.api import Infeasible, JobNotFound, Queue, QueueError
+from ray_apps.scheduler.api import Conflict, Infeasible, JobNotFound, Queue, QueueError, RateLimited
 from ray_apps.scheduler.states import JobState
 from ray_apps.scheduler.store import JobRecord
 from ray_apps.serve.cost_service import CostForecaster
@@ -113,6 +114,15 @@ def users() -> Users:
     return _users[0]
 
 
+def _acting_tenant(caller: Caller, asked: str | None) -> str | None:
+    """The tenant a job is submitted for: the caller's own; an admin (or local mode) may name one."""
+    if caller.role is Role.ADMIN:
+        return asked or caller.tenant
+    if asked not in (None, caller.tenant):
+        raise problem(403, "tenant", f"your token is for tenant {caller.tenant!r}, not {asked!r}")
+    return caller.tenant
+
+
 limit_body_size(app)
 require_token(app, users, public=("/v1/health", "/status"))
 
@@ -130,11 +140,19 @@ class PlatformAPI:
         return caller_of(users(), authorization).scope
 
     @app.post("/v1/jobs", status_code=201, response_model=JobOut)
-    def submit(self, body: SubmitJob, authorization: str | None = Header(None)) -> JobOut:
+    def submit(self, body: SubmitJob, authorization: str | None = Header(None),
+               idempotency_key: str | None = Header(None, max_length=128, pattern=r"^[\x21-\x7e]+$", description=(
+                   "retrying with the same key returns the job the first request made"))) -> JobOut:
         caller = caller_of(users(), authorization, role=Role.MEMBER, action="submitting a job")
         tenant = _acting_tenant(caller, body.tenant)
         try:
-            job = self.queue.submit(body.trainer, body.params, priority=body.priority, tenant=tenant)
+            job = self.queue.submit(body.trainer, body.params, priority=body.priority, tenant=tenant,
+                                    idempotency_key=idempotency_key)
+        except RateLimited as exc:
+            raise HTTPException(429, detail={"field": exc.field, "reason": str(exc)},
+                                headers={"Retry-After": str(exc.retry_after)}) from None
+        except Conflict as exc:
+            raise problem(409, exc.field, str(exc)) from None
         except Infeasible as exc:
             raise problem(422, exc.field, str(exc)) from None
         except QueueError as exc:
@@ -142,11 +160,19 @@ class PlatformAPI:
         return JobOut.of(job)
 
     @app.get("/v1/jobs", response_model=list[JobOut])
-    def list_jobs(self, state: JobState | None = None, limit: int = 200,
+    def list_jobs(self, response: Response, state: JobState | None = None, limit: int = 200,
+                  after: str | None = Query(None, max_length=64, description="the last job id of the previous page"),
                   authorization: str | None = Header(None)) -> list[JobOut]:
-        if not 1 <= limit <= 10_000:
-            raise problem(422, "limit", "must be between 1 and 10000")
-        jobs = self.queue.list(tenant=self._tenant(authorization), states=[state] if state else None, limit=limit)
+        """The caller's jobs, newest first; the `X-Next-After` header is the `after` of the next page."""
+        if not 1 <= limit <= 1000:
+            raise problem(422, "limit", "must be between 1 and 1000")
+        try:
+            jobs = self.queue.list(tenant=self._tenant(authorization), states=[state] if state else None,
+                                   limit=limit, newest_first=True, after_id=after)
+        except JobNotFound:
+            raise problem(422, "after", f"no job {after!r} of yours to continue after") from None
+        if len(jobs) == limit:
+            response.headers["X-Next-After"] = jobs[-1].id
         return [JobOut.of(j) for j in jobs]
 
     @app.get("/v1/jobs/{job_id}", response_model=JobDetail)
@@ -220,15 +246,6 @@ class PlatformAPI:
             return self.queue.get(job_id, tenant=self._tenant(authorization))
         except JobNotFound:
             raise problem(404, "job_id", f"no job {job_id!r}") from None
-
-
-def _acting_tenant(caller: Caller, asked: str | None) -> str | None:
-    """The tenant a job is submitted for: the caller's own; an admin (or local mode) may name one."""
-    if caller.role is Role.ADMIN:
-        return asked or caller.tenant
-    if asked not in (None, caller.tenant):
-        raise problem(403, "tenant", f"your token is for tenant {caller.tenant!r}, not {asked!r}")
-    return caller.tenant
 
 
 def app_builder(args: dict[str, Any]) -> serve.Application:

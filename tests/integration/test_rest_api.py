@@ -130,3 +130,23 @@ def test_a_chunked_oversized_body_is_refused_before_parsing_while_the_api_keeps_
     assert status == 413
     assert all(r.status_code == 200 for r in listing)
     assert time.monotonic() - t0 < 20
+
+
+def test_a_retried_submit_with_its_key_returns_the_first_job_and_a_flood_gets_429(api):
+    body = {"trainer": "probe", "params": {"seconds": 0}}
+    key = {**A, "Idempotency-Key": f"retry-{time.time()}"}
+    first = requests.post(f"{api}/jobs", json=body, headers=key, timeout=30)
+    again = requests.post(f"{api}/jobs", json=body, headers=key, timeout=30)
+    assert first.status_code == again.status_code == 201 and first.json()["id"] == again.json()["id"]
+    other = requests.post(f"{api}/jobs", json={**body, "params": {"seconds": 1}}, headers=key, timeout=30)
+    assert other.status_code == 409 and other.json()["detail"]["field"] == "Idempotency-Key"
+    # Newest first, paged by the last id seen.
+    page = requests.get(f"{api}/jobs", params={"limit": 1}, headers=A, timeout=10)
+    assert page.json()[0]["id"] == first.json()["id"] and page.headers["X-Next-After"] == first.json()["id"]
+    older = requests.get(f"{api}/jobs", params={"limit": 1, "after": first.json()["id"]}, headers=A, timeout=10)
+    assert older.json()[0]["submitted_at"] <= first.json()["submitted_at"] and older.json()[0]["id"] != first.json()["id"]
+    # 60 a minute per tenant (the test platform's limit): never-fitting requests, so nothing runs.
+    flood = {"trainer": "probe", "params": {"gpus_per_worker": 64}, "tenant": "team-flood"}
+    answers = [requests.post(f"{api}/jobs", json=flood, headers=ADMIN, timeout=30) for _ in range(61)]
+    assert [a.status_code for a in answers[:60]] == [422] * 60
+    assert answers[60].status_code == 429 and 1 <= int(answers[60].headers["Retry-After"]) <= 60

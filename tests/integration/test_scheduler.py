@@ -237,3 +237,30 @@ def test_ray_head_restart_keeps_every_job_exactly_once(platform, queue, dispatch
     assert on_new_head.count(f"{lost}-r2") == 1 and lost not in on_new_head
     resumed = job_logs(platform, f"{lost}-r2")
     assert float(resumed.split("start_s=")[1].split()[0]) >= 2  # resumed from its checkpoint
+
+
+def test_a_cancel_racing_admission_never_leaves_a_job_running_in_ray(queue, platform):
+    """50 jobs, each cancelled at a different moment around its admission (queued, being admitted,
+    submitted, starting, running). Whatever the order, none runs on in Ray under a CANCELLED record."""
+    from ray.job_submission import JobSubmissionClient
+
+    ids = []
+    for i in range(50):
+        job = probe(queue, seconds=30, gpus=0, tenant="team-race")  # its own tenant: 50 within the rate limit
+        time.sleep((i % 10) * 0.12)  # 0 to 1.1 s: both sides of the dispatcher's admission
+        assert queue.cancel(job).state is JobState.CANCELLED
+        ids.append(job)
+    client = JobSubmissionClient(platform.dashboard_url)
+    mine = set(ids)
+
+    def live_in_ray():
+        return [j.submission_id for j in client.list_jobs()
+                if (j.metadata or {}).get("queue_job_id") in mine and j.status.value in ("PENDING", "RUNNING")]
+
+    deadline = time.monotonic() + 60
+    while (left := live_in_ray()) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert left == [], left
+    assert all(queue.get(i).state is JobState.CANCELLED for i in ids)
+    submitted = [i for i in ids if queue.get(i).ray_submission_id]
+    print(f"{len(submitted)} of 50 reached admission before their cancel; none left running")

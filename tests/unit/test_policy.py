@@ -101,3 +101,30 @@ def test_nodes_counted_on_by_one_scaling_job_are_not_promised_to_the_next():
     # A gang may use what is free now and one new node together.
     p = plan([q("a", at=0, gang=two_gpus)], [], [{"CPU": 1, "GPU": 1}], CFG, now=1, addable=addable[:1])
     assert p.scale_up == ["a"]
+
+
+def test_a_job_preempts_only_its_own_tenant_unless_its_class_may_cross_tenants():
+    nodes = [{"CPU": 1, "GPU": 0}]
+    theirs, mine = r("theirs", "low", at=2, tenant="b"), r("mine", "low", at=1, tenant="a")
+    p = plan([q("h", "high", at=0, tenant="a")], [theirs, mine], nodes, CFG, now=1000)
+    assert p.preempt == ["mine"]  # the newer low job is team b's: passed over
+    p = plan([q("h", "high", at=0, tenant="a")], [theirs], nodes, CFG, now=1000)
+    assert p.preempt == [] and "h" in p.waiting
+    crossing = PolicyConfig(classes={**CLASSES, "high": PriorityClass("high", 2, 60, preempts_other_tenants=True)})
+    assert plan([q("h", "high", at=0, tenant="a")], [theirs], nodes, crossing, now=1000).preempt == ["theirs"]
+
+
+def test_a_tenant_uses_only_the_priority_classes_it_is_given(tmp_path):
+    import pytest
+
+    from ray_apps.config import SettingsError
+    from ray_apps.scheduler.config import load_queue_config
+
+    path = tmp_path / "queue.yaml"
+    path.write_text("tenants:\n  team-b: {priorities: [normal, low]}\n")
+    config = load_queue_config(path)
+    assert config.allowed_priorities("team-b") == ["normal", "low"]
+    assert config.allowed_priorities("team-a") == ["high", "normal", "low"]
+    path.write_text("tenants:\n  team-b: {priorities: [urgent]}\n")
+    with pytest.raises(SettingsError, match="team-b: unknown priorities urgent"):
+        load_queue_config(path)

@@ -116,3 +116,43 @@ def test_utilisation_is_the_jobs_hours_over_the_nodes_hours():
     empty = CostReport(since=None, until=0, group_by=("tenant",))
     empty.set_node_usage([])
     assert empty.gpu_utilisation is None   # single-head mode: nothing to set jobs against
+
+
+def test_an_idempotency_key_returns_the_first_job_and_refuses_another_request(store):
+    from ray_apps.scheduler.store import KeyReused
+
+    first = add(store, "j1", idempotency=("k1", "hash-a"))
+    assert add(store, "j2", idempotency=("k1", "hash-a")).id == "j1"  # the retry: the same job
+    assert [j.id for j in store.list()] == ["j1"]
+    assert add(store, "j3", tenant="b", idempotency=("k1", "hash-a")).id == "j3"  # keys are per tenant
+    with pytest.raises(KeyReused, match="used for a different request \\(job j1\\)"):
+        add(store, "j4", idempotency=("k1", "hash-b"))
+    assert first.state is JobState.QUEUED
+
+
+def test_newest_first_pages_continue_after_the_last_job_seen(store):
+    for i in range(7):
+        add(store, f"j{i}", now=float(i // 2))  # equal submission times are ordered by id
+    pages, before = [], None
+    while page := store.list(newest_first=True, limit=3, before=before):
+        pages.append([j.id for j in page])
+        before = page[-1]
+    assert pages == [["j6", "j5", "j4"], ["j3", "j2", "j1"], ["j0"]]
+
+
+def test_rejected_requests_are_forgotten_after_their_retention_and_nothing_else_is(store):
+    add(store, "old-rejected", state=JobState.REJECTED, now=10.0, idempotency=("k", "h"))
+    add(store, "new-rejected", state=JobState.REJECTED, now=100.0)
+    add(store, "old-queued", now=10.0)
+    assert store.prune_rejected(before=50.0) == 1
+    assert {j.id for j in store.list()} == {"new-rejected", "old-queued"}
+    assert store.events("old-rejected") == []
+
+
+def test_cancelled_submissions_are_found_among_ray_s_live_jobs(store):
+    add(store, "j1")
+    add(store, "j2")
+    store.transition("j1", JobState.STARTING, ray_submission_id="j1")
+    store.transition("j2", JobState.STARTING, ray_submission_id="j2-r2")
+    store.transition("j1", JobState.CANCELLED)
+    assert store.cancelled_submissions(["j1", "j2-r2", "unknown"]) == {"j1"}
