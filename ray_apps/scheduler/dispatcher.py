@@ -37,6 +37,7 @@ from pathlib import Path
 from queue import SimpleQueue
 
 from ray_apps.autoscaler import ResourceRequester
+from ray_apps.ray_client import http_get
 from ray_apps.scheduler import policy
 from ray_apps.scheduler.adoption import ADOPTED_PRIORITY, adopt_unknown
 from ray_apps.scheduler.api import Queue, QueueError, ray_submission_id
@@ -50,6 +51,7 @@ log = logging.getLogger("oppen.dispatcher")
 HEARTBEAT_FILE = "dispatcher.heartbeat"  # in the settings' state dir, rewritten after every cycle
 NODE_SAMPLE_S = 10.0  # how often the worker groups' nodes are counted into node-hours
 ADOPT_S = 5.0         # how often Ray's job list is read for jobs submitted around the queue
+MLFLOW_CHECK_S = 1.0  # a stalled MLflow must not stall the cycle
 PRUNE_S = 60.0        # how often REJECTED requests past their retention are forgotten
 
 
@@ -87,6 +89,7 @@ class Dispatcher:
         self._nodes_sampled_at: float | None = None
         self._adopted_at: float | None = None
         self._pruned_at = 0.0
+        self._alive_at: dict[str, float] = {}  # when Ray last reported each active job alive
         self._to_forecast: SimpleQueue[str] | None = None  # admitted jobs whose pre-start forecast to record
 
     @property
@@ -134,13 +137,15 @@ class Dispatcher:
             return report
         capacity = self.queue.capacity()
         self._sample_nodes(now, capacity)
+        held = self._waiting_for_mlflow(queued)
+        queued = [j for j in queued if j.id not in held]
         plan = policy.plan(
             [policy.QueuedJob(j.id, j.tenant, j.priority, j.submitted_at, _gang(j)) for j in queued],
             [policy.RunningJob(j.id, j.tenant, self._policy_class(j), j.started_at or j.submitted_at, _gang(j))
              for j in active if j.state is not JobState.PREEMPTING],
             self._free_nodes(active, capacity.resources), self.queue.config.policy(), now,
             addable=capacity.addable)
-        self.waiting = plan.waiting
+        self.waiting = {**plan.waiting, **held}
         for job_id in plan.preempt:
             if self._preempt(job_id):
                 report.preempted.append(job_id)
@@ -150,6 +155,18 @@ class Dispatcher:
         self._ask_autoscaler(plan, active, queued)
         self._forecast_later(report.admitted)
         return report
+
+    def _waiting_for_mlflow(self, queued: list[JobRecord]) -> dict[str, str]:
+        """Jobs that log to MLflow wait while it is unreachable, out of the plan: what they would have
+        taken goes to jobs that do not need it, instead of being held for a start that cannot happen."""
+        tracked = [j for j in queued if spec_for(j.trainer).tracked and not j.mlflow_run_id]
+        if not tracked:
+            return {}
+        uri = self.queue.settings.tracking_uri
+        if http_get(f"{uri}/health", timeout=MLFLOW_CHECK_S) is not None:
+            return {}
+        return {j.id: f"waiting for MLflow at {uri} (unreachable); jobs that need no MLflow go first"
+                for j in tracked}
 
     def _policy_class(self, job: JobRecord) -> str:
         """An adopted job counts in its tenant's usage but is never a victim: the queue did not start it."""
@@ -236,10 +253,15 @@ class Dispatcher:
                 elif job.state in (JobState.RUNNING, JobState.PREEMPTING):  # lost with a restarted head
                     self.queue.store.transition(job.id, JobState.QUEUED, expect=job.state,
                                                 message="not known to Ray (head restarted?); requeued to resume")
-                    self.queue.store.attempt_ended(job.id, job.attempt, time.time())
+                    # Billed to the last moment it was seen running, not to when its loss was noticed.
+                    self.queue.store.attempt_ended(job.id, job.attempt, self._alive_at.pop(job.id, time.time()))
                     report.requeued.append(job.id)
                 return
             started = (info.start_time or time.time() * 1000) / 1000
+            if status in ("PENDING", "RUNNING"):
+                self._alive_at[job.id] = time.time()
+            else:
+                self._alive_at.pop(job.id, None)
             if job.state is JobState.PREEMPTING and status in ("PENDING", "RUNNING"):
                 self._stop(job.ray_submission_id)  # a stop that failed, or one Ray has not acted on yet
             if status == "RUNNING" and job.state is JobState.STARTING:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 from fastapi import FastAPI, HTTPException, Request
@@ -10,6 +11,11 @@ from fastapi.responses import JSONResponse
 from ray_apps.auth import AuthError, Caller, Role, Users
 
 MAX_BODY_BYTES = 64 * 1024
+
+# The Serve apps answer people: an MLflow that stalls is "unavailable" after 2 s (MLflow's client
+# waits 120 s and retries 7 times by default). Training jobs keep MLflow's patient defaults.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
 
 
 def _internal_grpc_on_node_address() -> None:
@@ -112,6 +118,22 @@ def _replay(messages: list[dict], then=None):
 def limit_body_size(app: FastAPI, max_bytes: int = MAX_BODY_BYTES) -> None:
     """Refuse bodies over `max_bytes` by the bytes read (chunked bodies too), before anything parses them."""
     app.add_middleware(_BodyLimit, max_bytes=max_bytes)
+
+
+def mlflow_unavailable_is_503(app: FastAPI) -> None:
+    """MLflow down or stalled: a 503 saying so, on every route that needed it (not a 500 or a hang)."""
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    def unavailable(request: Request, exc: Exception) -> JSONResponse:
+        if isinstance(exc, MlflowException) and "API request to" not in str(exc):
+            raise exc  # an MLflow answer (not found, bad input): the route's own handling applies
+        return JSONResponse(status_code=503, headers={"Retry-After": "10"}, content={"detail": {
+            "field": None, "reason": "MLflow is unavailable (the tracking server does not answer); try again "
+                                     "shortly. To fix: `oppen status`, then `oppen up` to restart what is down."}})
+
+    app.add_exception_handler(MlflowException, unavailable)
+    app.add_exception_handler(requests.exceptions.RequestException, unavailable)
 
 
 def caller_of(users: Users, authorization: str | None, *, role: Role = Role.VIEWER, action: str = "this") -> Caller:

@@ -39,7 +39,8 @@ from ray_apps.scheduler.states import JobState
 from ray_apps.scheduler.store import JobRecord
 from ray_apps.serve.cost_service import CostForecaster
 from ray_apps.auth import Caller, Role, Users
-from ray_apps.serve.http_common import ON_HEAD_NODE, caller_of, limit_body_size, problem, require_token
+from ray_apps.serve.http_common import (ON_HEAD_NODE, caller_of, limit_body_size, mlflow_unavailable_is_503, problem,
+                                        require_token)
 
 app = FastAPI(title="Oppen platform API", version="1",
               description="A durable priority queue with quotas and preemption in front of Ray.")
@@ -124,6 +125,7 @@ def _acting_tenant(caller: Caller, asked: str | None) -> str | None:
 
 
 limit_body_size(app)
+mlflow_unavailable_is_503(app)
 require_token(app, users, public=("/v1/health", "/status"))
 
 

@@ -227,8 +227,13 @@ def test_ray_head_restart_keeps_every_job_exactly_once(platform, queue, dispatch
         time.sleep(0.3)
     time.sleep(3)
     processes.stop(ServiceRegistry(platform.state_dir).running()["ray"])
+    down_at = time.time()
     cluster.up(platform, timeout=120, say=lambda s: None)  # a fresh head: Ray's job table is empty
     jobs = wait_all_done(queue, [lost, waiting], timeout=300)
+    # The lost attempt is billed to the last moment Ray reported it running, not to when the
+    # dispatcher noticed the new head (tens of seconds later).
+    first = next(a for a in queue.store.attempts([lost])[lost] if a.attempt == 1)
+    assert first.ended_at <= down_at + 1, (first, down_at)
     assert jobs[lost].state is JobState.SUCCEEDED and jobs[waiting].state is JobState.SUCCEEDED
     assert jobs[lost].attempt == 2
     assert any("head restarted" in e.message for e in queue.store.events(lost))
@@ -264,3 +269,31 @@ def test_a_cancel_racing_admission_never_leaves_a_job_running_in_ray(queue, plat
     assert all(queue.get(i).state is JobState.CANCELLED for i in ids)
     submitted = [i for i in ids if queue.get(i).ray_submission_id]
     print(f"{len(submitted)} of 50 reached admission before their cancel; none left running")
+
+
+def test_a_stalled_mlflow_holds_back_only_the_jobs_that_need_it_and_the_api_says_so(queue, platform):
+    """MLflow frozen (SIGSTOP, as a hung server): an MNIST job that logs to it waits, a probe that needs
+    no MLflow runs past it, and the models API answers 503 "MLflow is unavailable" instead of hanging."""
+    import requests
+
+    from ray_apps.cluster import serve_url
+
+    mlflow = ServiceRegistry(platform.state_dir).running()["mlflow"].processes()
+    for proc in mlflow:
+        proc.suspend()
+    try:
+        t0 = time.monotonic()
+        resp = requests.get(f"{serve_url(platform)}/v1/models/", headers={"Authorization": "Bearer token-a"},
+                            timeout=30)
+        assert resp.status_code == 503 and "MLflow is unavailable" in resp.json()["detail"]["reason"], resp.text
+        assert time.monotonic() - t0 < 5
+        mnist = queue.submit("mnist", {"epochs": 1, "train_samples": 256, "test_samples": 64},
+                             priority="high", tenant="team-b").id  # both CPUs, first in line
+        quick = probe(queue, seconds=1, gpus=0, tenant="team-b")
+        done = wait_all_done(queue, [quick], timeout=90)
+        assert done[quick].state is JobState.SUCCEEDED
+        assert queue.get(mnist).state is JobState.QUEUED
+    finally:
+        for proc in mlflow:
+            proc.resume()
+    queue.cancel(mnist)
