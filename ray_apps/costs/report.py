@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from dataclasses import dataclass, field
@@ -23,10 +24,17 @@ def parse_since(text: str | float | None, now: float | None = None) -> float | N
     if text is None or text == "":
         return None
     if isinstance(text, (int, float)):
+        if not math.isfinite(text):
+            raise ReportError(f"since={text!r}: expected a finite time")
         return float(text)
+    if len(text) > 40:
+        raise ReportError(f"since: expected a duration like 7d or an ISO date, got {len(text)} characters")
     match = _DURATION.match(text)
     if match:
-        return now - float(match.group(1)) * _UNIT_S[match.group(2)]
+        seconds = float(match.group(1)) * _UNIT_S[match.group(2)]
+        if not seconds <= 100 * 365 * 86400:
+            raise ReportError(f"since={text!r}: at most 100 years back")
+        return now - seconds
     try:
         from datetime import datetime, timezone
 

@@ -14,6 +14,7 @@ the store and written to their MLflow run (retried until MLflow takes it).
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from typing import Any
@@ -95,8 +96,8 @@ class CostService:
             if budget_usd is None:
                 raise ReportError(f"no budget given and tenant {tenant or '(all)'} has none in queue.yaml; "
                                   "pass a budget in USD")
-        if not budget_usd > 0:
-            raise ReportError(f"budget must be a positive amount in USD, got {budget_usd!r}")
+        if not (budget_usd > 0 and math.isfinite(budget_usd)):
+            raise ReportError(f"budget must be a positive, finite amount in USD, got {budget_usd!r}")
         now = time.time()
         start = parse_since(since, now) if since is not None else _month_start(now)
         jobs = self.queue.store.list(tenant=tenant, ended_after=start)

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import base64
 import io
-import os
-import shlex
 import tempfile
 import threading
 import time
@@ -28,6 +26,7 @@ from ray_apps.cluster import serve_url
 from ray_apps.serve.served_models import load_mnist_version
 from ray_apps.training import follow, submit_training
 from trainers.data import load_mnist
+from tests.unit.test_model_files import Payload  # a pickle whose loading runs a command
 from trainers.registry import get_version, list_models, promote, register_run, resolve, write_model_files
 
 pytestmark = pytest.mark.slow
@@ -156,17 +155,6 @@ def test_an_alias_move_rolls_over_with_zero_failed_requests(platform, models_url
     assert seen[:moved_at].count(v1) == moved_at >= 50 and v2 in seen[moved_at:]
     assert seen[-20:] == [v2] * 20  # rolled over and stayed
     print(f"alias move under load: {len(seen)} requests, 0 failed, {seen.count(v1)} on v{v1}, {seen.count(v2)} on v{v2}")
-
-
-class Payload(torch.nn.Module):
-    """A 'model' whose unpickling runs a shell command: creates `marker`."""
-
-    def __init__(self, marker):
-        super().__init__()
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return os.system, (f"touch {shlex.quote(self.marker)}",)
 
 
 def test_a_pickled_version_is_refused_and_never_unpickled(platform, models_url, mnist_versions, tmp_path):
