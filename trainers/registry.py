@@ -85,6 +85,13 @@ def _client(uri: str):
     return MlflowClient(uri, registry_uri=uri)
 
 
+def _unless_missing(exc: Exception) -> None:
+    """Only "does not exist" is an answer here: a server that is down or stalled must not read as
+    an empty registry, so anything else is raised on."""
+    if getattr(exc, "error_code", None) not in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND", "INVALID_PARAMETER_VALUE"):
+        raise exc
+
+
 def _check_name(name: str) -> None:
     if name not in SERVABLE:
         raise ModelNotFound(f"no model {name!r}; the registry holds one per trainer: {', '.join(SERVABLE)}", "name")
@@ -104,7 +111,8 @@ def register_run(uri: str, run_id: str) -> ModelVersion:
     client = _client(uri)
     try:
         run = client.get_run(run_id)
-    except MlflowException:
+    except MlflowException as exc:
+        _unless_missing(exc)
         raise ModelNotFound(f"no MLflow run {run_id!r} at {uri}", "run_id") from None
     trainer = run.data.tags.get("oppen.trainer")
     if trainer not in SERVABLE:
@@ -126,7 +134,8 @@ def register_run(uri: str, run_id: str) -> ModelVersion:
             **({"cost_usd": f"{cost:.6g}"} if cost is not None else {})}
     try:
         client.get_registered_model(trainer)
-    except MlflowException:
+    except MlflowException as exc:
+        _unless_missing(exc)
         client.create_registered_model(trainer, description=f"Oppen's {trainer} trainer: a version per run",
                                        tags={"trainer": trainer})
     check_model_files([Path(f.path).name for f in client.list_artifacts(run_id, MODEL_DIR)], trainer,
@@ -146,7 +155,8 @@ def list_models(uri: str) -> list[dict[str, Any]]:
     for name in SERVABLE:
         try:
             model = client.get_registered_model(name)
-        except MlflowException:
+        except MlflowException as exc:
+            _unless_missing(exc)
             continue
         by_version: dict[str, list[str]] = {}
         for alias, version in (model.aliases or {}).items():
@@ -168,7 +178,8 @@ def get_version(uri: str, name: str, version: str) -> ModelVersion:
         raise RegistryError(f"version must be a whole number, got {version!r}", "version")
     try:
         return _version(_client(uri).get_model_version(name, str(version)))
-    except MlflowException:
+    except MlflowException as exc:
+        _unless_missing(exc)
         raise ModelNotFound(f"model {name!r} has no version {version}", "version") from None
 
 
@@ -196,7 +207,8 @@ def serving_selector(uri: str, name: str) -> Selector:
 
     try:
         return Selector.parse((_client(uri).get_registered_model(name).tags or {}).get(SERVE_TAG))
-    except MlflowException:
+    except MlflowException as exc:
+        _unless_missing(exc)
         return Selector()
 
 
@@ -212,7 +224,8 @@ def resolve(uri: str, name: str, selector: Selector | None = None) -> ModelVersi
     alias = selector.alias or DEFAULT_ALIAS
     try:
         return _version(client.get_model_version_by_alias(name, alias), [alias])
-    except MlflowException:
+    except MlflowException as exc:
+        _unless_missing(exc)
         if selector.alias:
             raise ModelNotFound(f"model {name!r} has no alias {alias!r}", "alias") from None
     versions = client.search_model_versions(f"name = '{name}'") if _exists(client, name) else []
@@ -228,7 +241,8 @@ def _exists(client, name: str) -> bool:
     try:
         client.get_registered_model(name)
         return True
-    except MlflowException:
+    except MlflowException as exc:
+        _unless_missing(exc)
         return False
 
 
