@@ -12,7 +12,6 @@ them: the address is the one switch between laptop and cluster.
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import os
 import sys
 import time
@@ -22,7 +21,7 @@ from typing import Callable
 
 import yaml
 
-from ray_apps.config import CONFIG_DIR, Settings
+from ray_apps.config import CONFIG_DIR, Settings, is_loopback
 from ray_apps.observability import prometheus
 from ray_apps.processes import PortHolder, ServiceRegistry, port_holder, private_dir, spawn, stop, wait_until
 # Re-exported: the CLI, tests and benchmarks reach the Ray client through the platform's module.
@@ -103,13 +102,6 @@ def check_not_open(settings: Settings) -> None:
         raise PlatformError(f"host {settings.host} with no tokens would open the platform's APIs to anyone "
                             "who can reach this machine. To fix: add users first (`oppen users add NAME --tenant "
                             "TEAM --role admin`), or set OPPEN_TENANT_TOKENS, or keep host 127.0.0.1.")
-
-
-def is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
 
 
 def write_autoscaler_config(settings: Settings, topology: Topology) -> Path:

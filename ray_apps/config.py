@@ -8,6 +8,7 @@ naming the file, the field and the fix.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
 from typing import Literal
@@ -90,6 +91,14 @@ class PrometheusSettings(BaseModel):
     binary: str = "prometheus"
     port: int = Field(9090, ge=1, le=65535)
     retention: str = "7d"
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.1, ::1 or localhost: a platform for this machine only."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 class Settings(BaseSettings):

@@ -19,7 +19,8 @@ from fastapi import FastAPI, Header
 from pydantic import BaseModel, ConfigDict, Field
 
 from ray_apps.auth import Role, Users
-from ray_apps.serve.http_common import (caller_of, limit_body_size, mlflow_unavailable_is_503, problem, require_token,
+from ray_apps.config import load_settings
+from ray_apps.serve.http_common import (caller_of, limit_body_size, loopback_hosts_only, mlflow_unavailable_is_503, problem, require_token,
                                         root_without_slash)
 
 THREAD_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
@@ -73,6 +74,7 @@ def users() -> Users:
 
 limit_body_size(app)
 mlflow_unavailable_is_503(app)
+loopback_hosts_only(app, load_settings().host)
 root_without_slash(app)
 require_token(app, users, public=("/health",))
 

@@ -9,6 +9,7 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 
 from ray_apps.auth import AuthError, Caller, Role, Users
+from ray_apps.config import is_loopback
 
 MAX_BODY_BYTES = 64 * 1024
 
@@ -44,6 +45,7 @@ def _internal_grpc_on_node_address() -> None:
 
 
 _internal_grpc_on_node_address()
+
 # Every Serve replica lives on the head (0 CPU, a sliver of the head's own node resource): one on a
 # worker node would keep that node busy, and the autoscaler would never scale its group down.
 ON_HEAD_NODE = {"num_cpus": 0, "resources": {"node:__internal_head__": 0.001}}
@@ -118,6 +120,38 @@ def _replay(messages: list[dict], then=None):
 def limit_body_size(app: FastAPI, max_bytes: int = MAX_BODY_BYTES) -> None:
     """Refuse bodies over `max_bytes` by the bytes read (chunked bodies too), before anything parses them."""
     app.add_middleware(_BodyLimit, max_bytes=max_bytes)
+
+
+LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+class _LoopbackHostsOnly:
+    """On a loopback platform a request must name this machine in `Host`: a web page whose name was
+    rebound to 127.0.0.1 (DNS rebinding) sends its own name and is refused. No Host at all (HTTP/1.0,
+    HAProxy's health checks) cannot come from a browser and passes."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        host = dict(scope.get("headers") or []).get(b"host") if scope["type"] == "http" else None
+        if host is not None and _hostname(host.decode("latin-1")) not in LOOPBACK_NAMES:
+            response = JSONResponse(status_code=421, content={"detail": {
+                "field": "Host", "reason": "this platform answers only to 127.0.0.1 or localhost"}})
+            return await response(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
+def _hostname(host: str) -> str:
+    if host.startswith("["):  # [::1]:8000
+        return host[1:].split("]", 1)[0]
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def loopback_hosts_only(app: FastAPI, host: str) -> None:
+    """Installed when the platform's `host` is loopback; a public platform is reached by its own names."""
+    if is_loopback(host):
+        app.add_middleware(_LoopbackHostsOnly)
 
 
 def mlflow_unavailable_is_503(app: FastAPI) -> None:

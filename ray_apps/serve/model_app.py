@@ -24,7 +24,7 @@ from ray.serve.handle import DeploymentHandle
 
 from ray_apps.config import load_settings
 from ray_apps.auth import Role, Users
-from ray_apps.serve.http_common import (ON_HEAD_NODE, caller_of, limit_body_size, mlflow_unavailable_is_503, problem,
+from ray_apps.serve.http_common import (ON_HEAD_NODE, caller_of, limit_body_size, loopback_hosts_only, mlflow_unavailable_is_503, problem,
                                         require_token, root_without_slash)
 from ray_apps.serve.served_models import LlmModel, MnistModel
 from trainers.registry import (SERVABLE, ModelNotFound, RegistryError, Selector, list_models, resolve,
@@ -127,6 +127,7 @@ def users() -> Users:
 
 limit_body_size(app, MAX_BODY_BYTES)
 mlflow_unavailable_is_503(app)
+loopback_hosts_only(app, load_settings().host)
 root_without_slash(app)
 require_token(app, users, public=("/health",))
 

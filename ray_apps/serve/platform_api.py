@@ -39,7 +39,7 @@ from ray_apps.scheduler.states import JobState
 from ray_apps.scheduler.store import JobRecord
 from ray_apps.serve.cost_service import CostForecaster
 from ray_apps.auth import Caller, Role, Users
-from ray_apps.serve.http_common import (ON_HEAD_NODE, caller_of, limit_body_size, mlflow_unavailable_is_503, problem,
+from ray_apps.serve.http_common import (ON_HEAD_NODE, caller_of, limit_body_size, loopback_hosts_only, mlflow_unavailable_is_503, problem,
                                         require_token)
 
 app = FastAPI(title="Oppen platform API", version="1",
@@ -126,6 +126,7 @@ def _acting_tenant(caller: Caller, asked: str | None) -> str | None:
 
 limit_body_size(app)
 mlflow_unavailable_is_503(app)
+loopback_hosts_only(app, load_settings().host)
 require_token(app, users, public=("/v1/health", "/status"))
 
 

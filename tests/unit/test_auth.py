@@ -89,3 +89,25 @@ def test_the_body_limit_counts_bytes_read_so_a_chunked_body_cannot_pass():
     assert refused.status_code == 413 and refused.json()["detail"]["field"] == "body"
     assert client.post("/echo", content=b"x" * 1001).status_code == 413
     assert parsed == [1000, 1000]  # the app never saw an oversized body
+
+
+def test_a_loopback_platform_refuses_a_request_naming_another_host():
+    """DNS rebinding: a page at evil.example rebound to 127.0.0.1 still sends Host: evil.example."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from ray_apps.serve.http_common import loopback_hosts_only
+
+    app = FastAPI()
+    app.get("/ping")(lambda: {"ok": True})
+    loopback_hosts_only(app, "127.0.0.1")
+    client = TestClient(app, base_url="http://127.0.0.1:8000")
+    assert client.get("/ping").status_code == 200
+    for host in ("localhost:8000", "[::1]:8000", "127.0.0.1"):
+        assert client.get("/ping", headers={"Host": host}).status_code == 200, host
+    refused = client.get("/ping", headers={"Host": "evil.example:8000"})
+    assert refused.status_code == 421 and refused.json()["detail"]["field"] == "Host"
+    public = FastAPI()
+    public.get("/ping")(lambda: {"ok": True})
+    loopback_hosts_only(public, "0.0.0.0")  # reached by its own names: no check
+    assert TestClient(public).get("/ping", headers={"Host": "oppen.example"}).status_code == 200
