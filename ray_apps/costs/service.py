@@ -97,7 +97,7 @@ class CostService:
                 raise ReportError(f"no budget given and tenant {tenant or '(all)'} has none in queue.yaml; "
                                   "pass a budget in USD")
         if not (budget_usd > 0 and math.isfinite(budget_usd)):
-            raise ReportError(f"budget must be a positive, finite amount in USD, got {budget_usd!r}")
+            raise ReportError(f"budget must be a positive amount in USD (and finite), got {budget_usd!r}")
         now = time.time()
         start = parse_since(since, now) if since is not None else _month_start(now)
         jobs = self.queue.store.list(tenant=tenant, ended_after=start)

@@ -209,9 +209,15 @@ def test_llm_generate_serves_the_registered_version(platform, models_url):
     mv = register_run(uri, run.info.run_id)
     assert resolve(uri, "llm").version == mv.version and mv.tags["eval_loss"] == "10.5"
     body = {"prompt": "The history of", "max_new_tokens": 6, "temperature": 0}
-    resp = requests.post(f"{models_url}/llm/generate", json=body, headers=A, timeout=180)  # wakes from zero
-    assert resp.status_code == 200, resp.text
-    out = resp.json()
+    # A replica already up (woken by an earlier request) rolls over on its next registry poll.
+    deadline = time.monotonic() + 120
+    while True:
+        resp = requests.post(f"{models_url}/llm/generate", json=body, headers=A, timeout=180)  # wakes from zero
+        assert resp.status_code == 200, resp.text
+        out = resp.json()
+        if out["version"] == mv.version or time.monotonic() > deadline:
+            break
+        time.sleep(1)
     assert out["version"] == mv.version and out["new_tokens"] == 6 and out["prompt_tokens"] == 3
     again = requests.post(f"{models_url}/llm/generate", json=body, headers=A, timeout=60).json()
     assert again["text"] == out["text"]  # greedy decoding is deterministic

@@ -52,11 +52,12 @@ def test_without_any_token_every_caller_is_the_local_admin(tmp_path):
     assert not users.configured and users.authenticate(None) is LOCAL_ADMIN
 
 
-def test_up_refuses_a_public_host_without_tokens_and_starts_nothing(tmp_path):
+def test_up_refuses_a_public_host_without_tokens_and_starts_nothing(tmp_path, monkeypatch):
     from ray_apps import cluster
     from ray_apps.cluster import PlatformError
     from ray_apps.config import Settings
 
+    monkeypatch.delenv("OPPEN_TENANT_TOKENS", raising=False)  # the integration platform's, in one session
     settings = Settings(host="0.0.0.0", data_dir=tmp_path / "data")
     with pytest.raises(PlatformError, match="no tokens would open the platform's APIs to anyone"):
         cluster.up(settings, say=lambda _: None)
