@@ -58,6 +58,11 @@ def test_up_refuses_a_public_host_without_tokens_and_starts_nothing(tmp_path, mo
     from ray_apps.config import Settings
 
     monkeypatch.delenv("OPPEN_TENANT_TOKENS", raising=False)  # the integration platform's, in one session
+
+    def no_start(*args, **kwargs):  # were the check to let it through, nothing may start on real ports
+        raise AssertionError("oppen up started a service")
+
+    monkeypatch.setattr(cluster, "spawn", no_start)
     settings = Settings(host="0.0.0.0", data_dir=tmp_path / "data")
     with pytest.raises(PlatformError, match="no tokens would open the platform's APIs to anyone"):
         cluster.up(settings, say=lambda _: None)
