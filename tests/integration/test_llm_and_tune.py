@@ -8,6 +8,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from ray_apps.ray_client import job_client
 from ray_apps.training import follow, submit_search, submit_training
 
 pytestmark = pytest.mark.slow
@@ -53,10 +54,21 @@ def test_small_llm_job_lowers_the_loss_logs_perplexity_and_a_loadable_model(plat
     assert out.shape[1] == prompt["input_ids"].shape[1] + 8 and len(tok.decode(out[0])) > len("Return the")
 
 
+def follow_then_stop(platform, submission_id: str):
+    """Follow a search to its end; one still running when the wait ends is stopped, so that it does not
+    hold the CPUs the next test needs."""
+    try:
+        return follow(platform, submission_id, on_progress=lambda line: None, poll_s=1.0, timeout_s=600)
+    finally:
+        client = job_client(platform.dashboard_url)
+        if client.get_job_status(submission_id).value in ("PENDING", "RUNNING"):
+            client.stop_job(submission_id)
+
+
 def test_tune_search_of_four_trials_with_parent_and_child_runs(platform):
     sub = submit_search(platform, ["mnist", *SMALL_MNIST, "--cpus-per-worker", "1", "--num-samples", "4",
                                    "--max-concurrent", "2", "--search-seed", "1"])
-    outcome = follow(platform, sub.submission_id, on_progress=lambda line: None, poll_s=1.0, timeout_s=600)
+    outcome = follow_then_stop(platform, sub.submission_id)
     assert outcome.ok, "\n".join(outcome.log_tail)
     result = outcome.result
     assert result["trials"] == 4 and not result["stopped_by_budget"] and result["spent_usd"] > 0
@@ -77,7 +89,7 @@ def test_tune_search_of_four_trials_with_parent_and_child_runs(platform):
 def test_a_tiny_budget_stops_launching_trials_and_says_so(platform):
     sub = submit_search(platform, ["mnist", *SMALL_MNIST, "--num-samples", "4", "--max-concurrent", "1",
                                    "--budget-usd", "0.00001", "--no-tracking"])
-    outcome = follow(platform, sub.submission_id, on_progress=lambda line: None, poll_s=1.0, timeout_s=600)
+    outcome = follow_then_stop(platform, sub.submission_id)
     assert outcome.ok, "\n".join(outcome.log_tail)
     result = outcome.result
     assert result["stopped_by_budget"] and result["trials"] == 1 and result["not_started"] == 3
