@@ -209,8 +209,8 @@ class Queue:
 
     def cancel(self, job_id: str, *, tenant: str | None = None) -> JobRecord:
         """Mark the job CANCELLED and ask Ray to stop it. The dispatcher stops any Ray job of a cancelled
-        record every cycle until Ray confirms, so a cancel that races an admission or a stop that fails
-        here still ends the job in Ray; this call never waits on Ray."""
+        record every cycle until Ray confirms, so a cancel that races an admission, or whose stop fails
+        here (Ray does not know the job yet, or is away), still ends the job in Ray."""
         for _ in range(5):  # the dispatcher may move the job between our read and our write
             job = self.get(job_id, tenant=tenant)
             if job.state.is_terminal():
