@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -534,17 +535,23 @@ def cmd_models_serve(args, settings) -> int:
     import requests
 
     from ray_apps.cluster import serve_url
-    from trainers.registry import Selector, set_serving
+    from ray_apps.scheduler.api import store_url
+    from ray_apps.scheduler.provenance import serve_if_allowed
+    from ray_apps.scheduler.store import JobStore
+    from trainers.registry import Selector
 
     selector = Selector(alias=args.alias, version=args.version)
-    mv = set_serving(settings.tracking_uri, args.name, selector)
+    mv = serve_if_allowed(settings.tracking_uri, JobStore(store_url(settings)), args.name, selector,
+                          allow_any_run=args.allow_any_run)
     print(f"{args.name}: serving {selector} = version {mv.version}")
     if args.no_wait or args.name != "mnist":  # the LLM scales to zero: it loads on its next request
         return 0
     url, deadline = f"{serve_url(settings)}/v1/models", time.monotonic() + args.timeout
     while time.monotonic() < deadline:
         try:
-            listing = requests.get(url, timeout=10).json()
+            token = os.environ.get("OPPEN_TOKEN")  # the models API needs one once tokens exist
+            listing = requests.get(url, timeout=10,
+                                   headers={"Authorization": f"Bearer {token}"} if token else {}).json()
             replica = next(m for m in listing if m["name"] == args.name)["replica"]
             if replica and replica["version"] == mv.version:
                 print(f"{args.name}: replicas now answer with version {mv.version}")
@@ -576,6 +583,8 @@ def _add_models_commands(sub) -> None:
     which = mp.add_mutually_exclusive_group()
     which.add_argument("--alias", default=None, help="follow this alias (moves with `promote`)")
     which.add_argument("--version", default=None, help="pin this version")
+    mp.add_argument("--allow-any-run", action="store_true",
+                    help="serve it although no job of this platform made its run (an admin's choice)")
     mp.add_argument("--no-wait", action="store_true", help="do not wait for the replicas to roll over")
     mp.add_argument("--timeout", type=float, default=120, help="seconds to wait (default: 120)")
     mp.set_defaults(func=cmd_models_serve)

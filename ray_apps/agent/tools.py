@@ -369,15 +369,16 @@ class PlatformTools:
 
     def deploy_model(self, name: str, version: str | None = None, alias: str | None = None) -> dict:
         """Serve a registered version (or alias) of a model; replicas roll over with no failed request."""
-        from trainers.registry import RegistryError, Selector, set_serving
+        from ray_apps.scheduler.provenance import serve_if_allowed
+        from trainers.registry import RegistryError, Selector
 
         if not self.admin:  # what every tenant is served
             raise ToolError("changing the served version needs the admin role; ask an admin of the platform")
         if version is not None and alias is not None:
             raise ToolError("give a version or an alias, not both")
         selector = Selector(alias=alias, version=version)
-        try:
-            mv = set_serving(self.settings.tracking_uri, name, selector)
+        try:  # never beyond the platform's own runs: an override is for the CLI or REST
+            mv = serve_if_allowed(self.settings.tracking_uri, self.queue.store, name, selector)
         except RegistryError as exc:
             raise ToolError(str(exc)) from None
         action = "predict" if name == "mnist" else "generate"

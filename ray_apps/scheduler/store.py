@@ -55,6 +55,14 @@ submit_keys = Table(
     Column("created_at", Float, nullable=False),
 )
 
+# Model versions an admin allowed to be served although no job of the queue made their run.
+served_allowances = Table(
+    "served_allowances", metadata,
+    Column("model", String(64), primary_key=True),
+    Column("version", String(32), primary_key=True),
+    Column("at", Float, nullable=False),
+)
+
 job_events = Table(
     "job_events", metadata,
     Column("seq", Integer, primary_key=True, autoincrement=True),
@@ -329,6 +337,26 @@ class JobStore:
             rows = conn.execute(select(jobs.c.ray_submission_id).where(
                 jobs.c.state == JobState.CANCELLED.value, jobs.c.ray_submission_id.in_(ids))).all()
         return {row.ray_submission_id for row in rows}
+
+    def platform_run(self, mlflow_run_id: str) -> bool:
+        """Whether a job of this queue (started or adopted by it) made this MLflow run."""
+        with self.engine.connect() as conn:
+            return conn.execute(select(jobs.c.id).where(jobs.c.mlflow_run_id == mlflow_run_id).limit(1)).first() \
+                is not None
+
+    def allow_serving(self, model: str, version: str, now: float | None = None) -> None:
+        with self.engine.begin() as conn:
+            if not self.serving_allowed(model, version, conn):
+                conn.execute(insert(served_allowances).values(model=model, version=version,
+                                                              at=time.time() if now is None else now))
+
+    def serving_allowed(self, model: str, version: str, conn=None) -> bool:
+        query = select(served_allowances.c.at).where(served_allowances.c.model == model,
+                                                     served_allowances.c.version == version)
+        if conn is not None:
+            return conn.execute(query).first() is not None
+        with self.engine.connect() as fresh:
+            return fresh.execute(query).first() is not None
 
     def get(self, job_id: str) -> JobRecord:
         with self.engine.connect() as conn:

@@ -27,8 +27,11 @@ from ray_apps.auth import Role, Users
 from ray_apps.serve.http_common import (ON_HEAD_NODE, caller_of, limit_body_size, loopback_hosts_only, mlflow_unavailable_is_503, problem,
                                         require_token, root_without_slash)
 from ray_apps.serve.served_models import LlmModel, MnistModel
+from ray_apps.scheduler.api import store_url
+from ray_apps.scheduler.provenance import serve_if_allowed
+from ray_apps.scheduler.store import JobStore
 from trainers.registry import (SERVABLE, ModelNotFound, RegistryError, Selector, list_models, resolve,
-                               serving_selector, set_serving)
+                               serving_selector)
 
 MAX_IMAGES = 256                 # per request; more is a 413 that says so
 MAX_BODY_BYTES = 4 * 1024 * 1024  # 256 images as JSON numbers fit in ~1 MB; PNGs in far less
@@ -59,6 +62,7 @@ class GenerateRequest(BaseModel):
 class ServeRequest(BaseModel):
     alias: Optional[str] = None
     version: Optional[str] = None
+    allow_any_run: bool = Field(False, description="serve it although no job of this platform made its run")
 
     @model_validator(mode="after")
     def _one(self):
@@ -138,6 +142,7 @@ class ModelAPI:
     def __init__(self, mnist: DeploymentHandle, llm: DeploymentHandle):
         self.models = {"mnist": mnist, "llm": llm}
         self.settings = load_settings()
+        self.store = JobStore(store_url(self.settings))  # which runs the queue's jobs made
 
     @app.get("/health")
     def health(self) -> dict:
@@ -191,7 +196,8 @@ class ModelAPI:
         if name not in SERVABLE:
             raise unknown_model(name, "serve")
         try:
-            mv = set_serving(self.settings.tracking_uri, name, Selector(alias=req.alias, version=req.version))
+            mv = serve_if_allowed(self.settings.tracking_uri, self.store, name,
+                               Selector(alias=req.alias, version=req.version), allow_any_run=req.allow_any_run)
         except RegistryError as exc:
             raise problem(404 if isinstance(exc, ModelNotFound) else 422, exc.field, str(exc)) from None
         return {"name": name, "selector": str(Selector(alias=req.alias, version=req.version)),

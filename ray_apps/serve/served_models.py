@@ -23,6 +23,7 @@ import numpy as np
 from ray import serve
 
 from ray_apps.config import load_settings
+from ray_apps.scheduler.provenance import unrecognised
 from ray_apps.serve.http_common import ON_HEAD_NODE
 from trainers.registry import (
     WEIGHTS_FILE,
@@ -70,6 +71,15 @@ class ServedModel:
     def _load(self, mv: ModelVersion) -> Any:
         raise NotImplementedError
 
+    def _queue_store(self):
+        """The queue's store: which MLflow runs its jobs made (made on first use)."""
+        if getattr(self, "_store", None) is None:
+            from ray_apps.scheduler.api import store_url
+            from ray_apps.scheduler.store import JobStore
+
+            self._store = JobStore(store_url(load_settings()))
+        return self._store
+
     def _watch(self) -> None:
         while not self._stop.wait(self.watch_s):
             try:
@@ -86,6 +96,10 @@ class ServedModel:
             self.problem = str(exc)
             return
         if self.current is None or self.current[0].version != mv.version:
+            why = unrecognised(self._queue_store(), self.name, mv.version, mv.run_id)
+            if why:  # asked each poll: an admin's allowance takes effect on the next one
+                self.problem = why
+                return
             if self.refused == mv.version:
                 return  # self.problem still says why
             started = time.perf_counter()

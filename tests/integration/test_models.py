@@ -23,6 +23,8 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from ray_apps.cluster import serve_url
+from ray_apps.scheduler.api import store_url
+from ray_apps.scheduler.store import JobStore
 from ray_apps.serve.served_models import load_mnist_version
 from ray_apps.training import follow, submit_training
 from trainers.data import load_mnist
@@ -170,11 +172,22 @@ def test_a_pickled_version_is_refused_and_never_unpickled(platform, models_url, 
         client.log_artifacts(run.info.run_id, f"{tmp}/model", artifact_path="model")
     bad = client.create_model_version("mnist", source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id).version
 
+    # No job of the queue made this run: refused for that first; an admin's override meets the format check.
     resp = requests.post(f"{models_url}/mnist/serve", json={"version": bad}, headers=ADMIN, timeout=30)
+    assert resp.status_code == 422 and "no job of this platform's queue made" in resp.json()["detail"]["reason"]
+    resp = requests.post(f"{models_url}/mnist/serve", json={"version": bad, "allow_any_run": True}, headers=ADMIN,
+                         timeout=30)
     assert resp.status_code == 422, resp.text
     assert f"version {bad} of mnist is stored as a pickle (MLmodel" in resp.json()["detail"]["reason"]
-    # Whoever reaches MLflow can set the serving tag directly: the replica refuses the version itself.
+    # Whoever reaches MLflow can set the serving tag directly: the replica refuses the version itself,
+    # for its run first, and (allowed, as an admin could) for its format.
     client.set_registered_model_tag("mnist", "oppen.serve", f"version:{bad}")
+    deadline = time.monotonic() + 60
+    while "no job of this platform's queue made" not in (mnist_replica(models_url)["problem"] or "") \
+            and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert mnist_replica(models_url)["version"] == good
+    JobStore(store_url(platform)).allow_serving("mnist", bad)
     try:
         deadline = time.monotonic() + 60
         while "stored as a pickle" not in (mnist_replica(models_url)["problem"] or "") and time.monotonic() < deadline:
@@ -208,6 +221,10 @@ def test_llm_generate_serves_the_registered_version(platform, models_url):
     client.set_terminated(run.info.run_id, status="FINISHED")
     mv = register_run(uri, run.info.run_id)
     assert resolve(uri, "llm").version == mv.version and mv.tags["eval_loss"] == "10.5"
+    # A crafted run (no job of the queue made it): served only by an admin's choice.
+    allowed = requests.post(f"{models_url}/llm/serve", json={"version": mv.version, "allow_any_run": True},
+                            headers=ADMIN, timeout=30)
+    assert allowed.status_code == 200, allowed.text
     body = {"prompt": "The history of", "max_new_tokens": 6, "temperature": 0}
     # A replica already up (woken by an earlier request) rolls over on its next registry poll.
     deadline = time.monotonic() + 120

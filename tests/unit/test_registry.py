@@ -9,6 +9,7 @@ import pytest
 
 from ray_apps.agent.tools import PlatformTools, ToolError
 from ray_apps.config import Settings
+from ray_apps.scheduler.states import JobState
 from trainers.mnist_model import MnistCNN
 from trainers.registry import (
     ModelNotFound,
@@ -124,13 +125,20 @@ def test_bad_registrations_and_names_are_refused_with_the_reason(uri):
 
 
 def test_agent_tools_list_and_deploy_models(uri, tmp_path):
-    register_run(uri, mnist_run(uri, 0.93))
+    run_id = mnist_run(uri, 0.93)
+    register_run(uri, run_id)
     mlflow.set_tracking_uri(None)  # Settings would read the SQLite URI from the environment
     settings = Settings(data_dir=tmp_path)
     settings.mlflow_tracking_uri = uri  # the SQLite store; assignment skips the http(s)-only validator
     tools = PlatformTools(settings)
     listed = tools.call("list_models", {})["models"]
     assert listed[0]["name"] == "mnist" and listed[0]["versions"][0]["tags"]["test_accuracy"] == "0.93"
+    # A run no job of the queue made is not served (anyone can register one in MLflow).
+    with pytest.raises(ToolError, match="no job of this platform's queue made"):
+        tools.call("deploy_model", {"name": "mnist", "version": "1"})
+    tools.queue.store.add(id="mnist-1", trainer="mnist", params={}, tenant="a", priority="normal", workers=1,
+                          cpus_per_worker=1.0, gpus_per_worker=0.0)
+    tools.queue.store.transition("mnist-1", JobState.STARTING, mlflow_run_id=run_id)
     deployed = tools.call("deploy_model", {"name": "mnist", "version": "1"})
     assert deployed["version"] == "1" and deployed["endpoint"].endswith("/v1/models/mnist/predict")
     assert serving_selector(uri, "mnist") == Selector(version="1")
