@@ -88,13 +88,8 @@ class Users:
             stat = None
         stamp = (stat.st_mtime_ns, stat.st_size) if stat else None
         if stamp != self._stamp:
-            self._file, self._stamp = ({h: c for h, c, _ in self._read()} if stat else {}), stamp
+            self._file, self._stamp = {u["token_sha256"]: _caller(u) for u in self._entries()}, stamp
         return {**self._file, **self._env}
-
-    def _read(self) -> list[tuple[str, Caller, str]]:
-        raw = json.loads(self.path.read_text())
-        return [(u["token_sha256"], Caller(u["name"], u["tenant"], Role(u["role"])), u["name"])
-                for u in raw.get("users", [])]
 
     @property
     def configured(self) -> bool:
@@ -134,10 +129,12 @@ class Users:
         return len(kept) < len(users)
 
     def list(self) -> list[Caller]:
-        return [c for _, c, _ in self._read()] if self.path and self.path.exists() else []
+        return [_caller(u) for u in self._entries()]
 
     def _entries(self) -> list[dict]:
-        return json.loads(self.path.read_text()).get("users", []) if self.path.exists() else []
+        if self.path is None or not self.path.exists():
+            return []
+        return json.loads(self.path.read_text()).get("users", [])
 
     def _write(self, users: list[dict]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -146,6 +143,10 @@ class Users:
         with os.fdopen(fd, "w") as out:
             json.dump({"users": users}, out, indent=1)
         os.replace(tmp, self.path)
+
+
+def _caller(entry: dict) -> Caller:
+    return Caller(entry["name"], entry["tenant"], Role(entry["role"]))
 
 
 def _grant(token: str, value: Any) -> Caller:

@@ -229,22 +229,19 @@ def up(settings: Settings, *, timeout: float = 90.0, serve: bool = True,
     registry.save(services)
 
     t0 = time.monotonic()
-    for m in to_start:
-        svc = services[m.name]
-        if not wait_until(lambda: m.ready() or not svc.alive(), timeout=timeout) or not svc.alive():
-            tail = _tail(Path(svc.log))
-            for started in to_start:  # all or nothing: no half platform left behind
-                stop(services.pop(started.name))
-            registry.save(services)
-            raise PlatformError(f"{m.name} did not become healthy within {timeout:.0f} s. Last log lines:\n{tail}")
-        say(f"{m.name}: healthy after {time.monotonic() - t0:.1f} s")
     try:
+        for m in to_start:
+            svc = services[m.name]
+            if not wait_until(lambda: m.ready() or not svc.alive(), timeout=timeout) or not svc.alive():
+                raise PlatformError(f"{m.name} did not become healthy within {timeout:.0f} s. Last log lines:\n"
+                                    f"{_tail(Path(svc.log))}")
+            say(f"{m.name}: healthy after {time.monotonic() - t0:.1f} s")
         if serve:  # needs only Ray's API, so it overlaps the wait for the resource report
             deploy_serve(settings, timeout=timeout, say=say)
         if settings.is_local and not wait_until(lambda: ray_ready(settings.dashboard_url), timeout=timeout):
             raise PlatformError(f"Ray at {settings.dashboard_url} answers but reports no resources after "
                                 f"{timeout:.0f} s. To fix: see {settings.data_dir / 'logs' / 'ray.log'}.")
-    except BaseException:  # all or nothing here too: what this call started goes with it
+    except BaseException:  # all or nothing: what this call started goes with it, no half platform
         for started in to_start:
             stop(services.pop(started.name))
         registry.save(services)

@@ -105,8 +105,8 @@ def cluster_resources(dashboard_url: str) -> Resources:
     return res
 
 
-def mlflow_healthy(tracking_uri: str) -> bool:
-    return http_get(f"{tracking_uri}/health") is not None
+def mlflow_healthy(tracking_uri: str, timeout: float = 3.0) -> bool:
+    return http_get(f"{tracking_uri}/health", timeout=timeout) is not None
 
 
 def job_client(dashboard_url: str):

@@ -20,8 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ray_apps.auth import Role, Users
 from ray_apps.config import load_settings
-from ray_apps.serve.http_common import (caller_of, limit_body_size, loopback_hosts_only, mlflow_unavailable_is_503, problem, require_token,
-                                        root_without_slash)
+from ray_apps.serve.http_common import (caller_of, limit_body_size, loopback_hosts_only, mlflow_unavailable_is_503,
+                                        problem, require_token, root_without_slash)
 
 THREAD_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 

@@ -37,7 +37,7 @@ from pathlib import Path
 from queue import SimpleQueue
 
 from ray_apps.autoscaler import ResourceRequester
-from ray_apps.ray_client import http_get
+from ray_apps.ray_client import mlflow_healthy
 from ray_apps.scheduler import policy
 from ray_apps.scheduler.adoption import ADOPTED_PRIORITY, adopt_unknown
 from ray_apps.scheduler.api import Queue, QueueError, ray_submission_id
@@ -163,7 +163,7 @@ class Dispatcher:
         if not tracked:
             return {}
         uri = self.queue.settings.tracking_uri
-        if http_get(f"{uri}/health", timeout=MLFLOW_CHECK_S) is not None:
+        if mlflow_healthy(uri, timeout=MLFLOW_CHECK_S):
             return {}
         return {j.id: f"waiting for MLflow at {uri} (unreachable); jobs that need no MLflow go first"
                 for j in tracked}

@@ -248,8 +248,6 @@ class JobStore:
                    workers=workers, cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
                    submitted_at=now, attempt=0, message=message, updated_at=now,
                    ended_at=now if state.is_terminal() else None)
-        if idempotency and (first := self.job_for_key(tenant, *idempotency)):
-            return first
         try:
             with self.engine.begin() as conn:
                 conn.execute(insert(jobs).values(**row))
@@ -260,7 +258,7 @@ class JobStore:
                                                             request_sha256=idempotency[1], created_at=now))
         except IntegrityError:
             if idempotency and (first := self.job_for_key(tenant, *idempotency)):
-                return first  # a concurrent retry stored it first
+                return first  # the key was used before (or by a concurrent retry)
             raise
         return self.get(id)
 
@@ -345,18 +343,17 @@ class JobStore:
                 is not None
 
     def allow_serving(self, model: str, version: str, now: float | None = None) -> None:
-        with self.engine.begin() as conn:
-            if not self.serving_allowed(model, version, conn):
+        try:
+            with self.engine.begin() as conn:
                 conn.execute(insert(served_allowances).values(model=model, version=version,
                                                               at=time.time() if now is None else now))
+        except IntegrityError:
+            pass  # allowed already
 
-    def serving_allowed(self, model: str, version: str, conn=None) -> bool:
-        query = select(served_allowances.c.at).where(served_allowances.c.model == model,
-                                                     served_allowances.c.version == version)
-        if conn is not None:
-            return conn.execute(query).first() is not None
-        with self.engine.connect() as fresh:
-            return fresh.execute(query).first() is not None
+    def serving_allowed(self, model: str, version: str) -> bool:
+        with self.engine.connect() as conn:
+            return conn.execute(select(served_allowances.c.at).where(
+                served_allowances.c.model == model, served_allowances.c.version == version)).first() is not None
 
     def get(self, job_id: str) -> JobRecord:
         with self.engine.connect() as conn:

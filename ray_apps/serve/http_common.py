@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 
@@ -178,6 +179,14 @@ def caller_of(users: Users, authorization: str | None, *, role: Role = Role.VIEW
         return caller
     except AuthError as exc:
         raise problem(exc.status, "Authorization", str(exc)) from None
+
+
+@functools.cache
+def settings_users() -> Users:
+    """The platform's users as this process's settings name them (users.json is re-read on change)."""
+    from ray_apps.config import load_settings
+
+    return Users.from_settings(load_settings())
 
 
 def require_token(app: FastAPI, users: Callable[[], Users], public: tuple[str, ...]) -> None:

@@ -23,9 +23,10 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from ray_apps.config import load_settings
-from ray_apps.auth import Role, Users
-from ray_apps.serve.http_common import (ON_HEAD_NODE, caller_of, limit_body_size, loopback_hosts_only, mlflow_unavailable_is_503, problem,
-                                        require_token, root_without_slash)
+from ray_apps.auth import Role
+from ray_apps.serve.http_common import (ON_HEAD_NODE, caller_of, limit_body_size, loopback_hosts_only,
+                                        mlflow_unavailable_is_503, problem, require_token, root_without_slash,
+                                        settings_users)
 from ray_apps.serve.served_models import LlmModel, MnistModel
 from ray_apps.scheduler.api import store_url
 from ray_apps.scheduler.provenance import serve_if_allowed
@@ -120,20 +121,11 @@ def unknown_model(name: str, action: str):
     return problem(404, "name", f"no model {name!r}; served: {served}")
 
 
-_users: list[Users] = []
-
-
-def users() -> Users:
-    if not _users:
-        _users.append(Users.from_settings(load_settings()))
-    return _users[0]
-
-
 limit_body_size(app, MAX_BODY_BYTES)
 mlflow_unavailable_is_503(app)
 loopback_hosts_only(app, load_settings().host)
 root_without_slash(app)
-require_token(app, users, public=("/health",))
+require_token(app, settings_users, public=("/health",))
 
 
 @serve.deployment(num_replicas=1, ray_actor_options=ON_HEAD_NODE, max_ongoing_requests=128)
@@ -150,7 +142,7 @@ class ModelAPI:
 
     @app.post("/mnist/predict")
     async def predict_mnist(self, req: PredictRequest, authorization: Optional[str] = Header(None)) -> dict:
-        caller_of(users(), authorization, role=Role.MEMBER, action="prediction")
+        caller_of(settings_users(), authorization, role=Role.MEMBER, action="prediction")
         images = decode_images(req)
         out = answer(await self.models["mnist"].predict.remote(images))
         probs = np.asarray(out.pop("probabilities"))
@@ -160,7 +152,7 @@ class ModelAPI:
 
     @app.post("/llm/generate")
     async def generate(self, req: GenerateRequest, authorization: Optional[str] = Header(None)) -> dict:
-        caller_of(users(), authorization, role=Role.MEMBER, action="generation")
+        caller_of(settings_users(), authorization, role=Role.MEMBER, action="generation")
         return answer(await self.models["llm"].generate.remote(req.prompt, req.max_new_tokens, req.temperature,
                                                                req.seed))
 
@@ -192,7 +184,7 @@ class ModelAPI:
     @app.post("/{name}/serve")
     async def serve_version(self, name: str, req: ServeRequest, authorization: Optional[str] = Header(None)) -> dict:
         # What every tenant is served: an admin's decision.
-        caller_of(users(), authorization, role=Role.ADMIN, action="changing the served version")
+        caller_of(settings_users(), authorization, role=Role.ADMIN, action="changing the served version")
         if name not in SERVABLE:
             raise unknown_model(name, "serve")
         try:

@@ -38,9 +38,9 @@ from ray_apps.scheduler.api import Conflict, Infeasible, JobNotFound, Queue, Que
 from ray_apps.scheduler.states import JobState
 from ray_apps.scheduler.store import JobRecord
 from ray_apps.serve.cost_service import CostForecaster
-from ray_apps.auth import Caller, Role, Users
-from ray_apps.serve.http_common import (ON_HEAD_NODE, caller_of, limit_body_size, loopback_hosts_only, mlflow_unavailable_is_503, problem,
-                                        require_token)
+from ray_apps.auth import Caller, Role
+from ray_apps.serve.http_common import (ON_HEAD_NODE, caller_of, limit_body_size, loopback_hosts_only,
+                                        mlflow_unavailable_is_503, problem, require_token, settings_users)
 
 app = FastAPI(title="Oppen platform API", version="1",
               description="A durable priority queue with quotas and preemption in front of Ray.")
@@ -106,15 +106,6 @@ def _answer(result: dict) -> dict:
     return result
 
 
-_users: list[Users] = []
-
-
-def users() -> Users:
-    if not _users:
-        _users.append(Users.from_settings(load_settings()))
-    return _users[0]
-
-
 def _acting_tenant(caller: Caller, asked: str | None) -> str | None:
     """The tenant a job is submitted for: the caller's own; an admin (or local mode) may name one."""
     if caller.role is Role.ADMIN:
@@ -127,7 +118,7 @@ def _acting_tenant(caller: Caller, asked: str | None) -> str | None:
 limit_body_size(app)
 mlflow_unavailable_is_503(app)
 loopback_hosts_only(app, load_settings().host)
-require_token(app, users, public=("/v1/health", "/status"))
+require_token(app, settings_users, public=("/v1/health", "/status"))
 
 
 @serve.deployment(num_replicas=1, ray_actor_options=ON_HEAD_NODE, max_ongoing_requests=32)
@@ -140,13 +131,13 @@ class PlatformAPI:
 
     def _tenant(self, authorization: str | None) -> str | None:
         """The tenant whose data the caller may read (None: all, for admins and local mode)."""
-        return caller_of(users(), authorization).scope
+        return caller_of(settings_users(), authorization).scope
 
     @app.post("/v1/jobs", status_code=201, response_model=JobOut)
     def submit(self, body: SubmitJob, authorization: str | None = Header(None),
                idempotency_key: str | None = Header(None, max_length=128, pattern=r"^[\x21-\x7e]+$", description=(
                    "retrying with the same key returns the job the first request made"))) -> JobOut:
-        caller = caller_of(users(), authorization, role=Role.MEMBER, action="submitting a job")
+        caller = caller_of(settings_users(), authorization, role=Role.MEMBER, action="submitting a job")
         tenant = _acting_tenant(caller, body.tenant)
         try:
             job = self.queue.submit(body.trainer, body.params, priority=body.priority, tenant=tenant,
@@ -187,7 +178,7 @@ class PlatformAPI:
 
     @app.delete("/v1/jobs/{job_id}", response_model=JobOut)
     def cancel(self, job_id: str, authorization: str | None = Header(None)) -> JobOut:
-        caller_of(users(), authorization, role=Role.MEMBER, action="cancelling a job")
+        caller_of(settings_users(), authorization, role=Role.MEMBER, action="cancelling a job")
         job = self._get(job_id, authorization)
         try:
             return JobOut.of(self.queue.cancel(job.id, tenant=job.tenant))

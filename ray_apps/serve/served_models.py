@@ -61,6 +61,7 @@ class ServedModel:
         self.problem: str | None = None      # why nothing (or not the chosen version) is loaded
         self.refused: str | None = None      # a version refused once is not downloaded again
         self.loads = 0
+        self._store = None   # the queue's store, made on first use
         try:
             self._refresh()  # serve from the first request when a version exists
         except Exception as exc:  # noqa: BLE001 - MLflow not up yet: start anyway, the watcher retries
@@ -73,7 +74,7 @@ class ServedModel:
 
     def _queue_store(self):
         """The queue's store: which MLflow runs its jobs made (made on first use)."""
-        if getattr(self, "_store", None) is None:
+        if self._store is None:
             from ray_apps.scheduler.api import store_url
             from ray_apps.scheduler.store import JobStore
 
