@@ -25,6 +25,9 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from trainers import errors
+from trainers.errors import OppenError
+
 
 class Role(str, Enum):
     VIEWER = "viewer"
@@ -36,12 +39,19 @@ class Role(str, Enum):
         return order.index(self) >= order.index(other)
 
 
-class AuthError(ValueError):
+class AuthError(OppenError):
     """A token is missing or unknown (401), or its role may not do this (403)."""
 
-    def __init__(self, status: int, reason: str):
-        super().__init__(reason)
-        self.status = status
+    def __init__(self, reason: str):
+        super().__init__(reason, field="Authorization")
+
+
+class Unauthenticated(AuthError, errors.Unauthenticated):
+    pass
+
+
+class Forbidden(AuthError, errors.Forbidden):
+    pass
 
 
 @dataclass(frozen=True)
@@ -57,7 +67,7 @@ class Caller:
 
     def require(self, role: Role, action: str) -> None:
         if not self.role.at_least(role):
-            raise AuthError(403, f"{action} needs the {role.value} role; {self.user} is {self.role.value}")
+            raise Forbidden(f"{action} needs the {role.value} role; {self.user} is {self.role.value}")
 
 
 LOCAL_ADMIN = Caller(user="local", tenant=None, role=Role.ADMIN)
@@ -105,7 +115,7 @@ class Users:
         for stored, caller in known.items():
             if secrets.compare_digest(digest, stored):
                 return caller
-        raise AuthError(401, "a valid `Authorization: Bearer <token>` is required")
+        raise Unauthenticated("a valid `Authorization: Bearer <token>` is required")
 
     # ------------------------------------------------------------------ the users file
 

@@ -12,16 +12,9 @@ from pathlib import Path
 
 import yaml
 
-from ray_apps.ray_client import PlatformError
-from ray_apps.config import SettingsError, load_settings
-from ray_apps.costs.forecast import ForecastError
-from ray_apps.costs.report import ReportError
-from ray_apps.costs.service import RunNotFound
-from ray_apps.kube import KubeError
-from ray_apps.scheduler.api import JobNotFound, QueueError
-from trainers.pricing import CatalogError
-from trainers.registry import RegistryError
-from trainers.specs import TRAINERS, SpecError, add_arguments
+from ray_apps.config import load_settings
+from trainers.errors import OppenError
+from trainers.specs import TRAINERS, add_arguments
 
 
 def cmd_up(args, settings) -> int:
@@ -664,9 +657,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = load_settings(args.config)
         return args.func(args, settings)
-    except (SettingsError, SpecError, CatalogError, PlatformError, QueueError, JobNotFound, ReportError,
-            ForecastError, RunNotFound, KubeError, RegistryError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except OppenError as exc:  # every refusal of the platform, as the REST API gives it (kind, field)
+        where = f"{exc.kind}: {exc.field}" if exc.field else exc.kind
+        print(f"error: {exc} [{where}]", file=sys.stderr)
         return 2
 
 

@@ -17,11 +17,13 @@ import yaml
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from trainers.errors import Refused
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = Path(os.environ.get("OPPEN_CONFIG_DIR") or PROJECT_ROOT / "configs")
 
 
-class SettingsError(ValueError):
+class SettingsError(Refused):
     """Settings could not be loaded; the message says where and how to fix it."""
 
 

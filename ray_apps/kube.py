@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from trainers import errors
+
 GROUP, VERSION = "ray.io", "v1"
 PLURALS = {"RayJob": "rayjobs", "RayCluster": "rayclusters", "RayService": "rayservices"}
 DEFAULT_NAMESPACE = "oppen"
@@ -23,19 +25,19 @@ DEFAULT_NAMESPACE = "oppen"
 RAYJOB_DONE = {"Complete", "Failed", "ValidationFailed"}
 
 
-class KubeError(RuntimeError):
-    """A Kubernetes API call failed; `status` is the HTTP status when the server answered."""
+class KubeError(errors.Unavailable):
+    """A Kubernetes API call failed; `api_status` is the HTTP status when the server answered."""
 
-    def __init__(self, message: str, status: int | None = None):
+    def __init__(self, message: str, api_status: int | None = None):
         super().__init__(message)
-        self.status = status
+        self.api_status = api_status
 
 
-class NotFound(KubeError):
+class NotFound(errors.NotFound, KubeError):
     pass
 
 
-class Conflict(KubeError):
+class Conflict(errors.Conflict, KubeError):
     pass
 
 

@@ -16,8 +16,10 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from trainers.errors import Unavailable
 
-class PlatformError(RuntimeError):
+
+class PlatformError(Unavailable):
     """The platform could not be started or reached; the message says why and what to do."""
 
 

@@ -21,10 +21,12 @@ import psutil
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from trainers.errors import Refused
+
 HEAD_NODE_TYPE = "ray.head.default"
 
 
-class TopologyError(ValueError):
+class TopologyError(Refused):
     """A topology file that cannot be used; the message names the file, the field and the fix."""
 
 

@@ -28,6 +28,8 @@ from urllib.parse import urlparse
 
 import numpy as np
 
+from trainers.errors import Refused
+
 log = logging.getLogger(__name__)
 
 HF_MNIST = "ylecun/mnist"
@@ -39,7 +41,7 @@ MNIST_WHEEL_MEMBER = "mnist/data/mnist.pkl.gz"
 MNIST_FIRST_TRAIN_LABELS = [5, 0, 4, 1, 9, 2, 1, 3, 1, 4]
 
 
-class DataError(RuntimeError):
+class DataError(Refused):
     """A dataset could not be obtained or failed its checks."""
 
 

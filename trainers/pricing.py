@@ -14,10 +14,12 @@ from typing import Any
 
 import yaml
 
+from trainers.errors import Refused
+
 DEFAULT_CATALOG = Path(__file__).resolve().parents[1] / "configs" / "costs.yaml"
 
 
-class CatalogError(ValueError):
+class CatalogError(Refused):
     """The price catalog is missing, malformed or has an invalid price."""
 
 

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from trainers.errors import NotFound, Refused
 from trainers.specs import TRAINERS
 
 SERVABLE = ("mnist", "llm")      # trainers whose runs log a model the serving app can load
@@ -30,15 +31,11 @@ FORMAT_VERSION = 1
 PICKLE_SUFFIXES = (".pkl", ".pickle", ".pt", ".pth", ".bin", ".ckpt", ".joblib")  # or MLmodel beside them
 
 
-class RegistryError(ValueError):
+class RegistryError(Refused):
     """A registry request that cannot be met; `field` names the offending input."""
 
-    def __init__(self, message: str, field: str | None = None):
-        super().__init__(message)
-        self.field = field
 
-
-class ModelNotFound(RegistryError):
+class ModelNotFound(NotFound, RegistryError):
     pass
 
 

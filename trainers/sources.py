@@ -17,8 +17,10 @@ import zipfile
 from pathlib import Path
 from typing import Callable
 
+from trainers.errors import Unavailable
 
-class SourceError(RuntimeError):
+
+class SourceError(Unavailable):
     """An offline source could not be fetched or failed its check."""
 
 

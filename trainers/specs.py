@@ -17,9 +17,11 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from trainers.errors import Refused
 
-class SpecError(ValueError):
-    """A trainer parameter is unknown or out of range."""
+
+class SpecError(Refused):
+    """A trainer parameter is unknown or out of range; `field` names it."""
 
 
 @dataclass
@@ -193,14 +195,14 @@ TRAINERS: dict[str, type] = {"mnist": MnistConfig, "llm": LlmConfig, "probe": Pr
 
 def _require(ok: bool, name: str, value: Any, what: str) -> None:
     if not ok:
-        raise SpecError(f"--{name.replace('_', '-')} must be {what}, got {value!r}")
+        raise SpecError(f"--{name.replace('_', '-')} must be {what}, got {value!r}", field=f"params.{name}")
 
 
 def spec_for(trainer: str) -> type:
     try:
         return TRAINERS[trainer]
     except KeyError:
-        raise SpecError(f"unknown trainer {trainer!r}; known: {', '.join(sorted(TRAINERS))}") from None
+        raise SpecError(f"unknown trainer {trainer!r}; known: {', '.join(sorted(TRAINERS))}", field="trainer") from None
 
 
 def build_config(trainer: str, params: dict[str, Any]) -> Any:
@@ -210,7 +212,7 @@ def build_config(trainer: str, params: dict[str, Any]) -> Any:
     unknown = sorted(set(params) - set(known))
     if unknown:
         raise SpecError(f"unknown parameter(s) for {trainer}: {', '.join(unknown)}; "
-                        f"known: {', '.join(sorted(known))}")
+                        f"known: {', '.join(sorted(known))}", field=f"params.{unknown[0]}")
     hints = typing.get_type_hints(cls)
     coerced = {k: _coerce(k, v, hints[k]) for k, v in params.items()}
     return cls(**coerced)
@@ -234,10 +236,10 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
     flag = f"--{name.replace('_', '-')}"
     if value is None:
         if base is hint:  # not Optional
-            raise SpecError(f"{flag} must be {_kind(base)}, got None")
+            raise SpecError(f"{flag} must be {_kind(base)}, got None", field=f"params.{name}")
         return None
     if isinstance(value, bool):
-        raise SpecError(f"{flag} must be {_kind(base)}, got {value!r}")
+        raise SpecError(f"{flag} must be {_kind(base)}, got {value!r}", field=f"params.{name}")
     if base is int:
         if isinstance(value, numbers.Integral):
             return int(value)
@@ -250,7 +252,7 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
                 return number
     elif base is str and isinstance(value, str) and len(value) <= _MAX_TEXT and value.isprintable():
         return value
-    raise SpecError(f"{flag} must be {_kind(base)}, got {_shown(value)}")
+    raise SpecError(f"{flag} must be {_kind(base)}, got {_shown(value)}", field=f"params.{name}")
 
 
 def _kind(base: type) -> str:

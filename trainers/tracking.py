@@ -17,6 +17,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from typing import Any
 
+from trainers.errors import Unavailable
+
 log = logging.getLogger(__name__)
 
 DEFAULT_TRACKING_URI = "http://127.0.0.1:5000"
@@ -25,7 +27,7 @@ DEFAULT_TRACKING_URI = "http://127.0.0.1:5000"
 _HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 
 
-class TrackingUnavailable(RuntimeError):
+class TrackingUnavailable(Unavailable):
     """The MLflow tracking server cannot be reached."""
 
 

@@ -31,7 +31,8 @@ from langgraph.graph.message import add_messages
 from ray_apps.agent.answers import answer
 from ray_apps.agent.llm_client import ChatModel, ModelError
 from ray_apps.agent.router import Router
-from ray_apps.agent.tools import PlatformTools, ToolError
+from ray_apps.agent.tools import PlatformTools, tool_problem
+from trainers.errors import OppenError
 
 MAX_MODEL_ROUNDS = 4
 HISTORY_FOR_MODEL = 20  # messages of the thread a model sees
@@ -137,9 +138,9 @@ class Agent:
                 record["result"] = result
                 context = _remember(context, result)
                 content = json.dumps(result, default=str)
-            except ToolError as exc:
-                record["error"] = str(exc)
-                content = json.dumps({"error": str(exc)})
+            except OppenError as exc:  # any refusal, the tools' own or the platform's
+                record["error"], record["problem"] = str(exc), exc.problem()
+                content = json.dumps({"error": tool_problem(exc)})
             calls.append(record)
             out.append(ToolMessage(content, tool_call_id=call["id"], name=call["name"]))
         return {"messages": out, "calls": calls, "context": context}

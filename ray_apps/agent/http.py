@@ -11,7 +11,6 @@ length are refused.
 """
 
 # No `from __future__ import annotations`: FastAPI under Serve's ingress needs real types.
-import re
 import threading
 from typing import Any
 
@@ -20,10 +19,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ray_apps.auth import Role, Users
 from ray_apps.config import load_settings
-from ray_apps.serve.http_common import (caller_of, limit_body_size, loopback_hosts_only, mlflow_unavailable_is_503,
-                                        problem, require_token, root_without_slash)
+from ray_apps.serve.http_common import (ProblemDetail, answers_errors_as_problems, caller_of, limit_body_size,
+                                        loopback_hosts_only, require_token, root_without_slash)
+from trainers.errors import TooLarge
 
-THREAD_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+THREAD_ID = r"^[A-Za-z0-9_.:-]{1,64}$"
 
 app = FastAPI(title="Oppen agent", version="1", description="Plain-language control of the platform.")
 _state: dict[str, Any] = {"agent": None, "settings": None, "users": None}
@@ -34,7 +34,8 @@ class AgentRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     message: str = Field(min_length=1, description="what you want, in plain English")
-    thread_id: str | None = Field(None, description="continue this conversation (letters, digits, _.:-)")
+    thread_id: str | None = Field(None, pattern=THREAD_ID,
+                                  description="continue this conversation (1-64 letters, digits, _.:-)")
 
 
 class ToolCall(BaseModel):
@@ -42,6 +43,7 @@ class ToolCall(BaseModel):
     args: dict[str, Any]
     result: Any = None
     error: str | None = None
+    problem: ProblemDetail | None = Field(None, description="the refusal as the REST API gives it")
 
 
 class AgentResponse(BaseModel):
@@ -73,7 +75,7 @@ def users() -> Users:
 
 
 limit_body_size(app)
-mlflow_unavailable_is_503(app)
+answers_errors_as_problems(app, public=("/health",))
 loopback_hosts_only(app, load_settings().host)
 root_without_slash(app)
 require_token(app, users, public=("/health",))
@@ -87,9 +89,7 @@ def ask(body: AgentRequest, authorization: str | None = Header(None),
     caller = caller_of(users(), authorization, role=Role.MEMBER, action="asking the agent")
     tenant = caller.scope
     if len(body.message) > settings.agent.max_message_chars:
-        raise problem(413, "message", f"message over {settings.agent.max_message_chars} characters")
-    if body.thread_id is not None and not THREAD_ID.match(body.thread_id):
-        raise problem(422, "thread_id", "use 1-64 letters, digits or _.:-")
+        raise TooLarge(f"message over {settings.agent.max_message_chars} characters", "message")
     # Threads live in the tenant's own space: another tenant's thread id opens a fresh thread.
     thread = f"{tenant or '-'}/{body.thread_id}" if body.thread_id else None
     key = f"{caller.user}:{idempotency_key}" if idempotency_key else None

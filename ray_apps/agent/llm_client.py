@@ -14,13 +14,15 @@ from typing import Protocol
 
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage, ToolMessage
 
+from trainers.errors import Unavailable
+
 
 class ChatModel(Protocol):
     def invoke(self, messages: list[BaseMessage], tools: list[dict]) -> AIMessage: ...
 
 
-class ModelError(RuntimeError):
-    pass
+class ModelError(Unavailable):
+    """The configured LLM did not answer, or answered nothing usable."""
 
 
 def to_openai(messages: list[BaseMessage]) -> list[dict]:

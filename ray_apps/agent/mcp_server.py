@@ -10,13 +10,15 @@ only). The tenant is fixed per server (`--tenant`), as a client launches one per
 from __future__ import annotations
 
 import functools
+import json
 
 from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError as McpToolError
 from mcp.server.mcpserver.utilities.func_metadata import ArgModelBase
 from pydantic import BaseModel, ConfigDict
 
-from ray_apps.agent.tools import PlatformTools, ToolError
+from ray_apps.agent.tools import PlatformTools, tool_problem
+from trainers.errors import OppenError
 
 
 def build_server(tools: PlatformTools) -> MCPServer:
@@ -28,24 +30,32 @@ def build_server(tools: PlatformTools) -> MCPServer:
     return server
 
 
+class _CheckedByTheTool(ArgModelBase):
+    """MCP's own argument check would refuse in its own words (and its default model drops unknown
+    arguments): the arguments pass through as sent to `PlatformTools.call`, which checks them against
+    the tool's model and refuses in the platform's shape (kind, field, reason, status)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    def model_dump_one_level(self) -> dict:
+        return dict(self.__pydantic_extra__ or {})
+
+
 def _strict_schema(server: MCPServer, name: str, args: type[BaseModel]) -> None:
-    """Advertise and enforce the tool's own argument model (typed trainer parameters from the catalog,
-    no extra keys): MCP's model, built from the Python signature, would drop unknown arguments."""
+    """Advertise the tool's own argument model (typed trainer parameters from the catalog, no extra
+    keys); the tool enforces it."""
     registered = server._tool_manager.get_tool(name)
-    strict = type(f"{name}_arguments", (args, ArgModelBase),
-                  {"model_config": ConfigDict(extra="forbid", arbitrary_types_allowed=True)})
     registered.parameters = args.model_json_schema()
-    registered.fn_metadata.arg_model = strict
+    registered.fn_metadata.arg_model = _CheckedByTheTool
 
 
 def _through_guards(tools: PlatformTools, name: str, fn):
     @functools.wraps(fn)  # the typed signature MCP builds the tool's input schema from
     def call(**kwargs) -> dict:
         try:
-            return tools.call(name, {k: (v.model_dump(exclude_unset=True) if isinstance(v, BaseModel) else v)
-                                     for k, v in kwargs.items() if v is not None})
-        except ToolError as exc:  # MCP shows its own ToolError's message to the client's model
-            raise McpToolError(str(exc)) from None
+            return tools.call(name, {k: v for k, v in kwargs.items() if v is not None})
+        except OppenError as exc:  # MCP shows its own ToolError's message to the client's model
+            raise McpToolError(json.dumps(tool_problem(exc))) from None
 
     return call
 

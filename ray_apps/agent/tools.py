@@ -3,7 +3,8 @@
 Every tool acts as one tenant (the caller's), only starts catalogued trainers with
 parameters the catalog validates (the queue and `trainers.tune` check them again),
 and never runs a shell command or arbitrary code. A tool returns a JSON-able dict;
-a refusal raises ToolError with a message the agent can show as it is.
+a refusal raises an OppenError (ToolError for the tools' own refusals) with a message the
+agent can show as it is; `tool_problem` is what the agent and MCP hand on.
 """
 
 from __future__ import annotations
@@ -12,19 +13,25 @@ import dataclasses
 import time
 import typing
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from ray_apps.config import Settings
-from trainers.specs import TRAINERS, SpecError, build_config
+from trainers.errors import Forbidden, NotFound, OppenError, Refused
+from trainers.specs import TRAINERS, build_config
 
 # Trainers a user may start: the real workloads, not the scheduler's synthetic probe.
 USER_TRAINERS = ("mnist", "llm")
 
 
-class ToolError(ValueError):
-    """A tool refused or failed; the message says why, for the user."""
+class ToolError(Refused):
+    """A tool refused its arguments; the message says why, for the user."""
+
+
+def tool_problem(exc: OppenError) -> dict:
+    """A refusal as a tool result: the REST API's problem body and its HTTP status."""
+    return {**exc.problem(), "status": exc.status}
 
 
 class _Args(BaseModel):
@@ -173,11 +180,8 @@ class PlatformTools:
     def _validated(self, trainer: str, params: dict) -> dict:
         if trainer not in USER_TRAINERS:
             raise ToolError(f"I can only start the catalogued trainers ({', '.join(USER_TRAINERS)}), "
-                            f"not {trainer!r}.")
-        try:
-            spec = build_config(trainer, params)
-        except SpecError as exc:
-            raise ToolError(str(exc)) from None
+                            f"not {trainer!r}.", "trainer")
+        spec = build_config(trainer, params)
         return {k: getattr(spec, k) for k in params}
 
     def _job(self, job_id: str, trainer: str | None = None):
@@ -186,7 +190,7 @@ class PlatformTools:
         if job_id in ("last", "latest"):
             jobs = [j for j in self.queue.list(tenant=self.tenant) if trainer in (None, j.trainer)]
             if not jobs:
-                raise ToolError(f"you have no {trainer + ' ' if trainer else ''}jobs yet")
+                raise NotFound(f"you have no {trainer + ' ' if trainer else ''}jobs yet", "job_id")
             return jobs[-1]
         try:
             return self.queue.get(job_id, tenant=self.tenant)
@@ -194,7 +198,7 @@ class PlatformTools:
             matches = [j for j in self.queue.list(tenant=self.tenant) if j.id.endswith(job_id)]
             if len(matches) == 1:  # the short suffix people copy from a listing
                 return matches[0]
-            raise ToolError(f"there is no job {job_id!r}" + (" of yours" if self.tenant else "")) from None
+            raise NotFound(f"there is no job {job_id!r}" + (" of yours" if self.tenant else ""), "job_id") from None
 
     @staticmethod
     def _job_dict(job) -> dict:
@@ -204,17 +208,12 @@ class PlatformTools:
                 "waited_s": round(job.waited_s(time.time()), 1)}
 
     def _submit(self, trainer: str, params: dict, priority: str | None) -> dict:
-        from ray_apps.scheduler.api import QueueError
-
         params = self._validated(trainer, params)
         key = None
         if self.request_key:
             self._submits += 1
             key = f"agent:{self.request_key}:{self._submits}"
-        try:
-            job = self.queue.submit(trainer, params, priority=priority, tenant=self.tenant, idempotency_key=key)
-        except QueueError as exc:
-            raise ToolError(str(exc)) from None
+        job = self.queue.submit(trainer, params, priority=priority, tenant=self.tenant, idempotency_key=key)
         return self._job_dict(job)
 
     # ------------------------------------------------------------------ the tools
@@ -247,7 +246,6 @@ class PlatformTools:
         return {"by_state": by_state, "jobs": [self._job_dict(j) for j in jobs[:20]], "total": len(jobs)}
 
     def cancel_job(self, job_id: str | None = None, scope: str | None = None) -> dict:
-        from ray_apps.scheduler.api import QueueError
         from ray_apps.scheduler.states import JobState
 
         if scope == "queued":
@@ -255,12 +253,12 @@ class PlatformTools:
         elif job_id:
             targets = [self._job(job_id)]
         else:
-            raise ToolError("which job? Give a job id, or say 'cancel my queued jobs'")
+            raise ToolError("which job? Give a job id, or say 'cancel my queued jobs'", "job_id")
         done, refused = [], []
         for job in targets:
             try:
                 done.append(self.queue.cancel(job.id, tenant=self.tenant).id)
-            except QueueError as exc:
+            except OppenError as exc:  # finished meanwhile, or changing state: say so, cancel the rest
                 refused.append({"job_id": job.id, "reason": str(exc)})
         return {"cancelled": done, "refused": refused}
 
@@ -275,12 +273,12 @@ class PlatformTools:
         if run_id:
             run = client.get_run(run_id)
             if self.tenant and run.data.tags.get("oppen.tenant") != self.tenant:
-                raise ToolError(f"there is no run {run_id!r} of yours")
+                raise NotFound(f"there is no run {run_id!r} of yours", "run_id")
             return {"run_id": run_id, "metrics": run.data.metrics, "params": run.data.params}
         name = experiment or "mnist"
         exp = client.get_experiment_by_name(name)
         if exp is None:
-            raise ToolError(f"there is no experiment {name!r}; try list_mlflow_experiments")
+            raise NotFound(f"there is no experiment {name!r}; try list_mlflow_experiments", "experiment")
         if metric is None and name in TRAINERS:
             metric = getattr(TRAINERS[name], "val_metric", None)
         query = f"tags.`oppen.tenant` = '{self.tenant}'" if self.tenant else ""
@@ -296,52 +294,40 @@ class PlatformTools:
         return self.costs.meter.cost_of(job).as_dict()
 
     def get_cost_report(self, since: str = "30d", group_by: str = "tenant,trainer") -> dict:
-        return self._costs_call(lambda: self.costs.report(since=since, group_by=group_by,
-                                                          tenant=self.tenant).as_dict())
+        return self.costs.report(since=since, group_by=group_by, tenant=self.tenant).as_dict()
 
     def check_training_budget(self, budget_usd: float | None = None, since: str | None = None) -> dict:
-        return self._costs_call(lambda: self.costs.budget(budget_usd, tenant=self.tenant, since=since).as_dict())
+        return self.costs.budget(budget_usd, tenant=self.tenant, since=since).as_dict()
 
     def forecast_training_cost(self, job_id: str | None = None, trainer: str | None = None,
                                params: dict | None = None) -> dict:
         if job_id:
             job = self._job(job_id, trainer if job_id in ("last", "latest") else None)
-            return {"job_id": job.id, **self._costs_call(lambda: self.costs.forecast_job(job.id).as_dict())}
+            return {"job_id": job.id, **self.costs.forecast_job(job.id).as_dict()}
         if not trainer:
-            raise ToolError("forecast what? Give a job id, or a trainer and its parameters")
+            raise ToolError("forecast what? Give a job id, or a trainer and its parameters", "job_id")
         params = self._validated(trainer, params or {})
-        return {"trainer": trainer, **self._costs_call(lambda: self.costs.forecast_new(trainer, params).as_dict())}
+        return {"trainer": trainer, **self.costs.forecast_new(trainer, params).as_dict()}
 
     def recommend_cost_optimization(self, run_id: str | None = None, job_id: str | None = None,
                                     trainer: str | None = None) -> dict:
         if not run_id:
             job = self._job(job_id or "last", trainer)
             if not job.mlflow_run_id:
-                raise ToolError(f"job {job.id} has no MLflow run to learn from")
+                raise NotFound(f"job {job.id} has no MLflow run to learn from", "job_id")
             run_id = job.mlflow_run_id
-        recs = self._costs_call(lambda: self.costs.recommend(run_id, tenant=self.tenant))
+        recs = self.costs.recommend(run_id, tenant=self.tenant)
         return {"run_id": run_id, "recommendations": [r.as_dict() for r in recs]}
 
     def get_gpu_availability(self) -> dict:
-        from ray_apps.scheduler.api import QueueError
-
-        try:
-            return dataclasses.asdict(self.queue.gpu_availability())
-        except QueueError as exc:
-            raise ToolError(str(exc)) from None
+        return dataclasses.asdict(self.queue.gpu_availability())
 
     def validate_job_resources(self, trainer: str, params: dict | None = None) -> dict:
-        from ray_apps.scheduler.api import QueueError
-
         params = self._validated(trainer, params or {})
-        try:
-            return dataclasses.asdict(self.queue.validate(trainer, params, tenant=self.tenant))
-        except QueueError as exc:
-            raise ToolError(str(exc)) from None
+        return dataclasses.asdict(self.queue.validate(trainer, params, tenant=self.tenant))
 
     def start_hyperparameter_search(self, trainer: str, num_samples: int = 4, budget_usd: float | None = None,
                                     params: dict | None = None) -> dict:
-        from ray_apps.ray_client import PlatformError
         from ray_apps.training import submit_search
 
         params = self._validated(trainer, params or {})
@@ -350,10 +336,7 @@ class PlatformTools:
             argv += [f"--{key.replace('_', '-')}", str(value)]
         if budget_usd is not None:
             argv += ["--budget-usd", str(budget_usd)]
-        try:
-            sub = submit_search(self.settings, argv, metadata={"tenant": self.tenant} if self.tenant else None)
-        except (SpecError, PlatformError) as exc:
-            raise ToolError(str(exc)) from None
+        sub = submit_search(self.settings, argv, metadata={"tenant": self.tenant} if self.tenant else None)
         return {"search_id": sub.submission_id, "trainer": trainer, "num_samples": num_samples,
                 "budget_usd": budget_usd, "ray_job": f"{self.settings.dashboard_url}/#/jobs/{sub.submission_id}"}
 
@@ -361,7 +344,7 @@ class PlatformTools:
         from trainers.registry import SERVABLE, list_models
 
         if name is not None and name not in SERVABLE:
-            raise ToolError(f"no model {name!r}; registered models are per trainer: {', '.join(SERVABLE)}")
+            raise NotFound(f"no model {name!r}; registered models are per trainer: {', '.join(SERVABLE)}", "name")
         models = [m for m in list_models(self.settings.tracking_uri) if name in (None, m["name"])]
         for m in models:  # the newest five versions are enough to talk about
             m["versions"] = [{k: v[k] for k in ("version", "run_id", "aliases", "tags")} for v in m["versions"][:5]]
@@ -370,33 +353,19 @@ class PlatformTools:
     def deploy_model(self, name: str, version: str | None = None, alias: str | None = None) -> dict:
         """Serve a registered version (or alias) of a model; replicas roll over with no failed request."""
         from ray_apps.scheduler.provenance import serve_if_allowed
-        from trainers.registry import RegistryError, Selector
+        from trainers.registry import Selector
 
         if not self.admin:  # what every tenant is served
-            raise ToolError("changing the served version needs the admin role; ask an admin of the platform")
+            raise Forbidden("changing the served version needs the admin role; ask an admin of the platform",
+                            "Authorization")
         if version is not None and alias is not None:
-            raise ToolError("give a version or an alias, not both")
+            raise ToolError("give a version or an alias, not both", "alias")
         selector = Selector(alias=alias, version=version)
-        try:  # never beyond the platform's own runs: an override is for the CLI or REST
-            mv = serve_if_allowed(self.settings.tracking_uri, self.queue.store, name, selector)
-        except RegistryError as exc:
-            raise ToolError(str(exc)) from None
+        # Never beyond the platform's own runs: an override is for the CLI or REST.
+        mv = serve_if_allowed(self.settings.tracking_uri, self.queue.store, name, selector)
         action = "predict" if name == "mnist" else "generate"
         return {"name": name, "selector": str(selector), "version": mv.version, "run_id": mv.run_id,
                 "endpoint": f"{self.settings.serve_url}/v1/models/{name}/{action}"}
-
-    @staticmethod
-    def _costs_call(call: Callable[[], Any]) -> Any:
-        from ray_apps.ray_client import PlatformError
-        from ray_apps.costs.forecast import ForecastError
-        from ray_apps.costs.report import ReportError
-        from ray_apps.costs.service import RunNotFound
-        from ray_apps.scheduler.api import JobNotFound, QueueError
-
-        try:
-            return call()
-        except (ForecastError, ReportError, QueueError, PlatformError, JobNotFound, RunNotFound) as exc:
-            raise ToolError(str(exc)) from None
 
     # ------------------------------------------------------------------ the catalogue
 
@@ -434,10 +403,11 @@ class PlatformTools:
         """Validate `args` against the tool's schema, then run it. Unknown tools are refused."""
         tool = self.catalog().get(name)
         if tool is None:
-            raise ToolError(f"there is no tool {name!r}; I can only use: {', '.join(self.catalog())}")
+            raise NotFound(f"there is no tool {name!r}; I can only use: {', '.join(self.catalog())}", "tool")
         try:
             parsed = tool.args(**(args or {}))
         except ValidationError as exc:
-            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'args'}: {e['msg']}" for e in exc.errors())
-            raise ToolError(f"bad arguments for {name}: {problems}") from None
+            where = [".".join(map(str, e["loc"])) or "args" for e in exc.errors()]
+            problems = "; ".join(f"{w}: {e['msg']}" for w, e in zip(where, exc.errors()))
+            raise ToolError(f"bad arguments for {name}: {problems}", where[0]) from None
         return tool.fn(**parsed.model_dump(exclude_unset=True))

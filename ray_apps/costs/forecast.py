@@ -22,6 +22,8 @@ import math
 import statistics
 from dataclasses import dataclass, field
 
+from trainers.errors import Conflict
+
 # Two-sided 90% Student t quantiles by degrees of freedom (n - 1).
 _T90 = {1: 6.314, 2: 2.920, 3: 2.353, 4: 2.132, 5: 2.015, 6: 1.943, 7: 1.895, 8: 1.860, 9: 1.833,
         10: 1.812, 15: 1.753, 20: 1.725, 30: 1.697}
@@ -31,7 +33,7 @@ ONE_POINT_REL_SD = 0.25  # one unit seen: its pure train time, without a measure
 DEFAULT_TAIL = (5.0, 5.0)  # seconds after the last unit (mean, sd) when no past run says better
 
 
-class ForecastError(ValueError):
+class ForecastError(Conflict):
     """A forecast that cannot be made (finished job, no progress data...), with the reason."""
 
 

@@ -8,13 +8,14 @@ import time
 from dataclasses import dataclass, field
 
 from ray_apps.costs.meter import JobCost
+from trainers.errors import Refused
 
 GROUPS = ("tenant", "trainer", "day", "state")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
-class ReportError(ValueError):
+class ReportError(Refused):
     pass
 
 

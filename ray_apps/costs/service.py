@@ -30,6 +30,7 @@ from ray_apps.costs.report import BudgetStatus, CostReport, ReportError, build_r
 from ray_apps.scheduler.api import JobNotFound, Queue, QueueError
 from ray_apps.scheduler.states import ACTIVE, JobState
 from ray_apps.scheduler.store import JobRecord
+from trainers.errors import NotFound
 from trainers.pricing import PriceCatalog, load_catalog
 from trainers.specs import SpecError, build_config, spec_for
 
@@ -37,9 +38,9 @@ log = logging.getLogger("oppen.costs")
 HISTORY_TTL_S = 300.0  # past runs change when a metered job reaches MLflow (the cache key) or by hand
 
 
-class RunNotFound(KeyError):
-    def __str__(self) -> str:
-        return f"no MLflow run {self.args[0]!r}"
+class RunNotFound(NotFound):
+    def __init__(self, run_id: str):
+        super().__init__(f"no MLflow run {run_id!r}", field="run_id")
 
 
 class CostService:

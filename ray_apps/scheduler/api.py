@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from ray_apps.ray_client import PlatformError, job_client
+from ray_apps.ray_client import job_client
 from ray_apps.config import Settings
 from ray_apps.scheduler.capacity import Capacity, read_capacity
 from ray_apps.scheduler.config import QueueConfig, load_queue_config
@@ -27,37 +27,18 @@ from ray_apps.scheduler.policy import Gang, infeasibility
 from ray_apps.scheduler.states import JobState
 from ray_apps.scheduler.store import InvalidTransition, JobRecord, JobStore, KeyReused, UnknownJob
 from ray_apps.topology import Topology
+from trainers.errors import Conflict, Infeasible, NotFound, RateLimited, Refused
 from trainers.runtime import new_run_name
-from trainers.specs import TRAINERS, SpecError, build_config, validated_params
+from trainers.specs import build_config, validated_params
 
 
-class QueueError(ValueError):
+class QueueError(Refused):
     """A request the queue refuses; `field` names the offending input."""
 
-    def __init__(self, message: str, field: str | None = None):
-        super().__init__(message)
-        self.field = field
 
-
-class Conflict(QueueError):
-    """The job's state does not allow this (already finished, or changing under the request): a 409."""
-
-
-class RateLimited(QueueError):
-    """Too many submissions from one tenant: a 429 with Retry-After."""
-
-    def __init__(self, message: str, retry_after: int):
-        super().__init__(message, field="tenant")
-        self.retry_after = retry_after
-
-
-class Infeasible(QueueError):
-    """The request can never run on this cluster, even fully scaled out."""
-
-
-class JobNotFound(KeyError):
-    def __str__(self) -> str:
-        return f"no job {self.args[0]!r}"
+class JobNotFound(NotFound):
+    def __init__(self, job_id: str):
+        super().__init__(f"no job {job_id!r}", field="job_id")
 
 
 @dataclass
@@ -153,10 +134,10 @@ class Queue:
         if len(recent) >= limit:
             retry_after = max(1, math.ceil(recent[len(recent) - limit] + 60 - now))
             raise RateLimited(f"tenant {tenant} submitted {len(recent)} jobs in the last minute (limit {limit}); "
-                              f"retry in {retry_after} s", retry_after)
+                              f"retry in {retry_after} s", "tenant", retry_after=retry_after)
 
     def validate(self, trainer: str, params: dict[str, Any], *, tenant: str | None = None) -> Validation:
-        """Would this request be accepted? Nothing is queued. Raises QueueError on bad parameters."""
+        """Would this request be accepted? Nothing is queued. Raises SpecError on bad parameters."""
         spec = _spec(trainer, params)
         gang = Gang.of(spec)
         reason = self._never_fits(gang, tenant or self.config.default_tenant)
@@ -175,11 +156,8 @@ class Queue:
         return self.capacity().potential_nodes()
 
     def capacity(self) -> Capacity:
-        """The nodes there are and those the autoscaler may add, read live (QueueError if Ray is away)."""
-        try:
-            return read_capacity(self.settings, self.topology)
-        except PlatformError as exc:
-            raise QueueError(str(exc)) from None
+        """The nodes there are and those the autoscaler may add, read live (PlatformError if Ray is away)."""
+        return read_capacity(self.settings, self.topology)
 
     # ------------------------------------------------------------------ read
 
@@ -260,8 +238,5 @@ def _as_answered(job: JobRecord) -> JobRecord:
 
 
 def _spec(trainer: str, params: dict[str, Any]):
-    """The validated trainer config; a bad trainer or parameter is a QueueError naming the field."""
-    try:
-        return build_config(trainer, params)
-    except SpecError as exc:
-        raise QueueError(str(exc), field="params" if trainer in TRAINERS else "trainer") from None
+    """The validated trainer config; a bad trainer or parameter is a SpecError naming the field."""
+    return build_config(trainer, params)

@@ -37,10 +37,10 @@ from pathlib import Path
 from queue import SimpleQueue
 
 from ray_apps.autoscaler import ResourceRequester
-from ray_apps.ray_client import mlflow_healthy
+from ray_apps.ray_client import PlatformError, mlflow_healthy
 from ray_apps.scheduler import policy
 from ray_apps.scheduler.adoption import ADOPTED_PRIORITY, adopt_unknown
-from ray_apps.scheduler.api import Queue, QueueError, ray_submission_id
+from ray_apps.scheduler.api import Queue, ray_submission_id
 from ray_apps.scheduler.capacity import Capacity
 from ray_apps.scheduler.states import ACTIVE, JobState
 from ray_apps.scheduler.store import InvalidTransition, JobRecord
@@ -184,7 +184,7 @@ class Dispatcher:
         last, self._nodes_sampled_at = self._nodes_sampled_at, now
         try:
             groups = (capacity or self.queue.capacity()).groups
-        except QueueError as exc:  # Ray away: no sample (the gap is not counted)
+        except PlatformError as exc:  # Ray away: no sample (the gap is not counted)
             log.debug("no node sample: %s", exc)
             self._nodes_sampled_at = None
             return

@@ -20,6 +20,7 @@ from sqlalchemy import (JSON, Column, Float, ForeignKey, Integer, MetaData, Stri
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
+from trainers.errors import Conflict, NotFound
 from ray_apps.scheduler.states import ALLOWED, TERMINAL, JobState
 
 metadata = MetaData()
@@ -130,15 +131,15 @@ class NodeUsage:
     gpu_seconds: float
 
 
-class UnknownJob(KeyError):
+class UnknownJob(NotFound):
     pass
 
 
-class InvalidTransition(ValueError):
+class InvalidTransition(Conflict):
     pass
 
 
-class KeyReused(ValueError):
+class KeyReused(Conflict):
     """An idempotency key came back with a different request."""
 
 
@@ -359,7 +360,7 @@ class JobStore:
         with self.engine.connect() as conn:
             row = conn.execute(select(jobs).where(jobs.c.id == job_id)).first()
         if row is None:
-            raise UnknownJob(job_id)
+            raise UnknownJob(f"no job {job_id!r}", "job_id")
         return JobRecord.from_row(row)
 
     def list(self, *, states: Iterable[JobState] | None = None, tenant: str | None = None,
@@ -396,7 +397,7 @@ class JobStore:
         with self.engine.begin() as conn:
             row = conn.execute(select(jobs.c.state).where(jobs.c.id == job_id)).first()
             if row is None:
-                raise UnknownJob(job_id)
+                raise UnknownJob(f"no job {job_id!r}", "job_id")
             current = JobState(row.state)
             if expect is not None and current != expect:
                 raise InvalidTransition(f"job {job_id} is {current.value}, not {expect.value}")

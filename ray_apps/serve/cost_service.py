@@ -2,9 +2,9 @@
 
 Its own deployment (own replicas, own row in the Ray dashboard) behind the
 platform's HTTP ingress, which calls it through a handle. Results are plain
-dicts; a refusal comes back as {"error": {"status", "field", "reason"}} so the
-ingress can answer with the right 4xx without guessing from exception types that
-crossed a process boundary.
+dicts; a refusal comes back as {"error": {...}} (`OppenError.as_dict`), which the
+ingress raises again as the same kind of error: exception types do not survive a
+process boundary intact.
 """
 
 from __future__ import annotations
@@ -14,40 +14,25 @@ from typing import Any, Callable
 
 from ray import serve
 
-from ray_apps.ray_client import PlatformError
 from ray_apps.config import load_settings
-from ray_apps.costs.forecast import ForecastError
-from ray_apps.costs.report import ReportError
-from ray_apps.costs.service import CostService, RunNotFound
-from ray_apps.scheduler.api import JobNotFound, QueueError
+from ray_apps.costs.service import CostService
 from ray_apps.serve.http_common import ON_HEAD_NODE
-from trainers.specs import SpecError
+from trainers.errors import OppenError, Unavailable
 
 log = logging.getLogger("oppen.costs")
 
 
-def _refusal(status: int, field: str | None, reason: str) -> dict:
-    return {"error": {"status": status, "field": field, "reason": reason}}
-
-
 def guarded(call: Callable[[], Any]) -> Any:
-    """Run `call`, turning the cost engine's refusals into an error dict with an HTTP status."""
+    """Run `call`; a refusal comes back as {"error": OppenError.as_dict()} (the ingress raises it again)."""
     try:
         return call()
-    except (JobNotFound, RunNotFound) as exc:
-        return _refusal(404, "job_id" if isinstance(exc, JobNotFound) else "run_id", str(exc))
-    except ForecastError as exc:
-        return _refusal(409, "job_id", str(exc))
-    except QueueError as exc:
-        return _refusal(422, exc.field, str(exc))
-    except (ReportError, SpecError) as exc:
-        return _refusal(422, None, str(exc))
-    except PlatformError as exc:
-        return _refusal(503, None, str(exc))
+    except OppenError as exc:
+        return {"error": exc.as_dict()}
     except Exception as exc:  # noqa: BLE001 - MLflow or the store unreachable: a 503 that says so
         if type(exc).__module__.startswith(("mlflow", "requests", "urllib3", "sqlalchemy")):
             log.warning("cost service dependency failed: %s", exc)
-            return _refusal(503, None, f"a backing service failed: {type(exc).__name__}: {str(exc)[:300]}")
+            return {"error": Unavailable(f"a backing service failed: {type(exc).__name__}: {str(exc)[:300]}"
+                                         ).as_dict()}
         raise
 
 

@@ -6,11 +6,18 @@ import functools
 import os
 from collections.abc import Callable
 
-from fastapi import FastAPI, HTTPException, Request
+from http import HTTPStatus
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ray_apps.auth import AuthError, Caller, Role, Users
 from ray_apps.config import is_loopback
+from trainers.errors import OppenError
 
 MAX_BODY_BYTES = 64 * 1024
 
@@ -70,9 +77,98 @@ def root_without_slash(app: FastAPI) -> None:
     app.add_middleware(_RootWithoutSlash)
 
 
-def problem(status: int, field: str | None, reason: str) -> HTTPException:
-    """A 4xx whose body names the offending field and the reason."""
-    return HTTPException(status_code=status, detail={"field": field, "reason": reason})
+class ProblemDetail(BaseModel):
+    kind: str = Field(description="refused, infeasible, not_found, conflict, rate_limited, unavailable, "
+                                  "unauthenticated, forbidden, too_large, wrong_host")
+    field: str | None = Field(description="the input at fault, e.g. params.epochs, job_id, Authorization")
+    reason: str = Field(description="what is wrong and, where it helps, how to fix it")
+
+
+class Problem(BaseModel):
+    """Every error any app of the platform answers, whatever its status."""
+
+    detail: ProblemDetail
+
+
+def problem_response(status: int, kind: str, field: str | None, reason: str,
+                     headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(status_code=status, headers=headers,
+                        content={"detail": {"kind": kind, "field": field, "reason": reason}})
+
+
+def _error_answer(request: Request, exc: OppenError) -> JSONResponse:
+    headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else {}
+    if exc.status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    return problem_response(exc.status, exc.kind, exc.field, str(exc), headers)
+
+
+def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """FastAPI's own checks (types, bounds, unknown keys) answer in the platform's shape: one field,
+    named as the client wrote it (`params.epochs`, `limit`), and why."""
+    first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+    loc = [str(part) for part in first.get("loc", ())]
+    field = ".".join(loc[1:] if loc and loc[0] in ("body", "query", "path", "header") else loc) or None
+    more = len(exc.errors()) - 1
+    reason = first.get("msg", "invalid") + (f" (and {more} more problem{'s' * (more > 1)})" if more > 0 else "")
+    return problem_response(422, "refused", field, reason)
+
+
+def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Routing's own answers (no such path, method not allowed) in the same shape."""
+    kind = {404: "not_found", 405: "refused"}.get(exc.status_code, "refused")
+    return problem_response(exc.status_code, kind, None, str(exc.detail), getattr(exc, "headers", None))
+
+
+# What every route may answer besides its own statuses: the gate (401/403), the body limit (413),
+# the Host check (421), request validation (422) and a dependency that is down (503).
+COMMON_ERRORS = {401: "no token, or an unknown one", 403: "the caller's role or tenant may not do this",
+                 413: "request body too large", 421: "the Host header names another machine",
+                 422: "a refused input: the field and why", 503: "Ray or MLflow is unavailable; retry shortly"}
+
+
+def answers_errors_as_problems(app: FastAPI, *, public: tuple[str, ...] = ()) -> None:
+    """One error model for the app: every OppenError, request validation and routing error answers
+    `{"detail": {"kind", "field", "reason"}}` with its status; the OpenAPI schema says so for every
+    route (its own statuses, declared with `errors(...)`, plus COMMON_ERRORS)."""
+    app.add_exception_handler(OppenError, _error_answer)
+    app.add_exception_handler(RequestValidationError, _invalid_request)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    mlflow_unavailable_is_503(app)
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description,
+                                 routes=app.routes)
+            _document_problems(schema, public)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+
+def errors(*statuses: int) -> dict[int | str, dict]:
+    """`responses=` for a route's own error statuses (404, 409, 429, ...), all with the Problem body."""
+    return {status: {"model": Problem, "description": HTTPStatus(status).phrase} for status in statuses}
+
+
+def _document_problems(schema: dict, public: tuple[str, ...]) -> None:
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    for model in (ProblemDetail, Problem):
+        components[model.__name__] = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    components.pop("HTTPValidationError", None)
+    components.pop("ValidationError", None)
+    body = {"application/json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
+    for path, operations in schema.get("paths", {}).items():
+        for method, operation in operations.items():
+            responses = operation.setdefault("responses", {})
+            common = {s: d for s, d in COMMON_ERRORS.items()
+                      if not (path in public and s in (401, 403)) and not (s == 413 and method in ("get", "delete"))}
+            for status, description in common.items():
+                responses.setdefault(str(status), {"description": description})
+            for status, response in responses.items():
+                if status[:1] in "45":
+                    response["content"] = body
 
 
 class _BodyLimit:
@@ -103,8 +199,8 @@ class _BodyLimit:
                                              then=receive), send)
 
     async def _refuse(self, send) -> None:
-        response = JSONResponse(status_code=413, content={"detail": {
-            "field": "body", "reason": f"request body over {self.max_bytes} bytes"}}, headers={"Connection": "close"})
+        response = problem_response(413, "too_large", "body", f"request body over {self.max_bytes} bytes",
+                                    {"Connection": "close"})
         await response({"type": "http"}, _replay([]), send)
 
 
@@ -137,8 +233,7 @@ class _LoopbackHostsOnly:
     async def __call__(self, scope, receive, send):
         host = dict(scope.get("headers") or []).get(b"host") if scope["type"] == "http" else None
         if host is not None and _hostname(host.decode("latin-1")) not in LOOPBACK_NAMES:
-            response = JSONResponse(status_code=421, content={"detail": {
-                "field": "Host", "reason": "this platform answers only to 127.0.0.1 or localhost"}})
+            response = problem_response(421, "wrong_host", "Host", "this platform answers only to 127.0.0.1 or localhost")
             return await response(scope, receive, send)
         return await self.app(scope, receive, send)
 
@@ -163,22 +258,19 @@ def mlflow_unavailable_is_503(app: FastAPI) -> None:
     def unavailable(request: Request, exc: Exception) -> JSONResponse:
         if isinstance(exc, MlflowException) and "API request to" not in str(exc):
             raise exc  # an MLflow answer (not found, bad input): the route's own handling applies
-        return JSONResponse(status_code=503, headers={"Retry-After": "10"}, content={"detail": {
-            "field": None, "reason": "MLflow is unavailable (the tracking server does not answer); try again "
-                                     "shortly. To fix: `oppen status`, then `oppen up` to restart what is down."}})
+        return problem_response(503, "unavailable", None, "MLflow is unavailable (the tracking server does not "
+                                "answer); try again shortly. To fix: `oppen status`, then `oppen up` to restart "
+                                "what is down.", {"Retry-After": "10"})
 
     app.add_exception_handler(MlflowException, unavailable)
     app.add_exception_handler(requests.exceptions.RequestException, unavailable)
 
 
 def caller_of(users: Users, authorization: str | None, *, role: Role = Role.VIEWER, action: str = "this") -> Caller:
-    """The request's caller with at least `role`, or a 401/403 problem."""
-    try:
-        caller = users.authenticate(authorization)
-        caller.require(role, action)
-        return caller
-    except AuthError as exc:
-        raise problem(exc.status, "Authorization", str(exc)) from None
+    """The request's caller with at least `role`; raises Unauthenticated or Forbidden (a 401/403)."""
+    caller = users.authenticate(authorization)
+    caller.require(role, action)
+    return caller
 
 
 @functools.cache
@@ -200,6 +292,5 @@ def require_token(app: FastAPI, users: Callable[[], Users], public: tuple[str, .
             try:
                 users().authenticate(request.headers.get("authorization"))
             except AuthError as exc:
-                return JSONResponse(status_code=exc.status, content={"detail": {
-                    "field": "Authorization", "reason": str(exc)}}, headers={"WWW-Authenticate": "Bearer"})
+                return _error_answer(request, exc)
         return await call_next(request)

@@ -24,15 +24,15 @@ from ray.serve.handle import DeploymentHandle
 
 from ray_apps.config import load_settings
 from ray_apps.auth import Role
-from ray_apps.serve.http_common import (ON_HEAD_NODE, caller_of, limit_body_size, loopback_hosts_only,
-                                        mlflow_unavailable_is_503, problem, require_token, root_without_slash,
+from ray_apps.serve.http_common import (ON_HEAD_NODE, answers_errors_as_problems, caller_of, errors,
+                                        limit_body_size, loopback_hosts_only, require_token, root_without_slash,
                                         settings_users)
 from ray_apps.serve.served_models import LlmModel, MnistModel
 from ray_apps.scheduler.api import store_url
 from ray_apps.scheduler.provenance import serve_if_allowed
 from ray_apps.scheduler.store import JobStore
-from trainers.registry import (SERVABLE, ModelNotFound, RegistryError, Selector, list_models, resolve,
-                               serving_selector)
+from trainers.errors import NotFound, OppenError, Refused, TooLarge
+from trainers.registry import SERVABLE, ModelNotFound, Selector, list_models, resolve, serving_selector
 
 MAX_IMAGES = 256                 # per request; more is a 413 that says so
 MAX_BODY_BYTES = 4 * 1024 * 1024  # 256 images as JSON numbers fit in ~1 MB; PNGs in far less
@@ -77,17 +77,17 @@ def decode_images(req: PredictRequest) -> np.ndarray:
     """The request's images as uint8 [N, 28, 28], or a 4xx naming the first bad one."""
     count = len(req.images if req.images is not None else req.png_base64)
     if count == 0:
-        raise problem(422, "images", "no images given")
+        raise Refused("no images given", "images")
     if count > MAX_IMAGES:
-        raise problem(413, "images", f"{count} images in one request; at most {MAX_IMAGES}")
+        raise TooLarge(f"{count} images in one request; at most {MAX_IMAGES}", "images")
     if req.images is not None:
         for i, image in enumerate(req.images):
             shape = (len(image), max((len(row) for row in image), default=0))
             if shape != (28, 28) or any(len(row) != 28 for row in image):
-                raise problem(422, f"images[{i}]", f"image {i} is {shape[0]}x{shape[1]} (or ragged); expected 28x28")
+                raise Refused(f"image {i} is {shape[0]}x{shape[1]} (or ragged); expected 28x28", f"images[{i}]")
         array = np.asarray(req.images, dtype=np.float64)
         if not np.isfinite(array).all() or array.min() < 0 or array.max() > 255:
-            raise problem(422, "images", "pixel values must be finite numbers from 0 to 255")
+            raise Refused("pixel values must be finite numbers from 0 to 255", "images")
         return np.rint(array).astype(np.uint8)
     return np.stack([_png(i, text) for i, text in enumerate(req.png_base64)])
 
@@ -99,30 +99,29 @@ def _png(i: int, text: str) -> np.ndarray:
         # PNG only (by its signature), and the size read from the header before any pixel is decoded.
         with Image.open(io.BytesIO(base64.b64decode(text, validate=True)), formats=["PNG"]) as img:
             if img.size != (28, 28):
-                raise problem(422, f"png_base64[{i}]", f"image {i} is {img.size[0]}x{img.size[1]}; expected 28x28")
+                raise Refused(f"image {i} is {img.size[0]}x{img.size[1]}; expected 28x28", f"png_base64[{i}]")
             return np.asarray(img.convert("L"), dtype=np.uint8)
     except Image.DecompressionBombError:  # raised by open itself for a huge header size
-        raise problem(422, f"png_base64[{i}]", f"image {i} is far larger than 28x28") from None
+        raise Refused(f"image {i} is far larger than 28x28", f"png_base64[{i}]") from None
     except (binascii.Error, ValueError, UnidentifiedImageError, OSError):
-        raise problem(422, f"png_base64[{i}]", f"image {i} is not a base64-encoded PNG") from None
+        raise Refused(f"image {i} is not a base64-encoded PNG", f"png_base64[{i}]") from None
 
 
 def answer(result: dict) -> dict:
     if "error" in result:
-        err = result["error"]
-        raise problem(err["status"], err["field"], err["reason"])
+        raise OppenError.from_dict(result["error"])
     return result
 
 
-def unknown_model(name: str, action: str):
+def unknown_model(name: str, action: str) -> NotFound:
     served = ", ".join(f"{n} ({e})" for n, e in ENDPOINTS.items())
     if name in ENDPOINTS:
-        return problem(404, "name", f"model {name!r} has no {action!r} endpoint; use {ENDPOINTS[name]!r}")
-    return problem(404, "name", f"no model {name!r}; served: {served}")
+        return NotFound(f"model {name!r} has no {action!r} endpoint; use {ENDPOINTS[name]!r}", "name")
+    return NotFound(f"no model {name!r}; served: {served}", "name")
 
 
 limit_body_size(app, MAX_BODY_BYTES)
-mlflow_unavailable_is_503(app)
+answers_errors_as_problems(app, public=("/health",))
 loopback_hosts_only(app, load_settings().host)
 root_without_slash(app)
 require_token(app, settings_users, public=("/health",))
@@ -156,11 +155,11 @@ class ModelAPI:
         return answer(await self.models["llm"].generate.remote(req.prompt, req.max_new_tokens, req.temperature,
                                                                req.seed))
 
-    @app.post("/{name}/predict")
+    @app.post("/{name}/predict", responses=errors(404))
     def predict_other(self, name: str) -> dict:
         raise unknown_model(name, "predict")
 
-    @app.post("/{name}/generate")
+    @app.post("/{name}/generate", responses=errors(404))
     def generate_other(self, name: str) -> dict:
         raise unknown_model(name, "generate")
 
@@ -181,17 +180,14 @@ class ModelAPI:
             out.append({**entry, "target_version": target, "replica": replica})
         return out
 
-    @app.post("/{name}/serve")
+    @app.post("/{name}/serve", responses=errors(404))
     async def serve_version(self, name: str, req: ServeRequest, authorization: Optional[str] = Header(None)) -> dict:
         # What every tenant is served: an admin's decision.
         caller_of(settings_users(), authorization, role=Role.ADMIN, action="changing the served version")
         if name not in SERVABLE:
             raise unknown_model(name, "serve")
-        try:
-            mv = serve_if_allowed(self.settings.tracking_uri, self.store, name,
-                               Selector(alias=req.alias, version=req.version), allow_any_run=req.allow_any_run)
-        except RegistryError as exc:
-            raise problem(404 if isinstance(exc, ModelNotFound) else 422, exc.field, str(exc)) from None
+        mv = serve_if_allowed(self.settings.tracking_uri, self.store, name,
+                              Selector(alias=req.alias, version=req.version), allow_any_run=req.allow_any_run)
         return {"name": name, "selector": str(Selector(alias=req.alias, version=req.version)),
                 "version": mv.version, "note": "replicas roll over on their next registry poll"}
 

@@ -25,22 +25,22 @@ and cancel, admins see every tenant. Without tokens the platform is loopback onl
 # handlers' annotations outside this module, so they must be real types, not strings.
 from typing import Any
 
-from fastapi import FastAPI, Header, HTTPException, Query, Response
+from fastapi import FastAPI, Header, Query, Response
 from fastapi.responses import HTMLResponse
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from ray_apps.ray_client import PlatformError
 from ray_apps.config import load_settings
 from ray_apps.observability.status import PAGE as STATUS_PAGE
-from ray_apps.scheduler.api import Conflict, Infeasible, JobNotFound, Queue, QueueError, RateLimited
+from ray_apps.scheduler.api import Queue
 from ray_apps.scheduler.states import JobState
 from ray_apps.scheduler.store import JobRecord
 from ray_apps.serve.cost_service import CostForecaster
 from ray_apps.auth import Caller, Role
-from ray_apps.serve.http_common import (ON_HEAD_NODE, caller_of, limit_body_size, loopback_hosts_only,
-                                        mlflow_unavailable_is_503, problem, require_token, settings_users)
+from ray_apps.serve.http_common import (ON_HEAD_NODE, answers_errors_as_problems, caller_of, errors,
+                                        limit_body_size, loopback_hosts_only, require_token, settings_users)
+from trainers.errors import Forbidden, NotFound, OppenError, Refused
 
 app = FastAPI(title="Oppen platform API", version="1",
               description="A durable priority queue with quotas and preemption in front of Ray.")
@@ -101,8 +101,7 @@ class ForecastRequest(BaseModel):
 def _answer(result: dict) -> dict:
     """A CostForecaster result, or its refusal as the 4xx it names."""
     if "error" in result:
-        err = result["error"]
-        raise problem(err["status"], err["field"], err["reason"])
+        raise OppenError.from_dict(result["error"])
     return result
 
 
@@ -111,14 +110,15 @@ def _acting_tenant(caller: Caller, asked: str | None) -> str | None:
     if caller.role is Role.ADMIN:
         return asked or caller.tenant
     if asked not in (None, caller.tenant):
-        raise problem(403, "tenant", f"your token is for tenant {caller.tenant!r}, not {asked!r}")
+        raise Forbidden(f"your token is for tenant {caller.tenant!r}, not {asked!r}", "tenant")
     return caller.tenant
 
 
+PUBLIC = ("/v1/health", "/status")
 limit_body_size(app)
-mlflow_unavailable_is_503(app)
+answers_errors_as_problems(app, public=PUBLIC)
 loopback_hosts_only(app, load_settings().host)
-require_token(app, settings_users, public=("/v1/health", "/status"))
+require_token(app, settings_users, public=PUBLIC)
 
 
 @serve.deployment(num_replicas=1, ray_actor_options=ON_HEAD_NODE, max_ongoing_requests=32)
@@ -133,65 +133,47 @@ class PlatformAPI:
         """The tenant whose data the caller may read (None: all, for admins and local mode)."""
         return caller_of(settings_users(), authorization).scope
 
-    @app.post("/v1/jobs", status_code=201, response_model=JobOut)
+    @app.post("/v1/jobs", status_code=201, response_model=JobOut, responses=errors(409, 429))
     def submit(self, body: SubmitJob, authorization: str | None = Header(None),
                idempotency_key: str | None = Header(None, max_length=128, pattern=r"^[\x21-\x7e]+$", description=(
                    "retrying with the same key returns the job the first request made"))) -> JobOut:
         caller = caller_of(settings_users(), authorization, role=Role.MEMBER, action="submitting a job")
         tenant = _acting_tenant(caller, body.tenant)
-        try:
-            job = self.queue.submit(body.trainer, body.params, priority=body.priority, tenant=tenant,
-                                    idempotency_key=idempotency_key)
-        except RateLimited as exc:
-            raise HTTPException(429, detail={"field": exc.field, "reason": str(exc)},
-                                headers={"Retry-After": str(exc.retry_after)}) from None
-        except Conflict as exc:
-            raise problem(409, exc.field, str(exc)) from None
-        except Infeasible as exc:
-            raise problem(422, exc.field, str(exc)) from None
-        except QueueError as exc:
-            raise problem(422 if exc.field else 503, exc.field, str(exc)) from None
+        job = self.queue.submit(body.trainer, body.params, priority=body.priority, tenant=tenant,
+                                idempotency_key=idempotency_key)
         return JobOut.of(job)
 
     @app.get("/v1/jobs", response_model=list[JobOut])
-    def list_jobs(self, response: Response, state: JobState | None = None, limit: int = 200,
+    def list_jobs(self, response: Response, state: JobState | None = None, limit: int = Query(200, ge=1, le=1000),
                   after: str | None = Query(None, max_length=64, description="the last job id of the previous page"),
                   authorization: str | None = Header(None)) -> list[JobOut]:
         """The caller's jobs, newest first; the `X-Next-After` header is the `after` of the next page."""
-        if not 1 <= limit <= 1000:
-            raise problem(422, "limit", "must be between 1 and 1000")
         try:
             jobs = self.queue.list(tenant=self._tenant(authorization), states=[state] if state else None,
                                    limit=limit, newest_first=True, after_id=after)
-        except JobNotFound:
-            raise problem(422, "after", f"no job {after!r} of yours to continue after") from None
+        except NotFound:
+            raise Refused(f"no job {after!r} of yours to continue after", "after") from None
         if len(jobs) == limit:
             response.headers["X-Next-After"] = jobs[-1].id
         return [JobOut.of(j) for j in jobs]
 
-    @app.get("/v1/jobs/{job_id}", response_model=JobDetail)
+    @app.get("/v1/jobs/{job_id}", response_model=JobDetail, responses=errors(404))
     def get_job(self, job_id: str, authorization: str | None = Header(None)) -> JobDetail:
         job = self._get(job_id, authorization)
         events = [EventOut(at=e.at, from_state=e.from_state, to_state=e.to_state, message=e.message)
                   for e in self.queue.store.events(job.id)]
         return JobDetail(**JobOut.of(job).model_dump(), events=events)
 
-    @app.delete("/v1/jobs/{job_id}", response_model=JobOut)
+    @app.delete("/v1/jobs/{job_id}", response_model=JobOut, responses=errors(404, 409))
     def cancel(self, job_id: str, authorization: str | None = Header(None)) -> JobOut:
         caller_of(settings_users(), authorization, role=Role.MEMBER, action="cancelling a job")
         job = self._get(job_id, authorization)
-        try:
-            return JobOut.of(self.queue.cancel(job.id, tenant=job.tenant))
-        except QueueError as exc:
-            raise problem(409, "job_id", str(exc)) from None
+        return JobOut.of(self.queue.cancel(job.id, tenant=job.tenant))
 
     @app.get("/v1/gpus")
     def gpus(self, authorization: str | None = Header(None)) -> dict:
         self._tenant(authorization)
-        try:
-            return vars(self.queue.gpu_availability())
-        except (QueueError, PlatformError) as exc:
-            raise problem(503, None, str(exc)) from None
+        return vars(self.queue.gpu_availability())
 
     # ------------------------------------------------------------------ costs (CostForecaster)
 
@@ -205,18 +187,18 @@ class PlatformAPI:
                           authorization: str | None = Header(None)) -> dict:
         return _answer(await self.costs.budget.remote(budget_usd, since, self._tenant(authorization)))
 
-    @app.get("/v1/costs/{job_id}")
+    @app.get("/v1/costs/{job_id}", responses=errors(404))
     async def job_cost(self, job_id: str, authorization: str | None = Header(None)) -> dict:
         return _answer(await self.costs.job_cost.remote(job_id, self._tenant(authorization)))
 
-    @app.post("/v1/forecast")
+    @app.post("/v1/forecast", responses=errors(404, 409))
     async def forecast(self, body: ForecastRequest, authorization: str | None = Header(None)) -> dict:
         if bool(body.job_id) == bool(body.trainer):
-            raise problem(422, "job_id", "give either a job_id, or a trainer (with params) not yet run")
+            raise Refused("give either a job_id, or a trainer (with params) not yet run", "job_id")
         tenant = self._tenant(authorization)
         return _answer(await self.costs.forecast.remote(body.job_id, body.trainer, body.params, tenant))
 
-    @app.get("/v1/recommendations/{run_id}")
+    @app.get("/v1/recommendations/{run_id}", responses=errors(404, 409))
     async def recommendations(self, run_id: str, authorization: str | None = Header(None)) -> dict:
         return _answer(await self.costs.recommendations.remote(run_id, self._tenant(authorization)))
 
@@ -236,10 +218,7 @@ class PlatformAPI:
         return {"status": "ok"}
 
     def _get(self, job_id: str, authorization: str | None) -> JobRecord:
-        try:
-            return self.queue.get(job_id, tenant=self._tenant(authorization))
-        except JobNotFound:
-            raise problem(404, "job_id", f"no job {job_id!r}") from None
+        return self.queue.get(job_id, tenant=self._tenant(authorization))
 
 
 def app_builder(args: dict[str, Any]) -> serve.Application:

@@ -25,6 +25,7 @@ from ray import serve
 from ray_apps.config import load_settings
 from ray_apps.scheduler.provenance import unrecognised
 from ray_apps.serve.http_common import ON_HEAD_NODE
+from trainers.errors import OppenError, Refused, Unavailable
 from trainers.registry import (
     WEIGHTS_FILE,
     ModelNotFound,
@@ -39,8 +40,9 @@ from trainers.registry import (
 log = logging.getLogger("oppen.models")
 
 
-def refusal(status: int, field: str | None, reason: str) -> dict:
-    return {"error": {"status": status, "field": field, "reason": reason}}
+def refusal(error: OppenError) -> dict:
+    """What a replica answers instead of raising: the ingress raises it again (`OppenError.from_dict`)."""
+    return {"error": error.as_dict()}
 
 
 class ServedModel:
@@ -124,7 +126,7 @@ class ServedModel:
     def _serving(self) -> tuple[ModelVersion, Any] | dict:
         current = self.current
         if current is None:
-            return refusal(503, "name", self.problem or f"no version of {self.name!r} loaded yet")
+            return refusal(Unavailable(self.problem or f"no version of {self.name!r} loaded yet", "name"))
         return current
 
     def reconfigure(self, config: dict) -> None:
@@ -265,8 +267,9 @@ class LlmModel(ServedModel):
         ids = tokenizer(prompt, return_tensors="pt")
         context = model.config.n_positions
         if ids["input_ids"].shape[1] + max_new_tokens > context:
-            return refusal(422, "max_new_tokens", f"prompt ({ids['input_ids'].shape[1]} tokens) + max_new_tokens "
-                           f"({max_new_tokens}) exceeds the model's context of {context} tokens")
+            return refusal(Refused(f"prompt ({ids['input_ids'].shape[1]} tokens) + max_new_tokens "
+                                   f"({max_new_tokens}) exceeds the model's context of {context} tokens",
+                                   "max_new_tokens"))
         if seed is not None:
             torch.manual_seed(seed)
         sampling = {"do_sample": True, "temperature": temperature, "top_k": 50} if temperature > 0 else \

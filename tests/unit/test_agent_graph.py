@@ -3,14 +3,17 @@ chat model (a thin fake: no LLM runs here), and the guards every tool call passe
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from langchain_core.messages import AIMessage, ToolMessage
 
 from ray_apps.agent.graph import Agent
-from ray_apps.agent.tools import PlatformTools, ToolError
+from ray_apps.agent.tools import PlatformTools
 from ray_apps.config import Settings
 from ray_apps.scheduler.api import Queue
 from ray_apps.scheduler.config import QueueConfig
+from trainers.errors import NotFound, OppenError
 
 
 @pytest.fixture()
@@ -73,28 +76,31 @@ def test_the_model_path_runs_the_tools_it_calls_and_answers_with_their_results(t
     assert isinstance(tool_message, ToolMessage) and "mnist-20261130-000000-cccccc" in tool_message.content
 
 
-@pytest.mark.parametrize("name,args,refusal", [
+@pytest.mark.parametrize("name,args,refusal,field", [
     # The tool schemas are the catalog's: user trainers only, typed parameters, no other keys.
-    ("trigger_training_job", {"trainer": "probe"}, "trainer: Input should be 'mnist' or 'llm'"),
+    ("trigger_training_job", {"trainer": "probe"}, "trainer: Input should be 'mnist' or 'llm'", "trainer"),
     ("trigger_training_job", {"trainer": "mnist", "params": {"command": "rm -rf /"}},
-     "params.command: Extra inputs are not permitted"),
-    ("trigger_training_job", {"trainer": "../../bin/sh"}, "trainer: Input should be 'mnist' or 'llm'"),
+     "params.command: Extra inputs are not permitted", "params.command"),
+    ("trigger_training_job", {"trainer": "../../bin/sh"}, "trainer: Input should be 'mnist' or 'llm'", "trainer"),
     ("start_hyperparameter_search", {"trainer": "mnist", "params": {"epochs": "2; curl evil"}},
-     "params.epochs: Input should be a valid integer"),
-    ("queue_training_job", {"trainer": "mnist", "epochs": "lots"}, "epochs: Extra inputs are not permitted"),
-    ("validate_job_resources", {"trainer": "llm", "params": {"width": 8}}, "unknown parameter(s) for llm: width"),
-    ("run_shell", {"cmd": "id"}, "there is no tool 'run_shell'"),
-    ("cancel_job", {"job_id": "x", "extra": 1}, "Extra inputs are not permitted"),
+     "params.epochs: Input should be a valid integer", "params.epochs"),
+    ("queue_training_job", {"trainer": "mnist", "epochs": "lots"}, "epochs: Extra inputs are not permitted", "epochs"),
+    ("validate_job_resources", {"trainer": "llm", "params": {"width": 8}}, "unknown parameter(s) for llm: width",
+     "params.width"),
+    ("run_shell", {"cmd": "id"}, "there is no tool 'run_shell'", "tool"),
+    ("cancel_job", {"job_id": "x", "extra": 1}, "Extra inputs are not permitted", "extra"),
 ])
-def test_tool_calls_outside_the_catalog_are_refused(tools, name, args, refusal):
-    with pytest.raises(ToolError) as err:
+def test_tool_calls_outside_the_catalog_are_refused(tools, name, args, refusal, field):
+    with pytest.raises(OppenError) as err:
         tools.call(name, args)
-    assert refusal in str(err.value)
-    # The same call from a model: refused, reported, nothing queued.
+    assert refusal in str(err.value) and err.value.field == field
+    # The same call from a model: refused, reported with the REST API's kind and field, nothing queued.
     model = ScriptedModel(AIMessage("", tool_calls=[{"name": name, "args": args, "id": "c1"}]),
                           AIMessage("I can't do that."))
     reply = Agent(tools, model=model).ask("do it")
-    assert refusal in reply.tool_calls[0]["error"] and tools.queue.list() == []
+    call = reply.tool_calls[0]
+    assert refusal in call["error"] and call["problem"]["field"] == field and tools.queue.list() == []
+    assert json.loads(model.seen[1][-1].content)["error"]["status"] == err.value.status
 
 
 def test_a_model_that_keeps_calling_tools_is_stopped(tools):
@@ -108,7 +114,7 @@ def test_tenants_see_only_their_jobs(tools):
     add_job(tools, "mnist-20261130-000000-dddddd", tenant="team-a")
     mine = tools.for_caller("team-b", admin=False).call("get_job_queue_status", {})
     assert mine["total"] == 0
-    with pytest.raises(ToolError, match="no job 'mnist-20261130-000000-dddddd' of yours"):
+    with pytest.raises(NotFound, match="no job 'mnist-20261130-000000-dddddd' of yours"):
         tools.for_caller("team-b", admin=False).call("cancel_job", {"job_id": "mnist-20261130-000000-dddddd"})
 
 

@@ -153,7 +153,7 @@ def test_404_and_409_become_typed_errors_with_the_servers_message(api):
     fake, client = api
     with pytest.raises(NotFound, match=r'RayJob oppen/nope not found: rayjobs.ray.io "nope" not found') as info:
         client.get_rayjob("nope")
-    assert info.value.status == 404
+    assert info.value.api_status == 404
     with pytest.raises(NotFound):
         client.delete_raycluster("nope")
 

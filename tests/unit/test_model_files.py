@@ -10,12 +10,12 @@ import mlflow
 import numpy as np
 import pytest
 import torch
-from fastapi import HTTPException
 from PIL import Image
 
 from ray_apps.serve.model_app import PredictRequest, decode_images
 from ray_apps.serve.served_models import forward, load_llm_version, load_mnist_version
 from tests.unit.test_registry import mnist_run
+from trainers.errors import OppenError
 from trainers.mnist_model import MnistCNN
 from trainers.registry import ModelRefused, Selector, get_version, promote, register_run, set_serving
 
@@ -166,8 +166,8 @@ def encoded(image: Image.Image, fmt: str) -> str:
     return b64(buf.getvalue())
 
 
-def refusal(png_base64: list[str]) -> HTTPException:
-    with pytest.raises(HTTPException) as exc:
+def refusal(png_base64: list[str]) -> OppenError:
+    with pytest.raises(OppenError) as exc:
         decode_images(PredictRequest(png_base64=png_base64))
     return exc.value
 
@@ -178,13 +178,12 @@ def test_the_predict_route_decodes_28x28_pngs_only():
     np.testing.assert_array_equal(ok, digit[None])
 
     bmp = refusal([encoded(Image.fromarray(digit), "PNG"), encoded(Image.fromarray(digit), "BMP")])
-    assert bmp.status_code == 422 and bmp.detail == {"field": "png_base64[1]",
-                                                     "reason": "image 1 is not a base64-encoded PNG"}
+    assert bmp.status == 422 and bmp.problem() == {"kind": "refused", "field": "png_base64[1]",
+                                                   "reason": "image 1 is not a base64-encoded PNG"}
 
     huge = encoded(Image.new("1", (20_000, 20_000)), "PNG")  # 400 M pixels, ~60 kB compressed
     assert len(huge) < 200_000
     big = refusal([huge])
-    assert big.status_code == 422 and big.detail["field"] == "png_base64[0]" and "larger than 28x28" in \
-        big.detail["reason"]
+    assert big.status == 422 and big.field == "png_base64[0]" and "larger than 28x28" in str(big)
     wide = refusal([encoded(Image.new("L", (4097, 28)), "PNG")])
-    assert wide.status_code == 422 and wide.detail["reason"] == "image 0 is 4097x28; expected 28x28"
+    assert wide.status == 422 and str(wide) == "image 0 is 4097x28; expected 28x28"

@@ -7,9 +7,10 @@ import tempfile
 import mlflow
 import pytest
 
-from ray_apps.agent.tools import PlatformTools, ToolError
+from ray_apps.agent.tools import PlatformTools
 from ray_apps.config import Settings
 from ray_apps.scheduler.states import JobState
+from trainers.errors import Forbidden, OppenError
 from trainers.mnist_model import MnistCNN
 from trainers.registry import (
     ModelNotFound,
@@ -134,7 +135,7 @@ def test_agent_tools_list_and_deploy_models(uri, tmp_path):
     listed = tools.call("list_models", {})["models"]
     assert listed[0]["name"] == "mnist" and listed[0]["versions"][0]["tags"]["test_accuracy"] == "0.93"
     # A run no job of the queue made is not served (anyone can register one in MLflow).
-    with pytest.raises(ToolError, match="no job of this platform's queue made"):
+    with pytest.raises(RegistryError, match="no job of this platform's queue made"):
         tools.call("deploy_model", {"name": "mnist", "version": "1"})
     tools.queue.store.add(id="mnist-1", trainer="mnist", params={}, tenant="a", priority="normal", workers=1,
                           cpus_per_worker=1.0, gpus_per_worker=0.0)
@@ -145,8 +146,8 @@ def test_agent_tools_list_and_deploy_models(uri, tmp_path):
     for args, reason in (({"name": "mnist", "version": "4"}, "no version 4"), ({"name": "cifar"}, "no model"),
                          ({"name": "mnist", "version": "1", "alias": "champion"}, "not both"),
                          ({"name": "mnist", "path": "/etc"}, "bad arguments")):
-        with pytest.raises(ToolError, match=reason):
+        with pytest.raises(OppenError, match=reason):
             tools.call("deploy_model", args)
     # A tenant's member may not change what every tenant is served, through the agent either.
-    with pytest.raises(ToolError, match="needs the admin role"):
+    with pytest.raises(Forbidden, match="needs the admin role"):
         tools.for_caller("team-b", admin=False).call("deploy_model", {"name": "mnist", "version": "1"})
