@@ -115,14 +115,17 @@ def _invalid_request(request: Request, exc: RequestValidationError) -> JSONRespo
 
 
 def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    """Routing's own answers (no such path, method not allowed) in the same shape."""
-    kind = {404: "not_found", 405: "refused"}.get(exc.status_code, "refused")
-    return problem_response(exc.status_code, kind, None, str(exc.detail), getattr(exc, "headers", None))
+    """Routing's own answers (no such path, method not allowed) and a body that is not JSON at all
+    (400), in the same shape."""
+    kind = {404: "not_found"}.get(exc.status_code, "refused")
+    field = "body" if exc.status_code == 400 else None
+    return problem_response(exc.status_code, kind, field, str(exc.detail), getattr(exc, "headers", None))
 
 
-# What every route may answer besides its own statuses: the gate (401/403), the body limit (413),
+# What every route may answer besides its own statuses: a body that does not parse (400, routes
+# with a body), the gate (401/403), the body limit (413),
 # the Host check (421), request validation (422) and a dependency that is down (503).
-COMMON_ERRORS = {401: "no token, or an unknown one", 403: "the caller's role or tenant may not do this",
+COMMON_ERRORS = {400: "the body is not JSON", 401: "no token, or an unknown one", 403: "the caller's role or tenant may not do this",
                  413: "request body too large", 421: "the Host header names another machine",
                  422: "a refused input: the field and why", 503: "Ray or MLflow is unavailable; retry shortly"}
 
@@ -163,7 +166,7 @@ def _document_problems(schema: dict, public: tuple[str, ...]) -> None:
         for method, operation in operations.items():
             responses = operation.setdefault("responses", {})
             common = {s: d for s, d in COMMON_ERRORS.items()
-                      if not (path in public and s in (401, 403)) and not (s == 413 and method in ("get", "delete"))}
+                      if not (path in public and s in (401, 403)) and not (s in (400, 413) and "requestBody" not in operation)}
             for status, description in common.items():
                 responses.setdefault(str(status), {"description": description})
             for status, response in responses.items():

@@ -7,7 +7,11 @@ import time
 import pytest
 import requests
 
+from ray_apps import cli
+from ray_apps.agent.tools import PlatformTools
 from ray_apps.cluster import serve_url
+from ray_apps.scheduler.api import Queue
+from trainers.errors import OppenError
 
 pytestmark = pytest.mark.slow
 A = {"Authorization": "Bearer token-a"}
@@ -29,25 +33,23 @@ def test_openapi_describes_the_jobs_api(api):
 @pytest.mark.parametrize("body,status,field,reason", [
     ({}, 422, "trainer", "Field required"),
     ({"trainer": "resnet"}, 422, "trainer", "unknown trainer 'resnet'"),
-    ({"trainer": "probe", "params": {"seconds": -1}}, 422, "params", "--seconds must be in [0, 86400]"),
-    ({"trainer": "probe", "params": {"secs": 1}}, 422, "params", "unknown parameter(s) for probe: secs"),
+    ({"trainer": "probe", "params": {"seconds": -1}}, 422, "params.seconds", "--seconds must be in [0, 86400]"),
+    ({"trainer": "probe", "params": {"secs": 1}}, 422, "params.secs", "unknown parameter(s) for probe: secs"),
     ({"trainer": "probe", "priority": "urgent"}, 422, "priority", "unknown priority 'urgent'"),
     ({"trainer": "probe", "colour": "red"}, 422, "colour", "Extra inputs are not permitted"),
     ({"trainer": "probe", "params": {"gpus_per_worker": 5}}, 422, "params", "asks for 5 GPU"),
     # Typed before anything is stored: a newline would split Ray's shell command line.
-    ({"trainer": "mnist", "params": {"epochs": "1\n"}}, 422, "params", "--epochs must be a whole number"),
-    ({"trainer": "mnist", "params": {"epochs": 1.0}}, 422, "params", "--epochs must be a whole number"),
-    ({"trainer": "mnist", "params": {"epochs": True}}, 422, "params", "--epochs must be a whole number"),
-    ({"trainer": "mnist", "params": {"cpus_per_worker": 0.02}}, 422, "params", "--cpus-per-worker must be at least 1"),
+    ({"trainer": "mnist", "params": {"epochs": "1\n"}}, 422, "params.epochs", "--epochs must be a whole number"),
+    ({"trainer": "mnist", "params": {"epochs": 1.0}}, 422, "params.epochs", "--epochs must be a whole number"),
+    ({"trainer": "mnist", "params": {"epochs": True}}, 422, "params.epochs", "--epochs must be a whole number"),
+    ({"trainer": "mnist", "params": {"cpus_per_worker": 0.02}}, 422, "params.cpus_per_worker", "--cpus-per-worker must be at least 1"),
 ])
 def test_bad_bodies_are_4xx_naming_field_and_reason(api, body, status, field, reason):
     resp = requests.post(f"{api}/jobs", json=body, headers=A, timeout=30)
     assert resp.status_code == status, resp.text
-    detail = resp.json()["detail"]
-    if isinstance(detail, list):  # FastAPI's own validation errors: one entry per field
-        assert any(field in map(str, d["loc"]) and reason in d["msg"] for d in detail), detail
-    else:
-        assert detail["field"] == field and reason in detail["reason"], detail
+    detail = resp.json()["detail"]  # one shape, FastAPI's own validation included
+    assert set(detail) == {"kind", "field", "reason"} and detail["kind"] in ("refused", "infeasible"), detail
+    assert detail["field"] == field and reason in detail["reason"], detail
 
 
 def test_auth_and_tenancy(api):
@@ -152,3 +154,20 @@ def test_a_retried_submit_with_its_key_returns_the_first_job_and_a_flood_gets_42
     answers = [requests.post(f"{api}/jobs", json=flood, headers=ADMIN, timeout=30) for _ in range(61)]
     assert [a.status_code for a in answers[:60]] == [422] * 60
     assert answers[60].status_code == 429 and 1 <= int(answers[60].headers["Retry-After"]) <= 60
+
+
+def test_one_refusal_reads_the_same_on_every_front_end(api, platform, capsys):
+    """REST, the agent's tools (what the HTTP agent and MCP call) and the CLI refuse the same bad
+    parameter with the same kind, field and status."""
+    body = {"trainer": "mnist", "params": {"epochs": 0}}
+    rest = requests.post(f"{api}/jobs", json=body, headers=A, timeout=30)
+    assert rest.status_code == 422, rest.text
+    assert rest.json()["detail"]["kind"] == "refused" and rest.json()["detail"]["field"] == "params.epochs"
+
+    with pytest.raises(OppenError) as err:
+        PlatformTools(platform, "team-a", admin=False).call("queue_training_job", body)
+    assert (err.value.status, err.value.kind, err.value.field) == (422, "refused", "params.epochs")
+
+    assert cli.main(["queue", "submit", "mnist", "--epochs", "0"]) == 2
+    assert "[refused: params.epochs]" in capsys.readouterr().err
+    assert not [j for j in Queue.from_settings(platform).list() if j.params.get("epochs") == 0]
