@@ -42,7 +42,7 @@ class Entry:
     # Its serving replicas stay up (min_replicas >= 1 in configs/serve.yaml): asking one which
     # version it serves wakes nothing. A model that scales to zero loads on its next request.
     stays_loaded: bool = False
-    words: tuple[str, ...] = ()               # single words the agent's router knows it by
+    words: tuple[str, ...] = ()               # single words the agent's router knows it by, besides its name
     phrases: tuple[str, ...] = ()             # and multi-word names
     # Words that also set a parameter when this trainer is meant, e.g. "tiny" -> model=tiny.
     word_params: tuple[tuple[str, str, str], ...] = ()
@@ -102,7 +102,7 @@ class MnistConfig(ScalingSpec):
     entry: ClassVar[Entry] = Entry(
         "mnist", "a digits CNN",
         search_space=("lr=loguniform:3e-4:1e-2", "batch_size=choice:64,128,256", "width=choice:8,16,32"),
-        endpoint="predict", stays_loaded=True, words=("mnist", "digits", "digit", "cnn"))
+        endpoint="predict", stays_loaded=True, words=("digits", "digit", "cnn"))
 
     epochs: int = field(default=2, metadata={"help": "passes over the training set", "ge": 1})
     batch_size: int = field(default=128, metadata={"help": "global batch, split across workers", "ge": 1})
@@ -176,7 +176,7 @@ class LlmConfig(ScalingSpec):
         "llm", "DistilGPT2",
         search_space=("lr=loguniform:1e-4:3e-3", "warmup_steps=choice:0,10,20", "batch_size=choice:4,8"),
         endpoint="generate", stays_loaded=False,
-        words=("llm", "gpt", "gpt2", "distilgpt2", "language", "wikitext", "lm"),
+        words=("gpt", "gpt2", "distilgpt2", "language", "wikitext", "lm"),
         phrases=("language model", "text model"), word_params=(("tiny", "model", "tiny"),))
 
     model: str = field(default="distilgpt2", metadata={"help": f"one of {', '.join(LLM_CONTEXT)}",
@@ -296,6 +296,20 @@ def _within(meta: Any, value: Any) -> bool:
         return value in meta["choices"]
     return (("ge" not in meta or value >= meta["ge"]) and ("gt" not in meta or value > meta["gt"]) and
             ("le" not in meta or value <= meta["le"]) and ("lt" not in meta or value < meta["lt"]))
+
+
+def widest_bounds(fields: list[dataclasses.Field]) -> dict[str, Any]:
+    """The loosest bounds admitting every given field's range (one field name, several trainers):
+    a side is bounded only if every field bounds it."""
+    out: dict[str, Any] = {}
+    for inclusive, exclusive, pick in (("ge", "gt", min), ("le", "lt", max)):
+        sides = [(f.metadata[inclusive], True) if inclusive in f.metadata else
+                 (f.metadata[exclusive], False) if exclusive in f.metadata else None for f in fields]
+        if not sides or None in sides:
+            continue
+        value = pick(v for v, _ in sides)
+        out[inclusive if any(v == value and incl for v, incl in sides) else exclusive] = value
+    return out
 
 
 def bounds_text(f: dataclasses.Field) -> str:

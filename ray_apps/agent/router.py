@@ -60,8 +60,8 @@ WORD_PARAMS = {(name, word): (param, value) for name, cls in TRAINERS.items()
                for word, param, value in cls.entry.word_params}
 REF_WORDS = re.compile(r"\b(it|that|this|the same|that job|this job|that run|the job|the run)\b")
 # What each number may be, as the tools take it: (lowest, highest, whole number, lowest excluded).
-# Trainer fields follow trainers/specs.py where it bounds them; unbounded ones get a generous cap
-# so a typed 1e20 is refused here rather than queued.
+# Trainer fields follow the catalog's bounds (trainers/specs.py; a unit test keeps them equal);
+# unbounded ones get a generous cap so a typed 1e20 is refused here rather than queued.
 LIMITS: dict[str, tuple[float, float, bool, bool]] = {
     "epochs": (1, 100_000, True, False),
     "lr": (0, 10, False, True),

@@ -20,7 +20,6 @@ from ray_apps.config import Settings
 from trainers.specs import (
     TRAINERS,
     SpecError,
-    bounds_of,
     bounds_text,
     build_config,
     default_trainer,
@@ -28,6 +27,7 @@ from trainers.specs import (
     servable,
     tunable,
     user_trainers,
+    widest_bounds,
 )
 
 # Trainers a user may start: the real workloads, not the scheduler's synthetic probe.
@@ -67,21 +67,8 @@ def _param_type(hint: Any, fields: list[dataclasses.Field]) -> Any:
     base = next((a for a in typing.get_args(hint) if a is not type(None)), hint)
     if all("choices" in f.metadata for f in fields):
         return Literal[tuple(dict.fromkeys(c for f in fields for c in f.metadata["choices"]))] | None
-    bounds = _widest([bounds_of(f) for f in fields])
+    bounds = widest_bounds(fields)
     return (Annotated[base, Field(**bounds)] if bounds else base) | None
-
-
-def _widest(bounds: list[dict[str, Any]]) -> dict[str, Any]:
-    """The loosest bounds that admit every trainer's range: a side is bounded only if every trainer bounds it."""
-    out: dict[str, Any] = {}
-    for inclusive, exclusive, pick in (("ge", "gt", min), ("le", "lt", max)):
-        sides = [(b[inclusive], True) if inclusive in b else (b[exclusive], False) if exclusive in b else None
-                 for b in bounds]
-        if not sides or None in sides:
-            continue
-        value = pick(v for v, _ in sides)
-        out[inclusive if any(v == value and incl for v, incl in sides) else exclusive] = value
-    return out
 
 
 def _param_help(fields: list[dataclasses.Field], takers: list[str]) -> str:
@@ -121,7 +108,8 @@ class NoArgs(_Args):
 
 
 class MetricsArgs(_Args):
-    experiment: str | None = Field(None, description=f"an MLflow experiment (a trainer name: {', '.join(USER_TRAINERS)})")
+    experiment: str | None = Field(None, description=f"an MLflow experiment (a trainer name: "
+                                                     f"{', '.join(USER_TRAINERS)})")
     run_id: str | None = Field(None, description="one MLflow run")
     metric: str | None = Field(None, description="e.g. test_accuracy, eval_loss")
     limit: int = Field(5, ge=1, le=50)

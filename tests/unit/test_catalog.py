@@ -23,6 +23,7 @@ from trainers.specs import (
     trainer_for_word,
     tunable,
     user_trainers,
+    widest_bounds,
 )
 
 
@@ -71,8 +72,13 @@ def test_every_default_search_space_parses_and_samples_valid_configs(trainer):
 
 
 def test_a_tune_report_count_is_the_configs_own():
+    import importlib
+
     assert build_config("mnist", {"epochs": 3}).tune_reports() == 3
     assert build_config("llm", {"max_steps": 120, "eval_every": 50}).tune_reports() == 3
+    for name in tunable():  # what trainers.tune asks of a tunable trainer
+        assert build_config(name, {}).tune_reports() >= 1
+        assert callable(importlib.import_module(f"trainers.{name}").prepare_trials)
 
 
 def _just_outside(meta: dict):
@@ -112,6 +118,20 @@ def test_the_messages_say_the_range():
         with pytest.raises(SpecError) as err:
             build_config(trainer, params)
         assert str(err.value).startswith(message)
+
+
+def test_the_routers_number_limits_agree_with_the_catalog():
+    """The router refuses an out-of-range number before any tool runs: where the catalog bounds a
+    side, the router's limit is the widest of the user trainers' bounds there."""
+    from ray_apps.agent.router import LIMITS
+
+    for name, (low, high, _whole, open_low) in LIMITS.items():
+        fields = [f for t in user_trainers() for f in dataclasses.fields(TRAINERS[t]) if f.name == name]
+        bounds = widest_bounds(fields) if fields else {}
+        if bounds.keys() & {"ge", "gt"}:
+            assert (low, open_low) == (bounds.get("ge", bounds.get("gt")), "gt" in bounds), name
+        if bounds.keys() & {"le", "lt"}:
+            assert high == bounds.get("le", bounds.get("lt")), name
 
 
 # --------------------------------------------------------------------------- the agent's tool schemas
