@@ -14,7 +14,7 @@ import yaml
 
 from ray_apps.config import load_settings
 from trainers.errors import OppenError
-from trainers.specs import TRAINERS, add_arguments
+from trainers.specs import TRAINERS, add_arguments, entry_for, servable
 
 
 def cmd_up(args, settings) -> int:
@@ -537,7 +537,7 @@ def cmd_models_serve(args, settings) -> int:
     mv = serve_if_allowed(settings.tracking_uri, JobStore(store_url(settings)), args.name, selector,
                           allow_any_run=args.allow_any_run)
     print(f"{args.name}: serving {selector} = version {mv.version}")
-    if args.no_wait or args.name != "mnist":  # the LLM scales to zero: it loads on its next request
+    if args.no_wait or not entry_for(args.name).stays_loaded:  # scales to zero: loads on its next request
         return 0
     url, deadline = f"{serve_url(settings)}/v1/models", time.monotonic() + args.timeout
     while time.monotonic() < deadline:
@@ -567,12 +567,12 @@ def _add_models_commands(sub) -> None:
     mp.add_argument("run_id")
     mp.set_defaults(func=cmd_models_register)
     mp = msub.add_parser("promote", help="point an alias at a version, e.g. promote mnist 3 --alias champion")
-    mp.add_argument("name", choices=["mnist", "llm"])
+    mp.add_argument("name", choices=servable())
     mp.add_argument("version")
     mp.add_argument("--alias", default="champion", help="(default: champion)")
     mp.set_defaults(func=cmd_models_promote)
     mp = msub.add_parser("serve", help="serve a version or an alias; replicas roll over without failed requests")
-    mp.add_argument("name", choices=["mnist", "llm"])
+    mp.add_argument("name", choices=servable())
     which = mp.add_mutually_exclusive_group()
     which.add_argument("--alias", default=None, help="follow this alias (moves with `promote`)")
     which.add_argument("--version", default=None, help="pin this version")

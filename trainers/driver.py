@@ -23,7 +23,7 @@ from trainers import runtime
 from trainers.data import DataError, default_data_dir
 from trainers.pricing import CatalogError, load_catalog
 from trainers.sources import SourceError
-from trainers.specs import SpecError, add_arguments, config_from_args
+from trainers.specs import SpecError, add_arguments, config_from_args, servable
 from trainers.tracking import TrackingUnavailable, check_server, open_run, tracking_uri
 
 PROGRESS = "[oppen]"          # prefix of the lines `oppen train` shows as progress
@@ -207,9 +207,9 @@ def fit_and_report(trainer, ctx: RunContext, finish: Callable[[Any], dict]) -> i
 
 def _register(ctx: RunContext) -> str | None:
     """A finished run of a servable trainer becomes a version of its registered model."""
-    from trainers.registry import SERVABLE, register_run
+    from trainers.registry import register_run
 
-    if ctx.trainer not in SERVABLE:
+    if ctx.trainer not in servable():
         return None
     mv = register_run(ctx.uri, ctx.run_id)
     print(f"{PROGRESS} registered model {mv.name} version {mv.version}", flush=True)

@@ -207,6 +207,18 @@ def _unwrap(model):
 # --------------------------------------------------------------------------- driver
 
 
+def prepare_trials(spec: LlmConfig, data_dir: Path) -> dict:
+    """Before a search's trials start in parallel: fetch and tokenize once; the trials' loop config."""
+    from trainers.data import hub_reachable
+    from trainers.text_data import load_tokens
+    from trainers.tokenizer import load_gpt2_tokenizer
+
+    offline = not hub_reachable()
+    tokenizer, tok_source = load_gpt2_tokenizer(data_dir, offline=offline)
+    load_tokens(data_dir, spec.dataset, tokenizer, tok_source, offline=offline)
+    return {"offline": offline}
+
+
 def fit(spec: LlmConfig, ctx: RunContext) -> int:
     from trainers.data import hub_reachable
     from trainers.text_data import load_tokens

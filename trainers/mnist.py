@@ -126,6 +126,11 @@ def _unwrap(model):
 # --------------------------------------------------------------------------- driver
 
 
+def prepare_trials(spec: MnistConfig, data_dir: Path) -> dict:
+    """Before a search's trials start: nothing to share (each worker reads the data itself)."""
+    return {}
+
+
 def fit(spec: MnistConfig, ctx: RunContext) -> int:
     trainer = driver.torch_trainer(train_func, {}, spec, ctx)
     return driver.fit_and_report(trainer, ctx, lambda result: driver.finish(

@@ -19,9 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from trainers.errors import NotFound, Refused
-from trainers.specs import TRAINERS
+from trainers.specs import TRAINERS, servable
 
-SERVABLE = ("mnist", "llm")      # trainers whose runs log a model the serving app can load
 SERVE_TAG = "oppen.serve"
 DEFAULT_ALIAS = "champion"
 MODEL_DIR = "model"                  # a run's model: artifact path, and what a version's source names
@@ -90,8 +89,9 @@ def _unless_missing(exc: Exception) -> None:
 
 
 def _check_name(name: str) -> None:
-    if name not in SERVABLE:
-        raise ModelNotFound(f"no model {name!r}; the registry holds one per trainer: {', '.join(SERVABLE)}", "name")
+    if name not in servable():
+        raise ModelNotFound(f"no model {name!r}; the registry holds one per trainer: {', '.join(servable())}",
+                            "name")
 
 
 def _version(mv, aliases: list[str] | None = None) -> ModelVersion:
@@ -112,8 +112,8 @@ def register_run(uri: str, run_id: str) -> ModelVersion:
         _unless_missing(exc)
         raise ModelNotFound(f"no MLflow run {run_id!r} at {uri}", "run_id") from None
     trainer = run.data.tags.get("oppen.trainer")
-    if trainer not in SERVABLE:
-        raise RegistryError(f"run {run_id} is not a run of a servable trainer ({', '.join(SERVABLE)}): "
+    if trainer not in servable():
+        raise RegistryError(f"run {run_id} is not a run of a servable trainer ({', '.join(servable())}): "
                             f"its oppen.trainer tag is {trainer!r}", "run_id")
     if run.info.status != "FINISHED":
         raise RegistryError(f"run {run_id} is {run.info.status}: only a finished run has a final model", "run_id")
@@ -149,7 +149,7 @@ def list_models(uri: str) -> list[dict[str, Any]]:
 
     client = _client(uri)
     out = []
-    for name in SERVABLE:
+    for name in servable():
         try:
             model = client.get_registered_model(name)
         except MlflowException as exc:

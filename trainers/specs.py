@@ -3,6 +3,14 @@
 The platform (CLI, queue, agent) validates parameters against these dataclasses
 before anything reaches Ray, and each trainer parses its command line from the
 same fields, so there is one definition of what a valid run is.
+
+It is also the one place that says what the platform does with each trainer: each
+config's `entry` (an `Entry`) says whether users may start it, tune it (its default
+search space) or have its model served (the endpoint's verb), and the words people
+call it by. A field's numeric bounds (`ge`, `gt`, `le`, `lt`) and `choices` are field
+metadata, checked here and advertised in the agent's tool schemas; rules across
+fields stay in `__post_init__`. Everything else asks these helpers rather than
+naming a trainer: `user_trainers()`, `tunable()`, `servable()`, `trainer_for_word()`.
 """
 
 from __future__ import annotations
@@ -24,21 +32,56 @@ class SpecError(Refused):
     """A trainer parameter is unknown or out of range; `field` names it."""
 
 
+@dataclass(frozen=True)
+class Entry:
+    """What the platform does with a trainer, besides validating its parameters."""
+
+    name: str
+    summary: str                              # a few words for people choosing one
+    user: bool = True                         # users may start it; False: internal (the scheduler's probe)
+    search_space: tuple[str, ...] = ()        # default Tune space (trainers.tune syntax); empty: not tunable
+    endpoint: str | None = None               # serving verb: POST /v1/models/{name}/{endpoint}; None: not served
+    # Its serving replicas stay up (min_replicas >= 1 in configs/serve.yaml): asking one which
+    # version it serves wakes nothing. A model that scales to zero loads on its next request.
+    stays_loaded: bool = False
+    words: tuple[str, ...] = ()               # single words the agent's router knows it by, besides its name
+    phrases: tuple[str, ...] = ()             # and multi-word names
+    # Words that also set a parameter when this trainer is meant, e.g. "tiny" -> model=tiny.
+    word_params: tuple[tuple[str, str, str], ...] = ()
+
+    @property
+    def tunable(self) -> bool:
+        return bool(self.search_space)
+
+    @property
+    def servable(self) -> bool:
+        return self.endpoint is not None
+
+
+# Field metadata keys the catalog checks and the tool schemas advertise (pydantic's names).
+BOUND_KEYS = ("ge", "gt", "le", "lt")
+
+# A worker's torch threads take whole cores: a fractional reservation would let a quota
+# of N CPUs run many times N busy threads.
+_CPUS = {"ge": 1, "le": 512, "ge_why": "a worker takes whole cores"}
+
+
 @dataclass
 class ScalingSpec:
     # One worker with both cores beats two single-thread workers on a 2-core box
     # (gloo all-reduce costs more than it saves); raise it on a cluster.
-    num_workers: int = field(default=1, metadata={"help": "Ray Train workers (data parallel)"})
-    cpus_per_worker: float = field(default=2.0, metadata={"help": "CPUs reserved per worker (= torch threads)"})
-    gpus_per_worker: float = field(default=0.0, metadata={"help": "GPUs reserved per worker"})
+    num_workers: int = field(default=1, metadata={"help": "Ray Train workers (data parallel)", "ge": 1, "le": 1024})
+    cpus_per_worker: float = field(default=2.0, metadata={"help": "CPUs reserved per worker (= torch threads)",
+                                                          **_CPUS})
+    gpus_per_worker: float = field(default=0.0, metadata={"help": "GPUs reserved per worker", "ge": 0, "le": 64})
 
-    def _check_scaling(self) -> None:
-        _require(1 <= self.num_workers <= 1024, "num_workers", self.num_workers, "in [1, 1024]")
-        # A worker's torch threads take whole cores: a fractional reservation would let a quota
-        # of N CPUs run many times N busy threads.
-        _require(1 <= self.cpus_per_worker <= 512, "cpus_per_worker", self.cpus_per_worker,
-                 "at least 1 (a worker takes whole cores)")
-        _require(0 <= self.gpus_per_worker <= 64, "gpus_per_worker", self.gpus_per_worker, "in [0, 64]")
+    def _check_fields(self) -> None:
+        """Each field against its own bounds and choices (field metadata)."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is None and f.default is None:  # an optional field left unset
+                continue
+            _require(_within(f.metadata, value), f.name, value, _bounds_text(f.metadata, value))
 
     @property
     def total_cpus(self) -> float:
@@ -58,30 +101,34 @@ class MnistConfig(ScalingSpec):
     unit_timer: ClassVar[str] = "epoch_time_s"  # a unit's own training time, logged with each point
     val_metric: ClassVar[str] = "test_accuracy"
     val_higher_is_better: ClassVar[bool] = True
-    epochs: int = field(default=2, metadata={"help": "passes over the training set"})
-    batch_size: int = field(default=128, metadata={"help": "global batch, split across workers"})
+    entry: ClassVar[Entry] = Entry(
+        "mnist", "a digits CNN",
+        search_space=("lr=loguniform:3e-4:1e-2", "batch_size=choice:64,128,256", "width=choice:8,16,32"),
+        endpoint="predict", stays_loaded=True, words=("digits", "digit", "cnn"))
+
+    epochs: int = field(default=2, metadata={"help": "passes over the training set", "ge": 1})
+    batch_size: int = field(default=128, metadata={"help": "global batch, split across workers", "ge": 1})
     # Adam with a one-cycle schedule reaches >= 99% test accuracy in 2 epochs.
-    lr: float = field(default=3e-3, metadata={"help": "peak learning rate (one-cycle)"})
-    width: int = field(default=16, metadata={"help": "channels of the first conv block"})
+    lr: float = field(default=3e-3, metadata={"help": "peak learning rate (one-cycle)", "gt": 0, "le": 10})
+    width: int = field(default=16, metadata={"help": "channels of the first conv block", "ge": 1, "le": 512})
     # Small dataset option for tests: the first N examples of the real split.
-    train_samples: int | None = field(default=None, metadata={"help": "use only the first N training images"})
-    test_samples: int | None = field(default=None, metadata={"help": "use only the first N test images"})
+    train_samples: int | None = field(default=None, metadata={"help": "use only the first N training images",
+                                                               "ge": 1})
+    test_samples: int | None = field(default=None, metadata={"help": "use only the first N test images", "ge": 1})
     seed: int = 0
-    max_failures: int = field(default=2, metadata={"help": "worker-group restarts from the last checkpoint"})
+    max_failures: int = field(default=2, metadata={"help": "worker-group restarts from the last checkpoint",
+                                                   "ge": 0})
 
     def __post_init__(self) -> None:
-        self._check_scaling()
-        _require(self.epochs >= 1, "epochs", self.epochs, "at least 1")
+        self._check_fields()
         _require(self.batch_size >= self.num_workers, "batch_size", self.batch_size,
                  f"at least num_workers ({self.num_workers})")
-        _require(0 < self.lr <= 10, "lr", self.lr, "in (0, 10]")
-        _require(1 <= self.width <= 512, "width", self.width, "in [1, 512]")
-        for name in ("train_samples", "test_samples"):
-            value = getattr(self, name)
-            _require(value is None or value >= 1, name, value, "at least 1")
-        _require(self.max_failures >= 0, "max_failures", self.max_failures, ">= 0")
 
     def total_units(self) -> int:
+        return self.epochs
+
+    def tune_reports(self) -> int:
+        """How many results a Tune trial reports (what ASHA counts): one per epoch."""
         return self.epochs
 
     def work_per_unit(self) -> int:
@@ -102,13 +149,13 @@ class ProbeConfig(ScalingSpec):
     """A synthetic job that holds its gang for a set time: scheduler tests and benchmarks."""
 
     tracked: ClassVar[bool] = False
+    entry: ClassVar[Entry] = Entry("probe", "a synthetic gang for scheduler tests", user=False)
 
-    cpus_per_worker: float = field(default=1.0, metadata={"help": "CPUs reserved per worker"})
-    seconds: float = field(default=5.0, metadata={"help": "how long to hold the resources"})
+    cpus_per_worker: float = field(default=1.0, metadata={"help": "CPUs reserved per worker", **_CPUS})
+    seconds: float = field(default=5.0, metadata={"help": "how long to hold the resources", "ge": 0, "le": 86400})
 
     def __post_init__(self) -> None:
-        self._check_scaling()
-        _require(0 <= self.seconds <= 86400, "seconds", self.seconds, "in [0, 86400]")
+        self._check_fields()
 
     def memory_per_worker_gib(self) -> float:
         return 0.15  # a Ray driver and a placement group: no data
@@ -127,47 +174,46 @@ class LlmConfig(ScalingSpec):
     unit_timer: ClassVar[str] = "step_time_s"
     val_metric: ClassVar[str] = "eval_loss"
     val_higher_is_better: ClassVar[bool] = False
+    entry: ClassVar[Entry] = Entry(
+        "llm", "DistilGPT2",
+        search_space=("lr=loguniform:1e-4:3e-3", "warmup_steps=choice:0,10,20", "batch_size=choice:4,8"),
+        endpoint="generate", stays_loaded=False,
+        words=("gpt", "gpt2", "distilgpt2", "language", "wikitext", "lm"),
+        phrases=("language model", "text model"), word_params=(("tiny", "model", "tiny"),))
 
-    model: str = field(default="distilgpt2", metadata={"help": f"one of {', '.join(LLM_CONTEXT)}"})
-    dataset: str = field(default="wikitext-2", metadata={"help": f"one of {', '.join(LLM_CORPORA)}"})
-    block_size: int = field(default=128, metadata={"help": "tokens per training sequence"})
-    batch_size: int = field(default=8, metadata={"help": "sequences per micro-batch, split across workers"})
-    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    model: str = field(default="distilgpt2", metadata={"help": f"one of {', '.join(LLM_CONTEXT)}",
+                                                       "choices": tuple(LLM_CONTEXT)})
+    dataset: str = field(default="wikitext-2", metadata={"help": f"one of {', '.join(LLM_CORPORA)}",
+                                                         "choices": LLM_CORPORA})
+    # At most the model's context: checked in __post_init__, as it depends on `model`.
+    block_size: int = field(default=128, metadata={"help": "tokens per training sequence", "ge": 8})
+    batch_size: int = field(default=8, metadata={"help": "sequences per micro-batch, split across workers", "ge": 1})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step", "ge": 1})
     lr: float | None = field(default=None, metadata={
-        "help": "peak learning rate (default: 5e-5 fine-tuning pretrained weights, 1e-3 from scratch)"})
-    weight_decay: float = 0.01
-    warmup_steps: int = field(default=20, metadata={"help": "linear warmup, then linear decay to 0"})
-    epochs: int = field(default=1, metadata={"help": "passes over the training text (unless --max-steps)"})
-    max_steps: int | None = field(default=None, metadata={"help": "stop after this many optimizer steps"})
-    eval_every: int = field(default=50, metadata={"help": "steps between evaluations and checkpoints"})
-    eval_batches: int = field(default=20, metadata={"help": "held-out batches per evaluation"})
+        "help": "peak learning rate (default: 5e-5 fine-tuning pretrained weights, 1e-3 from scratch)",
+        "gt": 0, "le": 1})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay", "ge": 0, "lt": 1})
+    warmup_steps: int = field(default=20, metadata={"help": "linear warmup, then linear decay to 0", "ge": 0})
+    epochs: int = field(default=1, metadata={"help": "passes over the training text (unless --max-steps)", "ge": 1})
+    max_steps: int | None = field(default=None, metadata={"help": "stop after this many optimizer steps", "ge": 1})
+    eval_every: int = field(default=50, metadata={"help": "steps between evaluations and checkpoints", "ge": 1})
+    eval_batches: int = field(default=20, metadata={"help": "held-out batches per evaluation", "ge": 1})
     max_train_tokens: int | None = field(default=None, metadata={"help": "use only the first N training tokens"})
-    precision: str = field(default="auto", metadata={"help": "auto (bf16/fp16 on CUDA), bf16, fp16 or fp32"})
+    precision: str = field(default="auto", metadata={"help": "auto (bf16/fp16 on CUDA), bf16, fp16 or fp32",
+                                                     "choices": ("auto", "bf16", "fp16", "fp32")})
     seed: int = 0
-    max_failures: int = field(default=2, metadata={"help": "worker-group restarts from the last checkpoint"})
+    max_failures: int = field(default=2, metadata={"help": "worker-group restarts from the last checkpoint",
+                                                   "ge": 0})
 
     def __post_init__(self) -> None:
-        self._check_scaling()
-        _require(self.model in LLM_CONTEXT, "model", self.model, f"one of {', '.join(LLM_CONTEXT)}")
-        _require(self.dataset in LLM_CORPORA, "dataset", self.dataset, f"one of {', '.join(LLM_CORPORA)}")
+        self._check_fields()
         context = LLM_CONTEXT[self.model]
-        _require(8 <= self.block_size <= context, "block_size", self.block_size,
+        _require(self.block_size <= context, "block_size", self.block_size,
                  f"in [8, {context}] ({self.model}'s context is {context} tokens)")
         _require(self.batch_size >= self.num_workers, "batch_size", self.batch_size,
                  f"at least num_workers ({self.num_workers})")
-        _require(self.grad_accum >= 1, "grad_accum", self.grad_accum, "at least 1")
-        _require(self.lr is None or 0 < self.lr <= 1, "lr", self.lr, "in (0, 1]")
-        _require(0 <= self.weight_decay < 1, "weight_decay", self.weight_decay, "in [0, 1)")
-        _require(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, ">= 0")
-        _require(self.epochs >= 1, "epochs", self.epochs, "at least 1")
-        _require(self.max_steps is None or self.max_steps >= 1, "max_steps", self.max_steps, "at least 1")
-        _require(self.eval_every >= 1, "eval_every", self.eval_every, "at least 1")
-        _require(self.eval_batches >= 1, "eval_batches", self.eval_batches, "at least 1")
         _require(self.max_train_tokens is None or self.max_train_tokens >= self.block_size * self.batch_size,
                  "max_train_tokens", self.max_train_tokens, "enough for one batch (block_size x batch_size)")
-        _require(self.precision in ("auto", "bf16", "fp16", "fp32"), "precision", self.precision,
-                 "one of auto, bf16, fp16, fp32")
-        _require(self.max_failures >= 0, "max_failures", self.max_failures, ">= 0")
 
     def learning_rate(self, model_source: str) -> float:
         if self.lr is not None:
@@ -176,6 +222,11 @@ class LlmConfig(ScalingSpec):
 
     def total_units(self) -> int | None:
         return self.max_steps  # with --epochs only, the step count is known once the text is tokenized
+
+    def tune_reports(self) -> int:
+        """How many results a Tune trial reports (what ASHA counts): one per evaluation. With
+        --epochs only the step count is not known before tokenizing: a cap ASHA never reaches."""
+        return math.ceil((self.max_steps or 10**6) / self.eval_every)
 
     def work_per_unit(self) -> int:
         """Tokens per optimizer step."""
@@ -190,12 +241,98 @@ class LlmConfig(ScalingSpec):
         return 0.6 + (params * 16 + activations) / 2**30
 
 
-TRAINERS: dict[str, type] = {"mnist": MnistConfig, "llm": LlmConfig, "probe": ProbeConfig}
+# The catalog, in the order people are offered the trainers: the first user trainer is the
+# default where one is needed (e.g. "show the metrics of recent runs").
+TRAINERS: dict[str, type] = {cls.entry.name: cls for cls in (MnistConfig, LlmConfig, ProbeConfig)}
+
+
+def user_trainers() -> tuple[str, ...]:
+    """The trainers users may start (the agent's tools offer only these)."""
+    return tuple(name for name, cls in TRAINERS.items() if cls.entry.user)
+
+
+def default_trainer() -> str:
+    return user_trainers()[0]
+
+
+def tunable() -> tuple[str, ...]:
+    return tuple(name for name, cls in TRAINERS.items() if cls.entry.tunable)
+
+
+def servable() -> tuple[str, ...]:
+    """Trainers whose runs log a model the serving app can load: one registered model each."""
+    return tuple(name for name, cls in TRAINERS.items() if cls.entry.servable)
+
+
+def entry_for(trainer: str) -> Entry:
+    return spec_for(trainer).entry
+
+
+def router_words() -> dict[str, str]:
+    """Every single word the router knows a user trainer by (its name is one) -> the trainer."""
+    return {word: name for name, cls in TRAINERS.items() if cls.entry.user for word in (name, *cls.entry.words)}
+
+
+def router_phrases() -> dict[str, str]:
+    """Multi-word names of user trainers -> the trainer."""
+    return {phrase: name for name, cls in TRAINERS.items() if cls.entry.user for phrase in cls.entry.phrases}
+
+
+def trainer_for_word(word: str) -> str | None:
+    """The user trainer a word or phrase names, else None."""
+    return router_words().get(word) or router_phrases().get(word)
 
 
 def _require(ok: bool, name: str, value: Any, what: str) -> None:
     if not ok:
         raise SpecError(f"--{name.replace('_', '-')} must be {what}, got {value!r}", field=f"params.{name}")
+
+
+def bounds_of(f: dataclasses.Field) -> dict[str, Any]:
+    """A field's numeric bounds as pydantic's Field arguments: ge, gt, le, lt."""
+    return {k: f.metadata[k] for k in BOUND_KEYS if k in f.metadata}
+
+
+def _within(meta: Any, value: Any) -> bool:
+    if "choices" in meta:
+        return value in meta["choices"]
+    return (("ge" not in meta or value >= meta["ge"]) and ("gt" not in meta or value > meta["gt"]) and
+            ("le" not in meta or value <= meta["le"]) and ("lt" not in meta or value < meta["lt"]))
+
+
+def widest_bounds(fields: list[dataclasses.Field]) -> dict[str, Any]:
+    """The loosest bounds admitting every given field's range (one field name, several trainers):
+    a side is bounded only if every field bounds it."""
+    out: dict[str, Any] = {}
+    for inclusive, exclusive, pick in (("ge", "gt", min), ("le", "lt", max)):
+        sides = [(f.metadata[inclusive], True) if inclusive in f.metadata else
+                 (f.metadata[exclusive], False) if exclusive in f.metadata else None for f in fields]
+        if not sides or None in sides:
+            continue
+        value = pick(v for v, _ in sides)
+        out[inclusive if any(v == value and incl for v, incl in sides) else exclusive] = value
+    return out
+
+
+def bounds_text(f: dataclasses.Field) -> str:
+    """What a field takes, e.g. "in [1, 1024]" or "at least 1"; "" when the catalog does not bound it."""
+    return _bounds_text(f.metadata)
+
+
+def _bounds_text(meta: Any, value: Any = None) -> str:
+    """What the field takes, the way the error messages say it: "in [1, 1024]", "at least 1"."""
+    if "choices" in meta:
+        return f"one of {', '.join(meta['choices'])}"
+    low, high = meta.get("ge", meta.get("gt")), meta.get("le", meta.get("lt"))
+    if low is None and high is None:
+        return ""
+    if low is not None and "ge_why" in meta and value is not None and value < low:
+        return f"at least {low} ({meta['ge_why']})"
+    if high is None:
+        return f"at least {low}" if "ge" in meta else f"more than {low}"
+    if low is None:
+        return f"at most {high}" if "le" in meta else f"less than {high}"
+    return f"in {'[' if 'ge' in meta else '('}{low}, {high}{']' if 'le' in meta else ')'}"
 
 
 def spec_for(trainer: str) -> type:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import logging
 import math
@@ -31,15 +32,12 @@ from trainers.data import DataError, default_data_dir
 from trainers.driver import PROGRESS, RESULT
 from trainers.pricing import CatalogError, load_catalog
 from trainers.sources import SourceError
-from trainers.specs import TRAINERS, SpecError, add_arguments, build_config, spec_for
+from trainers.specs import TRAINERS, SpecError, add_arguments, build_config, spec_for, tunable
 from trainers.tracking import TrackingUnavailable, check_server, open_run, tracking_uri
 
 log = logging.getLogger("tune")
-TUNABLE = ("mnist", "llm")
-DEFAULT_SPACES = {
-    "mnist": ["lr=loguniform:3e-4:1e-2", "batch_size=choice:64,128,256", "width=choice:8,16,32"],
-    "llm": ["lr=loguniform:1e-4:3e-3", "warmup_steps=choice:0,10,20", "batch_size=choice:4,8"],
-}
+TUNABLE = tunable()
+DEFAULT_SPACES = {name: list(TRAINERS[name].entry.search_space) for name in TUNABLE}
 
 
 @dataclass(frozen=True)
@@ -148,8 +146,6 @@ def make_searcher(configs: list[dict], budget_usd: float | None, metric: str, mo
 
 def trial_fn(config: dict) -> None:
     """One trial: the trainer's own Ray Train run, logging to an MLflow child run, reporting to Tune."""
-    import importlib
-
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -251,22 +247,13 @@ def _search(args: argparse.Namespace) -> int:
                       "budget_usd": args.budget_usd, "metric": metric, "mode": mode,
                       **{f"fixed.{k}": v for k, v in fixed.items()}})
         t.flush()
-    loop_config = {}
-    if trainer == "llm":  # fetch and tokenize once, here, before trials start in parallel
-        from trainers.data import hub_reachable
-        from trainers.text_data import load_tokens
-        from trainers.tokenizer import load_gpt2_tokenizer
-
-        offline = not hub_reachable()
-        tok, tok_source = load_gpt2_tokenizer(data_dir, offline=offline)
-        load_tokens(data_dir, base.dataset, tok, tok_source, offline=offline)
-        loop_config = {"offline": offline}
+    # The trainer's own preparation (e.g. fetch and tokenize), once, before trials start in parallel.
+    loop_config = importlib.import_module(f"trainers.{trainer}").prepare_trials(base, data_dir)
     setup = {"trainer": trainer, "parent_run_id": parent, "uri": uri, "experiment": trainer, "name": name,
              "data_dir": str(data_dir), "costs_file": costs_file, "loop_config": loop_config,
              "storage": str(data_dir / "tune" / name / "trials")}
     searcher = make_searcher([{**c, "__oppen__": setup} for c in configs], args.budget_usd, metric, mode)
-    # ASHA counts reports: one per epoch (MNIST) or per evaluation (LLM).
-    units = base.epochs if trainer == "mnist" else math.ceil((base.max_steps or 10**6) / base.eval_every)
+    units = base.tune_reports()  # what ASHA counts
     print(f"{PROGRESS} search {name}: {len(configs)} trial(s) of {trainer}, {metric} ({mode}), "
           f"ASHA over {units} report(s), budget {args.budget_usd or 'none'}", flush=True)
     tuner = tune.Tuner(

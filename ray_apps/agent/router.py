@@ -22,11 +22,21 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-CAPABILITIES = ("start or queue training (mnist, llm), job status and the queue, cancel jobs, MLflow experiments "
-                "and metrics, a job's cost, spend reports, budgets, cost forecasts, savings advice, free GPUs, "
-                "checking whether a job fits, hyperparameter searches, registered models and deploying a model version")
+from trainers.specs import TRAINERS, default_trainer, router_phrases, router_words, servable, tunable, user_trainers
 
-JOB_ID = re.compile(r"\b(?:mnist|llm|probe|tune-(?:mnist|llm))-\d{8}-\d{6}-[0-9a-f]{6}(?:-r\d+)?\b")
+CAPABILITIES = (f"start or queue training ({', '.join(user_trainers())}), job status and the queue, cancel jobs, "
+                "MLflow experiments and metrics, a job's cost, spend reports, budgets, cost forecasts, savings "
+                "advice, free GPUs, checking whether a job fits, hyperparameter searches, registered models and "
+                "deploying a model version")
+
+
+def _one_of(names: tuple[str, ...]) -> str:
+    return "|".join(map(re.escape, names))
+
+
+# A job's id starts with its trainer's name, a search's with tune-<trainer>.
+JOB_ID = re.compile(rf"\b(?:{_one_of(tuple(TRAINERS))}|tune-(?:{_one_of(tunable())}))-\d{{8}}-\d{{6}}-[0-9a-f]{{6}}"
+                    r"(?:-r\d+)?\b")
 RUN_ID = re.compile(r"\b[0-9a-f]{32}\b")
 # A number starts where a digit run starts (a sign only where a word does not end) and its parts
 # are possessive: a run of digits is tried once, not once per position and split.
@@ -39,16 +49,19 @@ VOCAB = sorted(set("""train training trainer run runs running start launch kick 
 progress cancel stop kill abort cost costs spend spent spending price budget forecast predict estimate finish remaining
 gpu gpus free available idle experiment experiments metric metrics accuracy loss perplexity recommend recommendation
 recommendations optimize optimise saving savings cheaper validate feasible search tune tuning hyperparameter
-hyperparameters sweep finetune epochs epoch steps learning rate batch size workers worker priority high normal urgent mnist
+hyperparameters sweep finetune epochs epoch steps learning rate batch size workers worker priority high normal urgent
 report week month today jobs job last latest pending waiting finished done please model models dollars
 deploy registered registry version versions champion promote
-""".split()))
-TRAINER_WORDS = {"mnist": "mnist", "digits": "mnist", "digit": "mnist", "cnn": "mnist", "llm": "llm", "gpt": "llm",
-                 "gpt2": "llm", "distilgpt2": "llm", "language": "llm", "wikitext": "llm", "lm": "llm"}
+""".split()) | set(user_trainers()))  # a trainer's name is worth fixing a typo towards ("mnsit")
+TRAINER_WORDS = router_words()
+TRAINER_PHRASES = router_phrases()
+# Words that also set a parameter of the trainer they go with: (trainer, word) -> (field, value).
+WORD_PARAMS = {(name, word): (param, value) for name, cls in TRAINERS.items()
+               for word, param, value in cls.entry.word_params}
 REF_WORDS = re.compile(r"\b(it|that|this|the same|that job|this job|that run|the job|the run)\b")
 # What each number may be, as the tools take it: (lowest, highest, whole number, lowest excluded).
-# Trainer fields follow trainers/specs.py where it bounds them; unbounded ones get a generous cap
-# so a typed 1e20 is refused here rather than queued.
+# Trainer fields follow the catalog's bounds (trainers/specs.py; a unit test keeps them equal);
+# unbounded ones get a generous cap so a typed 1e20 is refused here rather than queued.
 LIMITS: dict[str, tuple[float, float, bool, bool]] = {
     "epochs": (1, 100_000, True, False),
     "lr": (0, 10, False, True),
@@ -133,9 +146,9 @@ def _has(text: str, *patterns: str) -> bool:
 def extract(text: str) -> dict[str, Any]:
     """Every value the text gives, under the names the tools use."""
     found: dict[str, Any] = {}
-    trainers = {TRAINER_WORDS[w] for w in re.findall(r"[a-z0-9]+", text) if w in TRAINER_WORDS}
-    if "language model" in text or "text model" in text:
-        trainers.add("llm")
+    words = re.findall(r"[a-z0-9]+", text)
+    trainers = {TRAINER_WORDS[w] for w in words if w in TRAINER_WORDS}
+    trainers |= {name for phrase, name in TRAINER_PHRASES.items() if phrase in text}
     if len(trainers) == 1:
         found["trainer"] = trainers.pop()
     params: dict[str, Any] = {}
@@ -164,8 +177,10 @@ def extract(text: str) -> dict[str, Any]:
             params["gpus_per_worker"] = 1.0  # a bad count is refused by name (num_workers), not divided by
         else:
             params["gpus_per_worker"] = n / workers
-    if "tiny" in text and found.get("trainer") == "llm":
-        params["model"] = "tiny"
+    for word in words:
+        if (found.get("trainer"), word) in WORD_PARAMS:
+            param, value = WORD_PARAMS[found["trainer"], word]
+            params[param] = value
     if params:
         found["params"] = params
     found["raw"] = raw
@@ -212,6 +227,10 @@ def _job_ref(raw: str, text: str, context: dict) -> str | None:
     if REF_WORDS.search(text) and context.get("job_id"):
         return context["job_id"]
     return None
+
+
+def _or(choices: tuple[str, ...]) -> str:
+    return ", ".join(choices[:-1]) + " or " + choices[-1] if len(choices) > 1 else "".join(choices)
 
 
 def _needs_trainer(tool: str, args: dict, question: str) -> Decision:
@@ -299,14 +318,16 @@ class Router:
             args = {**({"version": version.group(1)} if version else {}),
                     **({"alias": alias.group(1)} if alias and not version else {})}
             if not trainer:
-                return Decision("ask", "deploy_model", args, "Deploy which model: mnist or llm?", missing="name")
+                return Decision("ask", "deploy_model", args, f"Deploy which model: {_or(servable())}?",
+                                missing="name")
             return Decision("call", "deploy_model", {"name": trainer, **args})
         if _has(text, "tune", "tuning", "hyperparameters?", "sweep", "search", "hpo"):
             args = {**({"num_samples": v["num_samples"]} if "num_samples" in v else {}),
                     **({"budget_usd": v["budget_usd"]} if "budget_usd" in v else {}),
                     **({"params": params} if params else {})}
             if not trainer:
-                return _needs_trainer("start_hyperparameter_search", args, "Search over which trainer: mnist or llm?")
+                return _needs_trainer("start_hyperparameter_search", args,
+                                      f"Search over which trainer: {_or(tunable())}?")
             return Decision("call", "start_hyperparameter_search", {"trainer": trainer, **args})
         if _has(text, "recommend", "recommendations?", "optimi[sz]e", "savings?", "save money", "cheaper",
                 "advice", "advise", "reduce (?:the )?costs?", "cut costs?"):
@@ -345,7 +366,8 @@ class Router:
         if _has(text, "validate", "feasible", "fit", "fits", "enough resources", "can i run", "is there room") or \
                 _before(text, "would", "run"):
             if not trainer:
-                return _needs_trainer("validate_job_resources", {"params": params}, "Check which trainer: mnist or llm?")
+                return _needs_trainer("validate_job_resources", {"params": params},
+                                      f"Check which trainer: {_or(user_trainers())}?")
             return Decision("call", "validate_job_resources", {"trainer": trainer, "params": params})
         if _has(text, "gpus?", "accelerators?", "cuda") and not trainer:
             return Decision("call", "get_gpu_availability", {})
@@ -367,13 +389,14 @@ class Router:
         if _has(text, "metrics?", "accuracy", "loss", "perplexity", "best run", "results?"):
             if run:
                 return Decision("call", "get_experiment_metrics", {"run_id": run.group(0)})
-            return Decision("call", "get_experiment_metrics", {"experiment": trainer or "mnist"})
+            return Decision("call", "get_experiment_metrics", {"experiment": trainer or default_trainer()})
         if _has(text, "train", "training", "run", "start", "launch", "kick off", "fine tune", "finetune", "queue",
                 "schedule", "submit") or (trainer and params):
             queued = "priority" in v or _has(text, "queue", "schedule", "submit")
             tool = "queue_training_job" if queued else "trigger_training_job"
             args = {"params": params, **({"priority": v["priority"]} if queued and "priority" in v else {})}
             if not trainer:
-                return _needs_trainer(tool, args, "Which trainer: mnist (a digits CNN) or llm (DistilGPT2)?")
+                return _needs_trainer(tool, args, "Which trainer: " + _or(
+                    tuple(f"{name} ({TRAINERS[name].entry.summary})" for name in user_trainers())) + "?")
             return Decision("call", tool, {"trainer": trainer, **args})
         return Decision("decline", text=f"I didn't understand that. I can help with: {CAPABILITIES}.")

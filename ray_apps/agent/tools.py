@@ -13,16 +13,26 @@ import dataclasses
 import time
 import typing
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Annotated, Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from ray_apps.config import Settings
 from trainers.errors import Forbidden, NotFound, OppenError, Refused
-from trainers.specs import TRAINERS, build_config
+from trainers.specs import (
+    TRAINERS,
+    bounds_text,
+    build_config,
+    default_trainer,
+    entry_for,
+    servable,
+    tunable,
+    user_trainers,
+    widest_bounds,
+)
 
 # Trainers a user may start: the real workloads, not the scheduler's synthetic probe.
-USER_TRAINERS = ("mnist", "llm")
+USER_TRAINERS = user_trainers()
 
 
 class ToolError(Refused):
@@ -39,20 +49,41 @@ class _Args(BaseModel):
 
 
 def _catalog_params() -> type[BaseModel]:
-    """Every parameter of the user trainers, typed as the catalog types it and described with the
-    trainers that take it; an unknown name is refused. Which trainer takes which is checked per
-    call against the catalog (`build_config`)."""
-    fields: dict[str, tuple] = {}
+    """Every parameter of the user trainers, typed and bounded as the catalog types and bounds it,
+    described with the trainers that take it; an unknown name is refused. A parameter several
+    trainers take gets the widest of their bounds; which trainer takes which, and its own bounds,
+    are checked per call against the catalog (`build_config`)."""
+    takers: dict[str, list[str]] = {}
+    found: dict[str, list[dataclasses.Field]] = {}
+    types: dict[str, Any] = {}
     for trainer in USER_TRAINERS:
         cls = TRAINERS[trainer]
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
-            takers = fields.get(f.name, (None, None, []))[2] + [trainer]
-            help_text = f.metadata.get("help", f.name)
-            fields[f.name] = (hints[f.name] | None, help_text, takers)
+            takers.setdefault(f.name, []).append(trainer)
+            found.setdefault(f.name, []).append(f)
+            types[f.name] = hints[f.name]
     return create_model("TrainerParams", __config__=ConfigDict(extra="forbid"), **{
-        name: (typ, Field(None, description=f"{text} ({', '.join(takers)})"))
-        for name, (typ, text, takers) in fields.items()})
+        name: (_param_type(types[name], fields), Field(None, description=_param_help(fields, takers[name])))
+        for name, fields in found.items()})
+
+
+def _param_type(hint: Any, fields: list[dataclasses.Field]) -> Any:
+    """The value's type with its bounds (or choices) attached, so the JSON schema lists them; None: unset."""
+    base = next((a for a in typing.get_args(hint) if a is not type(None)), hint)
+    if all("choices" in f.metadata for f in fields):
+        return Literal[tuple(dict.fromkeys(c for f in fields for c in f.metadata["choices"]))] | None
+    bounds = widest_bounds(fields)
+    return (Annotated[base, Field(**bounds)] if bounds else base) | None
+
+
+def _param_help(fields: list[dataclasses.Field], takers: list[str]) -> str:
+    text = fields[0].metadata.get("help", fields[0].name)
+    ranges = [bounds_text(f) for f in fields]
+    if len(set(ranges)) > 1:  # the schema has the widest: say each trainer's own
+        per_trainer = (f"{t}: {r or 'any value'}" for t, r in zip(takers, ranges))
+        return f"{text} ({'; '.join(per_trainer)})"
+    return f"{text} ({', '.join(takers)})"
 
 
 TrainerParams = _catalog_params()
@@ -83,7 +114,8 @@ class NoArgs(_Args):
 
 
 class MetricsArgs(_Args):
-    experiment: str | None = Field(None, description="an MLflow experiment (a trainer name: mnist, llm)")
+    experiment: str | None = Field(None, description=f"an MLflow experiment (a trainer name: "
+                                                     f"{', '.join(USER_TRAINERS)})")
     run_id: str | None = Field(None, description="one MLflow run")
     metric: str | None = Field(None, description="e.g. test_accuracy, eval_loss")
     limit: int = Field(5, ge=1, le=50)
@@ -112,18 +144,18 @@ class AdviceArgs(_Args):
 
 
 class SearchArgs(_Args):
-    trainer: Literal[USER_TRAINERS] = Field(description=f"{' or '.join(USER_TRAINERS)}")
+    trainer: Literal[tunable()] = Field(description=f"{' or '.join(tunable())}")
     num_samples: int = Field(4, ge=1, le=64, description="trials")
     budget_usd: float | None = Field(None, gt=0, description="stop launching trials at this spend")
     params: TrainerParams = Field(default_factory=TrainerParams, description="fixed trainer parameters")
 
 
 class ModelArgs(_Args):
-    name: str | None = Field(None, description="mnist or llm; none: both")
+    name: str | None = Field(None, description=f"{' or '.join(servable())}; none: all")
 
 
 class DeployArgs(_Args):
-    name: str = Field(description="the registered model: mnist or llm")
+    name: str = Field(description=f"the registered model: {' or '.join(servable())}")
     version: str | None = Field(None, description="a registered version number, e.g. '3'")
     alias: str | None = Field(None, description="or an alias, e.g. 'champion'; neither: champion, else newest")
 
@@ -275,7 +307,7 @@ class PlatformTools:
             if self.tenant and run.data.tags.get("oppen.tenant") != self.tenant:
                 raise NotFound(f"there is no run {run_id!r} of yours", "run_id")
             return {"run_id": run_id, "metrics": run.data.metrics, "params": run.data.params}
-        name = experiment or "mnist"
+        name = experiment or default_trainer()
         exp = client.get_experiment_by_name(name)
         if exp is None:
             raise NotFound(f"there is no experiment {name!r}; try list_mlflow_experiments", "experiment")
@@ -341,10 +373,10 @@ class PlatformTools:
                 "budget_usd": budget_usd, "ray_job": f"{self.settings.dashboard_url}/#/jobs/{sub.submission_id}"}
 
     def list_models(self, name: str | None = None) -> dict:
-        from trainers.registry import SERVABLE, list_models
+        from trainers.registry import list_models
 
-        if name is not None and name not in SERVABLE:
-            raise NotFound(f"no model {name!r}; registered models are per trainer: {', '.join(SERVABLE)}", "name")
+        if name is not None and name not in servable():
+            raise NotFound(f"no model {name!r}; registered models are per trainer: {', '.join(servable())}", "name")
         models = [m for m in list_models(self.settings.tracking_uri) if name in (None, m["name"])]
         for m in models:  # the newest five versions are enough to talk about
             m["versions"] = [{k: v[k] for k in ("version", "run_id", "aliases", "tags")} for v in m["versions"][:5]]
@@ -363,7 +395,7 @@ class PlatformTools:
         selector = Selector(alias=alias, version=version)
         # Never beyond the platform's own runs: an override is for the CLI or REST.
         mv = serve_if_allowed(self.settings.tracking_uri, self.queue.store, name, selector)
-        action = "predict" if name == "mnist" else "generate"
+        action = entry_for(name).endpoint
         return {"name": name, "selector": str(selector), "version": mv.version, "run_id": mv.run_id,
                 "endpoint": f"{self.settings.serve_url}/v1/models/{name}/{action}"}
 
@@ -371,8 +403,8 @@ class PlatformTools:
 
     def catalog(self) -> dict[str, Tool]:
         specs = [
-            ("trigger_training_job", "Start training a catalogued trainer (mnist or llm) now, through the queue "
-                                     "at normal priority.", TrainArgs),
+            ("trigger_training_job", f"Start training a catalogued trainer ({' or '.join(USER_TRAINERS)}) now, "
+                                     "through the queue at normal priority.", TrainArgs),
             ("queue_training_job", "Queue a training job with a priority (high, normal, low).", QueueArgs),
             ("get_training_status", "State, progress and latest metrics of a job ('last' for the latest).", JobRef),
             ("get_job_queue_status", "The caller's waiting and running jobs, by state.", NoArgs),

@@ -32,11 +32,14 @@ from ray_apps.scheduler.api import store_url
 from ray_apps.scheduler.provenance import serve_if_allowed
 from ray_apps.scheduler.store import JobStore
 from trainers.errors import NotFound, OppenError, Refused, TooLarge
-from trainers.registry import SERVABLE, ModelNotFound, Selector, list_models, resolve, serving_selector
+from trainers.registry import ModelNotFound, Selector, list_models, resolve, serving_selector
+from trainers.specs import entry_for, servable
 
 MAX_IMAGES = 256                 # per request; more is a 413 that says so
 MAX_BODY_BYTES = 4 * 1024 * 1024  # 256 images as JSON numbers fit in ~1 MB; PNGs in far less
-ENDPOINTS = {"mnist": "predict", "llm": "generate"}
+ENDPOINTS = {name: entry_for(name).endpoint for name in servable()}  # model -> its one verb
+# The deployments' models (each serving class names its trainer).
+MNIST, LLM = MnistModel.func_or_class.name, LlmModel.func_or_class.name
 
 app = FastAPI(title="Oppen models", version="1")
 
@@ -131,7 +134,7 @@ require_token(app, settings_users, public=("/health",))
 @serve.ingress(app)
 class ModelAPI:
     def __init__(self, mnist: DeploymentHandle, llm: DeploymentHandle):
-        self.models = {"mnist": mnist, "llm": llm}
+        self.models = {MNIST: mnist, LLM: llm}
         self.settings = load_settings()
         self.store = JobStore(store_url(self.settings))  # which runs the queue's jobs made
 
@@ -139,21 +142,21 @@ class ModelAPI:
     def health(self) -> dict:
         return {"status": "ok"}
 
-    @app.post("/mnist/predict")
+    @app.post(f"/{MNIST}/predict")
     async def predict_mnist(self, req: PredictRequest, authorization: Optional[str] = Header(None)) -> dict:
         caller_of(settings_users(), authorization, role=Role.MEMBER, action="prediction")
         images = decode_images(req)
-        out = answer(await self.models["mnist"].predict.remote(images))
+        out = answer(await self.models[MNIST].predict.remote(images))
         probs = np.asarray(out.pop("probabilities"))
         out["predictions"] = [{"digit": int(p.argmax()), "probabilities": [round(float(x), 6) for x in p]}
                               for p in probs]
         return out
 
-    @app.post("/llm/generate")
+    @app.post(f"/{LLM}/generate")
     async def generate(self, req: GenerateRequest, authorization: Optional[str] = Header(None)) -> dict:
         caller_of(settings_users(), authorization, role=Role.MEMBER, action="generation")
-        return answer(await self.models["llm"].generate.remote(req.prompt, req.max_new_tokens, req.temperature,
-                                                               req.seed))
+        return answer(await self.models[LLM].generate.remote(req.prompt, req.max_new_tokens, req.temperature,
+                                                             req.seed))
 
     @app.post("/{name}/predict", responses=errors(404))
     def predict_other(self, name: str) -> dict:
@@ -165,18 +168,18 @@ class ModelAPI:
 
     @app.get("/")
     async def models(self) -> list[dict[str, Any]]:
-        """The registry's view, the version replicas converge to (`target`), and the MNIST replica's
-        own report. The LLM deployment scales to zero: asking its replica would wake it."""
+        """The registry's view, the version replicas converge to (`target`), and the replica's own
+        report where its model stays loaded: asking one that scales to zero would wake it."""
         uri = self.settings.tracking_uri
         registered = {m["name"]: m for m in list_models(uri)}
         out = []
-        for name in SERVABLE:
+        for name in servable():
             entry = registered.get(name, {"name": name, "versions": [], "aliases": {}, "serve": "default"})
             try:
                 target = resolve(uri, name, serving_selector(uri, name)).version
             except ModelNotFound:
                 target = None
-            replica = await self.models[name].status.remote() if name == "mnist" else None
+            replica = await self.models[name].status.remote() if entry_for(name).stays_loaded else None
             out.append({**entry, "target_version": target, "replica": replica})
         return out
 
@@ -184,7 +187,7 @@ class ModelAPI:
     async def serve_version(self, name: str, req: ServeRequest, authorization: Optional[str] = Header(None)) -> dict:
         # What every tenant is served: an admin's decision.
         caller_of(settings_users(), authorization, role=Role.ADMIN, action="changing the served version")
-        if name not in SERVABLE:
+        if name not in servable():
             raise unknown_model(name, "serve")
         mv = serve_if_allowed(self.settings.tracking_uri, self.store, name,
                               Selector(alias=req.alias, version=req.version), allow_any_run=req.allow_any_run)

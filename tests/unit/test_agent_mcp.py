@@ -39,13 +39,16 @@ def test_mcp_client_lists_the_tools_calls_one_and_gets_refusals(tmp_path):
     assert not status.is_error and json.loads(status.content[0].text) == {"by_state": {}, "jobs": [], "total": 0}
     assert refused.is_error and "'mnist' or 'llm'" in refused.content[0].text
     assert shell.is_error and "run_shell" in shell.content[0].text
-    # The schema is the catalog's: each parameter typed and described, nothing else accepted.
+    # The schema is the catalog's: each parameter typed, bounded and described, nothing else accepted.
     schema = tools["queue_training_job"].input_schema
     params = schema["$defs"]["TrainerParams"]
     assert schema["additionalProperties"] is False and params["additionalProperties"] is False
-    assert params["properties"]["epochs"]["anyOf"][0] == {"type": "integer"}
-    assert params["properties"]["lr"]["anyOf"][0] == {"type": "number"} and "mnist" in params["properties"]["lr"][
-        "description"]
+    assert params["properties"]["epochs"]["anyOf"][0] == {"type": "integer", "minimum": 1}
+    assert params["properties"]["num_workers"]["anyOf"][0] == {"type": "integer", "minimum": 1, "maximum": 1024}
+    # lr: the widest of the trainers' bounds in the schema, each trainer's own in the description.
+    assert params["properties"]["lr"]["anyOf"][0] == {"type": "number", "exclusiveMinimum": 0, "maximum": 10}
+    assert "mnist: in (0, 10]" in params["properties"]["lr"]["description"]
+    assert params["properties"]["model"]["anyOf"][0]["enum"] == ["distilgpt2", "tiny"]
     assert schema["properties"]["trainer"]["enum"] == ["mnist", "llm"]
     # Nothing queued with defaults behind the caller's back: each refusal names the argument.
     assert misplaced.is_error and "epochs" in misplaced.content[0].text
