@@ -50,7 +50,10 @@ def test_mcp_client_lists_the_tools_calls_one_and_gets_refusals(tmp_path):
     assert "mnist: in (0, 10]" in params["properties"]["lr"]["description"]
     assert params["properties"]["model"]["anyOf"][0]["enum"] == ["distilgpt2", "tiny"]
     assert schema["properties"]["trainer"]["enum"] == ["mnist", "llm"]
-    # Nothing queued with defaults behind the caller's back: each refusal names the argument.
-    assert misplaced.is_error and "epochs" in misplaced.content[0].text
-    assert mistyped.is_error and "params.epochs" in mistyped.content[0].text
-    assert unknown.is_error and "gpu_count" in unknown.content[0].text
+    # Nothing queued with defaults behind the caller's back: each refusal is the REST API's problem
+    # (kind, field, status), naming the argument.
+    problems = [json.loads(r.content[0].text) for r in (misplaced, mistyped, unknown)]
+    assert all(r.is_error for r in (misplaced, mistyped, unknown))
+    assert [(p["kind"], p["field"], p["status"]) for p in problems] == [
+        ("refused", "epochs", 422), ("refused", "params.epochs", 422), ("refused", "params.gpu_count", 422)]
+    assert "Input should be a valid integer" in problems[1]["reason"]
