@@ -52,7 +52,8 @@ def test_mcp_client_lists_the_tools_calls_one_and_gets_refusals(tmp_path):
     assert schema["properties"]["trainer"]["enum"] == ["mnist", "llm"]
     # Nothing queued with defaults behind the caller's back: each refusal is the REST API's problem
     # (kind, field, status), naming the argument.
-    problems = [json.loads(r.content[0].text) for r in (misplaced, mistyped, unknown)]
+    texts = [r.content[0].text for r in (misplaced, mistyped, unknown)]  # after MCP's "Error executing ...: "
+    problems = [json.loads(text[text.index("{"):]) for text in texts]
     assert all(r.is_error for r in (misplaced, mistyped, unknown))
     assert [(p["kind"], p["field"], p["status"]) for p in problems] == [
         ("refused", "epochs", 422), ("refused", "params.epochs", 422), ("refused", "params.gpu_count", 422)]
