@@ -159,10 +159,9 @@ def _queue(settings):
 
 
 def _job_line(job) -> str:
-    waited = job.waited_s(time.time())
-    gpus = f" {job.workers * job.gpus_per_worker:g} GPU" if job.gpus_per_worker else ""
-    return (f"{job.id:34} {job.state.value:10} {job.priority:7} {job.tenant:10} "
-            f"{job.workers * job.cpus_per_worker:g} CPU{gpus:8} waited {waited:5.0f} s  {job.message[:60]}")
+    from ray_apps.scheduler.view import job_line, job_view
+
+    return job_line(job_view(job))
 
 
 def cmd_queue_submit(args, settings) -> int:

@@ -11,7 +11,7 @@ def _usd(x: float | None) -> str:
 
 def _job(r: dict) -> str:
     params = ", ".join(f"{k}={v}" for k, v in (r.get("params") or {}).items()) or "defaults"
-    return f"{r['job_id']} ({r['trainer']}, {params})"
+    return f"{r['id']} ({r['trainer']}, {params})"
 
 
 def _submitted(r: dict) -> str:
@@ -22,7 +22,7 @@ def _submitted(r: dict) -> str:
 
 
 def _status(r: dict) -> str:
-    text = f"Job {r['job_id']} ({r['trainer']}) is {r['state']}"
+    text = f"Job {r['id']} ({r['trainer']}) is {r['state']}"
     if r.get("attempt", 0) > 1:
         text += f" (attempt {r['attempt']})"
     m = r.get("latest_metrics") or {}
@@ -38,7 +38,7 @@ def _queue(r: dict) -> str:
     if not r["total"]:
         return "You have no jobs waiting or running."
     states = ", ".join(f"{n} {s}" for s, n in sorted(r["by_state"].items()))
-    jobs = "; ".join(f"{j['job_id']} {j['state']} ({j['priority']})" for j in r["jobs"][:5])
+    jobs = "; ".join(f"{j['id']} {j['state']} ({j['priority']})" for j in r["jobs"][:5])
     return f"You have {r['total']} job(s) in flight: {states}. {jobs}."
 
 

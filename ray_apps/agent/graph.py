@@ -64,6 +64,8 @@ def _remember(context: dict, result: Any) -> dict:
         for key in ("job_id", "run_id"):
             if isinstance(result.get(key), str) and result[key] not in ("last", "latest"):
                 context[key] = result[key]
+        if isinstance(result.get("id"), str) and "state" in result:  # a job view
+            context["job_id"] = result["id"]
         if result.get("mlflow_run_id"):
             context["run_id"] = result["mlflow_run_id"]
     return context

@@ -10,7 +10,6 @@ agent can show as it is; `tool_problem` is what the agent and MCP hand on.
 from __future__ import annotations
 
 import dataclasses
-import time
 import typing
 from dataclasses import dataclass
 from typing import Annotated, Any, Callable, Literal
@@ -234,10 +233,9 @@ class PlatformTools:
 
     @staticmethod
     def _job_dict(job) -> dict:
-        return {"job_id": job.id, "trainer": job.trainer, "state": job.state.value, "priority": job.priority,
-                "tenant": job.tenant, "params": job.params, "attempt": job.attempt, "message": job.message,
-                "mlflow_run_id": job.mlflow_run_id,
-                "waited_s": round(job.waited_s(time.time()), 1)}
+        from ray_apps.scheduler.view import job_view
+
+        return job_view(job)
 
     def _submit(self, trainer: str, params: dict, priority: str | None) -> dict:
         params = self._validated(trainer, params)

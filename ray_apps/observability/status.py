@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ray_apps.scheduler.states import ACTIVE, TERMINAL, JobState
+from ray_apps.scheduler.view import job_view
 
 PAGE = Path(__file__).with_name("status.html")
 RECENT = 20
@@ -31,11 +32,8 @@ def _links(settings, job, experiments: dict[str, str | None], costs) -> dict[str
 
 
 def _job(job, now: float) -> dict[str, Any]:
-    return {"id": job.id, "trainer": job.trainer, "tenant": job.tenant, "priority": job.priority,
-            "state": job.state.value, "gang": f"{job.workers} x ({job.cpus_per_worker:g} CPU, "
-                                              f"{job.gpus_per_worker:g} GPU)",
-            "submitted_at": job.submitted_at, "waited_s": job.waited_s(now),
-            "started_at": job.started_at, "ended_at": job.ended_at, "attempt": job.attempt, "message": job.message}
+    """The job view, with its gang spelled out for the page."""
+    return {**job_view(job, now), "gang": f"{job.workers} x ({job.cpus_per_worker:g} CPU, {job.gpus_per_worker:g} GPU)"}
 
 
 def snapshot(costs, settings, tenant: str | None = None, now: float | None = None) -> dict[str, Any]:

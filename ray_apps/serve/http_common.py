@@ -125,7 +125,8 @@ def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
 # What every route may answer besides its own statuses: a body that does not parse (400, routes
 # with a body), the gate (401/403), the body limit (413),
 # the Host check (421), request validation (422) and a dependency that is down (503).
-COMMON_ERRORS = {400: "the body is not JSON", 401: "no token, or an unknown one", 403: "the caller's role or tenant may not do this",
+COMMON_ERRORS = {400: "the body is not JSON", 401: "no token, or an unknown one",
+                 403: "the caller's role or tenant may not do this",
                  413: "request body too large", 421: "the Host header names another machine",
                  422: "a refused input: the field and why", 503: "Ray or MLflow is unavailable; retry shortly"}
 
@@ -165,8 +166,9 @@ def _document_problems(schema: dict, public: tuple[str, ...]) -> None:
     for path, operations in schema.get("paths", {}).items():
         for method, operation in operations.items():
             responses = operation.setdefault("responses", {})
+            has_body = "requestBody" in operation
             common = {s: d for s, d in COMMON_ERRORS.items()
-                      if not (path in public and s in (401, 403)) and not (s in (400, 413) and "requestBody" not in operation)}
+                      if not (path in public and s in (401, 403)) and not (s in (400, 413) and not has_body)}
             for status, description in common.items():
                 responses.setdefault(str(status), {"description": description})
             for status, response in responses.items():

@@ -36,6 +36,7 @@ from ray_apps.observability.status import PAGE as STATUS_PAGE
 from ray_apps.scheduler.api import Queue
 from ray_apps.scheduler.states import JobState
 from ray_apps.scheduler.store import JobRecord
+from ray_apps.scheduler.view import job_view
 from ray_apps.serve.cost_service import CostForecaster
 from ray_apps.auth import Caller, Role
 from ray_apps.serve.http_common import (ON_HEAD_NODE, answers_errors_as_problems, caller_of, errors,
@@ -72,10 +73,11 @@ class JobOut(BaseModel):
     ray_submission_id: str | None
     mlflow_run_id: str | None
     message: str
+    waited_s: float = Field(description="seconds from submission to start (or to now, or to its end unstarted)")
 
     @classmethod
     def of(cls, job: JobRecord) -> "JobOut":
-        return cls(**{k: getattr(job, k) for k in cls.model_fields})
+        return cls(**job_view(job))
 
 
 class EventOut(BaseModel):
