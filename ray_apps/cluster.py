@@ -21,7 +21,7 @@ from typing import Callable
 
 import yaml
 
-from ray_apps.config import CONFIG_DIR, Settings, is_loopback
+from ray_apps.config import Settings, is_loopback
 from ray_apps.observability import prometheus
 from ray_apps.processes import PortHolder, ServiceRegistry, port_holder, private_dir, spawn, stop, wait_until
 # Re-exported: the CLI, tests and benchmarks reach the Ray client through the platform's module.
@@ -254,8 +254,8 @@ def serve_url(settings: Settings) -> str:
 
 
 def serve_config(settings: Settings) -> dict:
-    """configs/serve.yaml with this platform's host and port."""
-    config = yaml.safe_load((CONFIG_DIR / "serve.yaml").read_text())
+    """The Serve apps' config (`serve_file`) with this platform's host and port."""
+    config = yaml.safe_load(settings.serve_file.read_text())
     config["http_options"] = {**config.get("http_options", {}), "host": settings.host, "port": settings.serve_port}
     return config
 

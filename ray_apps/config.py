@@ -118,6 +118,10 @@ class Settings(BaseSettings):
     # The cluster's head and worker groups (ray_apps/topology.py): what `oppen up` starts locally
     # and what the queue may scale to. configs/cluster.single-head.yaml: one head, no autoscaler.
     cluster_file: Path = Path("configs/cluster.yaml")
+    # Priority classes, quotas and tenants (ray_apps/scheduler/config.py), and the Serve apps `oppen up`
+    # deploys; by default beside this file's defaults in $OPPEN_CONFIG_DIR (or configs/).
+    queue_file: Path = Field(default_factory=lambda: CONFIG_DIR / "queue.yaml")
+    serve_file: Path = Field(default_factory=lambda: CONFIG_DIR / "serve.yaml")
     # The queue's database; None: a SQLite file in the data dir. Any SQLAlchemy URL works.
     queue_db_url: str | None = None
     # Tokens from the environment, {token: tenant} (a member) or {token: {"tenant", "role"}}:
@@ -137,7 +141,7 @@ class Settings(BaseSettings):
     def source(self) -> Path | None:
         return self._source
 
-    @field_validator("data_dir", "costs_file", "cluster_file")
+    @field_validator("data_dir", "costs_file", "cluster_file", "queue_file", "serve_file")
     @classmethod
     def _absolute(cls, value: Path) -> Path:
         return (value.expanduser() if value.expanduser().is_absolute() else PROJECT_ROOT / value).resolve()

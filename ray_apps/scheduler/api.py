@@ -82,7 +82,7 @@ class Queue:
     @classmethod
     def from_settings(cls, settings: Settings, config: QueueConfig | None = None) -> Queue:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        return cls(settings, config or load_queue_config(), JobStore(store_url(settings)), settings.topology())
+        return cls(settings, config or load_queue_config(settings.queue_file), JobStore(store_url(settings)), settings.topology())
 
     # ------------------------------------------------------------------ submit
 
