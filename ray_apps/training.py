@@ -49,15 +49,21 @@ class JobOutcome:
         return self.status == "SUCCEEDED"
 
 
-def entrypoint_for(trainer: str, params: dict[str, Any], extra: list[str] = ()) -> str:
-    """The trainer's command line from validated params. Ray runs an entrypoint through a shell:
+def entrypoint_for(trainer: str, params: dict[str, Any], extra: list[str] = (),
+                   search: dict[str, Any] | None = None) -> str:
+    """The trainer's command line from validated params, or with `search` (checked settings, see
+    trainers.tune.check_search) the Ray Tune search over it. Ray runs an entrypoint through a shell:
     every word is quoted, so no value can add a word, a flag or a command."""
     spec_for(trainer)  # a catalogued trainer only: its name becomes a module path
     flags = []
     for key, value in params.items():
         if value is not None:
             flags += [f"--{key.replace('_', '-')}", str(value)]
-    return shlex.join(["python", "-m", f"trainers.{trainer}", *flags, *extra])
+    if search is None:
+        return shlex.join(["python", "-m", f"trainers.{trainer}", *flags, *extra])
+    from trainers.tune import search_flags
+
+    return shlex.join(["python", "-m", "trainers.tune", trainer, *flags, *search_flags(search), *extra])
 
 
 def check_feasible(settings: Settings, spec: Any) -> None:
@@ -83,18 +89,6 @@ def submit_training(settings: Settings, trainer: str, params: dict[str, Any], *,
     submit_entrypoint(settings, submission_id, entrypoint, {"trainer": trainer, "mlflow_run_id": run_id,
                                                             **(metadata or {})})
     return Submission(submission_id, trainer, run_id, run_url, entrypoint)
-
-
-def submit_search(settings: Settings, argv: list[str], *, metadata: dict[str, str] | None = None) -> Submission:
-    """A Ray Tune search (`python -m trainers.tune ...`) as a Ray job, checked before it is submitted."""
-    from trainers.tune import validate_search
-
-    trainer, one_trial = validate_search(argv)  # SpecError on a bad flag, space or budget
-    check_feasible(settings, one_trial)
-    submission_id = new_run_name(f"tune-{trainer}")
-    entrypoint = shlex.join(["python", "-m", "trainers.tune", *argv, "--run-name", submission_id])
-    submit_entrypoint(settings, submission_id, entrypoint, {"trainer": trainer, "kind": "tune", **(metadata or {})})
-    return Submission(submission_id, trainer, None, None, entrypoint)
 
 
 def submit_entrypoint(settings: Settings, submission_id: str, entrypoint: str, metadata: dict[str, str]) -> None:

@@ -35,7 +35,8 @@ def _job(job, now: float) -> dict[str, Any]:
             "state": job.state.value, "gang": f"{job.workers} x ({job.cpus_per_worker:g} CPU, "
                                               f"{job.gpus_per_worker:g} GPU)",
             "submitted_at": job.submitted_at, "waited_s": job.waited_s(now),
-            "started_at": job.started_at, "ended_at": job.ended_at, "attempt": job.attempt, "message": job.message}
+            "started_at": job.started_at, "ended_at": job.ended_at, "attempt": job.attempt, "message": job.message,
+            "search": job.search}
 
 
 def snapshot(costs, settings, tenant: str | None = None, now: float | None = None) -> dict[str, Any]:
