@@ -142,22 +142,27 @@ def follow(settings: Settings, submission_id: str, *, on_progress: Callable[[str
         time.sleep(poll_s)
 
 
-def follow_queued(queue, job_id: str, *, on_progress: Callable[[str], None] = print, poll_s: float = 1.0
-                  ) -> JobOutcome:
+def follow_queued(queue, job_id: str, *, on_progress: Callable[[str], None] = print, poll_s: float = 1.0,
+                  timeout_s: float | None = None) -> JobOutcome:
     """Follow a queued job through its wait and every attempt (a preempted job resumes as a new Ray
-    job) to its end; the outcome carries the queue's final state and the last attempt's result."""
+    job) to its end; the outcome carries the queue's final state and the last attempt's result. With
+    `timeout_s`, it returns by then with the job's state at that moment (the job goes on)."""
     from ray_apps.scheduler.states import JobState
 
     start, said, followed, outcome = time.monotonic(), None, set(), JobOutcome(status="QUEUED")
+
+    def left() -> float | None:
+        return None if timeout_s is None else max(0.0, timeout_s - (time.monotonic() - start))
+
     while True:
         job = queue.get(job_id)
         attempt = job.ray_submission_id
         if attempt and attempt not in followed and job.state in (JobState.RUNNING, JobState.SUCCEEDED,
                                                                  JobState.FAILED):
             followed.add(attempt)
-            outcome = follow(queue.settings, attempt, on_progress=on_progress, poll_s=poll_s)
+            outcome = follow(queue.settings, attempt, on_progress=on_progress, poll_s=poll_s, timeout_s=left())
             continue
-        if job.state.is_terminal():
+        if job.state.is_terminal() or left() == 0.0:
             return dataclasses.replace(outcome, status=job.state.value, seconds=time.monotonic() - start)
         status = f"{job.state.value}: {job.message}" if job.message else job.state.value
         if status != said:

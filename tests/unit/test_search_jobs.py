@@ -223,6 +223,18 @@ def test_the_agent_s_search_is_a_queued_job_of_its_tenant_with_its_key_and_cance
     assert queue.get(job.id).state is JobState.CANCELLED
 
 
+def test_asking_the_agent_for_a_search_queues_one_and_says_so(queue, tmp_path):
+    from ray_apps.agent.graph import Agent
+
+    agent = Agent(PlatformTools(queue.settings, queue=queue), db_path=tmp_path / "threads.db")
+    reply = agent.ask("tune mnist with 3 trials and a $0.05 budget", tenant="team-q", admin=False)
+    (call,) = reply.tool_calls
+    assert call["name"] == "start_hyperparameter_search" and "error" not in call, call
+    job = queue.get(call["result"]["job_id"])
+    assert job.tenant == "team-q" and job.search["num_samples"] == 3 and job.search["budget_usd"] == 0.05
+    assert reply.answer.startswith(f"Queued search {job.id} (QUEUED")
+
+
 def test_oppen_tune_queues_the_search(queue, tmp_path, monkeypatch, capsys):
     from ray_apps import cli
 
@@ -238,6 +250,8 @@ def test_oppen_tune_queues_the_search(queue, tmp_path, monkeypatch, capsys):
     assert (job.trainer, job.priority, job.tenant, job.params) == ("mnist", "low", "team-t",
                                                                    {"epochs": 1, "cpus_per_worker": 1.0})
     assert job.search["num_samples"] == 3 and job.search["space"] == ["lr=uniform:0.001:0.01"]
+    assert cli.main(["--config", str(config), "queue", "list"]) == 0
+    assert f"{job.id}" in (listed := capsys.readouterr().out) and "search of 3, 2 at a time" in listed
     assert cli.main(["--config", str(config), "tune", "mnist", "--num-samples", "0", "--no-follow"]) == 2
     assert "--num-samples must be a whole number" in capsys.readouterr().err
 
