@@ -91,14 +91,14 @@ def parse_space(trainer: str, items: list[str]) -> list[Dimension]:
                     raise ValueError
             elif kind in ("uniform", "loguniform", "randint"):
                 lo, hi = (float(v) for v in args.split(":"))
-                if not lo < hi or (kind == "loguniform" and lo <= 0):
+                if not (math.isfinite(lo) and math.isfinite(hi)) or not lo < hi or (kind == "loguniform" and lo <= 0):
                     raise ValueError
                 values = (lo, hi)
             else:
                 raise ValueError
         except ValueError:
             raise SpecError(f"--space {item!r}: expected name=choice:a,b,... or name=uniform|loguniform|randint:"
-                            "low:high with low < high (and low > 0 for loguniform)") from None
+                            "low:high with finite low < high (and low > 0 for loguniform)") from None
         dims.append(Dimension(name, kind, values))
     return dims
 

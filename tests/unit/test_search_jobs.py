@@ -80,6 +80,7 @@ def test_quota_and_feasibility_see_the_search_s_whole_gang(queue):
     ({"space": ["lr=uniform:0.1:0.2\n--no-tracking"]}, "search", "one line"),
     ({"space": ["depth=choice:1,2"]}, "search", "mnist has no parameter 'depth'"),
     ({"space": ["lr=uniform:0.2:0.1"]}, "search", "low < high"),
+    ({"space": ["width=randint:8:inf"]}, "search", "finite low < high"),
     ({"space": ["lr=choice:0.1;rm -rf /"]}, "search", "--lr must be a finite number, got '0.1;rm -rf /'"),
     ({"space": ["num_workers=choice:1,2"]}, "search", "--space may not vary num_workers"),
     ({"space": ["batch_size=choice:0"]}, "search", "--batch-size must be at least num_workers"),
