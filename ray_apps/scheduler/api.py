@@ -6,8 +6,8 @@
 Submitting validates against the trainer catalog and the largest allocation the
 cluster can ever give, and stores the job QUEUED. A Ray Tune search is a job too
 (`search=` its settings, trainers.tune.SEARCH_DEFAULTS): its gang is `max_concurrent`
-trials' gangs, and the dispatcher runs it as `python -m trainers.tune`. Only the dispatcher moves jobs
-into Ray; `cancel` may stop a running one. Tenancy: pass `tenant` to see and touch
+trials' gangs, and the dispatcher runs it as `python -m trainers.tune`. Only the
+dispatcher moves jobs into Ray; `cancel` may stop a running one. Tenancy: pass `tenant` to see and touch
 only that tenant's jobs.
 """
 
