@@ -135,21 +135,41 @@ def _result_line(r: dict) -> str:
 
 
 def cmd_tune(args, settings) -> int:
-    from ray_apps.training import follow, submit_search
+    """A Ray Tune search through the queue like any job (quota, priority, metering), then followed."""
+    from ray_apps.training import follow_queued
+    from trainers.tune import SEARCH_DEFAULTS
 
     _quiet_ray_client_logs()
-    sub = submit_search(settings, args.search_args)
-    print(f"submitted {sub.submission_id}: {sub.entrypoint}")
-    print(f"  Ray job: {settings.dashboard_url}/#/jobs/{sub.submission_id}")
-    outcome = follow(settings, sub.submission_id, poll_s=2.0, on_progress=lambda line: print(f"  {line}", flush=True))
+    params = {k: v for k, v in vars(args).items() if k in args.spec_fields}
+    search = {k: getattr(args, k) for k in SEARCH_DEFAULTS if getattr(args, k) is not None}
+    queue = _queue(settings)
+    job = queue.submit(args.trainer, params, search=search, priority=args.priority, tenant=args.tenant)
+    print(f"queued search {job.id} ({job.priority}, tenant {job.tenant}): {job.search['num_samples']} trial(s), "
+          f"{job.search['max_concurrent']} at a time, holding {_gang_text(job)}")
+    if args.no_follow:
+        print(f"  follow with: oppen queue show {job.id}")
+        return 0
+    try:
+        outcome = follow_queued(queue, job.id, poll_s=2.0, on_progress=lambda line: print(f"  {line}", flush=True))
+    except KeyboardInterrupt:
+        print(f"\nstopped following; the search goes on. Cancel it with: oppen queue cancel {job.id}")
+        return 130
+    job = queue.get(job.id)
     if not outcome.ok:
-        print(f"search {sub.submission_id} {outcome.status}. Last log lines:", file=sys.stderr)
+        print(f"search {job.id} {job.state.value}. Last log lines:", file=sys.stderr)
         print("\n".join(f"  | {line}" for line in outcome.log_tail), file=sys.stderr)
         return 1
     best = outcome.result.get("best") or {}
     print(f"done in {outcome.seconds:.0f} s: {outcome.result.get('trials')} trial(s), "
           f"spent ${outcome.result.get('spent_usd', 0):.5f}; best {json.dumps(best.get('config'))}")
+    if job.mlflow_run_id:
+        print(f"  MLflow parent run: {settings.tracking_uri}/#/runs/{job.mlflow_run_id}")
     return 0
+
+
+def _gang_text(job) -> str:
+    gpus = f", {job.workers * job.gpus_per_worker:g} GPU" if job.gpus_per_worker else ""
+    return f"{job.workers} worker(s): {job.workers * job.cpus_per_worker:g} CPU{gpus}"
 
 
 def _queue(settings):
@@ -444,15 +464,38 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("mcp", help="the agent's tools as an MCP server on stdio (for MCP clients)")
     p.add_argument("--tenant", default=None, help="every call acts as this tenant")
     p.set_defaults(func=cmd_mcp)
-    p = sub.add_parser("tune", help="Ray Tune search over a trainer's config, as a Ray job",
-                       description="Arguments are those of `python -m trainers.tune`, e.g.: oppen tune mnist "
-                                   "--num-samples 8 --space lr=loguniform:1e-4:1e-2 --epochs 3 --budget-usd 0.05")
-    p.add_argument("search_args", nargs=argparse.REMAINDER, help="TRAINER [trainer flags] [search flags]")
-    p.set_defaults(func=cmd_tune)
+    _add_tune_command(sub)
     p = sub.add_parser("dispatcher", help="run the queue's dispatcher in the foreground")
     p.add_argument("--supervise", action="store_true", help="restart it whenever it dies")
     p.set_defaults(func=cmd_dispatcher)
     return parser
+
+
+def _add_tune_command(sub) -> None:
+    from trainers.tune import DEFAULT_SPACES, TUNABLE
+
+    p = sub.add_parser("tune", help="Ray Tune search over a trainer's config, through the queue",
+                       description="A search is a job of the queue: it waits for quota and room for "
+                                   "--max-concurrent trials, then runs `python -m trainers.tune`. E.g.: oppen tune "
+                                   "mnist --num-samples 8 --space lr=loguniform:1e-4:1e-2 --epochs 3 --budget-usd 0.05")
+    trainers = p.add_subparsers(dest="trainer", required=True, metavar="TRAINER")
+    for name in TUNABLE:
+        spec = TRAINERS[name]
+        tp = trainers.add_parser(name, help=f"search {name}'s config; trainer flags are fixed for every trial")
+        add_arguments(tp, spec, with_defaults=False)
+        s = tp.add_argument_group("search (defaults: trainers.tune)")
+        s.add_argument("--space", action="append", default=None,
+                       help=f"name=kind:args, repeatable (default: {' '.join(DEFAULT_SPACES[name])})")
+        s.add_argument("--num-samples", type=int, default=None, help="trials to draw (default: 4)")
+        s.add_argument("--max-concurrent", type=int, default=None,
+                       help="trials at once; the job holds this many trials' workers (default: 1)")
+        s.add_argument("--budget-usd", type=float, default=None, help="stop launching trials at this spend")
+        s.add_argument("--grace-period", type=int, default=None, help="ASHA: reports before a trial may stop")
+        s.add_argument("--search-seed", type=int, default=None)
+        tp.add_argument("--no-follow", action="store_true", default=False, help="submit and return")
+        tp.add_argument("--priority", default=None, help="priority class (configs/queue.yaml; default: the queue's)")
+        tp.add_argument("--tenant", default=None, help="tenant that owns the search")
+        tp.set_defaults(func=cmd_tune, spec_fields=set(spec.__dataclass_fields__))
 
 
 def _add_cost_commands(sub) -> None:

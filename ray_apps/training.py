@@ -49,15 +49,21 @@ class JobOutcome:
         return self.status == "SUCCEEDED"
 
 
-def entrypoint_for(trainer: str, params: dict[str, Any], extra: list[str] = ()) -> str:
-    """The trainer's command line from validated params. Ray runs an entrypoint through a shell:
+def entrypoint_for(trainer: str, params: dict[str, Any], extra: list[str] = (),
+                   search: dict[str, Any] | None = None) -> str:
+    """The trainer's command line from validated params, or with `search` (checked settings, see
+    trainers.tune.check_search) the Ray Tune search over it. Ray runs an entrypoint through a shell:
     every word is quoted, so no value can add a word, a flag or a command."""
     spec_for(trainer)  # a catalogued trainer only: its name becomes a module path
     flags = []
     for key, value in params.items():
         if value is not None:
             flags += [f"--{key.replace('_', '-')}", str(value)]
-    return shlex.join(["python", "-m", f"trainers.{trainer}", *flags, *extra])
+    if search is None:
+        return shlex.join(["python", "-m", f"trainers.{trainer}", *flags, *extra])
+    from trainers.tune import search_flags
+
+    return shlex.join(["python", "-m", "trainers.tune", trainer, *flags, *search_flags(search), *extra])
 
 
 def check_feasible(settings: Settings, spec: Any) -> None:
@@ -83,18 +89,6 @@ def submit_training(settings: Settings, trainer: str, params: dict[str, Any], *,
     submit_entrypoint(settings, submission_id, entrypoint, {"trainer": trainer, "mlflow_run_id": run_id,
                                                             **(metadata or {})})
     return Submission(submission_id, trainer, run_id, run_url, entrypoint)
-
-
-def submit_search(settings: Settings, argv: list[str], *, metadata: dict[str, str] | None = None) -> Submission:
-    """A Ray Tune search (`python -m trainers.tune ...`) as a Ray job, checked before it is submitted."""
-    from trainers.tune import validate_search
-
-    trainer, one_trial = validate_search(argv)  # SpecError on a bad flag, space or budget
-    check_feasible(settings, one_trial)
-    submission_id = new_run_name(f"tune-{trainer}")
-    entrypoint = shlex.join(["python", "-m", "trainers.tune", *argv, "--run-name", submission_id])
-    submit_entrypoint(settings, submission_id, entrypoint, {"trainer": trainer, "kind": "tune", **(metadata or {})})
-    return Submission(submission_id, trainer, None, None, entrypoint)
 
 
 def submit_entrypoint(settings: Settings, submission_id: str, entrypoint: str, metadata: dict[str, str]) -> None:
@@ -148,22 +142,27 @@ def follow(settings: Settings, submission_id: str, *, on_progress: Callable[[str
         time.sleep(poll_s)
 
 
-def follow_queued(queue, job_id: str, *, on_progress: Callable[[str], None] = print, poll_s: float = 1.0
-                  ) -> JobOutcome:
+def follow_queued(queue, job_id: str, *, on_progress: Callable[[str], None] = print, poll_s: float = 1.0,
+                  timeout_s: float | None = None) -> JobOutcome:
     """Follow a queued job through its wait and every attempt (a preempted job resumes as a new Ray
-    job) to its end; the outcome carries the queue's final state and the last attempt's result."""
+    job) to its end; the outcome carries the queue's final state and the last attempt's result. With
+    `timeout_s`, it returns by then with the job's state at that moment (the job goes on)."""
     from ray_apps.scheduler.states import JobState
 
     start, said, followed, outcome = time.monotonic(), None, set(), JobOutcome(status="QUEUED")
+
+    def left() -> float | None:
+        return None if timeout_s is None else max(0.0, timeout_s - (time.monotonic() - start))
+
     while True:
         job = queue.get(job_id)
         attempt = job.ray_submission_id
         if attempt and attempt not in followed and job.state in (JobState.RUNNING, JobState.SUCCEEDED,
                                                                  JobState.FAILED):
             followed.add(attempt)
-            outcome = follow(queue.settings, attempt, on_progress=on_progress, poll_s=poll_s)
+            outcome = follow(queue.settings, attempt, on_progress=on_progress, poll_s=poll_s, timeout_s=left())
             continue
-        if job.state.is_terminal():
+        if job.state.is_terminal() or left() == 0.0:
             return dataclasses.replace(outcome, status=job.state.value, seconds=time.monotonic() - start)
         status = f"{job.state.value}: {job.message}" if job.message else job.state.value
         if status != said:

@@ -10,6 +10,12 @@ from the space (seeded) and each is validated against the trainer catalog before
 anything runs. `--budget-usd`: once the measured spend of the trials (allocation
 x rate x time) reaches it, no further trial is launched and the search says so.
 At the end: the best config and its metric, on the console and the parent run.
+
+On the platform a search is a job of the queue (`oppen tune`, the agent, POST /v1/jobs
+with a `search`): `check_search` validates it there, the dispatcher runs this module
+with `--mlflow-run-id` (the parent run it opened) once `max_concurrent` trials' gangs
+fit, and `--resume` on a later attempt restarts the search from its first trial under
+the same parent run (trials have no checkpoints of their own to go on from).
 """
 
 from __future__ import annotations
@@ -38,6 +44,15 @@ from trainers.tracking import TrackingUnavailable, check_server, open_run, track
 log = logging.getLogger("tune")
 TUNABLE = tunable()
 DEFAULT_SPACES = {name: list(TRAINERS[name].entry.search_space) for name in TUNABLE}
+
+
+# A queued search's settings (its job's `search`) and their defaults; `space` None: DEFAULT_SPACES.
+SEARCH_DEFAULTS: dict[str, Any] = {"num_samples": 4, "max_concurrent": 1, "budget_usd": None, "space": None,
+                                   "search_seed": 0, "grace_period": 1}
+MAX_SAMPLES, MAX_CONCURRENT = 256, 64
+MAX_SPACE_ITEMS, MAX_SPACE_ITEM_CHARS = 32, 200
+# The queue reserves max_concurrent x one trial's gang, so every trial must have the same gang.
+GANG_FIELDS = ("num_workers", "cpus_per_worker", "gpus_per_worker")
 
 
 @dataclass(frozen=True)
@@ -74,14 +89,14 @@ def parse_space(trainer: str, items: list[str]) -> list[Dimension]:
                     raise ValueError
             elif kind in ("uniform", "loguniform", "randint"):
                 lo, hi = (float(v) for v in args.split(":"))
-                if not lo < hi or (kind == "loguniform" and lo <= 0):
+                if not (math.isfinite(lo) and math.isfinite(hi)) or not lo < hi or (kind == "loguniform" and lo <= 0):
                     raise ValueError
                 values = (lo, hi)
             else:
                 raise ValueError
         except ValueError:
             raise SpecError(f"--space {item!r}: expected name=choice:a,b,... or name=uniform|loguniform|randint:"
-                            "low:high with low < high (and low > 0 for loguniform)") from None
+                            "low:high with finite low < high (and low > 0 for loguniform)") from None
         dims.append(Dimension(name, kind, values))
     return dims
 
@@ -205,6 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--data-dir", type=Path, default=None)
         s.add_argument("--run-name", default=None)
         s.add_argument("--no-tracking", action="store_true")
+        s.add_argument("--mlflow-run-id", default=None, help="the parent run to log into (default: a new one)")
+        s.add_argument("--resume", action="store_true",
+                       help="restart the search from its first trial (under the same parent run)")
     return parser
 
 
@@ -237,7 +255,8 @@ def _search(args: argparse.Namespace) -> int:
     parent = None
     if not args.no_tracking:
         meta = runtime.job_metadata()
-        parent = open_run(uri, experiment=trainer, run_name=name, tags={
+        # The platform opened the parent run up front (its job record names it); alone, open one.
+        parent = open_run(uri, experiment=trainer, run_name=name, run_id=args.mlflow_run_id, tags={
             "oppen.trainer": trainer, "oppen.tune": "true", "oppen.run_name": name,
             **{f"oppen.{k}": v for k, v in meta.items() if k in ("tenant", "priority")}})
         from trainers.tracking import RunTracker
@@ -247,6 +266,8 @@ def _search(args: argparse.Namespace) -> int:
                       "budget_usd": args.budget_usd, "metric": metric, "mode": mode,
                       **{f"fixed.{k}": v for k, v in fixed.items()}})
         t.flush()
+    if args.resume:
+        print(f"{PROGRESS} search {name}: restarting from its first trial (a search resumes no trial)", flush=True)
     # The trainer's own preparation (e.g. fetch and tokenize), once, before trials start in parallel.
     loop_config = importlib.import_module(f"trainers.{trainer}").prepare_trials(base, data_dir)
     setup = {"trainer": trainer, "parent_run_id": parent, "uri": uri, "experiment": trainer, "name": name,
@@ -324,6 +345,54 @@ def validate_search(argv: list[str]) -> tuple[str, Any]:
     args = build_parser().parse_args(argv)
     _, _, configs = _plan(args)
     return args.trainer, build_config(args.trainer, configs[0])
+
+
+def check_search(trainer: str, fixed: dict, search: dict) -> tuple[dict, Any]:
+    """A queued search checked as this module will run it: (its settings with the defaults filled in,
+    one trial's config). SpecError names the bad value; `fixed` are the trial's validated params."""
+    search = _search_settings(trainer, search)
+    _, space, configs = _plan(argparse.Namespace(trainer=trainer, **fixed, **search))
+    varied = sorted({d.name for d in space} & set(GANG_FIELDS))
+    if varied:
+        raise SpecError(f"--space may not vary {', '.join(varied)}: the queue reserves the same gang for every "
+                        "trial; set it as a fixed parameter")
+    return search, build_config(trainer, configs[0])
+
+
+def search_flags(search: dict) -> list[str]:
+    """The command-line flags of checked search settings (`check_search`). `--space=ITEM` keeps an
+    item one argument whatever it starts with."""
+    flags = ["--num-samples", str(search["num_samples"]), "--max-concurrent", str(search["max_concurrent"]),
+             "--search-seed", str(search["search_seed"]), "--grace-period", str(search["grace_period"])]
+    if search["budget_usd"] is not None:
+        flags += ["--budget-usd", repr(float(search["budget_usd"]))]
+    return flags + [f"--space={item}" for item in search["space"]]
+
+
+def _search_settings(trainer: str, search: dict) -> dict:
+    """`search` over SEARCH_DEFAULTS, typed and bounded; the default space made explicit."""
+    if trainer not in TUNABLE:
+        raise SpecError(f"{trainer} cannot be searched; searchable trainers: {', '.join(TUNABLE)}")
+    unknown = sorted(set(search) - set(SEARCH_DEFAULTS))
+    if unknown:
+        raise SpecError(f"unknown search setting(s): {', '.join(unknown)}; known: {', '.join(SEARCH_DEFAULTS)}")
+    out = {**SEARCH_DEFAULTS, **{k: v for k, v in search.items() if v is not None}}
+    for name, low, high in (("num_samples", 1, MAX_SAMPLES), ("max_concurrent", 1, MAX_CONCURRENT),
+                            ("search_seed", 0, 2**31 - 1), ("grace_period", 1, 10_000)):
+        value = out[name]
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise SpecError(f"--{name.replace('_', '-')} must be a whole number in [{low}, {high}], got {value!r}")
+    budget = out["budget_usd"]
+    if budget is not None:
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget < math.inf:
+            raise SpecError(f"--budget-usd must be a positive amount in USD, got {budget!r}")
+        out["budget_usd"] = float(budget)
+    items = out["space"] = list(DEFAULT_SPACES[trainer]) if out["space"] is None else out["space"]
+    if not isinstance(items, list) or not 1 <= len(items) <= MAX_SPACE_ITEMS or not all(
+            isinstance(i, str) and len(i) <= MAX_SPACE_ITEM_CHARS and i.isprintable() for i in items):
+        raise SpecError(f"--space must be 1 to {MAX_SPACE_ITEMS} items, each one line of at most "
+                        f"{MAX_SPACE_ITEM_CHARS} characters, got {items!r:.120}")
+    return out
 
 
 def _report(out: SearchOutcome, name: str, metric: str, uri: str, parent: str | None, seconds: float) -> None:

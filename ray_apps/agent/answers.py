@@ -105,8 +105,10 @@ def _validate(r: dict) -> str:
 
 
 def _search(r: dict) -> str:
-    budget = f", stopping at {_usd(r['budget_usd'])}" if r.get("budget_usd") else ""
-    return f"Started search {r['search_id']}: {r['num_samples']} {r['trainer']} trials{budget}. Follow it: {r['ray_job']}"
+    search = r["search"]
+    budget = f", stopping at {_usd(search['budget_usd'])}" if search.get("budget_usd") else ""
+    return (f"Queued search {r['id']} ({r['state']}, {r['priority']}): {search['num_samples']} {r['trainer']} "
+            f"trials, {search['max_concurrent']} at a time{budget}.")
 
 
 def _experiments(r: dict) -> str:

@@ -145,8 +145,12 @@ class AdviceArgs(_Args):
 class SearchArgs(_Args):
     trainer: Literal[tunable()] = Field(description=f"{' or '.join(tunable())}")
     num_samples: int = Field(4, ge=1, le=64, description="trials")
-    budget_usd: float | None = Field(None, gt=0, description="stop launching trials at this spend")
+    max_concurrent: int = Field(1, ge=1, le=8, description="trials at once (each holds the trainer's workers)")
+    budget_usd: float | None = Field(None, gt=0, allow_inf_nan=False, description="stop launching trials at this spend")
+    space: list[str] | None = Field(None, min_length=1, max_length=8, description=(
+        "name=kind:args items, e.g. 'lr=loguniform:1e-4:1e-2', 'batch_size=choice:64,128' (default: the trainer's)"))
     params: TrainerParams = Field(default_factory=TrainerParams, description="fixed trainer parameters")
+    priority: str | None = Field(None, description="priority class: high, normal or low")
 
 
 class ModelArgs(_Args):
@@ -237,13 +241,15 @@ class PlatformTools:
 
         return job_view(job)
 
-    def _submit(self, trainer: str, params: dict, priority: str | None) -> dict:
+    def _submit(self, trainer: str, params: dict, priority: str | None, search: dict | None = None) -> dict:
+        """Queue a job (with `search`: a Ray Tune search) as the caller's tenant."""
         params = self._validated(trainer, params)
         key = None
         if self.request_key:
             self._submits += 1
             key = f"agent:{self.request_key}:{self._submits}"
-        job = self.queue.submit(trainer, params, priority=priority, tenant=self.tenant, idempotency_key=key)
+        job = self.queue.submit(trainer, params, search=search, priority=priority, tenant=self.tenant,
+                                idempotency_key=key)
         return self._job_dict(job)
 
     # ------------------------------------------------------------------ the tools
@@ -356,19 +362,13 @@ class PlatformTools:
         params = self._validated(trainer, params or {})
         return dataclasses.asdict(self.queue.validate(trainer, params, tenant=self.tenant))
 
-    def start_hyperparameter_search(self, trainer: str, num_samples: int = 4, budget_usd: float | None = None,
-                                    params: dict | None = None) -> dict:
-        from ray_apps.training import submit_search
-
-        params = self._validated(trainer, params or {})
-        argv = [trainer, "--num-samples", str(num_samples)]
-        for key, value in params.items():  # validated above: typed values of catalog fields only
-            argv += [f"--{key.replace('_', '-')}", str(value)]
-        if budget_usd is not None:
-            argv += ["--budget-usd", str(budget_usd)]
-        sub = submit_search(self.settings, argv, metadata={"tenant": self.tenant} if self.tenant else None)
-        return {"search_id": sub.submission_id, "trainer": trainer, "num_samples": num_samples,
-                "budget_usd": budget_usd, "ray_job": f"{self.settings.dashboard_url}/#/jobs/{sub.submission_id}"}
+    def start_hyperparameter_search(self, trainer: str, num_samples: int = 4, max_concurrent: int = 1,
+                                    budget_usd: float | None = None, space: list[str] | None = None,
+                                    params: dict | None = None, priority: str | None = None) -> dict:
+        """Queue a Ray Tune search: admitted like any job (quota, priority), cancellable by its id."""
+        search = {"num_samples": num_samples, "max_concurrent": max_concurrent, "budget_usd": budget_usd,
+                  "space": space}
+        return self._submit(trainer, params or {}, priority, search=search)
 
     def list_models(self, name: str | None = None) -> dict:
         from trainers.registry import list_models
@@ -420,7 +420,7 @@ class PlatformTools:
                                      "worker group (running, idle, starting, min, max).", NoArgs),
             ("validate_job_resources", "Would this trainer config fit the cluster and the caller's quota? Nothing "
                                        "is started.", TrainArgs),
-            ("start_hyperparameter_search", "A Ray Tune search over a trainer's config, with an optional budget.",
+            ("start_hyperparameter_search", "Queue a Ray Tune search over a trainer's config, with an optional budget.",
              SearchArgs),
             ("list_models", "Registered model versions (one model per trainer), their aliases, test metric and "
                             "cost, and which version is served.", ModelArgs),

@@ -67,10 +67,16 @@ def allocation_for(spec) -> Allocation:
 
 
 def allocation_of(job: JobRecord) -> Allocation:
+    """The gang the job's record reserved (a search: all its concurrent trials' workers), with the
+    memory per worker its trainer config estimates."""
+    held = Allocation(cpus=job.workers * job.cpus_per_worker, gpus=job.workers * job.gpus_per_worker)
     try:
-        return allocation_for(build_config(job.trainer, job.params))
+        spec = build_config(job.trainer, job.params)
     except SpecError:  # a trainer since renamed: CPUs and GPUs are in the record, memory is not
-        return Allocation(cpus=job.workers * job.cpus_per_worker, gpus=job.workers * job.gpus_per_worker)
+        return held
+    if job.search is None:
+        return allocation_for(spec)
+    return Allocation(cpus=held.cpus, gpus=held.gpus, memory_gib=spec.memory_per_worker_gib() * job.workers)
 
 
 def running_seconds(attempts: list[Attempt], now: float) -> float:

@@ -135,6 +135,9 @@ class CostService:
             cost = self.meter.cost_of(job)
             raise ForecastError(f"job {job_id} is {job.state.value}: nothing left to forecast; it cost "
                                 f"${cost.total_usd:.4f} (see its cost)")
+        if job.search:
+            raise ForecastError(f"job {job_id} is a search: past runs forecast single training runs, not a "
+                                "search of many trials; its budget_usd, if set, bounds what its trials spend")
         if job.state is JobState.QUEUED and not job.attempt:
             fc = self.forecast_new(job.trainer, job.params)
             fc.notes.insert(0, "queued, not started: forecast from past runs")
@@ -268,7 +271,8 @@ class CostService:
         cost = self.meter.cost_of(job)
         attempts = self.queue.store.attempts([job.id])[job.id]
         profile = (None, None, None)
-        if len(attempts) == 1 and job.state is JobState.SUCCEEDED:  # only clean runs teach forecasts
+        # Only clean training runs teach forecasts (a search's parent run reports no progress of its own).
+        if len(attempts) == 1 and job.state is JobState.SUCCEEDED and not job.search:
             spec = build_config(job.trainer, job.params)
             a = attempts[0]
             points = runs.progress_points(self.mlflow, job.mlflow_run_id, since=a.started_at)

@@ -1,5 +1,5 @@
 """Jobs that reached Ray without the queue (a plain `ray job submit -- python -m trainers.X`, a
-RayJob, a search the agent started) are adopted: recorded in the store from Ray's job list and
+RayJob, a `python -m trainers.tune` search) are adopted: recorded in the store from Ray's job list and
 the job's metadata, so they are metered, reported, shown and cancellable like queued jobs.
 
 An adopted job keeps Ray's submission id as its id, its tenant from the job's metadata

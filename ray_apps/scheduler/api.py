@@ -4,8 +4,10 @@
     job = queue.submit("mnist", {"epochs": 2}, priority="high", tenant="team-a")
 
 Submitting validates against the trainer catalog and the largest allocation the
-cluster can ever give, and stores the job QUEUED. Only the dispatcher moves jobs
-into Ray; `cancel` may stop a running one. Tenancy: pass `tenant` to see and touch
+cluster can ever give, and stores the job QUEUED. A Ray Tune search is a job too
+(`search=` its settings, trainers.tune.SEARCH_DEFAULTS): its gang is `max_concurrent`
+trials' gangs, and the dispatcher runs it as `python -m trainers.tune`. Only the
+dispatcher moves jobs into Ray; `cancel` may stop a running one. Tenancy: pass `tenant` to see and touch
 only that tenant's jobs.
 """
 
@@ -29,7 +31,7 @@ from ray_apps.scheduler.store import InvalidTransition, JobRecord, JobStore, Key
 from ray_apps.topology import Topology
 from trainers.errors import Conflict, Infeasible, NotFound, RateLimited, Refused
 from trainers.runtime import new_run_name
-from trainers.specs import build_config, validated_params
+from trainers.specs import SpecError, build_config, validated_params
 
 
 class QueueError(Refused):
@@ -86,11 +88,13 @@ class Queue:
 
     # ------------------------------------------------------------------ submit
 
-    def submit(self, trainer: str, params: dict[str, Any], *, priority: str | None = None,
-               tenant: str | None = None, idempotency_key: str | None = None) -> JobRecord:
-        """Validate and enqueue. Raises QueueError (bad input), Infeasible (never fits), RateLimited, or
-        Conflict (an idempotency key reused for another request). A key the tenant used before returns
-        the job that first request made, so a client may retry a submit whose answer it lost."""
+    def submit(self, trainer: str, params: dict[str, Any], *, search: dict[str, Any] | None = None,
+               priority: str | None = None, tenant: str | None = None,
+               idempotency_key: str | None = None) -> JobRecord:
+        """Validate and enqueue a training job, or with `search` a Ray Tune search whose trials use
+        `params` (fixed) and the search's space. Raises QueueError (bad input), Infeasible (never fits),
+        RateLimited, or Conflict (an idempotency key reused for another request). A key the tenant used
+        before returns the job that first request made, so a client may retry a submit whose answer it lost."""
         spec = _spec(trainer, params)
         priority = priority or self.config.default_priority
         if priority not in self.config.priorities:
@@ -101,11 +105,14 @@ class Queue:
         if priority not in allowed:
             raise QueueError(f"tenant {tenant} may use priorities {', '.join(allowed)}, not {priority!r}",
                              field="priority")
-        gang = Gang.of(spec)
         clean = validated_params(spec, params)
+        if search is not None:
+            search = _search(trainer, clean, search)
+        gang = _gang(spec, search)
         idempotency = None
         if idempotency_key is not None:
-            request = json.dumps([trainer, clean, priority], sort_keys=True)
+            request = json.dumps([trainer, clean, priority, *([search] if search is not None else [])],
+                                 sort_keys=True)
             idempotency = (idempotency_key, hashlib.sha256(request.encode()).hexdigest())
             try:
                 first = self.store.job_for_key(tenant, *idempotency)
@@ -117,10 +124,10 @@ class Queue:
         reason = self._never_fits(gang, tenant)
         state = JobState.REJECTED if reason else JobState.QUEUED
         try:
-            job = self.store.add(id=new_run_name(trainer), trainer=trainer, params=clean, tenant=tenant,
-                                 priority=priority, workers=gang.workers, cpus_per_worker=gang.cpus_per_worker,
-                                 gpus_per_worker=gang.gpus_per_worker, state=state, message=reason or "",
-                                 idempotency=idempotency)
+            job = self.store.add(id=new_run_name(f"tune-{trainer}" if search else trainer), trainer=trainer,
+                                 params=clean, tenant=tenant, priority=priority, workers=gang.workers,
+                                 cpus_per_worker=gang.cpus_per_worker, gpus_per_worker=gang.gpus_per_worker,
+                                 state=state, message=reason or "", idempotency=idempotency, search=search)
         except KeyReused as exc:
             raise Conflict(str(exc), field="Idempotency-Key") from None
         return _as_answered(job)
@@ -136,10 +143,13 @@ class Queue:
             raise RateLimited(f"tenant {tenant} submitted {len(recent)} jobs in the last minute (limit {limit}); "
                               f"retry in {retry_after} s", "tenant", retry_after=retry_after)
 
-    def validate(self, trainer: str, params: dict[str, Any], *, tenant: str | None = None) -> Validation:
-        """Would this request be accepted? Nothing is queued. Raises SpecError on bad parameters."""
+    def validate(self, trainer: str, params: dict[str, Any], *, tenant: str | None = None,
+                 search: dict[str, Any] | None = None) -> Validation:
+        """Would this request be accepted? Nothing is queued. Raises SpecError or QueueError on bad input."""
         spec = _spec(trainer, params)
-        gang = Gang.of(spec)
+        if search is not None:
+            search = _search(trainer, validated_params(spec, params), search)
+        gang = _gang(spec, search)
         reason = self._never_fits(gang, tenant or self.config.default_tenant)
         return Validation(ok=reason is None, reason=reason, cpus=gang.cpus, gpus=gang.gpus, workers=gang.workers,
                           memory_per_worker_gib=round(spec.memory_per_worker_gib(), 2))
@@ -235,6 +245,28 @@ def _as_answered(job: JobRecord) -> JobRecord:
     if job.state is JobState.REJECTED:
         raise Infeasible(f"job {job.id} rejected: {job.message}", field="params")
     return job
+
+
+def _search(trainer: str, params: dict[str, Any], search: dict[str, Any]) -> dict[str, Any]:
+    """The search's settings, checked as trainers.tune will run them; a bad one is a QueueError."""
+    from trainers.tune import TUNABLE, check_search
+
+    if trainer not in TUNABLE:
+        raise QueueError(f"{trainer} cannot be searched; searchable trainers: {', '.join(TUNABLE)}", field="trainer")
+    if not isinstance(search, dict):
+        raise QueueError(f"search must be an object of search settings, got {type(search).__name__}", field="search")
+    try:
+        return check_search(trainer, params, search)[0]
+    except SpecError as exc:
+        raise QueueError(str(exc), field="search") from None
+
+
+def _gang(spec, search: dict[str, Any] | None) -> Gang:
+    """What a job holds: its trainer's gang, or for a search `max_concurrent` trials' gangs at once."""
+    gang = Gang.of(spec)
+    if search is None:
+        return gang
+    return Gang(gang.workers * search["max_concurrent"], gang.cpus_per_worker, gang.gpus_per_worker)
 
 
 def _spec(trainer: str, params: dict[str, Any]):

@@ -16,7 +16,10 @@ Invariants (see also `store` and `policy`):
   sizes the cluster for the whole ask) and admitted when the nodes have joined;
   the ask is withdrawn when no job waits for nodes, so idle nodes scale down.
 - Preemption: RUNNING -> PREEMPTING, `stop_job`; once Ray reports it stopped the
-  job is QUEUED again and its next attempt resumes from its last checkpoint.
+  job is QUEUED again and its next attempt resumes from its last checkpoint (a
+  search's next attempt restarts the search under the same parent run).
+- Searches: a job with `search` settings runs as `python -m trainers.tune` over its
+  trainer, holding `max_concurrent` trials' gangs from admission to its end.
 - Adoption: every ADOPT_S, a catalogued trainer job in Ray's job list that the
   store does not know (submitted around the queue) is recorded (`adoption`), so
   it is metered and shown like the rest.
@@ -221,6 +224,8 @@ class Dispatcher:
             job_id = self._to_forecast.get()
             try:
                 job = self.queue.store.get(job_id)
+                if job.search:  # past runs forecast one training run, not a search of many
+                    continue
                 f = self.costs.forecast_new(job.trainer, job.params)
                 if f.total_usd is not None:
                     self.queue.store.save_forecast(job.id, time.time(), f.total_usd, f.total_usd_low,
@@ -323,9 +328,10 @@ class Dispatcher:
         attempt = job.attempt + 1
         fields = {"attempt": attempt, "ray_submission_id": ray_submission_id(job, attempt)}
         if spec_for(job.trainer).tracked and not job.mlflow_run_id:
+            tags = {"oppen.tenant": job.tenant, "oppen.priority": job.priority,
+                    **({"oppen.tune": "true"} if job.search else {})}  # a search's run is its trials' parent
             try:
-                fields["mlflow_run_id"] = create_run(self.queue.settings, job.trainer, job.id,
-                                                     tags={"oppen.tenant": job.tenant, "oppen.priority": job.priority})[0]
+                fields["mlflow_run_id"] = create_run(self.queue.settings, job.trainer, job.id, tags=tags)[0]
             except Exception as exc:  # noqa: BLE001 - MLflow down: keep the job queued, say why
                 log.warning("cannot create the MLflow run for %s: %s", job_id, exc)
                 return False
@@ -347,10 +353,11 @@ class Dispatcher:
         if job.attempt > 1:
             extra.append("--resume")
         meta = {"queue_job_id": job.id, "trainer": job.trainer, "tenant": job.tenant, "priority": job.priority,
-                "attempt": str(job.attempt), **({"mlflow_run_id": job.mlflow_run_id} if job.mlflow_run_id else {})}
+                "attempt": str(job.attempt), **({"mlflow_run_id": job.mlflow_run_id} if job.mlflow_run_id else {}),
+                **({"kind": "tune"} if job.search else {})}
         try:
             submit_entrypoint(self.queue.settings, job.ray_submission_id,
-                              entrypoint_for(job.trainer, job.params, extra), meta)
+                              entrypoint_for(job.trainer, job.params, extra, search=job.search), meta)
         except RuntimeError as exc:
             if "already exists" not in str(exc):
                 raise

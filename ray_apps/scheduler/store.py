@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 from sqlalchemy import (JSON, Column, Float, ForeignKey, Integer, MetaData, String, Table, Text, create_engine, event,
-                        and_, delete, insert, or_, select, update)
+                        and_, delete, insert, inspect, or_, select, update)
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from trainers.errors import Conflict, NotFound
 from ray_apps.scheduler.states import ALLOWED, TERMINAL, JobState
@@ -44,6 +44,8 @@ jobs = Table(
     Column("mlflow_run_id", String(64)),
     Column("message", Text, nullable=False, default=""),
     Column("updated_at", Float, nullable=False),
+    # A Ray Tune search's settings (trainers.tune.SEARCH_DEFAULTS); null for a plain training job.
+    Column("search", JSON(none_as_null=True)),
 )
 
 # An `Idempotency-Key` per tenant: a retried submit returns the job the first one made.
@@ -162,6 +164,7 @@ class JobRecord:
     mlflow_run_id: str | None
     message: str
     updated_at: float
+    search: dict[str, Any] | None = None  # a Ray Tune search's settings; None for a training job
 
     def waited_s(self, now: float) -> float:
         """Seconds from submission to its start; a job that ended without starting (rejected,
@@ -178,8 +181,9 @@ class JobRecord:
     def from_row(cls, row) -> JobRecord:
         data = dict(row._mapping)
         data["state"] = JobState(data["state"])
-        if isinstance(data["params"], str):
-            data["params"] = json.loads(data["params"])
+        for key in ("params", "search"):
+            if isinstance(data.get(key), str):
+                data[key] = json.loads(data[key])
         return cls(**data)
 
 
@@ -233,22 +237,42 @@ def make_engine(url: str) -> Engine:
     return engine
 
 
+def add_missing_columns(engine: Engine) -> None:
+    """Columns added to a table after a database was created (`create_all` makes only missing tables):
+    added as nullable, so the rows already there read as before."""
+    for table in metadata.sorted_tables:
+        have = {c["name"] for c in inspect(engine).get_columns(table.name)}
+        for column in table.columns:
+            if column.name not in have:
+                if not column.nullable:
+                    raise RuntimeError(f"cannot add the non-null column {table.name}.{column.name} to an existing "
+                                       "database")
+                kind = column.type.compile(dialect=engine.dialect)
+                try:
+                    with engine.begin() as conn:
+                        conn.exec_driver_sql(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}')
+                except DBAPIError:  # another process opening the store added it first
+                    if column.name not in {c["name"] for c in inspect(engine).get_columns(table.name)}:
+                        raise
+
+
 class JobStore:
     def __init__(self, url: str):
         self.engine = make_engine(url)
         metadata.create_all(self.engine)
+        add_missing_columns(self.engine)
 
     def add(self, *, id: str, trainer: str, params: dict, tenant: str, priority: str, workers: int,
             cpus_per_worker: float, gpus_per_worker: float, state: JobState = JobState.QUEUED,
-            message: str = "", now: float | None = None,
-            idempotency: tuple[str, str] | None = None) -> JobRecord:
-        """Store a new job. With `idempotency` (key, request hash), a key the tenant used before returns
-        that job instead (KeyReused if it came with a different request)."""
+            message: str = "", now: float | None = None, idempotency: tuple[str, str] | None = None,
+            search: dict | None = None) -> JobRecord:
+        """Store a new job (a search: with its `search` settings). With `idempotency` (key, request hash),
+        a key the tenant used before returns that job instead (KeyReused if it came with a different request)."""
         now = time.time() if now is None else now
         row = dict(id=id, trainer=trainer, params=params, tenant=tenant, priority=priority, state=state.value,
                    workers=workers, cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
                    submitted_at=now, attempt=0, message=message, updated_at=now,
-                   ended_at=now if state.is_terminal() else None)
+                   ended_at=now if state.is_terminal() else None, search=search)
         try:
             with self.engine.begin() as conn:
                 conn.execute(insert(jobs).values(**row))

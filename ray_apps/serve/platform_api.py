@@ -1,7 +1,8 @@
 """The platform's REST API on Ray Serve: the queue over HTTP.
 
     POST   /v1/jobs           queue a catalogued trainer      201 / 401 / 403 / 409 / 422 / 429
-                              (Idempotency-Key: a retry returns the first job)
+                              (Idempotency-Key: a retry returns the first job;
+                              with `search`: a Ray Tune search over it)
     GET    /v1/jobs           the caller's jobs, newest first (?limit=&after=<last id>)
     GET    /v1/jobs/{id}      one job and its events          404 if unknown or not the caller's
     DELETE /v1/jobs/{id}      cancel it                       409 if already finished
@@ -23,7 +24,7 @@ and cancel, admins see every tenant. Without tokens the platform is loopback onl
 
 # No `from __future__ import annotations`: FastAPI under Serve's ingress resolves the
 # handlers' annotations outside this module, so they must be real types, not strings.
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import FastAPI, Header, Query, Response
 from fastapi.responses import HTMLResponse
@@ -47,11 +48,28 @@ app = FastAPI(title="Oppen platform API", version="1",
               description="A durable priority queue with quotas and preemption in front of Ray.")
 
 
+class SearchSettings(BaseModel):
+    """A Ray Tune search over the trainer (trainers.tune): `params` are fixed for every trial."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_samples: int = Field(4, ge=1, le=256, description="trials to draw")
+    max_concurrent: int = Field(1, ge=1, le=64, description="trials at once; the job holds this many trials' gangs")
+    budget_usd: float | None = Field(None, gt=0, allow_inf_nan=False,
+                                     description="stop launching trials once they have spent this")
+    space: list[Annotated[str, Field(min_length=3, max_length=200)]] | None = Field(
+        None, min_length=1, max_length=32,
+        description="name=kind:args items, e.g. lr=loguniform:1e-4:1e-2 (default: the trainer's)")
+    search_seed: int = Field(0, ge=0, le=2**31 - 1)
+    grace_period: int = Field(1, ge=1, le=10_000, description="ASHA: reports before a trial may be stopped")
+
+
 class SubmitJob(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     trainer: str = Field(description="a catalogued trainer, e.g. mnist", max_length=32)
     params: dict[str, Any] = Field(default_factory=dict, description="trainer parameters by field name")
+    search: SearchSettings | None = Field(None, description="queue a Ray Tune search over the trainer instead")
     priority: str | None = Field(None, max_length=32)
     tenant: str | None = Field(None, max_length=64, description="ignored when tokens name the tenant")
 
@@ -74,6 +92,7 @@ class JobOut(BaseModel):
     mlflow_run_id: str | None
     message: str
     waited_s: float = Field(description="seconds from submission to start (or to now, or to its end unstarted)")
+    search: dict[str, Any] | None = Field(None, description="a search's settings; null for a training job")
 
     @classmethod
     def of(cls, job: JobRecord) -> "JobOut":
@@ -141,7 +160,8 @@ class PlatformAPI:
                    "retrying with the same key returns the job the first request made"))) -> JobOut:
         caller = caller_of(settings_users(), authorization, role=Role.MEMBER, action="submitting a job")
         tenant = _acting_tenant(caller, body.tenant)
-        job = self.queue.submit(body.trainer, body.params, priority=body.priority, tenant=tenant,
+        search = body.search.model_dump() if body.search else None
+        job = self.queue.submit(body.trainer, body.params, search=search, priority=body.priority, tenant=tenant,
                                 idempotency_key=idempotency_key)
         return JobOut.of(job)
 

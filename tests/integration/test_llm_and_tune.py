@@ -1,20 +1,26 @@
-"""The LLM trainer and Ray Tune searches as Ray jobs on the real local platform."""
+"""The LLM trainer as a Ray job, and Ray Tune searches as jobs of the queue, on the real local platform."""
 
 from __future__ import annotations
 
 import shutil
+import time
 
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from ray_apps.ray_client import job_client
-from ray_apps.training import follow, submit_search, submit_training
+from ray_apps.agent.tools import PlatformTools
+from ray_apps.processes import wait_until
+from ray_apps.scheduler.api import Queue
+from ray_apps.scheduler.config import QueueConfig
+from ray_apps.scheduler.states import ACTIVE, JobState
+from ray_apps.training import follow, follow_queued, submit_training
+from tests.integration.conftest import QUEUE_CONFIG
 
 pytestmark = pytest.mark.slow
 SMALL_LLM = {"model": "tiny", "dataset": "pydoc", "block_size": 64, "batch_size": 8, "max_steps": 20,
              "eval_every": 10, "eval_batches": 8, "warmup_steps": 5}
-SMALL_MNIST = ["--epochs", "2", "--train-samples", "1000", "--test-samples", "300"]
+SMALL_MNIST = {"epochs": 2, "train_samples": 1000, "test_samples": 300}
 
 
 @pytest.fixture(scope="module")
@@ -54,28 +60,44 @@ def test_small_llm_job_lowers_the_loss_logs_perplexity_and_a_loadable_model(plat
     assert out.shape[1] == prompt["input_ids"].shape[1] + 8 and len(tok.decode(out[0])) > len("Return the")
 
 
-def follow_then_stop(platform, submission_id: str):
-    """Follow a search to its end; one still running when the wait ends is stopped, so that it does not
-    hold the CPUs the next test needs."""
+@pytest.fixture()
+def queue(platform):
+    return Queue.from_settings(platform, QueueConfig(**QUEUE_CONFIG))
+
+
+def follow_then_cancel(queue, job_id: str):
+    """Follow a queued search to its end; one still waiting or running when the wait ends is cancelled
+    (which stops it in Ray), so that it does not hold the CPUs the next test needs."""
     try:
-        return follow(platform, submission_id, on_progress=lambda line: None, poll_s=1.0, timeout_s=600)
+        return follow_queued(queue, job_id, on_progress=lambda line: None, poll_s=1.0, timeout_s=600)
     finally:
-        client = job_client(platform.dashboard_url)
-        if client.get_job_status(submission_id).value in ("PENDING", "RUNNING"):
-            client.stop_job(submission_id)
+        if not queue.get(job_id).state.is_terminal():
+            queue.cancel(job_id)
 
 
-def test_tune_search_of_four_trials_with_parent_and_child_runs(platform):
-    sub = submit_search(platform, ["mnist", *SMALL_MNIST, "--cpus-per-worker", "1", "--num-samples", "4",
-                                   "--max-concurrent", "2", "--search-seed", "1"])
-    outcome = follow_then_stop(platform, sub.submission_id)
+def wait_metered(queue, job_id: str, timeout: float = 60):
+    deadline = time.monotonic() + timeout
+    while job_id not in queue.store.costs([job_id]):
+        assert time.monotonic() < deadline, f"{job_id} not metered after {timeout} s"
+        time.sleep(0.5)
+    return queue.store.costs([job_id])[job_id]
+
+
+def test_tune_search_of_four_trials_with_parent_and_child_runs(platform, queue):
+    job = queue.submit("mnist", {**SMALL_MNIST, "cpus_per_worker": 1}, tenant="team-a",
+                       search={"num_samples": 4, "max_concurrent": 2, "search_seed": 1})
+    assert (job.workers, job.cpus_per_worker, job.search["max_concurrent"]) == (2, 1.0, 2)  # two trials' gangs
+    outcome = follow_then_cancel(queue, job.id)
     assert outcome.ok, "\n".join(outcome.log_tail)
     result = outcome.result
     assert result["trials"] == 4 and not result["stopped_by_budget"] and result["spent_usd"] > 0
     best = result["best"]
+    # The queue's record names the search's parent run: the one the dispatcher opened.
+    job = queue.get(job.id)
+    assert job.state is JobState.SUCCEEDED and result["mlflow_run_id"] == job.mlflow_run_id
     client = MlflowClient(platform.tracking_uri)
     parent = client.get_run(result["mlflow_run_id"])
-    assert parent.data.tags["oppen.tune"] == "true"
+    assert parent.data.tags["oppen.tune"] == "true" and parent.data.tags["oppen.tenant"] == "team-a"
     assert parent.data.metrics["best_test_accuracy"] == pytest.approx(best["test_accuracy"])
     children = client.search_runs([parent.info.experiment_id],
                                   filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
@@ -84,14 +106,56 @@ def test_tune_search_of_four_trials_with_parent_and_child_runs(platform):
     accs = [c.data.metrics.get("test_accuracy") for c in children]
     assert best["test_accuracy"] == pytest.approx(max(a for a in accs if a is not None))
     assert len({c.data.params["lr"] for c in children}) == 4  # four different draws
+    # Metered like any job: the reserved gang (2 CPUs) for Ray's run time, also on the parent run.
+    cost = wait_metered(queue, job.id)
+    assert cost.seconds > 0 and cost.cpu_usd > 0
+    assert wait_until(lambda: "job_cost_usd" in client.get_run(job.mlflow_run_id).data.metrics, timeout=60)
+    assert client.get_run(job.mlflow_run_id).data.tags["oppen.cost.allocation"].startswith("cpus=2 ")
 
 
-def test_a_tiny_budget_stops_launching_trials_and_says_so(platform):
-    sub = submit_search(platform, ["mnist", *SMALL_MNIST, "--num-samples", "4", "--max-concurrent", "1",
-                                   "--budget-usd", "0.00001", "--no-tracking"])
-    outcome = follow_then_stop(platform, sub.submission_id)
+def test_a_tiny_budget_stops_launching_trials_and_says_so(queue):
+    job = queue.submit("mnist", SMALL_MNIST, search={"num_samples": 4, "max_concurrent": 1, "budget_usd": 0.00001})
+    outcome = follow_then_cancel(queue, job.id)
     assert outcome.ok, "\n".join(outcome.log_tail)
     result = outcome.result
     assert result["stopped_by_budget"] and result["trials"] == 1 and result["not_started"] == 3
     assert result["spent_usd"] >= 0.00001
     assert any("budget reached" in line and "3 drawn trial(s) were not launched" in line for line in outcome.log_tail)
+
+
+def test_an_agent_started_search_is_queued_counts_against_the_quota_and_its_cancel_stops_it(platform, queue):
+    """team-s may hold 1 CPU: while its search (1 trial x 1 worker x 1 CPU) runs, its next 1-CPU job
+    waits although a CPU is free; cancelling the search through the agent stops it in Ray."""
+    for open_job in queue.list(tenant="team-s", states=[JobState.QUEUED, *ACTIVE]):
+        queue.cancel(open_job.id)
+    agent = PlatformTools(platform, queue=queue).for_caller("team-s", admin=False, request_key=f"s-{time.time_ns()}")
+    started = agent.call("start_hyperparameter_search", {
+        "trainer": "mnist", "num_samples": 4, "params": {"epochs": 3, "train_samples": 1000, "test_samples": 300,
+                                                         "cpus_per_worker": 1}})
+    job_id = started["job_id"]
+    assert started["tenant"] == "team-s" and started["search"]["num_samples"] == 4
+    assert [j.id for j in queue.list(tenant="team-s")] == [job_id]  # in the queue, as the caller's tenant
+    second = None
+    try:
+        assert wait_until(lambda: queue.get(job_id).state is JobState.RUNNING, timeout=120), queue.get(job_id)
+        second = queue.submit("probe", {"seconds": 1, "cpus_per_worker": 1}, tenant="team-s").id
+        time.sleep(5)  # many dispatcher cycles (0.3 s each)
+        assert queue.get(second).state is JobState.QUEUED, queue.get(second)
+        assert queue.get(job_id).state is JobState.RUNNING
+        assert queue.capacity().resources.free("CPU") >= 1  # room in the cluster: the quota holds it back
+
+        cancelled = agent.call("cancel_job", {"job_id": job_id})
+        assert cancelled == {"cancelled": [job_id], "refused": []}
+        search = queue.get(job_id)
+        ray_jobs = queue.ray_client()
+        assert wait_until(lambda: ray_jobs.get_job_status(search.ray_submission_id).is_terminal(), timeout=60), \
+            "Ray never stopped the cancelled search"
+        assert ray_jobs.get_job_status(search.ray_submission_id).value == "STOPPED"
+        # With the search gone, the quota lets the waiting job run.
+        assert wait_until(lambda: queue.get(second).state is JobState.SUCCEEDED, timeout=120), queue.get(second)
+        assert queue.get(job_id).state is JobState.CANCELLED
+        assert wait_metered(queue, job_id).seconds > 0  # what it ran is charged
+    finally:
+        for open_id in (job_id, second):
+            if open_id and not queue.get(open_id).state.is_terminal():
+                queue.cancel(open_id)

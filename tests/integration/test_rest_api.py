@@ -43,6 +43,11 @@ def test_openapi_describes_the_jobs_api(api):
     ({"trainer": "mnist", "params": {"epochs": 1.0}}, 422, "params.epochs", "--epochs must be a whole number"),
     ({"trainer": "mnist", "params": {"epochs": True}}, 422, "params.epochs", "--epochs must be a whole number"),
     ({"trainer": "mnist", "params": {"cpus_per_worker": 0.02}}, 422, "params.cpus_per_worker", "--cpus-per-worker must be at least 1"),
+    # A search: bounded by its schema, then checked as trainers.tune will run it.
+    ({"trainer": "mnist", "search": {"num_samples": 0}}, 422, "num_samples", "greater than or equal to 1"),
+    ({"trainer": "mnist", "search": {"trials": 3}}, 422, "trials", "Extra inputs are not permitted"),
+    ({"trainer": "mnist", "search": {"space": ["depth=choice:1,2"]}}, 422, "search", "mnist has no parameter 'depth'"),
+    ({"trainer": "probe", "search": {}}, 422, "trainer", "probe cannot be searched"),
 ])
 def test_bad_bodies_are_4xx_naming_field_and_reason(api, body, status, field, reason):
     resp = requests.post(f"{api}/jobs", json=body, headers=A, timeout=30)
