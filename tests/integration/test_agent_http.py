@@ -34,15 +34,15 @@ def test_train_then_status_then_cost_then_cancel_in_one_thread(agent_url, platfo
     started = say(agent_url, "please train mnist for 3 epochs on 1000 samples", thread, keyed)
     call = started["tool_calls"][0]
     assert call["name"] == "trigger_training_job" and call["args"]["params"] == {"epochs": 3, "train_samples": 1000}
-    job_id = call["result"]["job_id"]
+    job_id = call["result"]["id"]
     assert job_id in started["answer"] and call["result"]["tenant"] == "team-a"
     # A client that lost the answer asks again with its key: the same job, not a second one.
     retried = say(agent_url, "please train mnist for 3 epochs on 1000 samples", f"{thread}-retry", keyed)
-    assert retried["tool_calls"][0]["result"]["job_id"] == job_id
+    assert retried["tool_calls"][0]["result"]["id"] == job_id
 
     status = say(agent_url, "how is it doing?", thread)
     assert status["tool_calls"][0]["name"] == "get_training_status"
-    assert status["tool_calls"][0]["result"]["job_id"] == job_id
+    assert status["tool_calls"][0]["result"]["id"] == job_id
 
     # What it has cost so far: metered live once the dispatcher has seen it run in Ray, no need
     # to wait for the end.

@@ -132,7 +132,7 @@ def test_an_agent_started_search_is_queued_counts_against_the_quota_and_its_canc
     started = agent.call("start_hyperparameter_search", {
         "trainer": "mnist", "num_samples": 4, "params": {"epochs": 3, "train_samples": 1000, "test_samples": 300,
                                                          "cpus_per_worker": 1}})
-    job_id = started["job_id"]
+    job_id = started["id"]
     assert started["tenant"] == "team-s" and started["search"]["num_samples"] == 4
     assert [j.id for j in queue.list(tenant="team-s")] == [job_id]  # in the queue, as the caller's tenant
     second = None

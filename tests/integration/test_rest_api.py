@@ -44,8 +44,8 @@ def test_openapi_describes_the_jobs_api(api):
     ({"trainer": "mnist", "params": {"epochs": True}}, 422, "params.epochs", "--epochs must be a whole number"),
     ({"trainer": "mnist", "params": {"cpus_per_worker": 0.02}}, 422, "params.cpus_per_worker", "--cpus-per-worker must be at least 1"),
     # A search: bounded by its schema, then checked as trainers.tune will run it.
-    ({"trainer": "mnist", "search": {"num_samples": 0}}, 422, "num_samples", "greater than or equal to 1"),
-    ({"trainer": "mnist", "search": {"trials": 3}}, 422, "trials", "Extra inputs are not permitted"),
+    ({"trainer": "mnist", "search": {"num_samples": 0}}, 422, "search.num_samples", "greater than or equal to 1"),
+    ({"trainer": "mnist", "search": {"trials": 3}}, 422, "search.trials", "Extra inputs are not permitted"),
     ({"trainer": "mnist", "search": {"space": ["depth=choice:1,2"]}}, 422, "search", "mnist has no parameter 'depth'"),
     ({"trainer": "probe", "search": {}}, 422, "trainer", "probe cannot be searched"),
 ])
