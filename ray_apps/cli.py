@@ -96,33 +96,42 @@ def _quiet_ray_client_logs() -> None:
 
 def cmd_train(args, settings) -> int:
     """Through the queue like any job (quota, priority, metering), then followed to its end."""
-    from ray_apps.training import follow_queued
-
     _quiet_ray_client_logs()
     params = {k: v for k, v in vars(args).items() if k in args.spec_fields}
     queue = _queue(settings)
     job = queue.submit(args.trainer, params, priority=args.priority, tenant=args.tenant)
     print(f"queued {job.id} ({job.priority}, tenant {job.tenant})")
-    if args.no_follow:
-        print(f"  follow with: oppen queue show {job.id}")
-        return 0
-    try:
-        outcome = follow_queued(queue, job.id, poll_s=2.0, on_progress=lambda line: print(f"  {line}", flush=True))
-    except KeyboardInterrupt:
-        print(f"\nstopped following; the job goes on. Cancel it with: oppen queue cancel {job.id}")
-        return 130
+    outcome = _follow(queue, job, args.no_follow, "job")
+    if isinstance(outcome, int):
+        return outcome
     job = queue.get(job.id)
     run_url = f"{settings.tracking_uri}/#/runs/{job.mlflow_run_id}" if job.mlflow_run_id else None
-    if not outcome.ok:
-        print(f"job {job.id} {job.state.value}. Last log lines:", file=sys.stderr)
-        print("\n".join(f"  | {line}" for line in outcome.log_tail), file=sys.stderr)
-        return 1
     print(f"done in {outcome.seconds:.0f} s: {_result_line(outcome.result)}")
     if run_url:
         print(f"  MLflow run: {run_url}")
     if outcome.result.get("tracking_lost"):
         print(f"  WARNING: {outcome.result['tracking_lost']}")
     return 0
+
+
+def _follow(queue, job, no_follow: bool, what: str):
+    """Follow a queued job to its end: its outcome, or the exit code when not followed, stopped
+    following, or it did not succeed (its last log lines shown)."""
+    from ray_apps.training import follow_queued
+
+    if no_follow:
+        print(f"  follow with: oppen queue show {job.id}")
+        return 0
+    try:
+        outcome = follow_queued(queue, job.id, poll_s=2.0, on_progress=lambda line: print(f"  {line}", flush=True))
+    except KeyboardInterrupt:
+        print(f"\nstopped following; the {what} goes on. Cancel it with: oppen queue cancel {job.id}")
+        return 130
+    if not outcome.ok:
+        print(f"{what} {job.id} {outcome.status}. Last log lines:", file=sys.stderr)
+        print("\n".join(f"  | {line}" for line in outcome.log_tail), file=sys.stderr)
+        return 1
+    return outcome
 
 
 def _result_line(r: dict) -> str:
@@ -136,7 +145,6 @@ def _result_line(r: dict) -> str:
 
 def cmd_tune(args, settings) -> int:
     """A Ray Tune search through the queue like any job (quota, priority, metering), then followed."""
-    from ray_apps.training import follow_queued
     from trainers.tune import SEARCH_DEFAULTS
 
     _quiet_ray_client_logs()
@@ -146,19 +154,10 @@ def cmd_tune(args, settings) -> int:
     job = queue.submit(args.trainer, params, search=search, priority=args.priority, tenant=args.tenant)
     print(f"queued search {job.id} ({job.priority}, tenant {job.tenant}): {job.search['num_samples']} trial(s), "
           f"{job.search['max_concurrent']} at a time, holding {_gang_text(job)}")
-    if args.no_follow:
-        print(f"  follow with: oppen queue show {job.id}")
-        return 0
-    try:
-        outcome = follow_queued(queue, job.id, poll_s=2.0, on_progress=lambda line: print(f"  {line}", flush=True))
-    except KeyboardInterrupt:
-        print(f"\nstopped following; the search goes on. Cancel it with: oppen queue cancel {job.id}")
-        return 130
+    outcome = _follow(queue, job, args.no_follow, "search")
+    if isinstance(outcome, int):
+        return outcome
     job = queue.get(job.id)
-    if not outcome.ok:
-        print(f"search {job.id} {job.state.value}. Last log lines:", file=sys.stderr)
-        print("\n".join(f"  | {line}" for line in outcome.log_tail), file=sys.stderr)
-        return 1
     best = outcome.result.get("best") or {}
     print(f"done in {outcome.seconds:.0f} s: {outcome.result.get('trials')} trial(s), "
           f"spent ${outcome.result.get('spent_usd', 0):.5f}; best {json.dumps(best.get('config'))}")
