@@ -79,7 +79,9 @@ def check_feasible(settings: Settings, spec: Any) -> None:
 
 def submit_training(settings: Settings, trainer: str, params: dict[str, Any], *,
                     metadata: dict[str, str] | None = None) -> Submission:
-    """Validate, create the MLflow run, and hand the job to Ray. Raises SpecError / PlatformError."""
+    """Validate, create the MLflow run, and hand the job to Ray around the queue, as a plain `ray job
+    submit` would (the dispatcher then adopts it): for tests and benchmarks that measure a bare Ray job.
+    The platform's own front-ends queue (`Queue.submit`). Raises SpecError / PlatformError."""
     spec = build_config(trainer, params)
     check_feasible(settings, spec)
     submission_id = new_run_name(trainer)
