@@ -85,6 +85,9 @@ class AgentSettings(BaseModel):
     max_message_chars: int = Field(4000, ge=100, le=100_000)
     # Checkpoints a conversation keeps on disk (the newest holds its whole state; older ones only history).
     checkpoints_per_thread: int = Field(20, ge=1, le=10_000)
+    # Long-term memory items kept per tenant and kind (job outcomes, failure fingerprints, notes);
+    # past it the least recently used go.
+    memory_items: int = Field(200, ge=1, le=100_000)
 
 
 class PrometheusSettings(BaseModel):

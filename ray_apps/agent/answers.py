@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import time
 from typing import Any, Callable
 
 
@@ -144,6 +146,98 @@ def _deployed(r: dict) -> str:
             f"without failing requests. Endpoint: POST {r['endpoint']}")
 
 
+def _when(ts: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(ts)) if ts else "?"
+
+
+def _runs(item: dict) -> str:
+    runs = item.get("run_ids") or []
+    return f" (MLflow run{'s' if len(runs) > 1 else ''} {', '.join(runs)})" if runs else ""
+
+
+def _outcome(o: dict) -> str:
+    params = ", ".join(f"{k}={v}" for k, v in (o.get("params") or {}).items()) or "defaults"
+    text = f"job {o['id']} ({o['trainer']}, {params}) {o['state']}"
+    bits = [f"{o['metric']} {o['value']:.4g}"] if o.get("value") is not None else []
+    if o.get("cost_usd") is not None:
+        bits.append(f"cost {_usd(o['cost_usd'])}")
+    if o["state"] != "SUCCEEDED" and o.get("message"):
+        bits.append(o["message"][:120])
+    return text + (": " + ", ".join(bits) if bits else "") + _runs(o)
+
+
+def _failure(f: dict) -> str:
+    return (f"{f['trainer']} failed {f['count']} time(s) with \"{f['line']}\" [{f['id']}], last on {_when(f.get('last_at'))}: "
+            f"job{'s' if len(f['job_ids']) > 1 else ''} {', '.join(f['job_ids'])}{_runs(f)}")
+
+
+def _about(r: dict) -> str:
+    kind = {"notes": "notes", "outcomes": "finished jobs", "failures": "failures"}.get(r.get("kind"), "")
+    what = " ".join(x for x in (r.get("trainer"), kind) if x)
+    if r.get("job_id"):
+        return f"no {what or 'memory'} drawn from job {r['job_id']}"
+    return f"no {what}" if what else "nothing"
+
+
+def _preemptions(r: dict) -> str:
+    whose = f"{r['team']}'s" if r.get("team") else "the"
+    period = f"in the last {r['since']}" if re.fullmatch(r"\d+[a-z]", r["since"]) else f"since {r['since']}"
+    if not r["count"]:
+        return f"No preemptions of {whose} jobs {period}."
+    jobs = "; ".join(f"{j['job_id']} ({j['trainer']}, {j['priority']} priority, {j['times']}x){_runs(j)}"
+                     for j in r["jobs"])
+    reasons = sorted({reason for j in r["jobs"] for reason in j["reasons"]})
+    priorities = ", ".join(f"{p} {n}" for p, n in sorted(r["by_priority"].items(), key=lambda x: -x[1]))
+    return (f"{whose.capitalize()} jobs were preempted {r['count']} time(s) {period}, {r['job_total']} job(s): {jobs}."
+            + (f" The queue's reason: {'; '.join(reasons)}." if reasons else "")
+            + f" Preemptions by the job's priority: {priorities}. The queue stops a running job when a higher-priority"
+              " one needs its resources; it resumes from its last checkpoint.")
+
+
+def _recall(r: dict) -> str:
+    if r.get("kind") == "preemptions":
+        return _preemptions(r)
+    items = r["items"]
+    if not items:
+        return f"I remember {_about(r)} yet." if not r.get("text") else f"I remember {_about(r)} matching that."
+    notes = [i for i in items if i["kind"] == "note"]
+    outcomes = [i for i in items if i["kind"] == "outcome"]
+    failures = [i for i in items if i["kind"] == "failure"]
+    parts = []
+    if notes:
+        parts.append("You told me: " + "; ".join(
+            f"\"{n['text']}\" [{n['id']}, {_when(n.get('at'))}]" + (f" about job {', '.join(n['job_ids'])}"
+                                                                   if n.get("job_ids") else "") + _runs(n)
+            for n in notes) + ".")
+    best = r.get("best")
+    if best:
+        parts.append(f"Best {best['trainer']} run by {best['metric']}: {_outcome(best)}.")
+    elif outcomes and r.get("trainer"):
+        parts.append(f"No {r['trainer']} run I remember succeeded with a {outcomes[0]['metric']}.")
+    if outcomes:
+        parts.append("Latest: " + "; ".join(_outcome(o) for o in outcomes) + ".")
+    if failures:
+        repeated = sum(f["count"] for f in failures)
+        lead = "Yes: " if r.get("kind") == "failures" and repeated > 1 else ""
+        parts.append(lead + "; ".join(_failure(f) for f in failures) + ".")
+    return " ".join(parts)
+
+
+def _remembered(r: dict) -> str:
+    about = f" about {r['trainer']}" if r.get("trainer") else ""
+    evidence = f", from job {', '.join(r['job_ids'])}" if r.get("job_ids") else ""
+    return (f"I'll remember{about} for tenant {r['tenant']}: \"{r['text']}\" [{r['id']}{evidence}]. "
+            "Say 'forget that' to drop it.")
+
+
+def _forgotten(r: dict) -> str:
+    item = r["forgotten"]
+    what = {"note": lambda: f"the note \"{item['text']}\"",
+            "failure": lambda: f"the {item['trainer']} failure \"{item['line']}\"",
+            "outcome": lambda: f"the outcome of job {item['id']}"}[item["kind"]]()
+    return f"Forgotten: {what} [{item['id']}]."
+
+
 ANSWERS: dict[str, Callable[[dict], str]] = {
     "trigger_training_job": _submitted, "queue_training_job": _submitted, "get_training_status": _status,
     "get_job_queue_status": _queue, "cancel_job": _cancel, "list_mlflow_experiments": _experiments,
@@ -151,6 +245,7 @@ ANSWERS: dict[str, Callable[[dict], str]] = {
     "check_training_budget": _budget, "forecast_training_cost": _forecast,
     "recommend_cost_optimization": _advice, "get_gpu_availability": _gpus, "validate_job_resources": _validate,
     "start_hyperparameter_search": _search, "list_models": _models, "deploy_model": _deployed,
+    "recall": _recall, "remember": _remembered, "forget": _forgotten,
 }
 
 

@@ -38,8 +38,11 @@ MAX_MODEL_ROUNDS = 4
 HISTORY_FOR_MODEL = 20  # messages of the thread a model sees
 KEEP_MESSAGES = 60      # a thread keeps its last messages: each turn's checkpoint must not grow forever
 MAX_THREADS = 1000      # threads kept in the SQLite file; the least recently used go first
+REFERENCES = ("that", "it", "this", "last")
 SYSTEM = ("You operate Oppen, an ML training platform on Ray. Use the tools to act; never invent job ids, "
-          "costs or metrics. Trainers: mnist, llm. Answer briefly with the figures the tools returned.")
+          "costs or metrics. Trainers: mnist, llm. Answer briefly with the figures the tools returned. For what "
+          "happened before (past failures, settings that worked, what the user asked you to remember) use "
+          "recall, and cite the job and run ids it returns.")
 
 
 class AgentState(TypedDict, total=False):
@@ -68,7 +71,19 @@ def _remember(context: dict, result: Any) -> dict:
             context["job_id"] = result["id"]
         if result.get("mlflow_run_id"):
             context["run_id"] = result["mlflow_run_id"]
+        if isinstance(result.get("memory_id"), str):  # what "forget that" means
+            context["memory_id"] = result["memory_id"]
+        if isinstance(result.get("forgotten"), dict) and result["forgotten"].get("id") == context.get("memory_id"):
+            context.pop("memory_id")
     return context
+
+
+def _resolve(call: dict, context: dict) -> dict:
+    """A memory named "that" is the one this thread last recalled or remembered."""
+    args = call["args"] or {}
+    if call["name"] == "forget" and str(args.get("item_id", "")).lower() in REFERENCES and context.get("memory_id"):
+        return {**args, "item_id": context["memory_id"]}
+    return args
 
 
 class Agent:
@@ -134,9 +149,9 @@ class Agent:
         context = dict(state.get("context") or {})
         out, calls = [], list(state.get("calls") or [])
         for call in state["messages"][-1].tool_calls:
-            record = {"name": call["name"], "args": call["args"]}
+            record = {"name": call["name"], "args": _resolve(call, context)}
             try:
-                result = tools.call(call["name"], call["args"])
+                result = tools.call(call["name"], record["args"])
                 record["result"] = result
                 context = _remember(context, result)
                 content = json.dumps(result, default=str)

@@ -26,8 +26,9 @@ from trainers.specs import TRAINERS, default_trainer, router_phrases, router_wor
 
 CAPABILITIES = (f"start or queue training ({', '.join(user_trainers())}), job status and the queue, cancel jobs, "
                 "MLflow experiments and metrics, a job's cost, spend reports, budgets, cost forecasts, savings "
-                "advice, free GPUs, checking whether a job fits, hyperparameter searches, registered models and "
-                "deploying a model version")
+                "advice, free GPUs, checking whether a job fits, hyperparameter searches, registered models, "
+                "deploying a model version, and remembering across conversations (past failures, what worked, "
+                "preemptions, notes you ask me to keep or forget)")
 
 
 def _one_of(names: tuple[str, ...]) -> str:
@@ -52,12 +53,16 @@ recommendations optimize optimise saving savings cheaper validate feasible searc
 hyperparameters sweep finetune epochs epoch steps learning rate batch size workers worker priority high normal urgent
 report week month today jobs job last latest pending waiting finished done please model models dollars
 deploy registered registry version versions champion promote
+remember forget recall memory memories before worked works failed failure failures preempted preemption
 """.split()) | set(user_trainers()))  # a trainer's name is worth fixing a typo towards ("mnsit")
 TRAINER_WORDS = router_words()
 TRAINER_PHRASES = router_phrases()
 # Words that also set a parameter of the trainer they go with: (trainer, word) -> (field, value).
 WORD_PARAMS = {(name, word): (param, value) for name, cls in TRAINERS.items()
                for word, param, value in cls.entry.word_params}
+MEMORY_ID = re.compile(r"\b(?:note|fail)-[0-9a-f]{6,12}\b")
+NOT_TEAMS = {"it", "what", "that", "there", "here", "who", "let", "he", "she", "one", "today", "yesterday", "week",
+             "month", "year", "everyone", "nobody", "somebody", "someone"}
 REF_WORDS = re.compile(r"\b(it|that|this|the same|that job|this job|that run|the job|the run)\b")
 # What each number may be, as the tools take it: (lowest, highest, whole number, lowest excluded).
 # Trainer fields follow the catalog's bounds (trainers/specs.py; a unit test keeps them equal);
@@ -276,7 +281,8 @@ class Router:
     @staticmethod
     def _has_intent(text: str) -> bool:
         return bool(re.search(r"\b(train|run|start|launch|queue|status|cancel|stop|cost|spend|budget|forecast|gpu|"
-                              r"gpus|experiments?|metrics?|recommend|search|tune|validate|report|deploy|models?)\b",
+                              r"gpus|experiments?|metrics?|recommend|search|tune|validate|report|deploy|models?|remember|"
+                              r"forget|recall)\b",
                               text))
 
     def _complete(self, pending: dict, values: dict, text: str) -> Decision:
@@ -297,7 +303,44 @@ class Router:
                 return Decision("call", pending["tool"], args)
         return Decision("ask", pending["tool"], args, pending.get("question"), missing=missing)
 
+    def _memory(self, raw: str, text: str, v: dict, context: dict) -> Decision | None:
+        """Remember, forget, recall: tried first, since a note's own words may name any other intent."""
+        trainer = {"trainer": v["trainer"]} if "trainer" in v else {}
+        if re.match(r"(?:please )?(?:remember|note|keep in mind)\b", text):
+            body = re.sub(r"^\s*(?:please\s+)?\S+(?:\s+in\s+mind)?\s*(?:that\b|:|,)?\s*", "", raw, flags=re.I)
+            if len(body) < 3:
+                return Decision("decline", text="What should I remember? Say e.g. 'remember that lr 0.003 works "
+                                                "best for mnist'.")
+            job = JOB_ID.search(raw)
+            return Decision("call", "remember", {"text": body, **trainer, **({"job_id": job.group(0)} if job else {})})
+        if re.match(r"(?:please )?forget\b", text):
+            named = MEMORY_ID.search(raw) or JOB_ID.search(raw)
+            if not named and _has(text, "everything", "all"):
+                return Decision("decline", text="I forget one memory at a time: say 'forget that' after I recall "
+                                                "or remember it, or give its id (note-..., fail-..., a job id).")
+            return Decision("call", "forget", {"item_id": named.group(0) if named else "that"})
+        if _has(text, "preempt", "preempted", "preempting", "preemptions?"):
+            team = re.search(r"\b([a-z0-9][\w-]*)'s\b", text) or re.search(r"\b(?:tenant|team) ([a-z0-9][\w-]*)", text)
+            who = {"team": team.group(1)} if team and team.group(1) not in NOT_TEAMS else {}
+            return Decision("call", "recall", {"kind": "preemptions", "since": v.get("since", "7d"), **who, **trainer})
+        if _has(text, "fail", "failed", "fails", "failing", "failures?", "crash", "crashed", "crashes", "errors?") and \
+                _has(text, "before", "again", "like this", "like that", "previously", "in the past", "ever",
+                     "last time", "history", "similar", "same"):
+            job = JOB_ID.search(raw)
+            ref = job.group(0) if job else (context.get("job_id") if REF_WORDS.search(text) else None)
+            return Decision("call", "recall", {"kind": "failures", **trainer, **({"job_id": ref} if ref else {})})
+        if _has(text, "do you remember", "what do you remember", "what did i tell you", "what have i told you",
+                "recall", "your memory", "memories", "what do you know about"):
+            return Decision("call", "recall", {**trainer})
+        if _has(text, "worked", "works", "work best", "worked best", "last time", "previously") and \
+                (_has(text, "what", "which", "how", "did", "do") or "?" in text):
+            return Decision("call", "recall", {**trainer})
+        return None
+
     def _decide(self, raw: str, text: str, v: dict, context: dict) -> Decision:
+        remembered = self._memory(raw, text, v, context)
+        if remembered:
+            return remembered
         job = _job_ref(raw, text, context)
         run = RUN_ID.search(raw)
         trainer = v.get("trainer")

@@ -163,6 +163,32 @@ class DeployArgs(_Args):
     alias: str | None = Field(None, description="or an alias, e.g. 'champion'; neither: champion, else newest")
 
 
+class RecallArgs(_Args):
+    kind: Literal["notes", "outcomes", "failures", "preemptions"] | None = Field(None, description=(
+        "notes (what the user asked me to remember), outcomes (finished jobs: params, metric, cost), failures "
+        "(error fingerprints with counts), preemptions (from the jobs' events); none: notes, outcomes, failures"))
+    trainer: Literal[USER_TRAINERS] | None = Field(None, description="only memories of this trainer")
+    text: str | None = Field(None, max_length=500, description="words to look for, e.g. part of an error line")
+    job_id: str | None = Field(None, description="memories drawn from this job (e.g. its failure), or 'last'")
+    team: str | None = Field(None, max_length=64, description="whose memories: a tenant (admins only; "
+                                                              "others always recall their own)")
+    since: str = Field("7d", max_length=40, description="preemptions: over this period (7d, 12h, an ISO date)")
+    limit: int = Field(5, ge=1, le=20, description="items per kind")
+
+
+class RememberArgs(_Args):
+    text: str = Field(min_length=3, max_length=500, description="what to remember, in the user's words")
+    trainer: Literal[USER_TRAINERS] | None = Field(None, description="the trainer it is about (default: the one "
+                                                                     "the text names)")
+    job_id: str | None = Field(None, description="the job it is drawn from, kept as its evidence")
+
+
+class ForgetArgs(_Args):
+    item_id: str = Field(min_length=1, max_length=80, description=(
+        "a memory's id as recall or remember showed it (note-..., fail-..., a job id), or 'that' for the one "
+        "this conversation last recalled or remembered"))
+
+
 @dataclass(frozen=True)
 class Tool:
     name: str
@@ -181,7 +207,7 @@ class PlatformTools:
     loopback mode) and whether it is an admin (serving changes are)."""
 
     def __init__(self, settings: Settings, tenant: str | None = None, queue=None, costs=None, *, admin: bool = True,
-                 request_key: str | None = None):
+                 request_key: str | None = None, shared: dict | None = None):
         self.settings = settings
         self.tenant = tenant
         self.admin = admin
@@ -189,6 +215,8 @@ class PlatformTools:
         self.request_key = request_key
         self._submits = 0
         self._queue, self._costs = queue, costs
+        # Opened once for this tools object and every per-caller copy of it (see `memory`).
+        self._shared = shared if shared is not None else {}
 
     # Built on first use: a question about GPUs should not wait for MLflow.
     @property
@@ -207,8 +235,18 @@ class PlatformTools:
             self._costs = CostService.from_settings(self.settings, self.queue)
         return self._costs
 
+    @property
+    def memory(self):
+        """The long-term memory (ray_apps/agent/memory.py), in the data dir."""
+        if "memory" not in self._shared:
+            from ray_apps.agent.memory import Memory
+
+            self._shared["memory"] = Memory.from_settings(self.settings)
+        return self._shared["memory"]
+
     def for_caller(self, tenant: str | None, admin: bool, request_key: str | None = None) -> PlatformTools:
-        return PlatformTools(self.settings, tenant, self._queue, self._costs, admin=admin, request_key=request_key)
+        return PlatformTools(self.settings, tenant, self._queue, self._costs, admin=admin, request_key=request_key,
+                             shared=self._shared)
 
     # ------------------------------------------------------------------ helpers
 
@@ -397,6 +435,61 @@ class PlatformTools:
         return {"name": name, "selector": str(selector), "version": mv.version, "run_id": mv.run_id,
                 "endpoint": f"{self.settings.serve_url}/v1/models/{name}/{action}"}
 
+    # ------------------------------------------------------------------ memory
+
+    def _whose(self, team: str | None) -> str | None:
+        """The tenant whose memories a call reads: the caller's own; an admin or local caller (no
+        tenant) may name one, else reads every tenant's."""
+        if self.tenant is None or team in (None, self.tenant):
+            return team if self.tenant is None else self.tenant
+        raise Forbidden(f"you can recall only your own tenant's ({self.tenant}) history, not {team!r}", "team")
+
+    def recall(self, kind: str | None = None, trainer: str | None = None, text: str | None = None,
+               job_id: str | None = None, team: str | None = None, since: str = "7d", limit: int = 5) -> dict:
+        """What the platform remembers: notes, job outcomes, failure fingerprints, or preemptions."""
+        tenant = self._whose(team)
+        if kind == "preemptions":
+            return self._preemptions(tenant, since, trainer)
+        if job_id:
+            job_id = self._job(job_id, trainer if job_id in ("last", "latest") else None).id
+        found = self.memory.recall(tenant, kind=kind, trainer=trainer, text=text, job_id=job_id, limit=limit)
+        return {**found, "team": tenant}
+
+    def _preemptions(self, tenant: str | None, since: str, trainer: str | None) -> dict:
+        """Preemptions of the tenant's jobs over a period, from the queue's job events."""
+        from ray_apps.costs.report import parse_since
+
+        cutoff = parse_since(since) or 0.0
+        jobs = self.queue.store.list(tenant=tenant, ended_after=cutoff, newest_first=True, limit=500)
+        hits = []
+        for job in jobs:
+            events = [e for e in self.queue.store.events(job.id) if e.to_state == "PREEMPTING" and e.at >= cutoff]
+            if events and trainer in (None, job.trainer):
+                hits.append({"job_id": job.id, "tenant": job.tenant, "trainer": job.trainer, "priority": job.priority,
+                             "times": len(events), "state": job.state.value, "last_at": events[-1].at,
+                             "reasons": sorted({e.message for e in events if e.message}),
+                             "run_ids": [job.mlflow_run_id] if job.mlflow_run_id else []})
+        hits.sort(key=lambda h: (-h["times"], -h["last_at"]))
+        by_priority: dict[str, int] = {}
+        for h in hits:
+            by_priority[h["priority"]] = by_priority.get(h["priority"], 0) + h["times"]
+        return {"kind": "preemptions", "team": tenant, "since": since, "count": sum(h["times"] for h in hits),
+                "jobs": hits[:10], "job_total": len(hits), "by_priority": by_priority, "items": []}
+
+    def remember(self, text: str, trainer: str | None = None, job_id: str | None = None) -> dict:
+        """Keep a note for the caller's tenant (a local or admin caller's notes go to the default tenant)."""
+        job = self._job(job_id) if job_id else None
+        tenant = self.tenant or self.queue.config.default_tenant
+        note = self.memory.remember(tenant, text, trainer=trainer, job_ids=[job.id] if job else [],
+                                    run_ids=[job.mlflow_run_id] if job and job.mlflow_run_id else [])
+        return {**note, "memory_id": note["id"]}
+
+    def forget(self, item_id: str) -> dict:
+        if item_id.lower() in ("that", "it", "this", "last"):  # the agent resolves these from its thread
+            raise NotFound("I haven't recalled or remembered anything in this conversation yet; say which "
+                           "memory (its id) to forget", "item_id")
+        return {"forgotten": self.memory.forget(self.tenant, item_id)}
+
     # ------------------------------------------------------------------ the catalogue
 
     def catalog(self) -> dict[str, Tool]:
@@ -426,6 +519,13 @@ class PlatformTools:
                             "cost, and which version is served.", ModelArgs),
             ("deploy_model", "Serve a registered model version or alias on Ray Serve; replicas roll over without "
                              "failed requests.", DeployArgs),
+            ("recall", "What the platform remembers of the caller's tenant across conversations: notes, outcomes of "
+                       "finished jobs (params, metric, cost), failure fingerprints with the jobs that had them, or "
+                       "preemptions; each cites its job and MLflow run ids. E.g. 'has llm failed like this before?', "
+                       "'what learning rate worked last time?'", RecallArgs),
+            ("remember", "Keep a note for the caller's tenant across conversations, e.g. 'lr 0.003 works best for "
+                         "mnist'.", RememberArgs),
+            ("forget", "Forget one memory by its id, or 'that': the one last recalled or remembered.", ForgetArgs),
         ]
         return {name: Tool(name, desc, args, getattr(self, name)) for name, desc, args in specs}
 

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from queue import SimpleQueue
 
+from ray_apps.agent.memory import OutcomeRecorder
 from ray_apps.autoscaler import ResourceRequester
 from ray_apps.ray_client import PlatformError, mlflow_healthy
 from ray_apps.scheduler import policy
@@ -85,6 +86,7 @@ class Dispatcher:
 
         self.queue = queue
         self.costs = CostService(queue, load_catalog(queue.settings.costs_file))  # meters finished jobs
+        self.memory = OutcomeRecorder(queue, self.costs.meter)  # finished jobs to the agent's memory; never raises
         self._client = None
         self._requester = (ResourceRequester(queue.settings.gcs_address) if queue.topology.autoscaling
                            else None)
@@ -288,6 +290,7 @@ class Dispatcher:
                 self.queue.store.transition(job.id, final, expect=job.state, message=message, ended_at=ended,
                                             started_at=job.started_at or (info.start_time or 0) / 1000 or None)
                 report.finished.append(job.id)
+                self.memory.job_ended(job.id, self.client)
         except InvalidTransition:
             pass  # someone else (a cancel, another dispatcher) moved it first: theirs stands
 
