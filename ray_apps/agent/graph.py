@@ -12,6 +12,8 @@ Threads persist in a SQLite checkpointer in the data dir, with a small context
 did it cost?" refers to the job just discussed. The file stays bounded: after each
 turn a thread keeps only its newest checkpoints (the latest holds the whole state:
 messages, context), and past MAX_THREADS the least recently used threads are dropped.
+Across threads, the tools' long-term memory (memory.py: job outcomes, failure fingerprints,
+notes, per tenant) answers recall; "forget that" is the memory this thread last named.
 """
 
 from __future__ import annotations

@@ -53,7 +53,7 @@ recommendations optimize optimise saving savings cheaper validate feasible searc
 hyperparameters sweep finetune epochs epoch steps learning rate batch size workers worker priority high normal urgent
 report week month today jobs job last latest pending waiting finished done please model models dollars
 deploy registered registry version versions champion promote
-remember forget recall memory memories before worked works failed failure failures preempted preemption
+remember forget memory memories before worked failed failure failures preempted preemption
 """.split()) | set(user_trainers()))  # a trainer's name is worth fixing a typo towards ("mnsit")
 TRAINER_WORDS = router_words()
 TRAINER_PHRASES = router_phrases()
@@ -313,7 +313,7 @@ class Router:
                                                 "best for mnist'.")
             job = JOB_ID.search(raw)
             return Decision("call", "remember", {"text": body, **trainer, **({"job_id": job.group(0)} if job else {})})
-        if re.match(r"(?:please )?forget\b", text):
+        if re.match(r"\s*(?:please\s+)?forget\b", raw, re.I):  # as typed: "forgot ..." is no request
             named = MEMORY_ID.search(raw) or JOB_ID.search(raw)
             if not named and _has(text, "everything", "all"):
                 return Decision("decline", text="I forget one memory at a time: say 'forget that' after I recall "

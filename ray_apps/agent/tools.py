@@ -477,9 +477,10 @@ class PlatformTools:
                 "jobs": hits[:10], "job_total": len(hits), "by_priority": by_priority, "items": []}
 
     def remember(self, text: str, trainer: str | None = None, job_id: str | None = None) -> dict:
-        """Keep a note for the caller's tenant (a local or admin caller's notes go to the default tenant)."""
+        """Keep a note for the caller's tenant; a local or admin caller's go to the tenant of the job
+        they cite, else to the default tenant (where its own jobs go)."""
         job = self._job(job_id) if job_id else None
-        tenant = self.tenant or self.queue.config.default_tenant
+        tenant = self.tenant or (job.tenant if job else self.queue.config.default_tenant)
         note = self.memory.remember(tenant, text, trainer=trainer, job_ids=[job.id] if job else [],
                                     run_ids=[job.mlflow_run_id] if job and job.mlflow_run_id else [])
         return {**note, "memory_id": note["id"]}

@@ -301,3 +301,12 @@ def test_memory_never_breaks_the_dispatcher(tools, dispatcher):
     report = CycleReport()
     dispatcher._reconcile(job, ended_in_ray("FAILED", "boom"), report)
     assert report.finished == [job.id] and tools.queue.get(job.id).state is JobState.FAILED
+
+
+def test_an_admins_note_about_a_job_goes_to_that_jobs_tenant_with_its_evidence(tools):
+    job = finished(tools, "mnist-20261130-100000-444444", JobState.SUCCEEDED, run_id="9" * 32)
+    note = tools.call("remember", {"text": "this run used the cleaned data", "job_id": job.id[-6:]})
+    assert (note["tenant"], note["job_ids"], note["run_ids"]) == ("team-a", [job.id], ["9" * 32])
+    found = tools.for_caller("team-a", admin=False).call("recall", {"kind": "notes"})
+    assert [i["id"] for i in found["items"]] == [note["id"]]
+    assert tools.call("remember", {"text": "admins' own note"})["tenant"] == "default"
