@@ -401,11 +401,12 @@ class PlatformTools:
         from ray_apps.scheduler.provenance import serve_if_allowed
         from trainers.registry import Selector
 
-        if not self.admin:  # what every tenant is served
-            raise Forbidden("changing the served version needs the admin role; ask an admin of the platform",
-                            "Authorization")
-        if version is not None and alias is not None:
-            raise ToolError("give a version or an alias, not both", "alias")
+        with self.queue.audit.refusals(self.actor(), "model.serve", name, {"version": version, "alias": alias}):
+            if not self.admin:  # what every tenant is served
+                raise Forbidden("changing the served version needs the admin role; ask an admin of the platform",
+                                "Authorization")
+            if version is not None and alias is not None:
+                raise ToolError("give a version or an alias, not both", "alias")
         selector = Selector(alias=alias, version=version)
         # Never beyond the platform's own runs: an override is for the CLI or REST.
         mv = serve_if_allowed(self.settings.tracking_uri, self.queue.store, name, selector, actor=self.actor())

@@ -333,6 +333,8 @@ def test_serving_changes_are_recorded_ok_and_refused(settings, queue, monkeypatc
     version = SimpleNamespace(version="3", run_id="run-from-elsewhere")
     monkeypatch.setattr(registry, "resolve", lambda uri, name, selector: version)
     monkeypatch.setattr(registry, "set_serving", lambda uri, name, selector: version)
+    with pytest.raises(OppenError, match="needs the admin role"):
+        PlatformTools(settings, "team-a", queue=queue, admin=False).deploy_model("mnist", version="3")
     agent = PlatformTools(settings, "team-a", queue=queue, admin=True)
     with pytest.raises(OppenError, match="no job of this platform"):
         agent.deploy_model("mnist", version="3")
@@ -340,7 +342,10 @@ def test_serving_changes_are_recorded_ok_and_refused(settings, queue, monkeypatc
 
     serve_if_allowed("http://mlflow", queue.store, "mnist", registry.Selector(version="3"), allow_any_run=True,
                      actor=Actor("root", None, "cli"))
-    refused, served = queue.audit.export()
+    forbidden, refused, served = queue.audit.export()
+    assert (forbidden["outcome"], forbidden["tenant"], forbidden["params"]) == ("refused", "team-a", {
+        "version": "3", "alias": None})
+    assert "needs the admin role" in forbidden["reason"]
     assert (refused["action"], refused["target"], refused["front_end"], refused["outcome"]) == (
         "model.serve", "mnist", "agent", "refused")
     assert "no job of this platform" in refused["reason"]
