@@ -26,24 +26,67 @@ def cmd_up(args, settings) -> int:
     return rc
 
 
+def _actor():
+    """Whoever runs this command, as the audit log names them."""
+    from ray_apps.audit import Actor
+
+    return Actor.local("cli")
+
+
 def cmd_users(args, settings) -> int:
-    from ray_apps.auth import Role, Users
+    from ray_apps.audit import AuditLog
+    from ray_apps.auth import Users
 
     users = Users.from_settings(settings)
+    if args.action in ("add", "remove"):  # the one place users change: audited here
+        audit = AuditLog.from_settings(settings)
+        asked = {"name": args.name, **({"tenant": args.tenant, "role": args.role} if args.action == "add" else {})}
+        tenant = args.tenant if args.action == "add" else next(
+            (c.tenant for c in users.list() if c.user == args.name), None)
+        try:
+            done = _change_users(users, args)
+        except SystemExit as exc:
+            audit.record(_actor(), f"user.{args.action}", args.name, asked, outcome="refused",
+                         reason=str(exc.code).split(": ", 1)[-1], tenant=tenant)
+            raise
+        audit.record(_actor(), f"user.{args.action}", args.name, asked, tenant=tenant)
+        print(done)
+    else:
+        for caller in users.list():
+            print(f"{caller.user:20} {caller.role.value:8} {caller.tenant}")
+    return 0
+
+
+def _change_users(users, args) -> str:
+    """Add or remove a user; what to print (a new user's token, once). SystemExit if refused."""
+    from ray_apps.auth import Role
+
     if args.action == "add":
         try:
             token = users.add(args.name, args.tenant, Role(args.role))
         except ValueError as exc:
             raise SystemExit(f"oppen users add: {exc}") from None
-        print(f"user {args.name} ({args.role}, tenant {args.tenant}); its token, shown only now:\n{token}")
-    elif args.action == "remove":
-        if not users.remove(args.name):
-            raise SystemExit(f"oppen users remove: no user {args.name!r}")
-        print(f"user {args.name} removed; its token no longer works")
-    else:
-        for caller in users.list():
-            print(f"{caller.user:20} {caller.role.value:8} {caller.tenant}")
+        return f"user {args.name} ({args.role}, tenant {args.tenant}); its token, shown only now:\n{token}"
+    if not users.remove(args.name):
+        raise SystemExit(f"oppen users remove: no user {args.name!r}")
+    return f"user {args.name} removed; its token no longer works"
+
+
+def cmd_audit_export(args, settings) -> int:
+    from ray_apps.audit import AuditLog
+    from ray_apps.costs.report import parse_since
+
+    for line in AuditLog.from_settings(settings).export_jsonl(parse_since(args.since), args.tenant):
+        sys.stdout.write(line)
     return 0
+
+
+def cmd_audit_verify(args, settings) -> int:
+    from ray_apps.audit import AuditLog
+
+    result = AuditLog.from_settings(settings).verify()
+    print(result.summary(), file=sys.stdout if result.ok else sys.stderr)
+    return 0 if result.ok else 1
 
 
 def cmd_env(args, settings) -> int:
@@ -99,7 +142,7 @@ def cmd_train(args, settings) -> int:
     _quiet_ray_client_logs()
     params = {k: v for k, v in vars(args).items() if k in args.spec_fields}
     queue = _queue(settings)
-    job = queue.submit(args.trainer, params, priority=args.priority, tenant=args.tenant)
+    job = queue.submit(args.trainer, params, priority=args.priority, tenant=args.tenant, actor=_actor())
     print(f"queued {job.id} ({job.priority}, tenant {job.tenant})")
     outcome = _follow(queue, job, args.no_follow, "job")
     if isinstance(outcome, int):
@@ -151,7 +194,8 @@ def cmd_tune(args, settings) -> int:
     params = {k: v for k, v in vars(args).items() if k in args.spec_fields}
     search = {k: getattr(args, k) for k in SEARCH_DEFAULTS if getattr(args, k) is not None}
     queue = _queue(settings)
-    job = queue.submit(args.trainer, params, search=search, priority=args.priority, tenant=args.tenant)
+    job = queue.submit(args.trainer, params, search=search, priority=args.priority, tenant=args.tenant,
+                       actor=_actor())
     print(f"queued search {job.id} ({job.priority}, tenant {job.tenant}): {job.search['num_samples']} trial(s), "
           f"{job.search['max_concurrent']} at a time, holding {_gang_text(job)}")
     outcome = _follow(queue, job, args.no_follow, "search")
@@ -185,7 +229,7 @@ def _job_line(job) -> str:
 
 def cmd_queue_submit(args, settings) -> int:
     params = {k: v for k, v in vars(args).items() if k in args.spec_fields}
-    job = _queue(settings).submit(args.trainer, params, priority=args.priority, tenant=args.tenant)
+    job = _queue(settings).submit(args.trainer, params, priority=args.priority, tenant=args.tenant, actor=_actor())
     print(f"queued {job.id} ({job.priority}, tenant {job.tenant}); follow with: oppen queue list")
     return 0
 
@@ -213,7 +257,7 @@ def cmd_queue_show(args, settings) -> int:
 
 
 def cmd_queue_cancel(args, settings) -> int:
-    job = _queue(settings).cancel(args.job_id, tenant=args.tenant)
+    job = _queue(settings).cancel(args.job_id, tenant=args.tenant, actor=_actor())
     print(f"{job.id}: {job.state.value}")
     return 0
 
@@ -411,6 +455,15 @@ def build_parser() -> argparse.ArgumentParser:
     users.add_parser("list", help="users, roles and tenants (never tokens)")
     p.set_defaults(func=cmd_users)
 
+    p = sub.add_parser("audit", help="the tamper-evident audit log: who did what, when, from where")
+    audit = p.add_subparsers(dest="action", required=True)
+    q = audit.add_parser("export", help="records as JSON lines, oldest first")
+    q.add_argument("--since", default=None, help="7d, 12h, 2w or an ISO date (default: all)")
+    q.add_argument("--tenant", default=None, help="only this tenant's records")
+    q.set_defaults(func=cmd_audit_export)
+    audit.add_parser("verify", help="check the hash chain; names the first bad record (exit 1)").set_defaults(
+        func=cmd_audit_verify)
+
     sub.add_parser("env", help='exports for Ray\'s and MLflow\'s own CLIs: eval "$(oppen env)"').set_defaults(
         func=cmd_env)
 
@@ -576,7 +629,7 @@ def cmd_models_serve(args, settings) -> int:
 
     selector = Selector(alias=args.alias, version=args.version)
     mv = serve_if_allowed(settings.tracking_uri, JobStore(store_url(settings)), args.name, selector,
-                          allow_any_run=args.allow_any_run)
+                          allow_any_run=args.allow_any_run, actor=_actor())
     print(f"{args.name}: serving {selector} = version {mv.version}")
     if args.no_wait or not entry_for(args.name).stays_loaded:  # scales to zero: loads on its next request
         return 0

@@ -98,6 +98,12 @@ class PrometheusSettings(BaseModel):
     retention: str = "7d"
 
 
+class AuditSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    # Every mutating action is audited (ray_apps/audit.py); reads (REST GET routes) only when this is on.
+    reads: bool = False
+
+
 def is_loopback(host: str) -> bool:
     """127.0.0.1, ::1 or localhost: a platform for this machine only."""
     try:
@@ -137,6 +143,7 @@ class Settings(BaseSettings):
     metrics_port: int = Field(9464, ge=1, le=65535)
     prometheus: PrometheusSettings = PrometheusSettings()
     agent: AgentSettings = AgentSettings()
+    audit: AuditSettings = AuditSettings()
 
     _source: Path | None = PrivateAttr(None)  # the file these settings came from
 

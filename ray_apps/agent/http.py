@@ -14,13 +14,14 @@ length are refused.
 import threading
 from typing import Any
 
-from fastapi import FastAPI, Header
+from fastapi import FastAPI, Header, Request
 from pydantic import BaseModel, ConfigDict, Field
 
+from ray_apps.agent.tools import REQUEST_ACTOR
 from ray_apps.auth import Role, Users
 from ray_apps.config import load_settings
-from ray_apps.serve.http_common import (ProblemDetail, answers_errors_as_problems, caller_of, limit_body_size,
-                                        loopback_hosts_only, require_token, root_without_slash)
+from ray_apps.serve.http_common import (ProblemDetail, actor_of, answers_errors_as_problems, caller_of,
+                                        limit_body_size, loopback_hosts_only, require_token, root_without_slash)
 from trainers.errors import TooLarge
 
 THREAD_ID = r"^[A-Za-z0-9_.:-]{1,64}$"
@@ -82,7 +83,7 @@ require_token(app, users, public=("/health",))
 
 
 @app.post("/", response_model=AgentResponse)
-def ask(body: AgentRequest, authorization: str | None = Header(None),
+def ask(body: AgentRequest, request: Request, authorization: str | None = Header(None),
         idempotency_key: str | None = Header(None, max_length=128, pattern=r"^[\x21-\x7e]+$", description=(
             "retrying with the same key queues no second job"))) -> AgentResponse:
     agent, settings = _agent()
@@ -93,8 +94,12 @@ def ask(body: AgentRequest, authorization: str | None = Header(None),
     # Threads live in the tenant's own space: another tenant's thread id opens a fresh thread.
     thread = f"{tenant or '-'}/{body.thread_id}" if body.thread_id else None
     key = f"{caller.user}:{idempotency_key}" if idempotency_key else None
-    reply = agent.ask(body.message, thread_id=thread, tenant=tenant, admin=caller.role is Role.ADMIN,
-                      request_key=key)
+    acting = REQUEST_ACTOR.set(actor_of(caller, request, "agent"))  # what its tools change is audited as theirs
+    try:
+        reply = agent.ask(body.message, thread_id=thread, tenant=tenant, admin=caller.role is Role.ADMIN,
+                          request_key=key)
+    finally:
+        REQUEST_ACTOR.reset(acting)
     return AgentResponse(answer=reply.answer, tool_calls=[ToolCall(**c) for c in reply.tool_calls],
                          thread_id=reply.thread_id.split("/", 1)[-1])
 

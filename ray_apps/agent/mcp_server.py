@@ -61,4 +61,4 @@ def _through_guards(tools: PlatformTools, name: str, fn):
 
 
 def main(settings, tenant: str | None = None) -> None:
-    build_server(PlatformTools(settings, tenant)).run("stdio")
+    build_server(PlatformTools(settings, tenant, front_end="mcp")).run("stdio")

@@ -4,18 +4,21 @@ Every tool acts as one tenant (the caller's), only starts catalogued trainers wi
 parameters the catalog validates (the queue and `trainers.tune` check them again),
 and never runs a shell command or arbitrary code. A tool returns a JSON-able dict;
 a refusal raises an OppenError (ToolError for the tools' own refusals) with a message the
-agent can show as it is; `tool_problem` is what the agent and MCP hand on.
+agent can show as it is; `tool_problem` is what the agent and MCP hand on. What a tool changes
+(a job queued or cancelled, a model served) is audited by the caller through `front_end` (agent, mcp).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import typing
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Annotated, Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
+from ray_apps.audit import Actor
 from ray_apps.config import Settings
 from trainers.errors import Forbidden, NotFound, OppenError, Refused
 from trainers.specs import (
@@ -32,6 +35,10 @@ from trainers.specs import (
 
 # Trainers a user may start: the real workloads, not the scheduler's synthetic probe.
 USER_TRAINERS = user_trainers()
+
+
+# The HTTP caller of this request (user, source address), set around the agent's turn by its front-end.
+REQUEST_ACTOR: ContextVar[Actor | None] = ContextVar("oppen_request_actor", default=None)
 
 
 class ToolError(Refused):
@@ -207,10 +214,11 @@ class PlatformTools:
     loopback mode) and whether it is an admin (serving changes are)."""
 
     def __init__(self, settings: Settings, tenant: str | None = None, queue=None, costs=None, *, admin: bool = True,
-                 request_key: str | None = None, shared: dict | None = None):
+                 request_key: str | None = None, shared: dict | None = None, front_end: str = "agent"):
         self.settings = settings
         self.tenant = tenant
         self.admin = admin
+        self.front_end = front_end  # agent or mcp, as the audit log names it
         # The client's Idempotency-Key for this request: a retried request queues no second job.
         self.request_key = request_key
         self._submits = 0
@@ -246,7 +254,14 @@ class PlatformTools:
 
     def for_caller(self, tenant: str | None, admin: bool, request_key: str | None = None) -> PlatformTools:
         return PlatformTools(self.settings, tenant, self._queue, self._costs, admin=admin, request_key=request_key,
-                             shared=self._shared)
+                             shared=self._shared, front_end=self.front_end)
+
+    def actor(self) -> Actor:
+        """Who acts through these tools: the HTTP request's caller, else this machine's user."""
+        caller = REQUEST_ACTOR.get()
+        if caller is not None:
+            return dataclasses.replace(caller, front_end=self.front_end)
+        return Actor.local(self.front_end, self.tenant)
 
     # ------------------------------------------------------------------ helpers
 
@@ -287,7 +302,7 @@ class PlatformTools:
             self._submits += 1
             key = f"agent:{self.request_key}:{self._submits}"
         job = self.queue.submit(trainer, params, search=search, priority=priority, tenant=self.tenant,
-                                idempotency_key=key)
+                                idempotency_key=key, actor=self.actor())
         return self._job_dict(job)
 
     # ------------------------------------------------------------------ the tools
@@ -331,7 +346,7 @@ class PlatformTools:
         done, refused = [], []
         for job in targets:
             try:
-                done.append(self.queue.cancel(job.id, tenant=self.tenant).id)
+                done.append(self.queue.cancel(job.id, tenant=self.tenant, actor=self.actor()).id)
             except OppenError as exc:  # finished meanwhile, or changing state: say so, cancel the rest
                 refused.append({"job_id": job.id, "reason": str(exc)})
         return {"cancelled": done, "refused": refused}
@@ -423,14 +438,15 @@ class PlatformTools:
         from ray_apps.scheduler.provenance import serve_if_allowed
         from trainers.registry import Selector
 
-        if not self.admin:  # what every tenant is served
-            raise Forbidden("changing the served version needs the admin role; ask an admin of the platform",
-                            "Authorization")
-        if version is not None and alias is not None:
-            raise ToolError("give a version or an alias, not both", "alias")
+        with self.queue.audit.refusals(self.actor(), "model.serve", name, {"version": version, "alias": alias}):
+            if not self.admin:  # what every tenant is served
+                raise Forbidden("changing the served version needs the admin role; ask an admin of the platform",
+                                "Authorization")
+            if version is not None and alias is not None:
+                raise ToolError("give a version or an alias, not both", "alias")
         selector = Selector(alias=alias, version=version)
         # Never beyond the platform's own runs: an override is for the CLI or REST.
-        mv = serve_if_allowed(self.settings.tracking_uri, self.queue.store, name, selector)
+        mv = serve_if_allowed(self.settings.tracking_uri, self.queue.store, name, selector, actor=self.actor())
         action = entry_for(name).endpoint
         return {"name": name, "selector": str(selector), "version": mv.version, "run_id": mv.run_id,
                 "endpoint": f"{self.settings.serve_url}/v1/models/{name}/{action}"}
@@ -483,13 +499,20 @@ class PlatformTools:
         tenant = self.tenant or (job.tenant if job else self.queue.config.default_tenant)
         note = self.memory.remember(tenant, text, trainer=trainer, job_ids=[job.id] if job else [],
                                     run_ids=[job.mlflow_run_id] if job and job.mlflow_run_id else [])
+        self._audit("memory.remember", note["id"], {"text": text[:200], "job_id": job_id}, tenant)
         return {**note, "memory_id": note["id"]}
+
+    def _audit(self, action: str, target: str, params: dict, tenant: str | None) -> None:
+        if self.queue.audit is not None:  # what the agent changed in its memory is an action like the rest
+            self.queue.audit.record(self.actor(), action, target, params, tenant=tenant)
 
     def forget(self, item_id: str) -> dict:
         if item_id.lower() in ("that", "it", "this", "last"):  # the agent resolves these from its thread
             raise NotFound("I haven't recalled or remembered anything in this conversation yet; say which "
                            "memory (its id) to forget", "item_id")
-        return {"forgotten": self.memory.forget(self.tenant, item_id)}
+        forgotten = self.memory.forget(self.tenant, item_id)
+        self._audit("memory.forget", item_id, {}, forgotten.get("tenant"))
+        return {"forgotten": forgotten}
 
     # ------------------------------------------------------------------ the catalogue
 

@@ -8,7 +8,8 @@ cluster can ever give, and stores the job QUEUED. A Ray Tune search is a job too
 (`search=` its settings, trainers.tune.SEARCH_DEFAULTS): its gang is `max_concurrent`
 trials' gangs, and the dispatcher runs it as `python -m trainers.tune`. Only the
 dispatcher moves jobs into Ray; `cancel` may stop a running one. Tenancy: pass `tenant` to see and touch
-only that tenant's jobs.
+only that tenant's jobs. Every submit and cancel, accepted or refused, is one record of the audit log
+(`ray_apps.audit`), by the `actor` the front-end names (without one: this process's user, front-end `api`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from ray_apps.audit import Actor, AuditLog
 from ray_apps.ray_client import job_client
 from ray_apps.config import Settings
 from ray_apps.scheduler.capacity import Capacity, read_capacity
@@ -80,21 +82,50 @@ class Queue:
     config: QueueConfig
     store: JobStore
     topology: Topology = field(default_factory=Topology)
+    # The audit log in the same database; None: nothing is audited (a benchmark's baseline).
+    audit: AuditLog | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.audit is None:
+            self.audit = AuditLog(self.store.engine, reads=self.settings.audit.reads)
 
     @classmethod
     def from_settings(cls, settings: Settings, config: QueueConfig | None = None) -> Queue:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         return cls(settings, config or load_queue_config(settings.queue_file), JobStore(store_url(settings)), settings.topology())
 
+    def _audit(self, actor: Actor | None, action: str, target: str | None, params: dict, *, tenant: str | None,
+               refused: Exception | None = None) -> None:
+        if self.audit is not None:
+            self.audit.record(actor or Actor.local("api"), action, target, params, tenant=tenant,
+                              outcome="refused" if refused else "ok", reason=str(refused or ""))
+
     # ------------------------------------------------------------------ submit
 
     def submit(self, trainer: str, params: dict[str, Any], *, search: dict[str, Any] | None = None,
                priority: str | None = None, tenant: str | None = None,
-               idempotency_key: str | None = None) -> JobRecord:
+               idempotency_key: str | None = None, actor: Actor | None = None) -> JobRecord:
         """Validate and enqueue a training job, or with `search` a Ray Tune search whose trials use
         `params` (fixed) and the search's space. Raises QueueError (bad input), Infeasible (never fits),
         RateLimited, or Conflict (an idempotency key reused for another request). A key the tenant used
-        before returns the job that first request made, so a client may retry a submit whose answer it lost."""
+        before returns the job that first request made, so a client may retry a submit whose answer it lost.
+        Audited as `job.submit` by `actor`: a rejected request too, with its reason."""
+        asked = {"trainer": trainer, "params": params, "priority": priority,
+                 **({"search": search} if search is not None else {}),
+                 **({"idempotency_key": idempotency_key} if idempotency_key else {})}
+        job = None  # a request that never fits is stored REJECTED: its refusal names that job
+        try:
+            job = self._enqueue(trainer, params, search, priority, tenant, idempotency_key)
+            answered = _as_answered(job)
+        except Exception as exc:
+            self._audit(actor, "job.submit", job.id if job else None, asked, refused=exc,
+                        tenant=job.tenant if job else tenant or self.config.default_tenant)
+            raise
+        self._audit(actor, "job.submit", job.id, asked, tenant=job.tenant)
+        return answered
+
+    def _enqueue(self, trainer: str, params: dict[str, Any], search: dict[str, Any] | None, priority: str | None,
+                 tenant: str | None, idempotency_key: str | None) -> JobRecord:
         spec = _spec(trainer, params)
         priority = priority or self.config.default_priority
         if priority not in self.config.priorities:
@@ -119,7 +150,7 @@ class Queue:
             except KeyReused as exc:
                 raise Conflict(str(exc), field="Idempotency-Key") from None
             if first is not None:
-                return _as_answered(first)
+                return first
         self._check_rate(tenant)
         reason = self._never_fits(gang, tenant)
         state = JobState.REJECTED if reason else JobState.QUEUED
@@ -130,7 +161,7 @@ class Queue:
                                  state=state, message=reason or "", idempotency=idempotency, search=search)
         except KeyReused as exc:
             raise Conflict(str(exc), field="Idempotency-Key") from None
-        return _as_answered(job)
+        return job
 
     def _check_rate(self, tenant: str) -> None:
         limit = self.config.submit_rate_per_minute
@@ -195,10 +226,19 @@ class Queue:
 
     # ------------------------------------------------------------------ cancel
 
-    def cancel(self, job_id: str, *, tenant: str | None = None) -> JobRecord:
+    def cancel(self, job_id: str, *, tenant: str | None = None, actor: Actor | None = None) -> JobRecord:
         """Mark the job CANCELLED and ask Ray to stop it. The dispatcher stops any Ray job of a cancelled
         record every cycle until Ray confirms, so a cancel that races an admission, or whose stop fails
-        here (Ray does not know the job yet, or is away), still ends the job in Ray."""
+        here (Ray does not know the job yet, or is away), still ends the job in Ray. Audited as `job.cancel`."""
+        try:
+            job = self._cancel(job_id, tenant)
+        except Exception as exc:
+            self._audit(actor, "job.cancel", job_id, {}, tenant=tenant, refused=exc)
+            raise
+        self._audit(actor, "job.cancel", job.id, {}, tenant=job.tenant)
+        return job
+
+    def _cancel(self, job_id: str, tenant: str | None) -> JobRecord:
         for _ in range(5):  # the dispatcher may move the job between our read and our write
             job = self.get(job_id, tenant=tenant)
             if job.state.is_terminal():

@@ -26,6 +26,8 @@ Invariants (see also `store` and `policy`):
 - Metering: each attempt's start and end as Ray timed them go to the store; a
   finished job's cost is frozen there and written to its MLflow run
   (`ray_apps.costs`), retried each cycle until MLflow takes it.
+- Audit: each decision (admit, preempt, requeue) is a record of the audit log by
+  `system` through the front-end `dispatcher`, for the job's tenant.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from pathlib import Path
 from queue import SimpleQueue
 
 from ray_apps.agent.memory import OutcomeRecorder
+from ray_apps.audit import SYSTEM
 from ray_apps.autoscaler import ResourceRequester
 from ray_apps.ray_client import PlatformError, mlflow_healthy
 from ray_apps.scheduler import policy
@@ -260,6 +263,7 @@ class Dispatcher:
                 elif job.state in (JobState.RUNNING, JobState.PREEMPTING):  # lost with a restarted head
                     self.queue.store.transition(job.id, JobState.QUEUED, expect=job.state,
                                                 message="not known to Ray (head restarted?); requeued to resume")
+                    self._audit("job.requeue", job, "not known to Ray (head restarted?); requeued to resume")
                     # Billed to the last moment it was seen running, not to when its loss was noticed.
                     self.queue.store.attempt_ended(job.id, job.attempt, self._alive_at.pop(job.id, time.time()))
                     report.requeued.append(job.id)
@@ -281,6 +285,7 @@ class Dispatcher:
                 if job.state is JobState.PREEMPTING and status != "SUCCEEDED":
                     self.queue.store.transition(job.id, JobState.QUEUED, expect=job.state,
                                                 message="preempted; resumes from its last checkpoint")
+                    self._audit("job.requeue", job, "preempted; resumes from its last checkpoint")
                     report.requeued.append(job.id)
                     return
                 final = JobState.SUCCEEDED if status == "SUCCEEDED" else JobState.FAILED
@@ -322,6 +327,7 @@ class Dispatcher:
                                               message="preempted by a higher-priority job")
         except InvalidTransition:
             return False
+        self._audit("job.preempt", job, job.message)
         self._stop(job.ray_submission_id)  # retried by _reconcile while Ray still runs it
         log.info("preempting %s", job_id)
         return True
@@ -343,9 +349,16 @@ class Dispatcher:
                                               message=f"admitted (attempt {attempt})", **fields)
         except InvalidTransition:
             return False
+        self._audit("job.admit", job, job.message, ray_submission_id=job.ray_submission_id)
         self._submit(job)
         log.info("admitted %s as %s", job_id, job.ray_submission_id)
         return True
+
+    def _audit(self, action: str, job: JobRecord, reason: str, **params) -> None:
+        """The dispatcher's own decision, for the job's tenant to read."""
+        if self.queue.audit is not None:
+            self.queue.audit.record(SYSTEM, action, job.id, {"attempt": job.attempt, **params}, reason=reason,
+                                    tenant=job.tenant)
 
     def _submit(self, job: JobRecord) -> None:
         if self.queue.store.get(job.id).state is not JobState.STARTING:

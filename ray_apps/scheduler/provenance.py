@@ -7,6 +7,7 @@ a version from a run the queue did not start (or adopt) is served only once an a
 
 from __future__ import annotations
 
+from ray_apps.audit import Actor, AuditLog
 from ray_apps.scheduler.store import JobStore
 
 
@@ -22,9 +23,24 @@ def unrecognised(store: JobStore, name: str, version: str, run_id: str | None) -
             '"allow_any_run": true')
 
 
-def serve_if_allowed(tracking_uri: str, store: JobStore, name: str, selector, *, allow_any_run: bool = False):
+def serve_if_allowed(tracking_uri: str, store: JobStore, name: str, selector, *, allow_any_run: bool = False,
+                     actor: Actor | None = None):
     """Point the serving replicas at `selector`, if what it names may be served (RegistryError if not).
-    `allow_any_run` (an admin's choice) records the version as allowed whatever made it."""
+    `allow_any_run` (an admin's choice) records the version as allowed whatever made it. Audited as
+    `model.serve` by `actor` (every front-end that changes what is served comes through here)."""
+    asked = {"selector": str(selector), "allow_any_run": allow_any_run}
+    audit = AuditLog(store.engine)
+    actor = actor or Actor.local("api")
+    try:
+        served = _serve(tracking_uri, store, name, selector, allow_any_run)
+    except Exception as exc:
+        audit.record(actor, "model.serve", name, asked, outcome="refused", reason=str(exc))
+        raise
+    audit.record(actor, "model.serve", name, {**asked, "version": served.version})
+    return served
+
+
+def _serve(tracking_uri: str, store: JobStore, name: str, selector, allow_any_run: bool):
     from trainers.registry import RegistryError, resolve, set_serving
 
     mv = resolve(tracking_uri, name, selector)

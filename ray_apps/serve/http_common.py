@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ray_apps.audit import Actor
 from ray_apps.auth import AuthError, Caller, Role, Users
 from ray_apps.config import is_loopback
 from trainers.errors import OppenError
@@ -276,6 +277,11 @@ def caller_of(users: Users, authorization: str | None, *, role: Role = Role.VIEW
     caller = users.authenticate(authorization)
     caller.require(role, action)
     return caller
+
+
+def actor_of(caller: Caller, request: Request, front_end: str = "rest") -> Actor:
+    """The caller as the audit log names them, with the HTTP client's address."""
+    return Actor(caller.user, caller.tenant, front_end, request.client.host if request.client else None)
 
 
 @functools.cache

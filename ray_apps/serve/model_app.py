@@ -17,14 +17,15 @@ import io
 from typing import Any, Optional
 
 import numpy as np
-from fastapi import FastAPI, Header
+from fastapi import FastAPI, Header, Request
 from pydantic import BaseModel, Field, model_validator
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from ray_apps.audit import AuditLog
 from ray_apps.config import load_settings
 from ray_apps.auth import Role
-from ray_apps.serve.http_common import (ON_HEAD_NODE, answers_errors_as_problems, caller_of, errors,
+from ray_apps.serve.http_common import (ON_HEAD_NODE, actor_of, answers_errors_as_problems, caller_of, errors,
                                         limit_body_size, loopback_hosts_only, require_token, root_without_slash,
                                         settings_users)
 from ray_apps.serve.served_models import LlmModel, MnistModel
@@ -137,6 +138,7 @@ class ModelAPI:
         self.models = {MNIST: mnist, LLM: llm}
         self.settings = load_settings()
         self.store = JobStore(store_url(self.settings))  # which runs the queue's jobs made
+        self.audit = AuditLog(self.store.engine)
 
     @app.get("/health")
     def health(self) -> dict:
@@ -184,13 +186,18 @@ class ModelAPI:
         return out
 
     @app.post("/{name}/serve", responses=errors(404))
-    async def serve_version(self, name: str, req: ServeRequest, authorization: Optional[str] = Header(None)) -> dict:
-        # What every tenant is served: an admin's decision.
-        caller_of(settings_users(), authorization, role=Role.ADMIN, action="changing the served version")
-        if name not in servable():
-            raise unknown_model(name, "serve")
+    async def serve_version(self, name: str, req: ServeRequest, request: Request,
+                            authorization: Optional[str] = Header(None)) -> dict:
+        caller = caller_of(settings_users(), authorization)
+        actor = actor_of(caller, request)
+        with self.audit.refusals(actor, "model.serve", name, req.model_dump()):
+            # What every tenant is served: an admin's decision.
+            caller.require(Role.ADMIN, "changing the served version")
+            if name not in servable():
+                raise unknown_model(name, "serve")
         mv = serve_if_allowed(self.settings.tracking_uri, self.store, name,
-                              Selector(alias=req.alias, version=req.version), allow_any_run=req.allow_any_run)
+                              Selector(alias=req.alias, version=req.version), allow_any_run=req.allow_any_run,
+                              actor=actor)
         return {"name": name, "selector": str(Selector(alias=req.alias, version=req.version)),
                 "version": mv.version, "note": "replicas roll over on their next registry poll"}
 

@@ -12,6 +12,7 @@
     GET    /v1/costs/{id}     a job's metered cost, live while it runs
     POST   /v1/forecast       {"job_id"} or {"trainer", "params"}: remaining time and cost, 90% interval
     GET    /v1/recommendations/{run_id}   measured savings for a finished run
+    GET    /v1/audit          the audit log as JSON lines (?since=7d&tenant=): admins all, others their tenant's
 
 The cost routes are answered by the CostForecaster deployment (ray_apps.serve.cost_service).
 
@@ -20,19 +21,22 @@ tokens configured (`oppen users add`, or `OPPEN_TENANT_TOKENS`; ray_apps/auth.py
 request but the health check and the status page's HTML carries
 `Authorization: Bearer <token>`: viewers read their tenant's data, members also submit
 and cancel, admins see every tenant. Without tokens the platform is loopback only.
+Submits and cancels, accepted or refused, are records of the audit log (ray_apps/audit.py) with the
+caller and the client's address; the read routes too when `audit.reads` is set.
 """
 
 # No `from __future__ import annotations`: FastAPI under Serve's ingress resolves the
 # handlers' annotations outside this module, so they must be real types, not strings.
 from typing import Annotated, Any
 
-from fastapi import FastAPI, Header, Query, Response
+from fastapi import FastAPI, Header, Query, Request, Response
 from fastapi.responses import HTMLResponse
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from ray_apps.config import load_settings
+from ray_apps.costs.report import parse_since
 from ray_apps.observability.status import PAGE as STATUS_PAGE
 from ray_apps.scheduler.api import Queue
 from ray_apps.scheduler.states import JobState
@@ -40,7 +44,7 @@ from ray_apps.scheduler.store import JobRecord
 from ray_apps.scheduler.view import job_view
 from ray_apps.serve.cost_service import CostForecaster
 from ray_apps.auth import Caller, Role
-from ray_apps.serve.http_common import (ON_HEAD_NODE, answers_errors_as_problems, caller_of, errors,
+from ray_apps.serve.http_common import (ON_HEAD_NODE, actor_of, answers_errors_as_problems, caller_of, errors,
                                         limit_body_size, loopback_hosts_only, require_token, settings_users)
 from trainers.errors import Forbidden, NotFound, OppenError, Refused
 
@@ -150,28 +154,38 @@ class PlatformAPI:
         self.settings = load_settings()
         self.queue = Queue.from_settings(self.settings)
 
-    def _tenant(self, authorization: str | None) -> str | None:
-        """The tenant whose data the caller may read (None: all, for admins and local mode)."""
-        return caller_of(settings_users(), authorization).scope
+    def _tenant(self, authorization: str | None, request: Request | None = None, read: str | None = None,
+                target: str | None = None) -> str | None:
+        """The tenant whose data the caller may read (None: all, for admins and local mode). With `read`
+        (the action's name), the read is audited when the settings ask for reads to be."""
+        caller = caller_of(settings_users(), authorization)
+        if read and request is not None and self.queue.audit.reads:
+            self.queue.audit.record_read(actor_of(caller, request), read, target, dict(request.query_params))
+        return caller.scope
 
     @app.post("/v1/jobs", status_code=201, response_model=JobOut, responses=errors(409, 429))
-    def submit(self, body: SubmitJob, authorization: str | None = Header(None),
+    def submit(self, body: SubmitJob, request: Request, authorization: str | None = Header(None),
                idempotency_key: str | None = Header(None, max_length=128, pattern=r"^[\x21-\x7e]+$", description=(
                    "retrying with the same key returns the job the first request made"))) -> JobOut:
-        caller = caller_of(settings_users(), authorization, role=Role.MEMBER, action="submitting a job")
-        tenant = _acting_tenant(caller, body.tenant)
+        caller = caller_of(settings_users(), authorization)
+        actor = actor_of(caller, request)
+        with self.queue.audit.refusals(actor, "job.submit", params=body.model_dump(exclude_none=True)):
+            caller.require(Role.MEMBER, "submitting a job")  # a viewer's attempt is audited as refused
+            tenant = _acting_tenant(caller, body.tenant)
         search = body.search.model_dump() if body.search else None
         job = self.queue.submit(body.trainer, body.params, search=search, priority=body.priority, tenant=tenant,
-                                idempotency_key=idempotency_key)
+                                idempotency_key=idempotency_key, actor=actor)
         return JobOut.of(job)
 
     @app.get("/v1/jobs", response_model=list[JobOut])
-    def list_jobs(self, response: Response, state: JobState | None = None, limit: int = Query(200, ge=1, le=1000),
+    def list_jobs(self, request: Request, response: Response, state: JobState | None = None,
+                  limit: int = Query(200, ge=1, le=1000),
                   after: str | None = Query(None, max_length=64, description="the last job id of the previous page"),
                   authorization: str | None = Header(None)) -> list[JobOut]:
         """The caller's jobs, newest first; the `X-Next-After` header is the `after` of the next page."""
+        tenant = self._tenant(authorization, request, "job.list")
         try:
-            jobs = self.queue.list(tenant=self._tenant(authorization), states=[state] if state else None,
+            jobs = self.queue.list(tenant=tenant, states=[state] if state else None,
                                    limit=limit, newest_first=True, after_id=after)
         except NotFound:
             raise Refused(f"no job {after!r} of yours to continue after", "after") from None
@@ -180,55 +194,78 @@ class PlatformAPI:
         return [JobOut.of(j) for j in jobs]
 
     @app.get("/v1/jobs/{job_id}", response_model=JobDetail, responses=errors(404))
-    def get_job(self, job_id: str, authorization: str | None = Header(None)) -> JobDetail:
-        job = self._get(job_id, authorization)
+    def get_job(self, job_id: str, request: Request, authorization: str | None = Header(None)) -> JobDetail:
+        job = self.queue.get(job_id, tenant=self._tenant(authorization, request, "job.read", job_id))
         events = [EventOut(at=e.at, from_state=e.from_state, to_state=e.to_state, message=e.message)
                   for e in self.queue.store.events(job.id)]
         return JobDetail(**JobOut.of(job).model_dump(), events=events)
 
     @app.delete("/v1/jobs/{job_id}", response_model=JobOut, responses=errors(404, 409))
-    def cancel(self, job_id: str, authorization: str | None = Header(None)) -> JobOut:
-        caller_of(settings_users(), authorization, role=Role.MEMBER, action="cancelling a job")
-        job = self._get(job_id, authorization)
-        return JobOut.of(self.queue.cancel(job.id, tenant=job.tenant))
+    def cancel(self, job_id: str, request: Request, authorization: str | None = Header(None)) -> JobOut:
+        caller = caller_of(settings_users(), authorization)
+        actor = actor_of(caller, request)
+        with self.queue.audit.refusals(actor, "job.cancel", job_id, tenant=caller.scope):
+            caller.require(Role.MEMBER, "cancelling a job")
+        return JobOut.of(self.queue.cancel(job_id, tenant=caller.scope, actor=actor))
 
     @app.get("/v1/gpus")
-    def gpus(self, authorization: str | None = Header(None)) -> dict:
-        self._tenant(authorization)
+    def gpus(self, request: Request, authorization: str | None = Header(None)) -> dict:
+        self._tenant(authorization, request, "gpus.read")
         return vars(self.queue.gpu_availability())
+
+    @app.get("/v1/audit", response_class=Response, responses={
+        200: {"content": {"application/x-ndjson": {}}, "description": "one audit record per line, oldest first"},
+        **errors(403)})
+    def audit(self, request: Request, since: str | None = Query(None, max_length=40, description="7d, 12h or an ISO date"),
+              tenant: str | None = Query(None, max_length=64, description="an admin's filter: one tenant's records"),
+              authorization: str | None = Header(None)) -> Response:
+        """Who did what: admins read every record, others only their own tenant's."""
+        scope = self._tenant(authorization, request, "audit.read")
+        if scope is not None and tenant not in (None, scope):
+            raise Forbidden(f"your token is for tenant {scope!r}, not {tenant!r}", "tenant")
+        try:
+            start = parse_since(since)
+        except Refused as exc:
+            raise Refused(str(exc), "since") from None
+        lines = self.queue.audit.export_jsonl(start, scope or tenant)
+        return Response("".join(lines), media_type="application/x-ndjson")
 
     # ------------------------------------------------------------------ costs (CostForecaster)
 
     @app.get("/v1/costs/report")
-    async def cost_report(self, since: str = "30d", by: str = "tenant,trainer",
+    async def cost_report(self, request: Request, since: str = "30d", by: str = "tenant,trainer",
                           authorization: str | None = Header(None)) -> dict:
-        return _answer(await self.costs.report.remote(since, by, self._tenant(authorization)))
+        tenant = self._tenant(authorization, request, "cost.report")
+        return _answer(await self.costs.report.remote(since, by, tenant))
 
     @app.get("/v1/costs/budget")
-    async def cost_budget(self, budget_usd: float | None = None, since: str | None = None,
+    async def cost_budget(self, request: Request, budget_usd: float | None = None, since: str | None = None,
                           authorization: str | None = Header(None)) -> dict:
-        return _answer(await self.costs.budget.remote(budget_usd, since, self._tenant(authorization)))
+        tenant = self._tenant(authorization, request, "cost.budget")
+        return _answer(await self.costs.budget.remote(budget_usd, since, tenant))
 
     @app.get("/v1/costs/{job_id}", responses=errors(404))
-    async def job_cost(self, job_id: str, authorization: str | None = Header(None)) -> dict:
-        return _answer(await self.costs.job_cost.remote(job_id, self._tenant(authorization)))
+    async def job_cost(self, job_id: str, request: Request, authorization: str | None = Header(None)) -> dict:
+        tenant = self._tenant(authorization, request, "cost.read", job_id)
+        return _answer(await self.costs.job_cost.remote(job_id, tenant))
 
     @app.post("/v1/forecast", responses=errors(404, 409))
-    async def forecast(self, body: ForecastRequest, authorization: str | None = Header(None)) -> dict:
+    async def forecast(self, body: ForecastRequest, request: Request, authorization: str | None = Header(None)) -> dict:
         if bool(body.job_id) == bool(body.trainer):
             raise Refused("give either a job_id, or a trainer (with params) not yet run", "job_id")
-        tenant = self._tenant(authorization)
+        tenant = self._tenant(authorization, request, "cost.forecast", body.job_id or body.trainer)
         return _answer(await self.costs.forecast.remote(body.job_id, body.trainer, body.params, tenant))
 
     @app.get("/v1/recommendations/{run_id}", responses=errors(404, 409))
-    async def recommendations(self, run_id: str, authorization: str | None = Header(None)) -> dict:
-        return _answer(await self.costs.recommendations.remote(run_id, self._tenant(authorization)))
+    async def recommendations(self, run_id: str, request: Request, authorization: str | None = Header(None)) -> dict:
+        tenant = self._tenant(authorization, request, "cost.recommendations", run_id)
+        return _answer(await self.costs.recommendations.remote(run_id, tenant))
 
     # ------------------------------------------------------------------ status page
 
     @app.get("/v1/status")
-    async def status(self, authorization: str | None = Header(None)) -> dict:
-        return _answer(await self.costs.status.remote(self._tenant(authorization)))
+    async def status(self, request: Request, authorization: str | None = Header(None)) -> dict:
+        return _answer(await self.costs.status.remote(self._tenant(authorization, request, "status.read")))
 
     @app.get("/status", response_class=HTMLResponse)
     def status_page(self) -> HTMLResponse:
@@ -238,9 +275,6 @@ class PlatformAPI:
     @app.get("/v1/health")
     def health(self) -> dict:
         return {"status": "ok"}
-
-    def _get(self, job_id: str, authorization: str | None) -> JobRecord:
-        return self.queue.get(job_id, tenant=self._tenant(authorization))
 
 
 def app_builder(args: dict[str, Any]) -> serve.Application:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -176,3 +177,24 @@ def test_one_refusal_reads_the_same_on_every_front_end(api, platform, capsys):
     assert cli.main(["queue", "submit", "mnist", "--epochs", "0"]) == 2
     assert "[refused: params.epochs]" in capsys.readouterr().err
     assert not [j for j in Queue.from_settings(platform).list() if j.params.get("epochs") == 0]
+
+
+def test_a_submit_is_in_the_audit_log_for_its_tenant_and_admins_only(api):
+    created = requests.post(f"{api}/jobs", json={"trainer": "probe", "params": {"seconds": 0}}, headers=A, timeout=30)
+    assert created.status_code == 201, created.text
+    job_id = created.json()["id"]
+
+    def submits(headers, **params):
+        resp = requests.get(f"{api}/audit", params={"since": "1h", **params}, headers=headers, timeout=30)
+        assert resp.status_code == 200 and resp.headers["content-type"].startswith("application/x-ndjson"), resp.text
+        lines = [json.loads(line) for line in resp.text.splitlines()]
+        return lines, [r for r in lines if r["action"] == "job.submit" and r["target"] == job_id]
+
+    mine, (rec,) = submits(A)
+    assert (rec["user"], rec["tenant"], rec["front_end"], rec["source"], rec["outcome"]) == (
+        "team-a", "team-a", "rest", "127.0.0.1", "ok")
+    assert rec["params"]["trainer"] == "probe" and all(r["tenant"] == "team-a" for r in mine)
+    theirs, none = submits(B)
+    assert none == [] and all(r["tenant"] == "team-b" for r in theirs)
+    assert len(submits(ADMIN)[1]) == 1 and len(submits(ADMIN, tenant="team-a")[1]) == 1
+    assert requests.get(f"{api}/audit", params={"tenant": "team-a"}, headers=B, timeout=10).status_code == 403

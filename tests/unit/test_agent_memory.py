@@ -94,6 +94,10 @@ def test_remember_recall_and_forget_that(tools, tmp_path):
     assert gone.tool_calls[0]["args"] == {"item_id": note["id"]} and "Forgotten: the note" in gone.answer
     again = agent.ask("what do you remember about mnist", thread_id="t3", tenant="team-a", admin=False)
     assert "lr 0.003" not in again.answer and "I remember no mnist" in again.answer
+    # Both changes to the memory are actions of the audit log, for team-a, from the agent.
+    changes = [(r["action"], r["target"], r["tenant"], r["front_end"]) for r in tools.queue.audit.export()]
+    assert changes == [("memory.remember", note["id"], "team-a", "agent"),
+                       ("memory.forget", note["id"], "team-a", "agent")]
     # Nothing recalled in a thread: "that" is nothing, and the answer says so.
     lost = agent.ask("forget that", thread_id="t4", tenant="team-a", admin=False)
     assert "error" in lost.tool_calls[0] and "haven't recalled" in lost.answer
