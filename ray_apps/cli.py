@@ -602,17 +602,25 @@ def cmd_models_list(args, settings) -> int:
 
 
 def cmd_models_register(args, settings) -> int:
+    from ray_apps.audit import AuditLog
     from trainers.registry import register_run
 
-    mv = register_run(settings.tracking_uri, args.run_id)
+    audit, asked = AuditLog.from_settings(settings), {"run_id": args.run_id}
+    with audit.refusals(_actor(), "model.register", args.run_id, asked):
+        mv = register_run(settings.tracking_uri, args.run_id)
+    audit.record(_actor(), "model.register", mv.name, {**asked, "version": mv.version})
     print(f"{mv.name} version {mv.version} <- run {mv.run_id}")
     return 0
 
 
 def cmd_models_promote(args, settings) -> int:
+    from ray_apps.audit import AuditLog
     from trainers.registry import promote
 
-    mv = promote(settings.tracking_uri, args.name, args.version, args.alias)
+    audit, asked = AuditLog.from_settings(settings), {"version": args.version, "alias": args.alias}
+    with audit.refusals(_actor(), "model.promote", args.name, asked):  # an alias move: what it serves may change
+        mv = promote(settings.tracking_uri, args.name, args.version, args.alias)
+    audit.record(_actor(), "model.promote", args.name, asked)
     print(f"{args.name}@{args.alias} -> version {mv.version}; replicas serving that alias move within seconds")
     return 0
 
