@@ -6,7 +6,8 @@
 
 Every mutating action, from every front-end (cli, rest, agent, mcp, dispatcher), is one record:
 time, actor (user, tenant, front-end, source address), action (`job.submit`, `job.cancel`,
-`model.serve`, `user.add`, `user.remove`, `job.admit`, `job.preempt`, `job.requeue`), target,
+`model.serve`, `model.promote`, `model.register`, `user.add`, `user.remove`, `memory.remember`,
+`memory.forget`, `job.admit`, `job.preempt`, `job.requeue`), target,
 parameters (secrets redacted), outcome (`ok` or `refused`) and the refusal's reason. A record's
 `tenant` is the tenant the action was for (a job's tenant; the dispatcher's decisions carry the
 job's), else the actor's: tenants read their own records, admins all.
