@@ -9,7 +9,6 @@ cluster can never hold is refused at once instead of waiting silently in Ray.
 from __future__ import annotations
 
 import dataclasses
-import json
 import shlex
 import time
 from dataclasses import dataclass, field
@@ -18,7 +17,7 @@ from typing import Any, Callable
 from ray_apps.ray_client import PlatformError, job_client, mlflow_healthy
 from ray_apps.config import PROJECT_ROOT, Settings
 from ray_apps.scheduler.policy import Gang, infeasibility
-from trainers.driver import PROGRESS, RESULT  # the lines the trainers print
+from trainers.driver import PROGRESS, result_of  # the lines the trainers print
 from trainers.runtime import new_run_name
 from trainers.specs import build_config, spec_for, validated_params
 
@@ -136,7 +135,7 @@ def follow(settings: Settings, submission_id: str, *, on_progress: Callable[[str
                 on_progress(text)
         seen = len(lines)
         if status.is_terminal():
-            result = next((json.loads(l[len(RESULT):]) for l in reversed(lines) if l.startswith(RESULT)), {})
+            result = result_of(lines)
             return JobOutcome(status=status.value, result=result, log_tail=lines[-30:],
                               seconds=time.monotonic() - start)
         if timeout_s is not None and time.monotonic() - start > timeout_s:

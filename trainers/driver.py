@@ -17,7 +17,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from trainers import runtime
 from trainers.data import DataError, default_data_dir
@@ -203,6 +203,20 @@ def fit_and_report(trainer, ctx: RunContext, finish: Callable[[Any], dict]) -> i
     summary = {"run_name": ctx.run_name, "mlflow_run_id": ctx.run_id, "tracking_uri": ctx.uri, **finish(result)}
     print(f"{RESULT} {json.dumps(summary)}", flush=True)
     return 0
+
+
+def result_of(lines: Iterable[str]) -> dict[str, Any]:
+    """The summary `fit` printed as its RESULT line (the last one, wherever Ray's prefix puts it); {}
+    when there is none or it does not parse."""
+    for line in reversed(list(lines)):
+        at = line.find(RESULT)
+        if at >= 0:
+            try:
+                found = json.loads(line[at + len(RESULT):])
+            except ValueError:
+                continue
+            return found if isinstance(found, dict) else {}
+    return {}
 
 
 def _register(ctx: RunContext) -> str | None:

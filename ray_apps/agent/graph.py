@@ -33,14 +33,13 @@ from langgraph.graph.message import add_messages
 from ray_apps.agent.answers import answer
 from ray_apps.agent.llm_client import ChatModel, ModelError
 from ray_apps.agent.router import Router
-from ray_apps.agent.tools import PlatformTools, tool_problem
+from ray_apps.agent.tools import REFERENCES, PlatformTools, tool_problem
 from trainers.errors import OppenError
 
 MAX_MODEL_ROUNDS = 4
 HISTORY_FOR_MODEL = 20  # messages of the thread a model sees
 KEEP_MESSAGES = 60      # a thread keeps its last messages: each turn's checkpoint must not grow forever
 MAX_THREADS = 1000      # threads kept in the SQLite file; the least recently used go first
-REFERENCES = ("that", "it", "this", "last")
 SYSTEM = ("You operate Oppen, an ML training platform on Ray. Use the tools to act; never invent job ids, "
           "costs or metrics. Trainers: mnist, llm. Answer briefly with the figures the tools returned. For what "
           "happened before (past failures, settings that worked, what the user asked you to remember) use "

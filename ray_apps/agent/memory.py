@@ -23,6 +23,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterable
 
+from trainers.driver import result_of
 from trainers.errors import NotFound
 from trainers.specs import TRAINERS, router_phrases, router_words
 
@@ -104,21 +105,6 @@ def fingerprint(trainer: str, lines: Iterable[str], message: str = "") -> dict[s
     return {"id": f"fail-{digest}", "error_type": error_type, "line": normal, "example": line[:300]}
 
 
-def result_line(lines: Iterable[str]) -> dict[str, Any]:
-    """The trainer's OPPEN_RESULT summary (metrics, MLflow run id), the last one printed."""
-    from trainers.driver import RESULT
-
-    for line in reversed(list(lines)):
-        at = line.find(RESULT)
-        if at >= 0:
-            try:
-                found = json.loads(line[at + len(RESULT):])
-            except ValueError:
-                continue
-            return found if isinstance(found, dict) else {}
-    return {}
-
-
 def trainer_named(text: str) -> str | None:
     """The one user trainer a note names ("mnist", "digits", "the language model"), if any."""
     low = text.lower()
@@ -171,7 +157,7 @@ class Memory:
     def record_outcome(self, job, lines: list[str], cost_usd: float | None = None) -> dict:
         """A finished job's outcome, and for a failure its fingerprint counted; idempotent per job."""
         now = time.time()
-        result = result_line(lines)
+        result = result_of(lines)
         metric = getattr(TRAINERS.get(job.trainer), "val_metric", None)
         value = result.get(metric)
         if value is None and isinstance(result.get("best"), dict):  # a search: its best trial

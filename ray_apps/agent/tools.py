@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from ray_apps.audit import Actor
 from ray_apps.config import Settings
+from ray_apps.scheduler.view import job_view
 from trainers.errors import Forbidden, NotFound, OppenError, Refused
 from trainers.specs import (
     TRAINERS,
@@ -36,6 +37,9 @@ from trainers.specs import (
 # Trainers a user may start: the real workloads, not the scheduler's synthetic probe.
 USER_TRAINERS = user_trainers()
 
+
+# What "forget that" may say instead of an id: the memory the thread last named (graph.py resolves it).
+REFERENCES = ("that", "it", "this", "last")
 
 # The HTTP caller of this request (user, source address), set around the agent's turn by its front-end.
 REQUEST_ACTOR: ContextVar[Actor | None] = ContextVar("oppen_request_actor", default=None)
@@ -288,12 +292,6 @@ class PlatformTools:
                 return matches[0]
             raise NotFound(f"there is no job {job_id!r}" + (" of yours" if self.tenant else ""), "job_id") from None
 
-    @staticmethod
-    def _job_dict(job) -> dict:
-        from ray_apps.scheduler.view import job_view
-
-        return job_view(job)
-
     def _submit(self, trainer: str, params: dict, priority: str | None, search: dict | None = None) -> dict:
         """Queue a job (with `search`: a Ray Tune search) as the caller's tenant."""
         params = self._validated(trainer, params)
@@ -303,7 +301,7 @@ class PlatformTools:
             key = f"agent:{self.request_key}:{self._submits}"
         job = self.queue.submit(trainer, params, search=search, priority=priority, tenant=self.tenant,
                                 idempotency_key=key, actor=self.actor())
-        return self._job_dict(job)
+        return job_view(job)
 
     # ------------------------------------------------------------------ the tools
 
@@ -315,7 +313,7 @@ class PlatformTools:
 
     def get_training_status(self, job_id: str, trainer: str | None = None) -> dict:
         job = self._job(job_id, trainer)
-        out = self._job_dict(job)
+        out = job_view(job)
         if job.mlflow_run_id:
             try:
                 metrics = self.costs.mlflow.get_run(job.mlflow_run_id).data.metrics
@@ -332,7 +330,7 @@ class PlatformTools:
         by_state: dict[str, int] = {}
         for j in jobs:
             by_state[j.state.value] = by_state.get(j.state.value, 0) + 1
-        return {"by_state": by_state, "jobs": [self._job_dict(j) for j in jobs[:20]], "total": len(jobs)}
+        return {"by_state": by_state, "jobs": [job_view(j) for j in jobs[:20]], "total": len(jobs)}
 
     def cancel_job(self, job_id: str | None = None, scope: str | None = None) -> dict:
         from ray_apps.scheduler.states import JobState
@@ -474,12 +472,16 @@ class PlatformTools:
     def _preemptions(self, tenant: str | None, since: str, trainer: str | None) -> dict:
         """Preemptions of the tenant's jobs over a period, from the queue's job events."""
         from ray_apps.costs.report import parse_since
+        from ray_apps.scheduler.states import JobState
 
         cutoff = parse_since(since) or 0.0
         jobs = self.queue.store.list(tenant=tenant, ended_after=cutoff, newest_first=True, limit=500)
+        preempted: dict[str, list] = {}
+        for event in self.queue.store.events_into(JobState.PREEMPTING, cutoff):
+            preempted.setdefault(event.job_id, []).append(event)
         hits = []
         for job in jobs:
-            events = [e for e in self.queue.store.events(job.id) if e.to_state == "PREEMPTING" and e.at >= cutoff]
+            events = preempted.get(job.id)
             if events and trainer in (None, job.trainer):
                 hits.append({"job_id": job.id, "tenant": job.tenant, "trainer": job.trainer, "priority": job.priority,
                              "times": len(events), "state": job.state.value, "last_at": events[-1].at,
@@ -507,7 +509,7 @@ class PlatformTools:
             self.queue.audit.record(self.actor(), action, target, params, tenant=tenant)
 
     def forget(self, item_id: str) -> dict:
-        if item_id.lower() in ("that", "it", "this", "last"):  # the agent resolves these from its thread
+        if item_id.lower() in REFERENCES:  # the agent resolves these from its thread
             raise NotFound("I haven't recalled or remembered anything in this conversation yet; say which "
                            "memory (its id) to forget", "item_id")
         forgotten = self.memory.forget(self.tenant, item_id)

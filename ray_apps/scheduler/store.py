@@ -438,6 +438,14 @@ class JobStore:
                                                    to_state=to.value, message=message))
         return self.get(job_id)
 
+    def events_into(self, state: JobState, since: float) -> list[JobEvent]:
+        """Every change of any job into `state` since then, oldest first: one query for a report
+        over many jobs."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(job_events).where(job_events.c.to_state == state.value,
+                                                         job_events.c.at >= since).order_by(job_events.c.seq))
+            return [JobEvent(r.job_id, r.at, r.from_state, r.to_state, r.message) for r in rows]
+
     def events(self, job_id: str) -> list[JobEvent]:
         with self.engine.connect() as conn:
             rows = conn.execute(select(job_events).where(job_events.c.job_id == job_id)

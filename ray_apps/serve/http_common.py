@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ray_apps.audit import Actor
 from ray_apps.auth import AuthError, Caller, Role, Users
 from ray_apps.config import is_loopback
-from trainers.errors import OppenError
+from trainers.errors import KINDS, OppenError
 
 MAX_BODY_BYTES = 64 * 1024
 
@@ -79,8 +79,7 @@ def root_without_slash(app: FastAPI) -> None:
 
 
 class ProblemDetail(BaseModel):
-    kind: str = Field(description="refused, infeasible, not_found, conflict, rate_limited, unavailable, "
-                                  "unauthenticated, forbidden, too_large, wrong_host")
+    kind: str = Field(description=", ".join([*KINDS, "wrong_host"]))
     field: str | None = Field(description="the input at fault, e.g. params.epochs, job_id, Authorization")
     reason: str = Field(description="what is wrong and, where it helps, how to fix it")
 
@@ -107,10 +106,11 @@ def _error_answer(request: Request, exc: OppenError) -> JSONResponse:
 def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
     """FastAPI's own checks (types, bounds, unknown keys) answer in the platform's shape: one field,
     named as the client wrote it (`params.epochs`, `limit`), and why."""
-    first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+    found = exc.errors()
+    first = found[0] if found else {"loc": (), "msg": "invalid request"}
     loc = [str(part) for part in first.get("loc", ())]
     field = ".".join(loc[1:] if loc and loc[0] in ("body", "query", "path", "header") else loc) or None
-    more = len(exc.errors()) - 1
+    more = len(found) - 1
     reason = first.get("msg", "invalid") + (f" (and {more} more problem{'s' * (more > 1)})" if more > 0 else "")
     return problem_response(422, "refused", field, reason)
 

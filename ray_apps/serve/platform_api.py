@@ -47,6 +47,7 @@ from ray_apps.auth import Caller, Role
 from ray_apps.serve.http_common import (ON_HEAD_NODE, actor_of, answers_errors_as_problems, caller_of, errors,
                                         limit_body_size, loopback_hosts_only, require_token, settings_users)
 from trainers.errors import Forbidden, NotFound, OppenError, Refused
+from trainers.tune import MAX_CONCURRENT, MAX_SAMPLES, MAX_SPACE_ITEM_CHARS, MAX_SPACE_ITEMS
 
 app = FastAPI(title="Oppen platform API", version="1",
               description="A durable priority queue with quotas and preemption in front of Ray.")
@@ -57,12 +58,13 @@ class SearchSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    num_samples: int = Field(4, ge=1, le=256, description="trials to draw")
-    max_concurrent: int = Field(1, ge=1, le=64, description="trials at once; the job holds this many trials' gangs")
+    num_samples: int = Field(4, ge=1, le=MAX_SAMPLES, description="trials to draw")
+    max_concurrent: int = Field(1, ge=1, le=MAX_CONCURRENT,
+                                description="trials at once; the job holds this many trials' gangs")
     budget_usd: float | None = Field(None, gt=0, allow_inf_nan=False,
                                      description="stop launching trials once they have spent this")
-    space: list[Annotated[str, Field(min_length=3, max_length=200)]] | None = Field(
-        None, min_length=1, max_length=32,
+    space: list[Annotated[str, Field(min_length=3, max_length=MAX_SPACE_ITEM_CHARS)]] | None = Field(
+        None, min_length=1, max_length=MAX_SPACE_ITEMS,
         description="name=kind:args items, e.g. lr=loguniform:1e-4:1e-2 (default: the trainer's)")
     search_seed: int = Field(0, ge=0, le=2**31 - 1)
     grace_period: int = Field(1, ge=1, le=10_000, description="ASHA: reports before a trial may be stopped")
