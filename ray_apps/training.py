@@ -166,7 +166,9 @@ def follow_queued(queue, job_id: str, *, on_progress: Callable[[str], None] = pr
         if job.state.is_terminal() or left() == 0.0:
             return dataclasses.replace(outcome, status=job.state.value, seconds=time.monotonic() - start)
         status = f"{job.state.value}: {job.message}" if job.message else job.state.value
-        if status != said:
+        # Ray has said the attempt ended; the queue's record catches up within a dispatcher cycle.
+        catching_up = attempt in followed and job.state is JobState.RUNNING
+        if status != said and not catching_up:
             on_progress(f"job {job_id}: {status}")
             said = status
         time.sleep(poll_s)
