@@ -256,6 +256,17 @@ def cmd_queue_show(args, settings) -> int:
     return 0
 
 
+def cmd_queue_why(args, settings) -> int:
+    print(_queue(settings).why(args.job_id, tenant=args.tenant).text())
+    return 0
+
+
+def cmd_queue_over_budget(args, settings) -> int:
+    job = _queue(settings).allow_over_budget(args.job_id, actor=_actor())
+    print(f"{job.id}: may start past tenant {job.tenant}'s budget")
+    return 0
+
+
 def cmd_queue_cancel(args, settings) -> int:
     job = _queue(settings).cancel(args.job_id, tenant=args.tenant, actor=_actor())
     print(f"{job.id}: {job.state.value}")
@@ -489,6 +500,10 @@ def build_parser() -> argparse.ArgumentParser:
         tp.set_defaults(func=cmd_queue_submit, spec_fields=set(spec.__dataclass_fields__))
     for action, func, helptext in (("list", cmd_queue_list, "jobs waiting or running"),
                                    ("show", cmd_queue_show, "one job and its events"),
+                                   ("why", cmd_queue_why, "why a job waits, its place in line and when it "
+                                                          "should start"),
+                                   ("allow-over-budget", cmd_queue_over_budget,
+                                    "(admin) let a queued job start past its tenant's budget"),
                                    ("cancel", cmd_queue_cancel, "cancel a queued or running job"),
                                    ("logs", cmd_queue_logs, "the job's Ray logs")):
         ap = qsub.add_parser(action, help=helptext)

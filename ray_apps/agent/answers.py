@@ -44,6 +44,17 @@ def _queue(r: dict) -> str:
     return f"You have {r['total']} job(s) in flight: {states}. {jobs}."
 
 
+def _why(r: dict) -> str:
+    from ray_apps.scheduler.why import start_text
+
+    if r["state"] != "QUEUED":
+        return f"Job {r['id']} is not waiting: it is {r['state']} ({r['reason']})."
+    where = f" It is number {r['position']} of {r['of']} queued {r['priority']} jobs." if r.get("position") else ""
+    est = r.get("start_in_s")
+    when = start_text(None if est is None else (est["low"], est["mid"], est["high"]))
+    return f"Job {r['id']} waits ({r['kind']}): {r['reason']}.{where} Estimated start: {when}."
+
+
 def _cancel(r: dict) -> str:
     parts = [f"Cancelled {len(r['cancelled'])} job(s)" + (f": {', '.join(r['cancelled'])}" if r["cancelled"] else "")]
     if r["refused"]:
@@ -240,7 +251,7 @@ def _forgotten(r: dict) -> str:
 
 ANSWERS: dict[str, Callable[[dict], str]] = {
     "trigger_training_job": _submitted, "queue_training_job": _submitted, "get_training_status": _status,
-    "get_job_queue_status": _queue, "cancel_job": _cancel, "list_mlflow_experiments": _experiments,
+    "get_job_queue_status": _queue, "why_is_job_waiting": _why, "cancel_job": _cancel, "list_mlflow_experiments": _experiments,
     "get_experiment_metrics": _metrics, "calculate_training_cost": _cost, "get_cost_report": _report,
     "check_training_budget": _budget, "forecast_training_cost": _forecast,
     "recommend_cost_optimization": _advice, "get_gpu_availability": _gpus, "validate_job_resources": _validate,

@@ -53,7 +53,7 @@ recommendations optimize optimise saving savings cheaper validate feasible searc
 hyperparameters sweep finetune epochs epoch steps learning rate batch size workers worker priority high normal urgent
 report week month today jobs job last latest pending waiting finished done please model models dollars
 deploy registered registry version versions champion promote
-remember forget memory memories before worked failed failure failures preempted preemption
+remember forget memory memories before worked failed failure failures preempted preemption why stuck
 """.split()) | set(user_trainers()))  # a trainer's name is worth fixing a typo towards ("mnsit")
 TRAINER_WORDS = router_words()
 TRAINER_PHRASES = router_phrases()
@@ -224,7 +224,8 @@ def _job_ref(raw: str, text: str, context: dict) -> str | None:
     if m:
         return m.group(0)
     m = re.search(r"\bjob\s+#?([0-9a-z]{1,12})\b", text)
-    if m and m.group(1) not in ("status", "queue", "cost", "costs", "is", "was", "will", "did"):
+    if m and m.group(1) not in ("status", "queue", "cost", "costs", "is", "was", "will", "did", "still", "stuck",
+                                "waiting", "queued", "pending", "not", "hasn"):
         return m.group(1)
     # "the last job", not "the last 3 days" / "last week"
     if re.search(r"\b(?:last|latest|most recent|previous)\b(?!\s+(?:\d|days?|weeks?|months?|hours?|years?)\b)", text):
@@ -414,6 +415,10 @@ class Router:
             return Decision("call", "validate_job_resources", {"trainer": trainer, "params": params})
         if _has(text, "gpus?", "accelerators?", "cuda") and not trainer:
             return Decision("call", "get_gpu_availability", {})
+        if _has(text, "why") and _has(text, "waiting", "pending", "queued", "stuck", "not running", "not started",
+                                      "wait", "hasn't started", "not start", "still queued"):
+            return Decision("call", "why_is_job_waiting",
+                            {"job_id": job or "last", **({"trainer": trainer} if trainer and not job else {})})
         if _has(text, "queue", "waiting", "pending", "what's running", "what is running", "my jobs", "jobs") and \
                 not _has(text, "train", "start", "launch", "submit") and not job:
             return Decision("call", "get_job_queue_status", {})

@@ -332,6 +332,10 @@ class PlatformTools:
             by_state[j.state.value] = by_state.get(j.state.value, 0) + 1
         return {"by_state": by_state, "jobs": [job_view(j) for j in jobs[:20]], "total": len(jobs)}
 
+    def why_is_job_waiting(self, job_id: str, trainer: str | None = None) -> dict:
+        job = self._job(job_id, trainer)
+        return self.queue.why(job.id, tenant=self.tenant).as_dict()
+
     def cancel_job(self, job_id: str | None = None, scope: str | None = None) -> dict:
         from ray_apps.scheduler.states import JobState
 
@@ -525,6 +529,9 @@ class PlatformTools:
             ("queue_training_job", "Queue a training job with a priority (high, normal, low).", QueueArgs),
             ("get_training_status", "State, progress and latest metrics of a job ('last' for the latest).", JobRef),
             ("get_job_queue_status", "The caller's waiting and running jobs, by state.", NoArgs),
+            ("why_is_job_waiting", "Why a job waits ('last' for the latest): the blocking reason (quota, cohort, "
+                                   "budget, capacity, packing, nodes, behind a reserved job...), its position in "
+                                   "its priority class and an estimated start with an interval.", JobRef),
             ("cancel_job", "Cancel one job, or all of the caller's queued jobs (scope='queued').", CancelArgs),
             ("list_mlflow_experiments", "The MLflow experiments.", NoArgs),
             ("get_experiment_metrics", "Recent runs of an experiment with a metric, or one run's metrics.",

@@ -14,6 +14,7 @@ from ray_apps.scheduler.view import job_view
 
 PAGE = Path(__file__).with_name("status.html")
 RECENT = 20
+SHOWN_WAITS = 100  # queued jobs whose wait is explained on the page (two small queries each)
 
 
 def _links(settings, job, experiments: dict[str, str | None], costs) -> dict[str, str | None]:
@@ -41,7 +42,9 @@ def snapshot(costs, settings, tenant: str | None = None, now: float | None = Non
     now = time.time() if now is None else now
     queue, experiments = costs.queue, {}
     open_jobs = queue.list(tenant=tenant, states=[JobState.QUEUED, *ACTIVE])
-    queued = [_job(j, now) for j in open_jobs if j.state is JobState.QUEUED]
+    waiting = [j for j in open_jobs if j.state is JobState.QUEUED]
+    queued = [{**_job(j, now), "why": queue.why(j.id, now=now).as_dict() if i < SHOWN_WAITS else None}
+              for i, j in enumerate(waiting)]
     running = []
     for job in (j for j in open_jobs if j.state in ACTIVE):
         row = {**_job(job, now), "links": _links(settings, job, experiments, costs)}

@@ -258,6 +258,22 @@ class Queue:
                 pass
         return job
 
+    def allow_over_budget(self, job_id: str, *, actor: Actor | None = None) -> JobRecord:
+        """An admin's override: this queued job may start past its tenant's budget. Audited as
+        `job.budget_override`."""
+        try:
+            job = self.store.allow_over_budget(job_id)
+        except Exception as exc:
+            self._audit(actor, "job.budget_override", job_id, {}, tenant=None, refused=exc)
+            raise
+        self._audit(actor, "job.budget_override", job.id, {}, tenant=job.tenant)
+        return job
+
+    def why(self, job_id: str, *, tenant: str | None = None, now: float | None = None):
+        from ray_apps.scheduler.why import why
+
+        return why(self, job_id, tenant=tenant, now=now)
+
     # ------------------------------------------------------------------ GPUs
 
     def gpu_availability(self) -> GpuAvailability:

@@ -15,9 +15,16 @@ Invariants (see also `store` and `policy`):
   autoscaler (the bundles of every active gang plus the waiting ones, since Ray
   sizes the cluster for the whole ask) and admitted when the nodes have joined;
   the ask is withdrawn when no job waits for nodes, so idle nodes scale down.
-- Preemption: RUNNING -> PREEMPTING, `stop_job`; once Ray reports it stopped the
-  job is QUEUED again and its next attempt resumes from its last checkpoint (a
+- Preemption: RUNNING -> PREEMPTING and a drain request (`trainers.drain`, in Ray's
+  GCS): the trainer checkpoints at its next step and exits; a victim still running
+  `drain_grace_s` later (or a search, which does not drain) gets `stop_job`. Once
+  Ray reports it ended the job is QUEUED again, the work it lost since its last
+  checkpoint is recorded, and its next attempt resumes from that checkpoint (a
   search's next attempt restarts the search under the same parent run).
+- Policy inputs (`inputs`): forecasts of queued jobs (computed off the cycle's path
+  when a job is first seen), decayed usage, budgets' spend, checkpoint times.
+- Visibility: every queued job's wait (kind, reason, position in its class and an
+  estimated start with an interval) is published to the store for `queue why`.
 - Searches: a job with `search` settings runs as `python -m trainers.tune` over its
   trainer, holding `max_concurrent` trials' gangs from admission to its end.
 - Adoption: every ADOPT_S, a catalogued trainer job in Ray's job list that the
@@ -44,14 +51,17 @@ from queue import SimpleQueue
 from ray_apps.agent.memory import OutcomeRecorder
 from ray_apps.audit import SYSTEM
 from ray_apps.autoscaler import ResourceRequester
+from ray_apps.costs.forecast import ForecastError
 from ray_apps.ray_client import PlatformError, mlflow_healthy
 from ray_apps.scheduler import policy
 from ray_apps.scheduler.adoption import ADOPTED_PRIORITY, adopt_unknown
 from ray_apps.scheduler.api import Queue, ray_submission_id
 from ray_apps.scheduler.capacity import Capacity
+from ray_apps.scheduler.inputs import PolicyInputs, checkpoints_of
 from ray_apps.scheduler.states import ACTIVE, JobState
-from ray_apps.scheduler.store import InvalidTransition, JobRecord
+from ray_apps.scheduler.store import InvalidTransition, JobRecord, WaitRow
 from ray_apps.training import create_run, entrypoint_for, submit_entrypoint
+from trainers import drain
 from trainers.specs import spec_for
 
 log = logging.getLogger("oppen.dispatcher")
@@ -60,6 +70,7 @@ NODE_SAMPLE_S = 10.0  # how often the worker groups' nodes are counted into node
 ADOPT_S = 5.0         # how often Ray's job list is read for jobs submitted around the queue
 MLFLOW_CHECK_S = 1.0  # a stalled MLflow must not stall the cycle
 PRUNE_S = 60.0        # how often REJECTED requests past their retention are forgotten
+ESTIMATE_MAX_QUEUE = 2000  # start estimates for queues up to this long (positions for any length)
 
 
 @dataclass
@@ -70,6 +81,7 @@ class CycleReport:
     requeued: list[str] = field(default_factory=list)
     metered: list[str] = field(default_factory=list)
     adopted: list[str] = field(default_factory=list)
+    rejected: list[str] = field(default_factory=list)
 
 
 def _gang(job: JobRecord) -> policy.Gang:
@@ -90,15 +102,18 @@ class Dispatcher:
         self.queue = queue
         self.costs = CostService(queue, load_catalog(queue.settings.costs_file))  # meters finished jobs
         self.memory = OutcomeRecorder(queue, self.costs.meter)  # finished jobs to the agent's memory; never raises
+        self.inputs = PolicyInputs(queue, self.costs.meter, self.costs.catalog)
         self._client = None
         self._requester = (ResourceRequester(queue.settings.gcs_address) if queue.topology.autoscaling
                            else None)
-        self.waiting: dict[str, str] = {}  # why each queued job waited, as of the last cycle
+        self.waiting: dict[str, policy.Wait] = {}  # why each queued job waited, as of the last cycle
+        self._published: dict[str, WaitRow] = {}   # what the store holds of it
         self._nodes_sampled_at: float | None = None
         self._adopted_at: float | None = None
         self._pruned_at = 0.0
         self._alive_at: dict[str, float] = {}  # when Ray last reported each active job alive
-        self._to_forecast: SimpleQueue[str] | None = None  # admitted jobs whose pre-start forecast to record
+        self._to_forecast: SimpleQueue[str] | None = None  # queued jobs whose pre-start forecast to record
+        self._forecast_asked: set[str] = set()
 
     @property
     def client(self):
@@ -139,30 +154,95 @@ class Dispatcher:
         queued = self.queue.store.list(states=[JobState.QUEUED])
         if not queued:
             self.waiting = {}
+            self._publish({}, now)
             if self._requester is not None and self._requester.current:  # an idle queue never calls Ray
                 self._requester.withdraw()
             self._sample_nodes(now)
             return report
         capacity = self.queue.capacity()
         self._sample_nodes(now, capacity)
+        self._forecast_later([j.id for j in queued])
         held = self._waiting_for_mlflow(queued)
-        queued = [j for j in queued if j.id not in held]
-        plan = policy.plan(
-            [policy.QueuedJob(j.id, j.tenant, j.priority, j.submitted_at, _gang(j)) for j in queued],
-            [policy.RunningJob(j.id, j.tenant, self._policy_class(j), j.started_at or j.submitted_at, _gang(j))
-             for j in active if j.state is not JobState.PREEMPTING],
-            self._free_nodes(active, capacity.resources), self.queue.config.policy(), now,
-            addable=capacity.addable)
-        self.waiting = {**plan.waiting, **held}
+        considered = [j for j in queued if j.id not in held]
+        store, cfg = self.queue.store, self.queue.config.policy()
+        running = [j for j in active if j.state is not JobState.PREEMPTING]
+        forecasts = store.forecasts([j.id for j in considered + running])
+        queued_jobs = self.inputs.queued(considered, forecasts)
+        running_jobs = self.inputs.running(running, forecasts, checkpoints_of(self.queue.settings.gcs_address,
+                                                                              running), self._policy_class)
+        free = self._free_nodes(active, capacity.resources)
+        plan = policy.plan(queued_jobs, running_jobs, free, cfg, now, addable=capacity.addable,
+                           usage=self.inputs.usage(now), spend=self.inputs.spend(now, store.forecasts),
+                           active_jobs=len(active))
+        self.waiting = {**plan.waiting, **{i: policy.Wait("mlflow", why) for i, why in held.items()}}
+        for job_id, why in plan.reject.items():
+            if self._reject(job_id, why):
+                report.rejected.append(job_id)
         for job_id in plan.preempt:
-            if self._preempt(job_id):
+            if self._preempt(job_id, plan.lost.get(job_id)):
                 report.preempted.append(job_id)
         for job_id in plan.admit:
             if self._admit(job_id):
                 report.admitted.append(job_id)
+        if report.admitted or report.preempted:
+            self.inputs.invalidate()
         self._ask_autoscaler(plan, active, queued)
-        self._forecast_later(report.admitted)
+        self._publish_plan(plan, queued_jobs, running_jobs, forecasts, free, queued, now)
         return report
+
+    # ------------------------------------------------------------------ why pending
+
+    def _publish_plan(self, plan: policy.Plan, queued_jobs: list[policy.QueuedJob],
+                      running_jobs: list[policy.RunningJob], forecasts, free, queued: list[JobRecord],
+                      now: float) -> None:
+        """Each waiting job's reason, its position in its class and an estimated start (low, middle,
+        high: running jobs' forecast ends and the run times of the jobs ahead), to the store."""
+        decided = set(plan.admit) | set(plan.reject)
+        by_id = {j.id: j for j in queued_jobs}
+        ordered = [by_id[i] for i in plan.order if i not in decided]
+        held = [j for j in queued if j.id in self.waiting and j.id not in by_id]  # waiting for MLflow
+        ordered += [policy.QueuedJob(j.id, j.tenant, j.priority, j.submitted_at, _gang(j)) for j in held]
+        estimates = self._estimates(ordered, running_jobs, forecasts, free, now) \
+            if len(ordered) <= ESTIMATE_MAX_QUEUE else {}
+        seen: dict[str, int] = {}
+        per_class: dict[str, int] = {}
+        for j in ordered:
+            per_class[j.priority] = per_class.get(j.priority, 0) + 1
+        rows = {}
+        for j in ordered:
+            seen[j.priority] = seen.get(j.priority, 0) + 1
+            wait = self.waiting.get(j.id) or policy.Wait("capacity", "waiting for free resources")
+            low, mid, high = estimates.get(j.id, (None, None, None))
+            rows[j.id] = WaitRow(wait.kind, wait.reason, seen[j.priority], per_class[j.priority], low, mid, high)
+        self._publish(rows, now)
+
+    def _estimates(self, ordered, running_jobs, forecasts, free, now) -> dict[str, tuple]:
+        """(low, middle, high) estimated start of each job in `ordered`, rounded to 10 s (so an
+        unchanged queue writes nothing)."""
+        out: dict[str, list] = {j.id: [] for j in ordered}
+        for pick in ("low", "mid", "high"):
+            def run_s(job_id):
+                f = forecasts.get(job_id)
+                if f is None or f.run_s_low is None or f.run_s_high is None:
+                    return None
+                return {"low": f.run_s_low, "high": f.run_s_high}.get(pick, (f.run_s_low + f.run_s_high) / 2)
+            running = []
+            for r in running_jobs:
+                s = run_s(r.id)
+                running.append((r.gang, None if s is None else r.started_at + s))
+            jobs = [policy.QueuedJob(j.id, j.tenant, j.priority, j.submitted_at, j.gang, run_s=run_s(j.id))
+                    for j in ordered]
+            for job_id, at in policy.estimate_starts(jobs, running, free, now).items():
+                out[job_id].append(None if at is None else round(at / 10) * 10)
+        return {i: tuple(v) for i, v in out.items()}
+
+    def _publish(self, rows: dict[str, WaitRow], now: float) -> None:
+        try:
+            self.queue.store.publish_waits(rows, self._published, now)
+            self._published = rows
+        except Exception as exc:  # noqa: BLE001 - visibility must not stop scheduling; next cycle rewrites
+            log.warning("could not publish why jobs wait: %s", exc)
+            self._published = {}
 
     def _waiting_for_mlflow(self, queued: list[JobRecord]) -> dict[str, str]:
         """Jobs that log to MLflow wait while it is unreachable, out of the plan: what they would have
@@ -214,28 +294,38 @@ class Dispatcher:
         self._requester.request([bundle for g in gangs for bundle in worker_bundles(g)])
 
     def _forecast_later(self, job_ids: list[str]) -> None:
-        """Record what past runs predicted for each admitted job, off the cycle's path (MLflow is
-        slower than SQLite): the forecast-error metric compares it with the metered cost later."""
-        if not job_ids:
+        """Forecast each queued job once, off the cycle's path (MLflow is slower than SQLite): budgets
+        and backfill read it at admission, the forecast-error metric compares it with the metered cost."""
+        new = [i for i in job_ids if i not in self._forecast_asked]
+        if not new:
             return
         if self._to_forecast is None:
             self._to_forecast = SimpleQueue()
             threading.Thread(target=self._forecaster, name="admission-forecasts", daemon=True).start()
-        for job_id in job_ids:
-            self._to_forecast.put(job_id)
+        known = self.queue.store.forecasts(new)
+        for job_id in new:
+            self._forecast_asked.add(job_id)
+            if job_id not in known:
+                self._to_forecast.put(job_id)
 
     def _forecaster(self) -> None:
         while True:
             job_id = self._to_forecast.get()
             try:
                 job = self.queue.store.get(job_id)
-                if job.search:  # past runs forecast one training run, not a search of many
-                    continue
-                f = self.costs.forecast_new(job.trainer, job.params)
-                if f.total_usd is not None:
+                try:
+                    f = None if job.search else self.costs.forecast_new(job.trainer, job.params)
+                except ForecastError:  # a trainer that reports no progress: nothing to scale from
+                    f = None
+                if f is not None and f.total_usd is not None:
                     self.queue.store.save_forecast(job.id, time.time(), f.total_usd, f.total_usd_low,
-                                                   f.total_usd_high)
-            except Exception as exc:  # noqa: BLE001 - no history, untracked trainer, MLflow away: no record
+                                                   f.total_usd_high, run_s_low=f.remaining_s_low,
+                                                   run_s_high=f.remaining_s_high)
+                else:  # no past run (or a search): its price for the assumed run time, run time unknown
+                    usd = self.inputs.fallback_usd(job)
+                    self.queue.store.save_forecast(job.id, time.time(), usd, usd, usd, basis="price")
+            except Exception as exc:  # noqa: BLE001 - untracked trainer, MLflow away: asked again next time
+                self._forecast_asked.discard(job_id)
                 log.debug("no admission forecast for %s: %s", job_id, exc)
 
     def _free_nodes(self, active: list[JobRecord], res) -> list[policy.Node]:
@@ -273,8 +363,9 @@ class Dispatcher:
                 self._alive_at[job.id] = time.time()
             else:
                 self._alive_at.pop(job.id, None)
-            if job.state is JobState.PREEMPTING and status in ("PENDING", "RUNNING"):
-                self._stop(job.ray_submission_id)  # a stop that failed, or one Ray has not acted on yet
+            if job.state is JobState.PREEMPTING and status in ("PENDING", "RUNNING") and (
+                    job.search or time.time() - job.updated_at >= self.queue.config.preemption.drain_grace_s):
+                self._stop(job.ray_submission_id)  # past its grace (or a stop Ray has not acted on yet)
             if status == "RUNNING" and job.state is JobState.STARTING:
                 self.queue.store.transition(job.id, JobState.RUNNING, expect=job.state, started_at=started)
                 self.queue.store.attempt_started(job.id, job.attempt, started)
@@ -286,6 +377,7 @@ class Dispatcher:
                     self.queue.store.transition(job.id, JobState.QUEUED, expect=job.state,
                                                 message="preempted; resumes from its last checkpoint")
                     self._audit("job.requeue", job, "preempted; resumes from its last checkpoint")
+                    self._preemption_ended(job, ended)
                     report.requeued.append(job.id)
                     return
                 final = JobState.SUCCEEDED if status == "SUCCEEDED" else JobState.FAILED
@@ -294,6 +386,7 @@ class Dispatcher:
                     message = "stopped outside the queue"
                 self.queue.store.transition(job.id, final, expect=job.state, message=message, ended_at=ended,
                                             started_at=job.started_at or (info.start_time or 0) / 1000 or None)
+                self._clear_drain(job)
                 report.finished.append(job.id)
                 self.memory.job_ended(job.id, self.client)
         except InvalidTransition:
@@ -321,15 +414,63 @@ class Dispatcher:
             return None
         return info.end_time / 1000 if info.end_time else None
 
-    def _preempt(self, job_id: str) -> bool:
+    def _preempt(self, job_id: str, lost: tuple[float, float] | None = None) -> bool:
+        """Ask the victim to drain (checkpoint at its next step and exit); `_reconcile` stops it if it
+        is still running after the grace period. A search does not drain: it is stopped now."""
+        grace = self.queue.config.preemption.drain_grace_s
         try:
-            job = self.queue.store.transition(job_id, JobState.PREEMPTING, expect=JobState.RUNNING,
-                                              message="preempted by a higher-priority job")
+            job = self.queue.store.transition(
+                job_id, JobState.PREEMPTING, expect=JobState.RUNNING,
+                message=f"preempted: asked to checkpoint at its next step and exit (stopped after {grace:g} s)")
         except InvalidTransition:
             return False
-        self._audit("job.preempt", job, job.message)
-        self._stop(job.ray_submission_id)  # retried by _reconcile while Ray still runs it
+        cpu_s, gpu_s = lost or (0.0, 0.0)
+        self._audit("job.preempt", job, job.message, cpu_s_at_risk=round(cpu_s, 1), gpu_s_at_risk=round(gpu_s, 1))
+        if job.search or not self._request_drain(job):
+            self._stop(job.ray_submission_id)  # retried by _reconcile while Ray still runs it
         log.info("preempting %s", job_id)
+        return True
+
+    def _request_drain(self, job: JobRecord) -> bool:
+        try:
+            drain.request_drain(self.queue.settings.gcs_address, job.ray_submission_id, time.time())
+            return True
+        except Exception as exc:  # noqa: BLE001 - GCS away: no drain, a plain stop
+            log.warning("could not ask %s to drain (%s): stopping it", job.id, exc)
+            return False
+
+    def _preemption_ended(self, job: JobRecord, ended: float) -> None:
+        """Record the work the preemption threw away: from the victim's last checkpoint (a drained one
+        saved just before it exited) to its end, x its resources."""
+        sid = job.ray_submission_id or ""
+        try:
+            ckpt = drain.checkpoint_records(self.queue.settings.gcs_address, [sid]).get(sid)
+        except Exception as exc:  # noqa: BLE001 - GCS away: counted from its start
+            log.debug("no checkpoint time for %s: %s", job.id, exc)
+            ckpt = None
+        started = job.started_at or job.submitted_at
+        since = max(started, ckpt.at) if ckpt is not None else started
+        seconds = max(0.0, ended - since)
+        gang = _gang(job)
+        self.queue.store.record_preemption(job.id, job.attempt, ended, seconds * gang.cpus, seconds * gang.gpus,
+                                           drained=bool(ckpt is not None and ckpt.drained))
+        self._clear_drain(job)
+
+    def _clear_drain(self, job: JobRecord) -> None:
+        if not job.ray_submission_id:
+            return
+        try:
+            drain.clear(self.queue.settings.gcs_address, job.ray_submission_id)
+        except Exception as exc:  # noqa: BLE001 - keys of an ended attempt are small; left for later
+            log.debug("could not clear drain keys of %s: %s", job.id, exc)
+
+    def _reject(self, job_id: str, why: str) -> bool:
+        try:
+            job = self.queue.store.transition(job_id, JobState.REJECTED, expect=JobState.QUEUED, message=why)
+        except InvalidTransition:
+            return False
+        self._audit("job.reject", job, why)
+        log.info("rejected %s: %s", job_id, why)
         return True
 
     def _admit(self, job_id: str) -> bool:
@@ -389,8 +530,7 @@ class Dispatcher:
             try:
                 report = self.cycle()
                 ok = True
-                if (report.admitted or report.preempted or report.finished or report.requeued or report.metered
-                        or report.adopted):
+                if any(vars(report).values()):
                     log.info("cycle: %s", report)
             except Exception:  # noqa: BLE001 - a cycle is retried; the store is the state
                 log.exception("dispatcher cycle failed; retrying")

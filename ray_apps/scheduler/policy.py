@@ -139,9 +139,13 @@ class PolicyConfig:
     budgets: dict[str, Budget] = field(default_factory=dict)
     max_running_jobs: int | None = None
     reclaim_after_s: float = 30.0      # a job within its nominal quota waits this long before reclaiming
+    default_budget: Budget | None = None  # of a tenant not in `budgets`
 
     def quota(self, tenant: str) -> Quota:
         return self.quotas.get(tenant, self.default_quota)
+
+    def budget(self, tenant: str) -> Budget | None:
+        return self.budgets.get(tenant, self.default_budget)
 
 
 @dataclass(frozen=True)
@@ -438,7 +442,7 @@ def plan(queued: list[QueuedJob], running: list[RunningJob], free_nodes: list[No
         if refused:
             result.waiting[job.id] = refused
             continue
-        over = _over_budget(job, cfg.budgets.get(job.tenant), spend.get(job.tenant, Spend()))
+        over = _over_budget(job, cfg.budget(job.tenant), spend.get(job.tenant, Spend()))
         if over:
             if over[0] == "reject":
                 result.reject[job.id] = over[1]
@@ -509,7 +513,7 @@ def plan(queued: list[QueuedJob], running: list[RunningJob], free_nodes: list[No
 def _take(job: QueuedJob, ledger: _Ledger, spend: dict[str, Spend], cfg: PolicyConfig) -> None:
     """Count an admitted (or promised) job against its tenant's quota, cohort and budget."""
     ledger.add(job.tenant, job.gang)
-    if job.tenant in cfg.budgets:
+    if cfg.budget(job.tenant) is not None:
         s = spend.get(job.tenant, Spend())
         spend[job.tenant] = Spend(s.usd + (job.cost_usd or 0.0),
                                   s.gpu_hours + job.gang.gpus * (job.run_s or 0.0) / 3600)

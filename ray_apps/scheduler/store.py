@@ -46,6 +46,7 @@ jobs = Table(
     Column("updated_at", Float, nullable=False),
     # A Ray Tune search's settings (trainers.tune.SEARCH_DEFAULTS); null for a plain training job.
     Column("search", JSON(none_as_null=True)),
+    Column("over_budget", Integer),  # 1: an admin let it past its tenant's budget
 )
 
 # An `Idempotency-Key` per tenant: a retried submit returns the job the first one made.
@@ -110,6 +111,38 @@ job_forecasts = Table(
     Column("total_usd", Float, nullable=False),
     Column("low_usd", Float),
     Column("high_usd", Float),
+    Column("run_s_low", Float),     # its forecast run time: reservations and backfill
+    Column("run_s_high", Float),
+    Column("basis", String(16)),    # "history", or "price" (no past runs: its price x an assumed run time)
+)
+
+
+# Why each queued job waits, as the dispatcher's last plan said: what `queue why` answers. Rewritten
+# only where it changed, and a job's row goes when it leaves the queue.
+job_waits = Table(
+    "job_waits", metadata,
+    Column("job_id", String(64), ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True),
+    Column("at", Float, nullable=False),
+    Column("kind", String(16), nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("position", Integer, nullable=False),   # 1-based, among queued jobs of its class
+    Column("of", Integer, nullable=False),
+    Column("start_low", Float),                    # estimated start (epoch seconds); null: not known
+    Column("start_mid", Float),
+    Column("start_high", Float),
+)
+
+
+# Each preemption and the work it threw away: CPU- and GPU-seconds since the victim's last checkpoint.
+job_preemptions = Table(
+    "job_preemptions", metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("job_id", String(64), ForeignKey("jobs.id"), nullable=False, index=True),
+    Column("attempt", Integer, nullable=False),
+    Column("at", Float, nullable=False),
+    Column("cpu_s_lost", Float, nullable=False),
+    Column("gpu_s_lost", Float, nullable=False),
+    Column("drained", Integer, nullable=False),  # 1: it checkpointed on the drain request before it stopped
 )
 
 
@@ -165,6 +198,7 @@ class JobRecord:
     message: str
     updated_at: float
     search: dict[str, Any] | None = None  # a Ray Tune search's settings; None for a training job
+    over_budget: int | None = None        # 1: an admin let it past its tenant's budget
 
     def waited_s(self, now: float) -> float:
         """Seconds from submission to its start; a job that ended without starting (rejected,
@@ -205,6 +239,32 @@ class StoredCost:
     usd_per_hour: float
     metered_at: float
     logged: bool
+
+
+@dataclass(frozen=True)
+class StoredForecast:
+    usd: float
+    usd_high: float | None
+    run_s_low: float | None
+    run_s_high: float | None
+    basis: str | None
+
+
+@dataclass(frozen=True)
+class WaitRow:
+    kind: str
+    reason: str
+    position: int
+    of: int
+    start_low: float | None
+    start_mid: float | None
+    start_high: float | None
+    at: float = 0.0
+
+    def same(self, other: WaitRow | None) -> bool:
+        return other is not None and (self.kind, self.reason, self.position, self.of, self.start_low,
+                                      self.start_mid, self.start_high) == \
+            (other.kind, other.reason, other.position, other.of, other.start_low, other.start_mid, other.start_high)
 
 
 @dataclass(frozen=True)
@@ -493,11 +553,81 @@ class JobStore:
             conn.execute(insert(job_costs).values(**{**vars(cost), "logged": int(cost.logged)}))
 
     def save_forecast(self, job_id: str, at: float, total_usd: float, low_usd: float | None,
-                      high_usd: float | None) -> None:
+                      high_usd: float | None, *, run_s_low: float | None = None, run_s_high: float | None = None,
+                      basis: str = "history") -> None:
+        """The job's forecast before it starts (the first one stands)."""
         with self.engine.begin() as conn:
             if not conn.execute(select(job_forecasts.c.job_id).where(job_forecasts.c.job_id == job_id)).first():
                 conn.execute(insert(job_forecasts).values(job_id=job_id, at=at, total_usd=total_usd, low_usd=low_usd,
-                                                          high_usd=high_usd))
+                                                          high_usd=high_usd, run_s_low=run_s_low,
+                                                          run_s_high=run_s_high, basis=basis))
+
+    def forecasts(self, job_ids: Iterable[str]) -> dict[str, StoredForecast]:
+        ids, out = list(job_ids), {}
+        f = job_forecasts.c
+        with self.engine.connect() as conn:
+            for start in range(0, len(ids), 500):
+                for r in conn.execute(select(job_forecasts).where(f.job_id.in_(ids[start:start + 500]))):
+                    out[r.job_id] = StoredForecast(r.total_usd, r.high_usd, r.run_s_low, r.run_s_high, r.basis)
+        return out
+
+    # ------------------------------------------------------------------ scheduling visibility
+
+    def publish_waits(self, waits: dict[str, WaitRow], previous: dict[str, WaitRow], now: float) -> None:
+        """Write the rows that changed since `previous` (what the last call wrote); drop jobs gone."""
+        changed = {i: w for i, w in waits.items() if not w.same(previous.get(i))}
+        gone = [i for i in previous if i not in waits]
+        if not changed and not gone:
+            return
+        with self.engine.begin() as conn:
+            for start in range(0, len(gone), 500):
+                conn.execute(delete(job_waits).where(job_waits.c.job_id.in_(gone[start:start + 500])))
+            if changed:
+                conn.execute(delete(job_waits).where(job_waits.c.job_id.in_(list(changed))))
+                conn.execute(insert(job_waits), [{"job_id": i, **{**vars(w), "at": now}}
+                                                 for i, w in changed.items()])
+
+    def clear_waits(self) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(delete(job_waits))
+
+    def wait_of(self, job_id: str) -> WaitRow | None:
+        with self.engine.connect() as conn:
+            r = conn.execute(select(job_waits).where(job_waits.c.job_id == job_id)).first()
+        if r is None:
+            return None
+        return WaitRow(r.kind, r.reason, r.position, r.of, r.start_low, r.start_mid, r.start_high, r.at)
+
+    def record_preemption(self, job_id: str, attempt: int, at: float, cpu_s: float, gpu_s: float,
+                          drained: bool) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(insert(job_preemptions).values(job_id=job_id, attempt=attempt, at=at, cpu_s_lost=cpu_s,
+                                                        gpu_s_lost=gpu_s, drained=int(drained)))
+
+    def preemptions(self, since: float = 0.0) -> list[dict[str, Any]]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(job_preemptions).where(job_preemptions.c.at >= since)
+                                .order_by(job_preemptions.c.seq))
+            return [dict(r._mapping) for r in rows]
+
+    def usage_intervals(self, since: float, now: float) -> list[tuple[str, float, float, float, float]]:
+        """(tenant, start, end, cpus, gpus) of every attempt that ran after `since` (an open one ends now)."""
+        a, j = job_attempts.c, jobs.c
+        query = (select(j.tenant, a.started_at, a.ended_at, j.workers, j.cpus_per_worker, j.gpus_per_worker)
+                 .select_from(job_attempts.join(jobs, jobs.c.id == a.job_id))
+                 .where(or_(a.ended_at.is_(None), a.ended_at >= since)))
+        with self.engine.connect() as conn:
+            return [(t, max(s, since), now if e is None else e, w * c, w * g)
+                    for t, s, e, w, c, g in conn.execute(query)]
+
+    def allow_over_budget(self, job_id: str) -> JobRecord:
+        with self.engine.begin() as conn:
+            done = conn.execute(update(jobs).where(jobs.c.id == job_id, jobs.c.state == JobState.QUEUED.value)
+                                .values(over_budget=1))
+        if done.rowcount != 1:
+            job = self.get(job_id)  # raises UnknownJob
+            raise InvalidTransition(f"job {job_id} is {job.state.value}: only a queued job waits for budget")
+        return self.get(job_id)
 
     def add_node_usage(self, group: str, at: float, nodes: int, cpus: float, gpus: float, seconds: float) -> None:
         """`nodes` of `group` (each with `cpus` and `gpus`) ran for `seconds` ending at `at`."""

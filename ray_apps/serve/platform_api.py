@@ -6,6 +6,8 @@
     GET    /v1/jobs           the caller's jobs, newest first (?limit=&after=<last id>)
     GET    /v1/jobs/{id}      one job and its events          404 if unknown or not the caller's
     DELETE /v1/jobs/{id}      cancel it                       409 if already finished
+    GET    /v1/jobs/{id}/why  why it waits: kind, reason, position in its class, estimated start
+    POST   /v1/jobs/{id}/budget-override   an admin lets a queued job start past its tenant's budget
     GET    /v1/gpus           GPUs by node, and queued demand
     GET    /v1/costs/report   spend by tenant/trainer/day (?since=7d&by=tenant,trainer)
     GET    /v1/costs/budget   spend and forecasts against a budget (?budget_usd=50&since=30d)
@@ -116,6 +118,26 @@ class JobDetail(JobOut):
     events: list[EventOut]
 
 
+class StartEstimate(BaseModel):
+    low: float | None = Field(description="seconds from now, earliest")
+    mid: float | None
+    high: float | None = Field(description="seconds from now, latest; null: no upper bound known")
+
+
+class WhyOut(BaseModel):
+    id: str
+    state: str
+    priority: str
+    tenant: str
+    kind: str = Field(description="quota, cohort, budget, cap, capacity, packing, nodes, behind, preempting, "
+                                  "mlflow, new; or the state of a job that is not queued")
+    reason: str
+    position: int | None = Field(description="1-based among the queued jobs of its priority class")
+    of: int | None
+    start_in_s: StartEstimate | None
+    as_of: float | None = Field(description="when the dispatcher decided it (epoch seconds)")
+
+
 class ForecastRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -201,6 +223,20 @@ class PlatformAPI:
         events = [EventOut(at=e.at, from_state=e.from_state, to_state=e.to_state, message=e.message)
                   for e in self.queue.store.events(job.id)]
         return JobDetail(**JobOut.of(job).model_dump(), events=events)
+
+    @app.get("/v1/jobs/{job_id}/why", response_model=WhyOut, responses=errors(404))
+    def why(self, job_id: str, request: Request, authorization: str | None = Header(None)) -> WhyOut:
+        """Why the job waits, where it stands in its class and when it should start."""
+        answer = self.queue.why(job_id, tenant=self._tenant(authorization, request, "job.why", job_id))
+        return WhyOut(**answer.as_dict())
+
+    @app.post("/v1/jobs/{job_id}/budget-override", response_model=JobOut, responses=errors(404, 409))
+    def budget_override(self, job_id: str, request: Request, authorization: str | None = Header(None)) -> JobOut:
+        caller = caller_of(settings_users(), authorization)
+        actor = actor_of(caller, request)
+        with self.queue.audit.refusals(actor, "job.budget_override", job_id, tenant=caller.scope):
+            caller.require(Role.ADMIN, "letting a job past its tenant's budget")
+        return JobOut.of(self.queue.allow_over_budget(job_id, actor=actor))
 
     @app.delete("/v1/jobs/{job_id}", response_model=JobOut, responses=errors(404, 409))
     def cancel(self, job_id: str, request: Request, authorization: str | None = Header(None)) -> JobOut:

@@ -35,7 +35,7 @@ def test_mcp_client_lists_the_tools_calls_one_and_gets_refusals(tmp_path):
             return tools, status, refused, shell, misplaced, mistyped, unknown
 
     tools, status, refused, shell, misplaced, mistyped, unknown = asyncio.run(asyncio.wait_for(session_run(), 60))
-    assert len(tools) == 20 and tools["trigger_training_job"].input_schema["required"] == ["trainer"]
+    assert len(tools) == 21 and "why_is_job_waiting" in tools and tools["trigger_training_job"].input_schema["required"] == ["trainer"]
     assert not status.is_error and json.loads(status.content[0].text) == {"by_state": {}, "jobs": [], "total": 0}
     assert refused.is_error and "'mnist' or 'llm'" in refused.content[0].text
     assert shell.is_error and "run_shell" in shell.content[0].text

@@ -50,6 +50,9 @@ CASES = [
     ("show me the queue", {}, "get_job_queue_status", {}),
     ("what's running right now?", {}, "get_job_queue_status", {}),
     ("which of my jobs are still waiting", {}, "get_job_queue_status", {}),
+    ("why is my job still waiting?", {}, "why_is_job_waiting", {"job_id": "last"}),
+    ("why is job mnist-20261201-101500-abc123 stuck in the queue", {}, "why_is_job_waiting",
+     {"job_id": "mnist-20261201-101500-abc123"}),
     ("list my jobs", {}, "get_job_queue_status", {}),
     # ---- cancel
     ("cancel my queued jobs", {}, "cancel_job", {"scope": "queued"}),

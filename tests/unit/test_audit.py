@@ -383,6 +383,6 @@ def test_the_dispatcher_s_admit_preempt_and_requeue_are_system_records(queue, mo
         assert (rec["action"], rec["user"], rec["front_end"], rec["tenant"], rec["target"], rec["outcome"]) == (
             action, "system", "dispatcher", "team-a", job.id, "ok")
     assert admit["params"] == {"attempt": 1, "ray_submission_id": job.id} and admit["reason"] == "admitted (attempt 1)"
-    assert preempt["reason"] == "preempted by a higher-priority job"
+    assert preempt["reason"].startswith("preempted: asked to checkpoint at its next step")
     assert requeue["reason"] == "preempted; resumes from its last checkpoint"
     assert queue.audit.verify().ok
