@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterable
 
 from trainers import runtime
 from trainers.data import DataError, default_data_dir
+from trainers.drain import DRAINED_EXIT, drained_position
 from trainers.pricing import CatalogError, load_catalog
 from trainers.sources import SourceError
 from trainers.specs import SpecError, add_arguments, config_from_args, servable
@@ -40,6 +41,7 @@ class RunContext:
     uri: str
     run_id: str | None
     resume: bool
+    submission_id: str | None = None  # the Ray job's, when run as one: its drain requests reach the workers
 
 
 def build_parser(trainer: str, spec_cls: type, description: str) -> argparse.ArgumentParser:
@@ -98,8 +100,8 @@ def prepare(args: argparse.Namespace, argv: list[str], trainer: str, spec_cls: t
     run_dir = runtime.checkpoint_root(data_dir) / run_name
 
     run_id = None
+    meta = runtime.job_metadata()
     if not args.no_tracking:
-        meta = runtime.job_metadata()
         tags = {"oppen.trainer": trainer, "oppen.run_name": run_name,
                 **{f"oppen.{k}": v for k, v in meta.items() if k in ("tenant", "priority")}}
         if "job_submission_id" in meta:
@@ -118,7 +120,8 @@ def prepare(args: argparse.Namespace, argv: list[str], trainer: str, spec_cls: t
             first.log_params(dataclasses.asdict(spec))
         first.flush()
     print(f"{PROGRESS} run {run_name} mlflow_run_id={run_id} resume={args.resume}", flush=True)
-    return spec, RunContext(trainer, run_name, data_dir, costs_file, uri, run_id, args.resume)
+    return spec, RunContext(trainer, run_name, data_dir, costs_file, uri, run_id, args.resume,
+                            meta.get("job_submission_id"))
 
 
 def given_spec_flags(argv: list[str] | None, spec_cls: type) -> dict:
@@ -193,13 +196,20 @@ def close_run(uri: str, run_id: str | None, *, status: str) -> None:
 
 def fit_and_report(trainer, ctx: RunContext, finish: Callable[[Any], dict]) -> int:
     """Run `trainer.fit()`; on success `finish(result)` logs the model and returns the summary printed
-    as the RESULT line; on failure the MLflow run is marked FAILED and the exit code is 1."""
+    as the RESULT line; on failure the MLflow run is marked FAILED and the exit code is 1. A run that
+    drained (trainers.drain) logs no model, prints no RESULT line, leaves its MLflow run open for the
+    attempt that resumes it, and exits with DRAINED_EXIT."""
     try:
         result = trainer.fit()
     except Exception as exc:  # noqa: BLE001 - report the failure in MLflow, then exit non-zero
         close_run(ctx.uri, ctx.run_id, status="FAILED")
         print(f"error: training failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
+    drained = drained_position(getattr(result, "metrics", None))
+    if drained:
+        print(f"{PROGRESS} drained at epoch {drained[0] + 1} step {drained[1]}: resumes from this checkpoint",
+              flush=True)
+        return DRAINED_EXIT
     summary = {"run_name": ctx.run_name, "mlflow_run_id": ctx.run_id, "tracking_uri": ctx.uri, **finish(result)}
     print(f"{RESULT} {json.dumps(summary)}", flush=True)
     return 0

@@ -18,6 +18,7 @@ import logging
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from trainers import driver
@@ -40,6 +41,7 @@ def train_func(cfg: dict) -> None:
     import torch.distributed as dist
 
     from trainers.data import load_mnist
+    from trainers.drain import DRAINED_METRIC, DrainWatch
     from trainers.mnist_model import MnistCNN, evaluate, make_optimizer, to_tensors, train_epoch
     from trainers.tracking import RunTracker
 
@@ -58,17 +60,28 @@ def train_func(cfg: dict) -> None:
     model = ray.train.torch.prepare_model(MnistCNN(spec.width))  # device + DDP when world > 1
     per_rank_batch = spec.batch_size // world
     steps_per_epoch = -(-(len(x) // world) // per_rank_batch)
-    start_epoch, state = 0, None
+    start_epoch, start_step, carry, state = 0, 0, None, None
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as ckpt_dir:
             state = torch.load(Path(ckpt_dir) / CHECKPOINT_FILE, map_location=device, weights_only=True)
         _unwrap(model).load_state_dict(state["model"])
-        start_epoch = state["epoch"]
+        start_epoch, start_step = state["epoch"], state.get("step", 0)
+        if start_step and state.get("gang") != [world, per_rank_batch]:
+            # The batch order inside an epoch depends on the gang: another one redoes that epoch.
+            if rank == 0:
+                print(f"{PROGRESS} NOTE: drained with another gang {state.get('gang')}: epoch {start_epoch + 1} "
+                      "restarts from its first step", flush=True)
+            start_step = 0
+        carry = state.get("partial") if start_step else None
+        if "rng" in state:  # the dropout stream goes on as if never interrupted
+            torch.set_rng_state(state["rng"].cpu())
+            if "cuda_rng" in state and torch.cuda.is_available():
+                torch.cuda.set_rng_state(state["cuda_rng"].cpu())
     base_elapsed = driver.base_elapsed(state, cfg)
     optimizer, scheduler = make_optimizer(model, lr=spec.lr, total_steps=spec.epochs * steps_per_epoch,
-                                          done_steps=start_epoch * steps_per_epoch)
+                                          done_steps=start_epoch * steps_per_epoch + start_step)
     if state:
         optimizer.load_state_dict(state["optimizer"])
 
@@ -78,18 +91,61 @@ def train_func(cfg: dict) -> None:
     if tracker:
         tracker.log_params({"data_source": data.source, "device": str(device),
                             "train_size": len(x), "test_size": len(data.test_images[:spec.test_samples])})
-        if start_epoch:
-            tracker.set_tags({"oppen.resumed_from_epoch": start_epoch})
+        if start_epoch or start_step:
+            tracker.set_tags({"oppen.resumed_from_epoch": start_epoch,
+                              **({"oppen.resumed_from_step": start_step} if start_step else {})})
     if rank == 0:
         print(f"{PROGRESS} data={data.source} device={device} train={len(x)} test={len(tx) * world} "
-              f"workers={world} start_epoch={start_epoch}", flush=True)
+              f"workers={world} start_epoch={start_epoch} start_step={start_step}", flush=True)
+
+    watch = DrainWatch(cfg.get("submission_id"), rank=rank, world=world, device=device)
+
+    def save_and_report(metrics: dict, epoch: int, step: int, elapsed: float, partial: list | None = None):
+        """Rank 0 saves the state to resume at (`epoch`, `step`); every rank reports."""
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = None
+            if rank == 0:  # one copy of the state is enough; DDP keeps ranks identical
+                torch.save({"model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                            "epoch": epoch, "step": step, "partial": partial, "gang": [world, per_rank_batch],
+                            "rng": torch.get_rng_state(),
+                            **({"cuda_rng": torch.cuda.get_rng_state()} if device.type == "cuda" else {}),
+                            "elapsed_s": elapsed, "base_elapsed_s": base_elapsed,
+                            "segment_id": cfg["segment_id"], "width": spec.width}, Path(tmp) / CHECKPOINT_FILE)
+                ckpt = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=ckpt)
+        watch.checkpointed(time.time(), epoch, step, drained=bool(metrics.get(DRAINED_METRIC)))
+
+    def stop_here(epoch: int) -> Callable[[int], bool] | None:
+        return (lambda step: watch.should_stop(epoch * steps_per_epoch + step)) if watch.enabled else None
 
     for epoch in range(start_epoch, spec.epochs):
+        resumed = carry if epoch == start_epoch else None
         stats = train_epoch(model, optimizer, scheduler, x, y, batch_size=per_rank_batch, epoch=epoch,
-                            seed=spec.seed, rank=rank, world=world, device=device)
+                            seed=spec.seed, rank=rank, world=world, device=device,
+                            start_step=start_step if epoch == start_epoch else 0, should_stop=stop_here(epoch))
+        # This rank's [loss sum, correct, samples] so far in this epoch; rank 0 also carries the whole
+        # gang's sums of the part a drained attempt trained, so the epoch's figures cover all of it.
+        part = [stats.loss * stats.samples, stats.accuracy * stats.samples, stats.samples]
+        if resumed and rank == 0:
+            part = [a + b for a, b in zip(part, resumed[:3])]
+        seconds = stats.seconds + (resumed[3] if resumed else 0.0)
+        if stats.stopped:  # drain: every rank stopped at this same step
+            sums = torch.tensor(part, dtype=torch.float64)
+            if world > 1:
+                dist.all_reduce(sums)
+            elapsed = base_elapsed + (time.time() - cfg["segment_start"])
+            if tracker:
+                tracker.flush()  # params and tags; the epoch's metrics come when it ends
+            metrics = {DRAINED_METRIC: 1, "drained_epoch": epoch, "drained_step": stats.steps, "elapsed_s": elapsed,
+                       **catalog.cost(alloc, elapsed).as_metrics(),
+                       **({"tracking_unsent": tracker.unsent, "tracking_s": tracker.seconds} if tracker else {})}
+            save_and_report(metrics, epoch, stats.steps, elapsed, partial=[*sums.tolist(), seconds])
+            if rank == 0:
+                print(f"{PROGRESS} drain requested: checkpoint at epoch {epoch + 1}/{spec.epochs} "
+                      f"step {stats.steps}/{steps_per_epoch}", flush=True)
+            return
         correct, count, test_loss = evaluate(model, tx, ty, device=device)
-        sums = torch.tensor([stats.loss * stats.samples, stats.accuracy * stats.samples, stats.samples,
-                             correct, count, test_loss], dtype=torch.float64)
+        sums = torch.tensor([*part, correct, count, test_loss], dtype=torch.float64)
         if world > 1:
             dist.all_reduce(sums)  # the whole gang's numbers, not rank 0's share
         train_loss, train_correct, samples, correct, count, test_loss = sums.tolist()
@@ -97,25 +153,18 @@ def train_func(cfg: dict) -> None:
         cost = catalog.cost(alloc, elapsed)
         metrics = {
             "epoch": epoch + 1, "train_loss": train_loss / samples, "train_accuracy": train_correct / samples,
-            "test_loss": test_loss / count, "test_accuracy": correct / count, "epoch_time_s": stats.seconds,
-            "samples_per_s": samples / stats.seconds, "elapsed_s": elapsed, **cost.as_metrics(),
+            "test_loss": test_loss / count, "test_accuracy": correct / count, "epoch_time_s": seconds,
+            "samples_per_s": samples / seconds, "elapsed_s": elapsed, **cost.as_metrics(),
         }
-        with tempfile.TemporaryDirectory() as tmp:
-            ckpt = None
-            if rank == 0:  # one copy of the state is enough; DDP keeps ranks identical
-                torch.save({"model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                            "epoch": epoch + 1, "elapsed_s": elapsed, "base_elapsed_s": base_elapsed,
-                            "segment_id": cfg["segment_id"], "width": spec.width}, Path(tmp) / CHECKPOINT_FILE)
-                ckpt = ray.train.Checkpoint.from_directory(tmp)
-            if tracker:
-                tracker.log_metrics(metrics, step=epoch + 1)
-                tracker.flush()
-                metrics["tracking_unsent"] = tracker.unsent
-                metrics["tracking_s"] = tracker.seconds
-            ray.train.report(metrics, checkpoint=ckpt)
+        if tracker:
+            tracker.log_metrics(metrics, step=epoch + 1)
+            tracker.flush()
+            metrics["tracking_unsent"] = tracker.unsent
+            metrics["tracking_s"] = tracker.seconds
+        save_and_report(metrics, epoch + 1, 0, elapsed)
         if rank == 0:
             print(f"{PROGRESS} epoch {epoch + 1}/{spec.epochs} train_loss={metrics['train_loss']:.4f} "
-                  f"test_accuracy={metrics['test_accuracy']:.4f} epoch_time={stats.seconds:.1f}s "
+                  f"test_accuracy={metrics['test_accuracy']:.4f} epoch_time={seconds:.1f}s "
                   f"samples/s={metrics['samples_per_s']:.0f} cost=${cost.total_usd:.5f}", flush=True)
 
 
@@ -132,7 +181,7 @@ def prepare_trials(spec: MnistConfig, data_dir: Path) -> dict:
 
 
 def fit(spec: MnistConfig, ctx: RunContext) -> int:
-    trainer = driver.torch_trainer(train_func, {}, spec, ctx)
+    trainer = driver.torch_trainer(train_func, {"submission_id": ctx.submission_id}, spec, ctx)
     return driver.fit_and_report(trainer, ctx, lambda result: driver.finish(
         ctx, result, lambda metrics: _log_model(spec, ctx, result.checkpoint, metrics),
         {"test_accuracy": "test_accuracy", "cost_usd": "cost_usd", "epochs": "epoch"}))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -56,6 +57,8 @@ class EpochStats:
     accuracy: float
     samples: int
     seconds: float
+    steps: int = 0          # steps of this epoch done when train_epoch returned, those skipped included
+    stopped: bool = False   # should_stop ended the epoch early
 
     @property
     def samples_per_s(self) -> float:
@@ -72,14 +75,21 @@ def shard_order(n: int, *, epoch: int, seed: int, rank: int = 0, world: int = 1)
 
 def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, x: torch.Tensor,
                 y: torch.Tensor, *, batch_size: int, epoch: int, seed: int, rank: int = 0,
-                world: int = 1, device: torch.device | str = "cpu") -> EpochStats:
+                world: int = 1, device: torch.device | str = "cpu", start_step: int = 0,
+                should_stop: Callable[[int], bool] | None = None) -> EpochStats:
     """One pass over this rank's shard. Batches are gathered by index: on CPU this is
-    far cheaper than a per-sample DataLoader."""
+    far cheaper than a per-sample DataLoader.
+
+    `start_step` skips the batches a resumed epoch already trained (the order is fixed by
+    epoch, seed, rank and world). `should_stop(steps_done)` is asked after every optimizer
+    step but the epoch's last; True ends the epoch there (`stopped`, `steps`). The stats
+    cover the batches of this call only."""
     model.train()
     order = shard_order(len(x), epoch=epoch, seed=seed, rank=rank, world=world)
-    total_loss, correct, seen = torch.zeros(()), 0, 0
+    last = -(-len(order) // batch_size)
+    total_loss, correct, seen, done, stopped = torch.zeros(()), 0, 0, start_step, False
     start = time.perf_counter()
-    for i in range(0, len(order), batch_size):
+    for i in range(start_step * batch_size, len(order), batch_size):
         idx = order[i:i + batch_size]
         xb, yb = x[idx].to(device, non_blocking=True), y[idx].to(device, non_blocking=True)
         logits = model(xb)
@@ -92,8 +102,12 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, x
         total_loss += loss.detach().cpu() * len(idx)
         correct += int((logits.argmax(1) == yb).sum())
         seen += len(idx)
+        done += 1
+        if should_stop is not None and done < last and should_stop(done):
+            stopped = True
+            break
     return EpochStats(loss=float(total_loss) / max(seen, 1), accuracy=correct / max(seen, 1),
-                      samples=seen, seconds=time.perf_counter() - start)
+                      samples=seen, seconds=time.perf_counter() - start, steps=done, stopped=stopped)
 
 
 @torch.no_grad()
