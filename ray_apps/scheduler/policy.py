@@ -32,7 +32,11 @@ meets them:
 - Reservation and backfill (EASY): the first job that cannot start for want of
   capacity gets a reservation at its shadow time (when running jobs' forecast
   ends free enough). A later job may start ahead of it only if it is forecast to
-  end before the shadow time or uses only what the reserved job will not need.
+  end before the shadow time or uses only what the reserved job will not need;
+  one of a higher class than the reserved job may still preempt.
+
+Running jobs carry no node identity: victims and shadow times are computed on
+pooled CPUs and GPUs, and the dispatcher admits only what really packs.
 """
 
 from __future__ import annotations
@@ -340,12 +344,16 @@ def _reserve(job: QueuedJob, running: list[RunningJob], free: list[Node], now: f
     if need[0] > every[0] + EPS or need[1] > every[1] + EPS:
         return None
     shadow = now
+    # It fits no free node now, so at least one running job must end first, even when the pooled
+    # figures say enough is free (they are scattered over nodes): the shadow is never "now".
+    released = 0
     for r in sorted(running, key=lambda r: INF if r.ends_at is None else r.ends_at):
-        if need[0] <= pool[0] + EPS and need[1] <= pool[1] + EPS:
+        if released and need[0] <= pool[0] + EPS and need[1] <= pool[1] + EPS:
             break
         shadow = INF if r.ends_at is None else max(now, r.ends_at)
         pool[0] += r.gang.cpus
         pool[1] += r.gang.gpus
+        released += 1
     if shadow == INF:  # not known when: only what is free beyond its need now is spare
         pool = _pooled(free)
     return _Reservation(job, shadow, [max(0.0, pool[0] - need[0]), max(0.0, pool[1] - need[1])])
@@ -479,10 +487,14 @@ def plan(queued: list[QueuedJob], running: list[RunningJob], free_nodes: list[No
             result.scale_up.append(job.id)
             result.waiting[job.id] = Wait("nodes", "waiting for the autoscaler to add nodes")
             continue
-        if reservation is not None:
+        # Behind a reservation, only a job of a higher class than the reserved one (aging put that
+        # one first) may still preempt: its class's right to stop lower classes stands.
+        outranks = reservation is None or \
+            cfg.classes[job.priority].rank > cfg.classes[reservation.job.priority].rank
+        chosen = _preemption(job, victims_left, free, ledger, cfg, now) if outranks else []
+        if reservation is not None and not chosen:
             result.waiting[job.id] = Wait("behind", _behind(reservation, now))
             continue
-        chosen = _preemption(job, victims_left, free, ledger, cfg, now)
         if chosen:
             result.preempt += [v.id for v in chosen]
             for v in chosen:

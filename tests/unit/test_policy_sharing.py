@@ -215,3 +215,23 @@ def test_ten_thousand_jobs_a_hundred_tenants_ten_cohorts_and_a_thousand_gpus():
     p = plan(jobs, [], nodes, cfg, now=20_000, usage={f"t{i}": i * 1e5 for i in range(100)})
     assert len(p.admit) + len(p.waiting) + len(p.reject) == 10_000
     assert sum(jobs[int(i[1:])].gang.gpus for i in p.admit) <= 1000
+
+
+def test_a_job_blocked_by_packing_reserves_from_the_next_end_not_from_now():
+    nodes = [{"CPU": 8, "GPU": 4}, {"CPU": 8, "GPU": 4}]     # 8 GPUs free, but 4 per node
+    running = [r("r1", gang=Gang(1, 1, 4), ends_at=7200), r("r2", gang=Gang(1, 1, 4), ends_at=7200)]
+    big = q("big", at=0, gang=Gang(1, 1, 8))
+    small = q("small", at=1, gang=Gang(1, 1, 2), run_s=600)
+    p = plan([big, small], running, nodes, PolicyConfig(classes=CLASSES), now=0)
+    assert p.waiting["big"].kind == "packing" and p.admit == ["small"] and p.backfilled == ["small"]
+
+
+def test_a_higher_class_job_behind_a_reservation_still_preempts_lower_classes():
+    cfg = PolicyConfig(classes=CLASSES, aging_s=100)
+    nodes = [{"CPU": 0, "GPU": 0}]
+    running = [r("low1", "low", at=0, gang=CPU, ends_at=10_000), r("n1", at=0, gang=CPU, ends_at=1500)]
+    aged = q("aged-normal", "normal", at=0, gang=Gang(2, 1, 0))   # waited long: ordered before the high job
+    high = q("h", "high", at=850, gang=CPU)
+    p = plan([aged, high], running, nodes, cfg, now=1000)
+    assert p.order == ["aged-normal", "h"] and p.waiting["aged-normal"].kind == "capacity"
+    assert p.preempt == ["low1"] and p.waiting["h"].kind == "preempting"
