@@ -1,6 +1,6 @@
-"""Frozen baseline: ray_apps/scheduler/policy.py as of commit e2c6174 (FIFO per class with aging, hard quotas, newest-first preemption), vendored unchanged below this line so benchmarks/scheduler.py can replay "before" and "after" side by side."""
+"""Frozen baseline: ray_apps/scheduler/policy.py of commit e2c6174, vendored unchanged below this line.
 
-"""Scheduling policy: pure functions over plain data, no I/O, no clock.
+Scheduling policy: pure functions over plain data, no I/O, no clock.
 
 `plan()` decides, for one dispatcher cycle, which queued jobs to admit and which
 running jobs to preempt, given the free resources of each node. Rules:
