@@ -279,7 +279,7 @@ def make_trace(seed: int = 17) -> list[SimJob]:
         jobs.append(SimJob(f"{tenant}-{len(jobs)}", tenant,
                            rng.choices(("low", "normal", "high"), (30, 55, 15))[0], at, g // gpw, gpw, work,
                            lo_s=mid * math.exp(-Z90 * FORECAST_SIGMA), hi_s=mid * math.exp(Z90 * FORECAST_SIGMA),
-                           ckpt_s=60.0 * rng.choice((5, 10, 15, 20, 30, 45, 60))))
+                           ckpt_s=60.0 * rng.uniform(5, 60)))  # not on the cycles' grid
 
     for _ in range(220):
         add("t0", rng.uniform(0, 300))
@@ -379,7 +379,10 @@ def replay(trace: list[SimJob], new: bool, *, drain: bool = False, budgets: dict
     attempts: list[tuple[str, float, float, float, float]] = []  # every ended attempt (a final check)
     stats = {"preemptions": 0, "lost_gpu_s": 0.0, "backfilled": 0, "plan_calls": 0, "plan_s": 0.0,
              "contended_steps": 0, "contended_gpu_s": 0.0, "all_queued_steps": 0,
-             "cf_own_gpu_s": 0.0, "cf_newest_gpu_s": 0.0}
+             "cf_own_gpu_s": 0.0, "cf_newest_gpu_s": 0.0, "preemptor_cycles": 0, "preemptor_started_next": 0,
+             "idle_gpu_s": {}}
+    rounds: dict[str, int] = {}         # preemptor -> cycles in which it preempted
+    preempting: set[str] = set()        # who preempted in the last cycle
     recv = {t: 0.0 for t in TENANTS}    # GPU-seconds received during contended steps
     fair_s = {t: 0.0 for t in TENANTS}  # their max-min fair share of those steps, GPU-seconds
     recv_all = {t: 0.0 for t in TENANTS}  # GPU-seconds received while every tenant had a job queued
@@ -492,6 +495,16 @@ def replay(trace: list[SimJob], new: bool, *, drain: bool = False, budgets: dict
                 j.first_start = t
             running[j.id] = j
         stats["backfilled"] += len(getattr(p, "backfilled", ()))
+        # Did last cycle's preemptors start now? Who preempts this cycle?
+        stats["preemptor_started_next"] += len(preempting & set(p.admit))
+        preempting = {jid for jid, w in p.waiting.items() if str(w).startswith("preempting")}
+        stats["preemptor_cycles"] += len(preempting)
+        for jid in preempting:
+            rounds[jid] = rounds.get(jid, 0) + 1
+        if queued:  # GPUs left idle this cycle while jobs wait, by why the first blocked one waits
+            idle = sum(free_gpu) * STEP_S
+            if idle > 0:
+                stats["idle_gpu_s"][idle_cause(p, new)] = stats["idle_gpu_s"].get(idle_cause(p, new), 0.0) + idle
         # What each tenant holds during [t, t + STEP_S), and what it wants.
         held = {tn: 0.0 for tn in TENANTS}
         for j in running.values():
@@ -523,6 +536,12 @@ def replay(trace: list[SimJob], new: bool, *, drain: bool = False, budgets: dict
     for j in list(running.values()):  # only at the hard stop
         stop(j, t, j.last_ckpt(t))
     out = summarise(jobs, stats, recv, fair_s, recv_all, report_budgets or budgets, t, time.perf_counter() - t0_wall)
+    out["preemptors"] = len(rounds)
+    out["preemptor_cycles"] = stats["preemptor_cycles"]
+    out["preemptor_started_next_cycle"] = stats["preemptor_started_next"]
+    out["most_preemption_cycles_of_one_job"] = max(rounds.values(), default=0)
+    out["idle_gpu_hours_while_jobs_wait"] = {k: round(v / HOUR, 1) for k, v in
+                                             sorted(stats["idle_gpu_s"].items(), key=lambda kv: -kv[1])}
     if new:  # the incremental decayed usage against one full decayed_usage() over every attempt
         full = policy.decayed_usage(attempts, t, fair)
         decay = 2 ** (-(t - usage_t) / fair.half_life_s)
@@ -530,10 +549,23 @@ def replay(trace: list[SimJob], new: bool, *, drain: bool = False, budgets: dict
         for k, v in policy.decayed_usage(ended, t, fair).items():
             inc[k] = inc.get(k, 0.0) + v
         out["usage_check_max_rel_err"] = max(abs(inc.get(k, 0.0) - v) / v for k, v in full.items() if v > 0)
-    if stats["preemptions"] and new:
+    if stats["preemptions"] and new and not drain:
         out["same_decisions_newest_first_gpu_hours_lost"] = stats["cf_newest_gpu_s"] / HOUR
         out["same_decisions_own_choice_gpu_hours_lost"] = stats["cf_own_gpu_s"] / HOUR
     return out
+
+
+def idle_cause(p, new: bool) -> str:
+    """Why GPUs stay idle while jobs wait: the wait of the job holding the reservation (new policy),
+    else the kinds of wait there are."""
+    if not new:
+        kinds = {str(w).split(":")[0].split(" ")[0] for w in p.waiting.values()}
+        return "old: " + ", ".join(sorted(kinds))
+    for w in p.waiting.values():
+        if w.kind == "behind":
+            reserved = p.waiting.get(w.reason.split()[1].rstrip(","))
+            return f"reservation of a job waiting on {reserved.kind if reserved else 'start'}"
+    return "no reservation: " + ", ".join(sorted({w.kind for w in p.waiting.values()}))
 
 
 def counterfactual(p, queued: dict[str, SimJob], running: dict[str, SimJob], classes: dict, t: float,
@@ -583,8 +615,13 @@ def summarise(jobs: list[SimJob], stats: dict, recv: dict, fair_s: dict, recv_al
         "makespan_h": (last - first) / HOUR,
         "utilisation_contended": stats["contended_gpu_s"] / (stats["contended_steps"] * STEP_S * gpus)
         if stats["contended_steps"] else None,
+        # The same less the work later lost to preemption (counted as if all of it ran while jobs waited).
+        "utilisation_contended_less_lost": (stats["contended_gpu_s"] - stats["lost_gpu_s"])
+        / (stats["contended_steps"] * STEP_S * gpus) if stats["contended_steps"] else None,
         "contended_h": stats["contended_steps"] * STEP_S / HOUR,
         "utilisation_makespan": used / (gpus * (last - first)) if last > first else None,
+        "utilisation_makespan_less_lost": (used - stats["lost_gpu_s"]) / (gpus * (last - first))
+        if last > first else None,
         "wait_by_class": waits,
         "jain_maxmin": jain(list(ratio.values())),
         "received_over_fair_share": {tn: round(x, 3) for tn, x in ratio.items()},
@@ -615,10 +652,10 @@ def summarise(jobs: list[SimJob], stats: dict, recv: dict, fair_s: dict, recv_al
     return out
 
 
-def trace_info(trace: list[SimJob]) -> dict:
+def trace_info(trace: list[SimJob], seed: int) -> dict:
     gpu_h = {tn: sum(j.gpus * j.work_s for j in trace if j.tenant == tn) / HOUR for tn in TENANTS}
     work = sorted(j.work_s / HOUR for j in trace)
-    return {"seed": 17, "jobs": len(trace), "gpus": NODES * GPUS_PER_NODE, "step_s": STEP_S,
+    return {"seed": seed, "jobs": len(trace), "gpus": NODES * GPUS_PER_NODE, "step_s": STEP_S,
             "submit_hours": SUBMIT_HOURS, "offered_load": sum(gpu_h.values()) / (NODES * GPUS_PER_NODE * SUBMIT_HOURS),
             "run_h": {"p50": pct(work, 50), "p95": pct(work, 95), "max": work[-1]},
             "jobs_by_tenant": {tn: sum(j.tenant == tn for j in trace) for tn in TENANTS},
@@ -639,10 +676,13 @@ def replay_line(name: str, r: dict) -> None:
           + f"  ({r['replay_wall_s']:.1f} s)", flush=True)
 
 
+SEED, MORE_SEEDS = 17, (18, 19, 20, 21)
+
+
 def replay_bench() -> dict:
-    trace = make_trace()
+    trace = make_trace(SEED)
     budgets = budgets_for(trace)
-    out = {"trace": trace_info(trace), "budgets_usd": budgets}
+    out = {"trace": trace_info(trace, SEED), "budgets_usd": budgets}
     print(f"  {len(trace)} jobs of {len(TENANTS)} tenants over {SUBMIT_HOURS:g} h, offered load "
           f"{out['trace']['offered_load']:.2f} x {NODES * GPUS_PER_NODE} GPUs", flush=True)
     for name, kw in (("before", {"new": False}), ("after", {"new": True}),
@@ -660,6 +700,18 @@ def replay_bench() -> dict:
     for name, new in (("before_aging3600_preempt600", False), ("after_aging3600_preempt600", True)):
         out[name] = replay(trace, new=new, aging_s=3600.0, preempt_after_s=600.0)
         replay_line(name, out[name])
+    print(f"(f) other traces: seeds {', '.join(map(str, MORE_SEEDS))}", flush=True)
+    out["seeds"] = {}
+    for seed in MORE_SEEDS:
+        trace = make_trace(seed)
+        runs = {name: replay(trace, **kw) for name, kw in
+                (("before", {"new": False}), ("after", {"new": True}), ("after_drain", {"new": True, "drain": True}))}
+        out["seeds"][seed] = {name: {k: r[k] for k in ("utilisation_contended", "jain_maxmin", "preemptions",
+                                                      "gpu_hours_lost")} for name, r in runs.items()}
+        out["seeds"][seed]["jobs"] = len(trace)
+        print(f"  seed {seed}: " + "  ".join(f"{name} util {r['utilisation_contended']:.3f} Jain {r['jain_maxmin']:.3f} "
+                                            f"lost {r['gpu_hours_lost']:.1f} GPU-h" for name, r in runs.items()),
+              flush=True)
     return out
 
 
@@ -695,6 +747,22 @@ def goals(out: dict) -> list[dict]:
             goal(f"GPU utilisation while jobs wait, new ({name}) >= before",
                  f"{r['utilisation_contended']:.3f} vs {b['utilisation_contended']:.3f}",
                  r["utilisation_contended"] >= b["utilisation_contended"])
+        seeds = {SEED: {k: sim[k] for k in ("before", "after", "after_drain")}, **sim["seeds"]}
+        n = len(seeds)
+        for name in ("after", "after_drain"):
+            ok = [s["before"]["gpu_hours_lost"] > 0 and s[name]["gpu_hours_lost"] <= 0.5 * s["before"]["gpu_hours_lost"]
+                  for s in seeds.values()]
+            worst = max(s[name]["gpu_hours_lost"] / s["before"]["gpu_hours_lost"] for s in seeds.values()
+                        if s["before"]["gpu_hours_lost"] > 0)
+            goal(f"work lost, new ({name}) <= 50% of before, on each of {n} traces", f"{sum(ok)}/{n} (worst {worst:.1%})",
+                 all(ok))
+        jains = [s["after"]["jain_maxmin"] for s in seeds.values()]
+        goal(f"Jain's index, new >= 0.9, on each of {n} traces", f"{sum(j >= 0.9 for j in jains)}/{n} "
+             f"(lowest {min(jains):.3f})", min(jains) >= 0.9)
+        for name in ("after", "after_drain"):
+            d = [s[name]["utilisation_contended"] - s["before"]["utilisation_contended"] for s in seeds.values()]
+            goal(f"utilisation while jobs wait, new ({name}) >= before, on each of {n} traces",
+                 f"{sum(x >= 0 for x in d)}/{n} (worst {min(d):+.3f})", min(d) >= 0)
         for tenant, x in sim["after_budgets"]["budgets"].items():
             goal(f"budget {tenant}: spend - budget <= its largest single-job forecast error",
                  f"${x['spend_usd']:,.0f} of ${x['budget_usd']:,.0f} ({x['over_usd']:+,.0f}; error "
