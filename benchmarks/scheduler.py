@@ -44,7 +44,8 @@ written in full to benchmarks/results/scheduler.json.
     Jain over raw GPU-seconds in the cycles in which every tenant had a job queued, with
     how long that was); preemptions and GPU-hours lost; for the new policy's own decisions
     the loss had its victims been chosen newest first (as many GPUs freed); idle GPU-hours
-    while jobs wait, by why the first blocked job waits.
+    while jobs wait, by why the first blocked job waits, and how many of them jobs held behind
+    a reservation would have fitted; how often a preemptor starts at the next cycle.
     Goals: the new policy loses <= 50% of the work the old one does (killing and draining);
     Jain >= 0.9; utilisation while jobs wait not lower than before.
 (d) The same trace, new policy, with monthly $ budgets for three tenants (half their jobs'
@@ -391,13 +392,14 @@ def jain(xs: list[float]) -> float | None:
 
 def replay(trace: list[SimJob], new: bool, *, drain: bool = False, budgets: dict[str, float] | None = None,
            commit_running: bool = True, aging_s: float = AGING_S, preempt_after_s: float = PREEMPT_AFTER_S,
-           report_budgets: dict[str, float] | None = None) -> dict:
+           report_budgets: dict[str, float] | None = None, diagnose: bool = False) -> dict:
     """Replay `trace` through the old (`new`=False) or new policy, one plan() per STEP_S.
 
     `drain`: a victim is asked to checkpoint and stops at the next cycle, losing at most that cycle
     (else it is killed and loses everything since its last checkpoint). `budgets`: $ per tenant the
     new policy enforces; `commit_running`: spend counts running jobs' forecast upper bounds (else
-    only what is metered so far). `report_budgets`: tenants whose spend the summary shows."""
+    only what is metered so far). `report_budgets`: tenants whose spend the summary shows. `diagnose`:
+    also count the idle GPUs that jobs waiting behind a reservation would have fitted (new policy)."""
     mod = policy if new else before
     jobs = [replace(j, placed=[]) for j in trace]
     by_id = {j.id: j for j in jobs}
@@ -425,7 +427,7 @@ def replay(trace: list[SimJob], new: bool, *, drain: bool = False, budgets: dict
     stats = {"preemptions": 0, "lost_gpu_s": 0.0, "backfilled": 0, "plan_calls": 0, "plan_s": 0.0,
              "contended_steps": 0, "contended_gpu_s": 0.0, "all_queued_steps": 0,
              "cf_own_gpu_s": 0.0, "cf_newest_gpu_s": 0.0, "preemptor_cycles": 0, "preemptor_started_next": 0,
-             "idle_gpu_s": {}}
+             "idle_gpu_s": {}, "held_back_gpu_s": 0.0}
     rounds: dict[str, int] = {}         # preemptor -> cycles in which it preempted
     preempting: set[str] = set()        # who preempted in the last cycle
     recv = {t: 0.0 for t in TENANTS}    # GPU-seconds received during contended steps
@@ -550,6 +552,15 @@ def replay(trace: list[SimJob], new: bool, *, drain: bool = False, budgets: dict
             idle = sum(free_gpu) * STEP_S
             if idle > 0:
                 stats["idle_gpu_s"][idle_cause(p, new)] = stats["idle_gpu_s"].get(idle_cause(p, new), 0.0) + idle
+                if diagnose and new:  # jobs behind a reservation that fit, in order, what is still free
+                    nodes = [{"CPU": c, "GPU": g} for c, g in zip(free_cpu, free_gpu)]
+                    for jid in p.order:
+                        w = p.waiting.get(jid)
+                        if w is not None and w.kind == "behind":
+                            fits = policy.place(gangs[jid], nodes)
+                            if fits is not None:
+                                nodes = fits
+                                stats["held_back_gpu_s"] += by_id[jid].gpus * STEP_S
         # What each tenant holds during [t, t + STEP_S), and what it wants.
         held = {tn: 0.0 for tn in TENANTS}
         for j in running.values():
@@ -585,6 +596,8 @@ def replay(trace: list[SimJob], new: bool, *, drain: bool = False, budgets: dict
     out["preemptor_cycles"] = stats["preemptor_cycles"]
     out["preemptor_started_next_cycle"] = stats["preemptor_started_next"]
     out["most_preemption_cycles_of_one_job"] = max(rounds.values(), default=0)
+    if diagnose and new:
+        out["idle_gpu_hours_jobs_behind_a_reservation_would_fit"] = stats["held_back_gpu_s"] / HOUR
     out["idle_gpu_hours_while_jobs_wait"] = {k: round(v / HOUR, 1) for k, v in
                                              sorted(stats["idle_gpu_s"].items(), key=lambda kv: -kv[1])}
     if new:  # the incremental decayed usage against one full decayed_usage() over every attempt
@@ -730,7 +743,7 @@ def replay_bench() -> dict:
     out = {"trace": trace_info(trace, SEED), "budgets_usd": budgets}
     print(f"  {len(trace)} jobs of {len(TENANTS)} tenants over {SUBMIT_HOURS:g} h, offered load "
           f"{out['trace']['offered_load']:.2f} x {NODES * GPUS_PER_NODE} GPUs", flush=True)
-    for name, kw in (("before", {"new": False}), ("after", {"new": True}),
+    for name, kw in (("before", {"new": False}), ("after", {"new": True, "diagnose": True}),
                      ("after_drain", {"new": True, "drain": True})):
         out[name] = replay(trace, report_budgets=budgets, **kw)
         replay_line(name, out[name])
@@ -849,9 +862,11 @@ def compact(out: dict) -> dict:
     """The figures the summary prints, as JSON."""
     keys = ("utilisation_contended", "utilisation_makespan", "jain_maxmin", "jain_all_queued", "all_queued_h",
             "preemptions", "gpu_hours_lost", "gpu_min_lost_per_preemption", "backfilled", "finished", "unfinished",
-            "rejected", "makespan_h")
+            "rejected", "makespan_h", "preemptor_cycles", "preemptor_started_next_cycle",
+            "most_preemption_cycles_of_one_job", "same_decisions_newest_first_gpu_hours_lost",
+            "idle_gpu_hours_jobs_behind_a_reservation_would_fit")
     sim = out.get("replay") or {}
-    runs = {name: {**{k: r.get(k) for k in keys},
+    runs = {name: {**{k: r[k] for k in keys if k in r},
                    "wait_p50_p95_min": {c: [w["p50_min"], w["p95_min"]] for c, w in r["wait_by_class"].items()}}
             for name, r in sim.items() if isinstance(r, dict) and "wait_by_class" in r}
     budgets = {name: sim[name]["budgets"] for name in ("before", "after_budgets", "after_budgets_metered_only")
