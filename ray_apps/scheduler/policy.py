@@ -32,8 +32,9 @@ meets them:
 - Reservation and backfill (EASY): the first job that cannot start for want of
   capacity gets a reservation at its shadow time (when running jobs' forecast
   ends free enough). A later job may start ahead of it only if it is forecast to
-  end before the shadow time or uses only what the reserved job will not need;
-  one of a higher class than the reserved job may still preempt.
+  end before the shadow time or uses only what the reserved job will not need.
+  Jobs behind a reservation do not preempt (replayed traces: letting a higher
+  class do so made preemptors churn, as what they freed went to the reserved job).
 
 Running jobs carry no node identity: victims and shadow times are computed on
 pooled CPUs and GPUs, and the dispatcher admits only what really packs.
@@ -343,6 +344,9 @@ def _reserve(job: QueuedJob, running: list[RunningJob], free: list[Node], now: f
     every = [pool[0] + sum(r.gang.cpus for r in running), pool[1] + sum(r.gang.gpus for r in running)]
     if need[0] > every[0] + EPS or need[1] > every[1] + EPS:
         return None
+    # Enough is free, scattered over nodes: what it leaves over is what is free beyond its need now, not
+    # what running jobs will add (jobs started in that would refill the gaps it waits on).
+    scattered = need[0] <= pool[0] + EPS and need[1] <= pool[1] + EPS
     shadow = now
     # It fits no free node now, so at least one running job must end first, even when the pooled
     # figures say enough is free (they are scattered over nodes): the shadow is never "now".
@@ -354,7 +358,7 @@ def _reserve(job: QueuedJob, running: list[RunningJob], free: list[Node], now: f
         pool[0] += r.gang.cpus
         pool[1] += r.gang.gpus
         released += 1
-    if shadow == INF:  # not known when: only what is free beyond its need now is spare
+    if shadow == INF or scattered:  # only what is free beyond its need now is spare
         pool = _pooled(free)
     return _Reservation(job, shadow, [max(0.0, pool[0] - need[0]), max(0.0, pool[1] - need[1])])
 
@@ -487,14 +491,12 @@ def plan(queued: list[QueuedJob], running: list[RunningJob], free_nodes: list[No
             result.scale_up.append(job.id)
             result.waiting[job.id] = Wait("nodes", "waiting for the autoscaler to add nodes")
             continue
-        # Behind a reservation, only a job of a higher class than the reserved one (aging put that
-        # one first) may still preempt: its class's right to stop lower classes stands.
-        outranks = reservation is None or \
-            cfg.classes[job.priority].rank > cfg.classes[reservation.job.priority].rank
-        chosen = _preemption(job, victims_left, free, ledger, cfg, now) if outranks else []
-        if reservation is not None and not chosen:
+        # Behind a reservation nobody preempts: what it frees would go to the reserved job first (its
+        # claim does not outlive the cycle), so the preemptor would preempt again next cycle.
+        if reservation is not None:
             result.waiting[job.id] = Wait("behind", _behind(reservation, now))
             continue
+        chosen = _preemption(job, victims_left, free, ledger, cfg, now)
         if chosen:
             result.preempt += [v.id for v in chosen]
             for v in chosen:
