@@ -4,8 +4,9 @@
 
 It behaves like a trainer where the scheduler can see it: it holds its whole
 request at once (a placement group, like Ray Train's worker group), reports
-progress every second, keeps a checkpoint of how far it got, and `--resume`
-continues from there. Used by the scheduler's tests and benchmarks, where MNIST's
+progress every second, keeps a checkpoint of how far it got (also told to the
+platform, as trainers do), drains on request (`trainers.drain`: exit 75 after its
+checkpoint), and `--resume` continues from there. Used by the scheduler's tests and benchmarks, where MNIST's
 ~30 s of Ray Train start-up would swamp what is measured.
 """
 
@@ -17,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from trainers import runtime
+from trainers import drain, runtime
 from trainers.data import default_data_dir
 from trainers.specs import ProbeConfig, SpecError, add_arguments, config_from_args
 
@@ -50,12 +51,21 @@ def main(argv: list[str] | None = None) -> int:
     ray.get(pg.ready())  # the whole gang, or nothing
     print(f"{PROGRESS} probe {run_name} holds {spec.num_workers} x {bundle} start_s={done:.0f}", flush=True)
     state_file.parent.mkdir(parents=True, exist_ok=True)
+    watch = drain.DrainWatch(runtime.job_metadata().get("job_submission_id"), poll_s=0.5)
     start = time.monotonic() - done
+    step = 0
     while (elapsed := time.monotonic() - start) < spec.seconds:
         time.sleep(min(1.0, spec.seconds - elapsed))
-        state_file.write_text(json.dumps({"done_s": min(time.monotonic() - start, spec.seconds)}))
-        print(f"{PROGRESS} probe {run_name} {min(time.monotonic() - start, spec.seconds):.0f}/{spec.seconds:g} s",
-              flush=True)
+        step += 1
+        done_s = min(time.monotonic() - start, spec.seconds)
+        state_file.write_text(json.dumps({"done_s": done_s}))
+        stop = watch.should_stop(step) and done_s < spec.seconds
+        watch.checkpointed(time.time(), 0, int(done_s), drained=stop)
+        if stop:
+            remove_placement_group(pg)
+            print(f"{PROGRESS} drained at {done_s:.0f}/{spec.seconds:g} s: resumes from this checkpoint", flush=True)
+            return drain.DRAINED_EXIT
+        print(f"{PROGRESS} probe {run_name} {done_s:.0f}/{spec.seconds:g} s", flush=True)
     remove_placement_group(pg)
     print(f"{RESULT} {json.dumps({'run_name': run_name, 'resumed_from_s': done})}", flush=True)
     return 0

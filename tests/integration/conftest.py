@@ -24,6 +24,7 @@ from ray_apps.config import load_settings
 QUEUE_CONFIG = {"priorities": {"high": {"rank": 2, "preempt_after_s": 2}, "normal": {"rank": 1},
                                "low": {"rank": 0}},
                 "tenants": {"team-a": {"gpus": 2}, "team-c": {"gpus": 1}, "team-s": {"cpus": 1}}, "poll_s": 0.3,
+                "preemption": {"drain_grace_s": 20},
                 "submit_rate_per_minute": 60}
 TENANT_TOKENS = {"token-a": "team-a", "token-b": "team-b", "token-admin": {"tenant": "ops", "role": "admin"},
                  "token-view": {"tenant": "team-a", "role": "viewer"}, "token-fuzz": "team-fuzz"}

@@ -106,6 +106,14 @@ def test_preempted_job_is_requeued_and_resumes_from_its_checkpoint(queue, dispat
     states = [e.to_state for e in queue.store.events(victim)]
     assert "PREEMPTING" in states and states.count("STARTING") == 2 and jobs[victim].attempt == 2
     assert jobs[urgent].started_at < jobs[victim].ended_at
+    # Asked to drain, it checkpointed and exited by itself, well inside its grace (no stop_job).
+    first = job_logs(queue.settings, victim)
+    assert "drained at" in first, first[-2000:]
+    (lost,) = [p for p in queue.store.preemptions() if p["job_id"] == victim]
+    assert lost["drained"] == 1 and lost["gpu_s_lost"] < 2 * 3  # at most the second since its last checkpoint
+    events = {e.to_state: e.at for e in queue.store.events(victim)}
+    requeued = [e.at for e in queue.store.events(victim) if e.from_state == "PREEMPTING"][0]
+    assert requeued - events["PREEMPTING"] < 20
     resumed = job_logs(queue.settings, jobs[victim].ray_submission_id)
     start_s = float(resumed.split("start_s=")[1].split()[0])
     assert start_s >= 2  # continued from the checkpoint, not from zero
