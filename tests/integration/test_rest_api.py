@@ -198,3 +198,30 @@ def test_a_submit_is_in_the_audit_log_for_its_tenant_and_admins_only(api):
     assert none == [] and all(r["tenant"] == "team-b" for r in theirs)
     assert len(submits(ADMIN)[1]) == 1 and len(submits(ADMIN, tenant="team-a")[1]) == 1
     assert requests.get(f"{api}/audit", params={"tenant": "team-a"}, headers=B, timeout=10).status_code == 403
+
+
+def test_why_a_job_waits_over_rest_and_from_the_agent_and_only_admins_override_budgets(api, platform):
+    """Two 2-GPU probes of team-a: the second waits on its tenant's quota (2 GPUs). The dispatcher's
+    reason, the job's place in its class and the override's roles, over real HTTP."""
+    first, second = (requests.post(f"{api}/jobs", json={"trainer": "probe", "params": {
+        "seconds": 15, "gpus_per_worker": 2}, "priority": "low"}, headers=A, timeout=30).json() for _ in range(2))
+    deadline = time.monotonic() + 60
+    while (why := requests.get(f"{api}/jobs/{second['id']}/why", headers=A, timeout=10).json())["kind"] in (
+            "new", "capacity", "behind", "nodes", "mlflow"):
+        assert time.monotonic() < deadline, why
+        time.sleep(0.5)
+    assert why["state"] == "QUEUED" and why["kind"] == "quota" and "team-a" in why["reason"], why
+    assert why["position"] >= 1 and why["of"] >= why["position"] and why["as_of"] > 0
+    assert requests.get(f"{api}/jobs/{second['id']}/why", headers=B, timeout=10).status_code == 404  # not yours
+    assert requests.get(f"{api}/jobs/{first['id']}/why", headers=A, timeout=10).json()["kind"] in (
+        "starting", "running")
+    reply = requests.post(api + "/agent", json={"message": "why is my job still waiting?"}, headers=A,
+                          timeout=60).json()
+    assert [c["name"] for c in reply["tool_calls"]] == ["why_is_job_waiting"], reply
+    assert second["id"] in reply["answer"] and "quota" in reply["answer"], reply["answer"]
+    refused = requests.post(f"{api}/jobs/{second['id']}/budget-override", headers=A, timeout=10)
+    assert refused.status_code == 403 and "admin" in refused.json()["detail"]["reason"]
+    allowed = requests.post(f"{api}/jobs/{second['id']}/budget-override", headers=ADMIN, timeout=10)
+    assert allowed.status_code in (200, 409), allowed.text  # 409: admitted meanwhile
+    for job in (first, second):
+        requests.delete(f"{api}/jobs/{job['id']}", headers=A, timeout=10)
