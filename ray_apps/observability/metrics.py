@@ -76,6 +76,19 @@ class PlatformCollector(Collector):
             preemptions.add_metric([tenant, priority], n)
         yield preemptions
 
+        lost = CounterMetricFamily("oppen_preemption_lost_seconds", "Work preemptions threw away: resource-seconds "
+                                   "since each victim's last checkpoint.", labels=["tenant", "resource"])
+        for tenant, cpu_s, gpu_s in s.preemption_lost:
+            lost.add_metric([tenant, "cpu"], cpu_s)
+            lost.add_metric([tenant, "gpu"], gpu_s)
+        yield lost
+        waiting = GaugeMetricFamily("oppen_queue_waiting", "Queued jobs by why they wait (the dispatcher's last "
+                                    "plan: quota, cohort, budget, cap, capacity, packing, nodes, behind...).",
+                                    labels=["kind"])
+        for kind, n in sorted(s.waiting_by_kind.items()):
+            waiting.add_metric([kind], n)
+        yield waiting
+
         by_reason: dict[tuple[str, str], int] = {}
         for message, tenant, n in s.rejected:
             key = (rejection_reason(message), tenant)

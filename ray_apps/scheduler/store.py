@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from sqlalchemy import (JSON, Column, Float, ForeignKey, Integer, MetaData, String, Table, Text, create_engine, event,
@@ -723,6 +723,11 @@ class JobStore:
                                                   .join(jobs, jobs.c.id == f.job_id))).all()
             month = conn.execute(select(j.tenant, func.sum(spend)).select_from(job_costs.join(jobs, jobs.c.id == c.job_id))
                                  .where(c.metered_at >= month_start).group_by(j.tenant)).all()
+            p = job_preemptions.c
+            lost = conn.execute(select(j.tenant, func.sum(p.cpu_s_lost), func.sum(p.gpu_s_lost))
+                                .select_from(job_preemptions.join(jobs, jobs.c.id == p.job_id))
+                                .group_by(j.tenant)).all()
+            waits_by_kind = conn.execute(select(job_waits.c.kind, func.count()).group_by(job_waits.c.kind)).all()
         return StoreStats(
             by_state=[(s, t, tr, n) for s, t, tr, n in by_state],
             queued=[(p, t, n, oldest) for p, t, n, oldest in queued],
@@ -732,7 +737,9 @@ class JobStore:
             rejected=[(m, t, n) for m, t, n in rejected],
             costs=[(t, tr, usd or 0.0, gh or 0.0) for t, tr, usd, gh in costs],
             month_spend={t: usd or 0.0 for t, usd in month},
-            forecasts=[(tr, fc, actual) for tr, fc, actual in forecasts])
+            forecasts=[(tr, fc, actual) for tr, fc, actual in forecasts],
+            preemption_lost=[(t, cpu or 0.0, gpu or 0.0) for t, cpu, gpu in lost],
+            waiting_by_kind={k: n for k, n in waits_by_kind})
 
 
 @dataclass(frozen=True)
@@ -746,3 +753,5 @@ class StoreStats:
     costs: list[tuple[str, str, float, float]]          # tenant, trainer, metered $, GPU-hours
     month_spend: dict[str, float]                       # tenant -> metered $ since month_start
     forecasts: list[tuple[str, float, float]] = ()      # trainer, forecast at admission, metered $
+    preemption_lost: list[tuple[str, float, float]] = ()  # tenant, CPU-seconds, GPU-seconds preemptions threw away
+    waiting_by_kind: dict[str, int] = field(default_factory=dict)  # queued jobs by why they wait

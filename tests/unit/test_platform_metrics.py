@@ -59,6 +59,10 @@ def test_queue_admissions_preemptions_rejections_states_waits_and_cost(tmp_path)
     store.transition("c1", S.REJECTED, message="asks for 4 GPU but tenant team-b's quota is 1 GPU")
     add(store, "c2", tenant="team-b")
     store.transition("c2", S.REJECTED, message="asks for 64 CPU (8 x 8) but the cluster can give at most 2 CPU")
+    store.record_preemption("b1", 1, now, cpu_s=30.0, gpu_s=60.0, drained=True)
+    from ray_apps.scheduler.store import WaitRow
+    store.publish_waits({"a1": WaitRow("quota", "tenant team-a quota", 1, 1, None, None, None),
+                         "a2": WaitRow("behind", "behind a1", 1, 1, None, None, None)}, {}, now)
     config = QueueConfig(tenants={"team-b": {"gpus": 2, "budget_usd": 0.30}})
     heartbeat = tmp_path / "dispatcher.heartbeat"
     heartbeat.write_text('{"time": 1234.5, "last_cycle_ok": true}')
@@ -72,6 +76,9 @@ def test_queue_admissions_preemptions_rejections_states_waits_and_cost(tmp_path)
     assert v("oppen_queue_oldest_wait_seconds", priority="normal", tenant="team-a") == pytest.approx(100, abs=5)
     assert v("oppen_admissions_total", tenant="team-b", priority="normal") == 2      # two attempts
     assert v("oppen_preemptions_total", tenant="team-b", priority="normal") == 1
+    assert v("oppen_preemption_lost_seconds_total", tenant="team-b", resource="gpu") == 60.0
+    assert v("oppen_preemption_lost_seconds_total", tenant="team-b", resource="cpu") == 30.0
+    assert v("oppen_queue_waiting", kind="quota") == 1 and v("oppen_queue_waiting", kind="behind") == 1
     assert v("oppen_jobs_finished_total", state="FAILED", tenant="team-b", trainer="mnist") == 1
     assert v("oppen_jobs", state="QUEUED", tenant="team-a", trainer="mnist") == 2
     assert v("oppen_rejections_total", reason="quota", tenant="team-b") == 1
