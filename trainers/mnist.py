@@ -40,7 +40,7 @@ def train_func(cfg: dict) -> None:
     import torch
     import torch.distributed as dist
 
-    from trainers.data import load_mnist
+    from trainers import ingest
     from trainers.drain import DRAINED_METRIC, DrainWatch
     from trainers.mnist_model import MnistCNN, evaluate, make_optimizer, to_tensors, train_epoch
     from trainers.tracking import RunTracker
@@ -52,7 +52,8 @@ def train_func(cfg: dict) -> None:
     torch.manual_seed(spec.seed)
     device = ray.train.torch.get_device()
 
-    data = load_mnist(cfg["data_dir"])
+    dataset = ingest.info_for(spec, cfg)  # what the driver checked (trainers.ingest)
+    data = ingest.load_images(cfg["data_dir"], dataset)
     x, y = to_tensors(data.train_images[:spec.train_samples], data.train_labels[:spec.train_samples])
     tx, ty = to_tensors(data.test_images[:spec.test_samples], data.test_labels[:spec.test_samples])
     tx, ty = tx[rank::world], ty[rank::world]  # each rank scores its share of the test set
@@ -91,6 +92,9 @@ def train_func(cfg: dict) -> None:
     if tracker:
         tracker.log_params({"data_source": data.source, "device": str(device),
                             "train_size": len(x), "test_size": len(data.test_images[:spec.test_samples])})
+        # The MLflow input: which data (by content hash) made this model.
+        tracker.log_dataset(ingest.mlflow_input(dataset, train_rows_used=len(x),
+                                                test_rows_used=len(data.test_images[:spec.test_samples])))
         if start_epoch or start_step:
             tracker.set_tags({"oppen.resumed_from_epoch": start_epoch,
                               **({"oppen.resumed_from_step": start_step} if start_step else {})})
@@ -176,12 +180,15 @@ def _unwrap(model):
 
 
 def prepare_trials(spec: MnistConfig, data_dir: Path) -> dict:
-    """Before a search's trials start: nothing to share (each worker reads the data itself)."""
-    return {}
+    """Before a search's trials start: the dataset, checked once for all of them."""
+    from trainers import ingest
+
+    return {"dataset": ingest.prepare(spec, data_dir)}
 
 
 def fit(spec: MnistConfig, ctx: RunContext) -> int:
-    trainer = driver.torch_trainer(train_func, {"submission_id": ctx.submission_id}, spec, ctx)
+    trainer = driver.torch_trainer(train_func, {"submission_id": ctx.submission_id, "dataset": ctx.dataset},
+                                   spec, ctx)
     return driver.fit_and_report(trainer, ctx, lambda result: driver.finish(
         ctx, result, lambda metrics: _log_model(spec, ctx, result.checkpoint, metrics),
         {"test_accuracy": "test_accuracy", "cost_usd": "cost_usd", "epochs": "epoch"}))
