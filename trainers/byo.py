@@ -156,6 +156,16 @@ def split_hash(keys: list[str]) -> np.ndarray:
     return out
 
 
+def rank_of(keys: list[str], world: int) -> np.ndarray:
+    """The worker (0..world-1) a training row streams to (--data-pipeline ray-data): a second hash of its
+    identity, independent of the split's, so every rank gets a like share of each label."""
+    out = np.empty(len(keys), dtype=np.int64)
+    for i, key in enumerate(keys):
+        out[i] = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8, person=b"oppen-rank").digest(),
+                                "big") % world
+    return out
+
+
 def held_out(keys: list[str], fraction: float) -> np.ndarray:
     """Which rows the test split holds: hash below `fraction`; with 2+ rows, at least one on each side."""
     h = split_hash(keys)

@@ -140,8 +140,10 @@ def given_spec_flags(argv: list[str] | None, spec_cls: type) -> dict:
 
 
 def torch_trainer(train_func: Callable[[dict], None], loop_config: dict, spec, ctx: RunContext, *,
-                  callbacks: list | None = None, storage_path: Path | None = None):
-    """A TorchTrainer for the spec's gang, checkpointing under the data dir, restarting failed workers."""
+                  callbacks: list | None = None, storage_path: Path | None = None,
+                  datasets: dict | None = None, dataset_config=None):
+    """A TorchTrainer for the spec's gang, checkpointing under the data dir, restarting failed workers;
+    `datasets` / `dataset_config`: Ray Data inputs the workers read with `ray.train.get_dataset_shard`."""
     import secrets
 
     import ray.train
@@ -156,8 +158,9 @@ def torch_trainer(train_func: Callable[[dict], None], loop_config: dict, spec, c
     config = {"spec": dataclasses.asdict(spec), "data_dir": str(ctx.data_dir), "costs_file": ctx.costs_file,
               "tracking_uri": ctx.uri, "run_id": ctx.run_id, "segment_start": time.time(),
               "segment_id": secrets.token_hex(4), **loop_config}
+    data = {"datasets": datasets, **({"dataset_config": dataset_config} if dataset_config else {})} if datasets else {}
     return TorchTrainer(
-        train_func, train_loop_config=config,
+        train_func, train_loop_config=config, **data,
         # Logical GPUs (a CPU-only box) are reserved as resources; use_gpu only with real CUDA.
         scaling_config=ray.train.ScalingConfig(num_workers=spec.num_workers, use_gpu=use_gpu,
                                                resources_per_worker=resources),
