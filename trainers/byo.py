@@ -39,7 +39,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
 NUM_CLASSES = 10           # MnistCNN's outputs
 SIDE = 28
 PIXELS = SIDE * SIDE
-BATCH_ROWS = 1024          # rows per Parquet batch read
+BATCH_ROWS = 256           # rows per batch read (image files, Parquet rows): bounds memory for large images
 
 
 class BadData(DataError):

@@ -40,7 +40,7 @@ from trainers.mnist_model import MNIST_MEAN, MNIST_STD
 
 # Descriptor rows per block, the unit one decode task takes: a built-in's pixels, image files
 # (~0.1-5 ms each to read and decode), Parquet row groups.
-BLOCK_ROWS = {"pixels": 2048, "files": 128, "fragments": 1}
+BLOCK_ROWS = {"pixels": 2048, "files": 128, "fragments": 4}
 DECODE_CPUS = float(os.environ.get("OPPEN_DECODE_CPUS", "0"))
 DECODE_TASKS = int(os.environ.get("OPPEN_DECODE_TASKS", "2"))
 SHUFFLE_BUFFER = 4096      # rows mixed per epoch by the local shuffle

@@ -18,6 +18,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import ROOT
+from tests.unit.test_llm_parts import gpt2_tokenizer  # noqa: F401 - a session fixture used below
 from trainers import byo, ingest
 from trainers.byo import BadData
 from trainers.data import DataError
@@ -480,3 +481,28 @@ def test_a_dataset_input_that_cannot_be_sent_is_kept_not_raised():
     tracker = RunTracker(closed_uri(), run_id="0" * 32)
     tracker.log_dataset({"name": "d", "digest": "x", "source_type": "local", "source": "{}"})
     assert tracker.flush() is False and tracker.unsent == 1
+
+
+# --------------------------------------------------------------------------- the LLM's text of one's own
+
+
+def test_own_text_is_tokenized_per_content_and_too_little_is_refused(tmp_path, monkeypatch, gpt2_tokenizer):
+    tokenizer, source = gpt2_tokenizer
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i in range(6):
+        (docs / f"{i}.txt").write_text(f"Document number {i} says something about datasets. " * 30)
+    write_catalog(tmp_path, {"wikitext-2": {"kind": "text", "source": "builtin:wikitext-2", "description": "d"},
+                             "docs": {"kind": "text", "source": str(docs), "description": "d"}}, monkeypatch)
+    spec = build_config("llm", {"dataset": "docs", "model": "tiny", "block_size": 16, "batch_size": 2})
+    info = ingest.prepare(spec, tmp_path / "data")
+    tokens = ingest.load_text_tokens(tmp_path / "data", info, tokenizer, source)
+    assert len(tokens.train) > 500 and len(tokens.validation) > 50 and "sha256" in tokens.source
+    (docs / "0.txt").write_text("Changed. " * 100)  # new content: new hash, new corpus, new tokens
+    again = ingest.load_text_tokens(tmp_path / "data", ingest.prepare(spec, tmp_path / "data"), tokenizer, source)
+    assert info["corpus"] != ingest.prepare(spec, tmp_path / "data")["corpus"]
+    assert len(again.train) + len(again.validation) != len(tokens.train) + len(tokens.validation)
+    with pytest.raises(DataError, match="training tokens cannot fill one step of 64 blocks of 16"):
+        ingest.check_token_counts(info, 1000, 500, block_size=16, batch=64, workers=1)
+    with pytest.raises(DataError, match="held-out tokens make fewer than one block of 16 per worker"):
+        ingest.check_token_counts(info, 1000, 20, block_size=16, batch=2, workers=2)
