@@ -19,8 +19,9 @@ the same (`trainers.mnist_model.train_batches`); the held-out split stays in mem
   costs their decoding). The shuffle is within the buffer, not the memory path's full permutation.
 - Steps. The ranks' row counts differ a little (a hash, not a deal); every rank takes the steps of
   the smallest shard, ceil(min rows / batch), so DDP's all-reduce stays in step.
-- Resources. The decode stage's tasks reserve `DECODE_CPUS` CPU each, at most `DECODE_TASKS` at once
-  per rank; 0 CPUs means they share the gang's cores (the only choice on a box the gang fills).
+- Resources. The decode stage's tasks reserve `$OPPEN_DECODE_CPUS` CPUs each (default 0: they share
+  the gang's cores, the only choice on a node the gang fills), at most `$OPPEN_DECODE_TASKS` (2) at
+  once per rank (`decode_resources`).
 """
 
 from __future__ import annotations
@@ -41,8 +42,6 @@ from trainers.mnist_model import MNIST_MEAN, MNIST_STD
 # Descriptor rows per block, the unit one decode task takes: a built-in's pixels, image files
 # (~0.1-5 ms each to read and decode), Parquet row groups.
 BLOCK_ROWS = {"pixels": 2048, "files": 128, "fragments": 4}
-DECODE_CPUS = float(os.environ.get("OPPEN_DECODE_CPUS", "0"))
-DECODE_TASKS = int(os.environ.get("OPPEN_DECODE_TASKS", "2"))
 SHUFFLE_BUFFER = 4096      # rows mixed per epoch by the local shuffle
 
 
@@ -196,14 +195,21 @@ def RankShards(build):  # noqa: N802 - reads as the class it returns; Ray import
     return _make_data_config()(build)
 
 
+def decode_resources() -> tuple[float, int]:
+    """(CPUs each decode task reserves, tasks at once per rank): $OPPEN_DECODE_CPUS (default 0: the
+    gang's cores) and $OPPEN_DECODE_TASKS (default 2), read when a pipeline is built."""
+    return float(os.environ.get("OPPEN_DECODE_CPUS", "0")), int(os.environ.get("OPPEN_DECODE_TASKS", "2"))
+
+
 def _rank_pipeline(ds, rank: int, *, kind: str, source: Source | None, ids: bool = False):
     """Rank `rank`'s stage: keep its rows, read and decode them, normalise (one Ray Data map stage)."""
     from ray.data import TaskPoolStrategy
 
+    cpus, tasks = decode_resources()
     fn = _decode_fragments if kind == "fragments" else _decode_rows
     return ds.map_batches(fn, batch_format="pyarrow", batch_size=None,
                           fn_kwargs={"rank": rank, "kind": kind, "source": source, "ids": ids},
-                          num_cpus=DECODE_CPUS, compute=TaskPoolStrategy(size=DECODE_TASKS))
+                          num_cpus=cpus, compute=TaskPoolStrategy(size=tasks))
 
 
 # --------------------------------------------------------------------------- decode (Ray Data tasks)
