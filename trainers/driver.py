@@ -20,8 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from trainers import runtime
-from trainers import ingest
+from trainers import ingest, runtime
 from trainers.data import DataError, default_data_dir
 from trainers.dataset_catalog import DatasetError
 from trainers.drain import DRAINED_EXIT, drained_position
