@@ -43,7 +43,7 @@ def train_func(cfg: dict) -> None:
     from trainers import ingest
     from trainers.drain import DRAINED_METRIC, DrainWatch
     from trainers.mnist_model import MnistCNN, evaluate, make_optimizer, to_tensors, train_batches, train_epoch
-    from trainers.ray_pipeline import epoch_batches
+    from trainers.ray_pipeline import EpochStream
     from trainers.tracking import RunTracker
 
     spec = MnistConfig(**cfg["spec"])
@@ -60,10 +60,11 @@ def train_func(cfg: dict) -> None:
     tx, ty = tx[rank::world], ty[rank::world]  # each rank scores its share of the test set
     per_rank_batch = spec.batch_size // world
     streamed = cfg.get("stream")  # --data-pipeline ray-data: training images from a Ray Data shard
-    if streamed:
-        shard = ray.train.get_dataset_shard("train")
-        train_size = sum(streamed["rows_per_rank"])
-        steps_per_epoch = -(-min(streamed["rows_per_rank"]) // per_rank_batch)  # the same on every rank
+    if streamed:  # every rank takes the same number of full batches an epoch (trainers.ray_pipeline)
+        steps_per_epoch = streamed["steps_per_epoch"]
+        stream = EpochStream(ray.train.get_dataset_shard("train"), batch_size=per_rank_batch,
+                             steps=steps_per_epoch, first_epoch=streamed["first_epoch"])
+        train_size = steps_per_epoch * per_rank_batch * world
     else:
         x, y = to_tensors(data.train_images[:spec.train_samples], data.train_labels[:spec.train_samples])
         train_size = len(x)
@@ -140,9 +141,7 @@ def train_func(cfg: dict) -> None:
         resumed = carry if epoch == start_epoch else None
         first = start_step if epoch == start_epoch else 0
         if streamed:  # the same step code over the shard's batches
-            stats = train_batches(model, optimizer, scheduler,
-                                  epoch_batches(shard, epoch=epoch, seed=spec.seed, batch_size=per_rank_batch,
-                                                start=first, steps=steps_per_epoch),
+            stats = train_batches(model, optimizer, scheduler, stream.epoch(epoch, start=first),
                                   steps=steps_per_epoch, start_step=first, device=device,
                                   should_stop=stop_here(epoch))
         else:
@@ -169,6 +168,8 @@ def train_func(cfg: dict) -> None:
             if rank == 0:
                 print(f"{PROGRESS} drain requested: checkpoint at epoch {epoch + 1}/{spec.epochs} "
                       f"step {stats.steps}/{steps_per_epoch}", flush=True)
+            if streamed:
+                stream.close()
             return
         correct, count, test_loss = evaluate(model, tx, ty, device=device)
         sums = torch.tensor([*part, correct, count, test_loss], dtype=torch.float64)
@@ -220,15 +221,35 @@ def fit(spec: MnistConfig, ctx: RunContext) -> int:
     if spec.data_pipeline == "ray-data":  # the descriptors and their sharding; Ray Data decodes as workers read
         from trainers.ray_pipeline import mnist_plan
 
-        plan = mnist_plan(spec, ctx.data_dir, ctx.dataset, train_samples=spec.train_samples)
-        loop["stream"] = {"rows_per_rank": plan.rows_per_rank}
+        first = _resume_epoch(ctx) if ctx.resume else 0
+        plan = mnist_plan(spec, ctx.data_dir, ctx.dataset, train_samples=spec.train_samples, first_epoch=first)
+        loop["stream"] = plan.stream()
         data = {"datasets": {"train": plan.dataset}, "dataset_config": plan.data_config}
         print(f"{PROGRESS} ray-data pipeline: {sum(plan.rows_per_rank):,} training rows over "
-              f"{spec.num_workers} worker(s) ({', '.join(map(str, plan.rows_per_rank))})", flush=True)
+              f"{spec.num_workers} worker(s) ({', '.join(map(str, plan.rows_per_rank))}), "
+              f"{plan.steps_per_epoch} steps an epoch from epoch {first + 1}", flush=True)
     trainer = driver.torch_trainer(train_func, loop, spec, ctx, **data)
     return driver.fit_and_report(trainer, ctx, lambda result: driver.finish(
         ctx, result, lambda metrics: _log_model(spec, ctx, result.checkpoint, metrics),
         {"test_accuracy": "test_accuracy", "cost_usd": "cost_usd", "epochs": "epoch"}))
+
+
+def _resume_epoch(ctx: RunContext) -> int:
+    """The epoch (0-based) the run's last checkpoint resumes in, from Ray Train's checkpoint snapshot;
+    0 when it cannot tell (the stream then skips to the checkpoint, which costs reading, not results)."""
+    import json
+
+    from trainers.drain import drained_position
+    from trainers.runtime import checkpoint_root
+
+    try:
+        snapshot = json.loads((checkpoint_root(ctx.data_dir) / ctx.run_name /
+                               "checkpoint_manager_snapshot.json").read_text())
+        metrics = snapshot["checkpoint_results"][-1]["metrics"]
+        drained = drained_position(metrics)
+        return int(drained[0]) if drained else int(metrics["epoch"])
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return 0
 
 
 def _log_model(spec: MnistConfig, ctx: RunContext, checkpoint, metrics: dict) -> None:

@@ -1,27 +1,34 @@
 """Ray Data ingest for the MNIST trainer: `--data-pipeline ray-data`.
 
 The in-memory path (the default) gives every worker the decoded training set. This one streams it:
-the training images are read, decoded to 28x28 grayscale and normalised by Ray Data tasks while the
+the training images are read, decoded to 28x28 grayscale and normalised by Ray Data while the
 workers train, so a set larger than a worker's memory trains in bounded memory. The step code is
 the same (`trainers.mnist_model.train_batches`); the held-out split stays in memory (it is small).
 
-- Descriptors. The driver builds a small dataset with one row per training image (a built-in's
-  pixels, or an image file's path and label) or one row per Parquet row group; only these are held,
-  the image bytes are read by the tasks that decode them.
+- Descriptors. The driver cuts the training split into blocks of descriptors, one row per image (a
+  built-in's pixels, or an image file's path and label) or per Parquet row group, and puts each
+  block in the object store once; the image bytes are read by what decodes them.
+- One execution per run. The dataset handed to Ray Train is a schedule: one row per (epoch, block),
+  every epoch's blocks in an order of its own (seeded by seed and epoch). Each rank's pipeline is one
+  map stage over it, run by one long-lived decoder actor (`_RankDecoder`): fetch the block, keep this
+  rank's rows, shuffle them (seeded by seed, epoch and block), read and decode, normalise. A fresh
+  execution per epoch would restart its workers every epoch (Ray kills idle task workers beyond its
+  soft limit within a second; on 2 cores that churn cost a tenth of the training time).
 - Shards. A row's worker is a hash of its identity (`byo.rank_of`); `RankShards`, a Ray Train
-  `DataConfig`, gives each rank its own pipeline: keep its rows -> read and decode -> normalise. So
-  the shards are disjoint, cover the training split, and are the same on every run (Ray's default
-  `streaming_split` hands blocks to whichever worker asks first). Each rank reads every Parquet row
-  group but decodes only its rows.
-- Order. The descriptors are in one seeded permutation, execution preserves order, and each epoch
-  shuffles through a seeded local buffer (`local_shuffle_seed`): the same seed gives the same
-  batches, and a run resumed mid-epoch replays that epoch's first batches and skips them (exact; it
-  costs their decoding). The shuffle is within the buffer, not the memory path's full permutation.
-- Steps. The ranks' row counts differ a little (a hash, not a deal); every rank takes the steps of
-  the smallest shard, ceil(min rows / batch), so DDP's all-reduce stays in step.
-- Resources. The decode stage's tasks reserve `$OPPEN_DECODE_CPUS` CPUs each (default 0: they share
-  the gang's cores, the only choice on a node the gang fills), at most `$OPPEN_DECODE_TASKS` (2) at
-  once per rank (`decode_resources`).
+  `DataConfig`, gives each rank its own pipeline, so the shards are disjoint, together cover the
+  training split, and are the same on every run (Ray's default `streaming_split` hands blocks to
+  whichever worker asks first). Each rank reads every Parquet row group but decodes only its rows.
+- Steps. The ranks' row counts differ a little (a hash, not a deal): every rank takes floor(the
+  smallest shard / batch) full batches an epoch, and the schedule says how many of each block's rows
+  to keep so that each epoch is exactly that (the rows past it, a different few each epoch, wait for
+  the next). DDP's all-reduce stays in step and no batch straddles two epochs.
+- Order and resuming. The same seed gives the same batches. A run resumed at (epoch, step) starts
+  its schedule at that epoch when the driver knows it (`--resume`: the last checkpoint's epoch) and
+  skips the batches before the step; a worker group restarted mid-run starts where the driver's
+  schedule starts and skips the batches it already trained. Either way it goes on exactly, paying
+  for reading the skipped batches. The shuffle is per block, not the memory path's full permutation.
+- Resources. The decoder actor reserves `$OPPEN_DECODE_CPUS` CPUs (default 0: it shares the gang's
+  cores, the only choice on a node the gang fills), one actor per rank (`decode_resources`).
 """
 
 from __future__ import annotations
@@ -39,43 +46,67 @@ from trainers.data import DataError
 from trainers.dataset_catalog import Source, load_catalog
 from trainers.mnist_model import MNIST_MEAN, MNIST_STD
 
-# Descriptor rows per block, the unit one decode task takes: a built-in's pixels, image files
+# Descriptor rows per block, the unit the decoder takes at once: a built-in's pixels, image files
 # (~0.1-5 ms each to read and decode), Parquet row groups.
 BLOCK_ROWS = {"pixels": 2048, "files": 128, "fragments": 4}
-SHUFFLE_BUFFER = 4096      # rows mixed per epoch by the local shuffle
 
 
 @dataclass
 class Plan:
-    """What the driver hands Ray Train: the descriptor dataset, the DataConfig that shards it, and
-    each rank's row count (the steps per epoch follow from the smallest)."""
+    """What the driver hands Ray Train: the schedule dataset, the DataConfig that turns it into each
+    rank's pipeline, and the shape of an epoch."""
 
     dataset: Any
     data_config: Any
-    rows_per_rank: list[int]
+    rows_per_rank: list[int]     # training rows of each rank's shard
+    steps_per_epoch: int         # full batches per epoch, the same on every rank
+    first_epoch: int             # the schedule's first epoch
 
-    def steps_per_epoch(self, per_rank_batch: int) -> int:
-        return -(-min(self.rows_per_rank) // per_rank_batch)
+    def stream(self) -> dict:
+        """What train_func needs to read the schedule: the loop config's `stream`."""
+        return {"rows_per_rank": self.rows_per_rank, "steps_per_epoch": self.steps_per_epoch,
+                "first_epoch": self.first_epoch}
 
 
 # --------------------------------------------------------------------------- driver
 
 
 def mnist_plan(spec, data_dir: Path, info: dict | None, *, train_samples: int | None = None,
-               ids: bool = False) -> Plan:
-    """The descriptor dataset of the spec's training split, sharded over `spec.num_workers` ranks.
-    `ids`: the batches also carry each row's identity (`id`, text), for tests."""
-    import ray.data
+               first_epoch: int = 0, ids: bool = False) -> Plan:
+    """The schedule of the spec's training split over epochs first_epoch..epochs-1, sharded over
+    `spec.num_workers` ranks. `ids`: the batches also carry each row's identity (`id`), for tests."""
+    import pyarrow as pa
+    import ray
 
+    world, per_rank_batch = spec.num_workers, spec.batch_size // spec.num_workers
+    first_epoch = min(first_epoch, spec.epochs - 1)  # a finished run resumed for no more epochs reads none
     table, kind, source = descriptor_table(spec, data_dir, info, train_samples=train_samples)
-    counts = np.bincount(_expanded_ranks(table, kind), minlength=spec.num_workers).tolist()
-    if min(counts) < 1:
-        raise DataError(f"{sum(counts)} training rows cannot feed {spec.num_workers} workers: a worker would get "
-                        "none. To fix: fewer --num-workers, or more data.", field="params.dataset")
     step = BLOCK_ROWS[kind]
     blocks = [table.slice(i, step) for i in range(0, table.num_rows, step)]
-    build = functools.partial(_rank_pipeline, kind=kind, source=source, ids=ids)
-    return Plan(ray.data.from_arrow(blocks), RankShards(build), counts)
+    counts = np.stack([np.bincount(_expanded_ranks(b, kind), minlength=world) for b in blocks])  # [block, rank]
+    totals = counts.sum(axis=0)
+    steps = int(totals.min()) // per_rank_batch
+    if steps < 1:
+        raise DataError(f"{int(totals.sum())} training rows over {world} worker(s) ({', '.join(map(str, totals))}) "
+                        f"cannot fill one batch of {per_rank_batch} each. To fix: fewer --num-workers, a smaller "
+                        "--batch-size, or more data.", field="params.dataset")
+    rows = []
+    for epoch in range(first_epoch, spec.epochs):
+        left = np.full(world, steps * per_rank_batch)
+        for block in epoch_order(spec.seed, epoch, len(blocks)):
+            keep = np.minimum(counts[block], left)
+            left -= keep
+            rows.append({"epoch": epoch, "block": int(block), "keep": keep.tolist()})
+    schedule = pa.Table.from_pylist(rows)
+    refs = [ray.put(b) for b in blocks]
+    build = functools.partial(_rank_pipeline, refs=refs, kind=kind, source=source, seed=spec.seed, ids=ids)
+    return Plan(ray.data.from_arrow([schedule.slice(i, 1) for i in range(schedule.num_rows)]),
+                RankShards(build), totals.tolist(), steps, first_epoch)
+
+
+def epoch_order(seed: int, epoch: int, blocks: int) -> np.ndarray:
+    """The order an epoch reads the blocks in."""
+    return np.random.default_rng([seed, epoch, 1]).permutation(blocks)
 
 
 def descriptor_table(spec, data_dir: Path, info: dict | None, *, train_samples: int | None = None):
@@ -195,24 +226,23 @@ def RankShards(build):  # noqa: N802 - reads as the class it returns; Ray import
     return _make_data_config()(build)
 
 
-def decode_resources() -> tuple[float, int]:
-    """(CPUs each decode task reserves, tasks at once per rank): $OPPEN_DECODE_CPUS (default 0: the
-    gang's cores) and $OPPEN_DECODE_TASKS (default 2), read when a pipeline is built."""
-    return float(os.environ.get("OPPEN_DECODE_CPUS", "0")), int(os.environ.get("OPPEN_DECODE_TASKS", "2"))
+def decode_resources() -> float:
+    """CPUs each rank's decoder actor reserves: $OPPEN_DECODE_CPUS (default 0: the gang's cores), read
+    when a pipeline is built."""
+    return float(os.environ.get("OPPEN_DECODE_CPUS", "0"))
 
 
-def _rank_pipeline(ds, rank: int, *, kind: str, source: Source | None, ids: bool = False):
-    """Rank `rank`'s stage: keep its rows, read and decode them, normalise (one Ray Data map stage)."""
-    from ray.data import TaskPoolStrategy
+def _rank_pipeline(ds, rank: int, *, refs: list, kind: str, source: Source | None, seed: int, ids: bool = False):
+    """Rank `rank`'s stage over the schedule: one decoder actor, one (epoch, block) at a time."""
+    from ray.data import ActorPoolStrategy
 
-    cpus, tasks = decode_resources()
-    fn = _decode_fragments if kind == "fragments" else _decode_rows
-    return ds.map_batches(fn, batch_format="pyarrow", batch_size=None,
-                          fn_kwargs={"rank": rank, "kind": kind, "source": source, "ids": ids},
-                          num_cpus=cpus, compute=TaskPoolStrategy(size=tasks))
+    return ds.map_batches(_RankDecoder, batch_format="pyarrow", batch_size=1,
+                          fn_constructor_kwargs={"refs": refs, "rank": rank, "kind": kind, "source": source,
+                                                 "seed": seed, "ids": ids},
+                          num_cpus=decode_resources(), compute=ActorPoolStrategy(size=1))
 
 
-# --------------------------------------------------------------------------- decode (Ray Data tasks)
+# --------------------------------------------------------------------------- decode (the rank's actor)
 
 
 def normalise(images: np.ndarray) -> np.ndarray:
@@ -220,66 +250,111 @@ def normalise(images: np.ndarray) -> np.ndarray:
     return ((images.astype(np.float32) / 255.0 - MNIST_MEAN) / MNIST_STD)[:, None, :, :]
 
 
-def _decode_rows(batch, *, rank: int, kind: str, source: Source | None, ids: bool) -> dict[str, np.ndarray]:
-    import pyarrow.compute as pc
+class _RankDecoder:
+    """One rank's decoder: for each scheduled (epoch, block), the rank's rows of the block, shuffled,
+    the first `keep[rank]` of them read, decoded and normalised. `blocks`: the descriptor blocks
+    themselves instead of object refs (tests, without Ray)."""
 
-    mine = batch.filter(pc.equal(batch.column("rank"), rank))
-    n = mine.num_rows
-    labels = np.asarray(mine.column("label").to_numpy(), dtype=np.int64)
-    if kind == "pixels":
+    def __init__(self, refs: list | None = None, *, rank: int, kind: str, source: Source | None, seed: int,
+                 ids: bool = False, blocks: list | None = None):
+        self.refs, self.blocks, self.rank, self.kind, self.source, self.seed, self.ids = (
+            refs, blocks, rank, kind, source, seed, ids)
+
+    def __call__(self, batch) -> dict[str, np.ndarray]:
+        out = [self.decode(row["epoch"], row["block"], row["keep"][self.rank]) for row in batch.to_pylist()]
+        return {key: np.concatenate([o[key] for o in out]) for key in out[0]}
+
+    def descriptors(self, block: int):
+        if self.blocks is not None:
+            return self.blocks[block]
+        import ray
+
+        return ray.get(self.refs[block])
+
+    def decode(self, epoch: int, block: int, keep: int) -> dict[str, np.ndarray]:
+        table = self.descriptors(block)
+        rng = np.random.default_rng([self.seed, epoch, 2, block])
+        if self.kind == "fragments":
+            images, labels, keys = self._fragments(table, rng, keep)
+        else:
+            import pyarrow as pa
+            import pyarrow.compute as pc
+
+            mine = table.filter(pc.equal(table.column("rank"), self.rank))
+            mine = mine.take(pa.array(rng.permutation(mine.num_rows)[:keep], pa.int64()))
+            labels = np.asarray(mine.column("label").to_numpy(), dtype=np.int64)
+            keys = mine.column("id").to_pylist() if self.ids else []
+            images = self._pixels(mine) if self.kind == "pixels" else self._files(mine)
+        return {"x": normalise(images), "y": labels, **({"id": np.asarray(keys, dtype=object)} if self.ids else {})}
+
+    @staticmethod
+    def _pixels(mine) -> np.ndarray:
+        n = mine.num_rows
         pixels = mine.column("pixels").combine_chunks()
-        images = np.frombuffer(pixels.buffers()[1], np.uint8, count=n * 784,
-                               offset=pixels.offset * 784).reshape(n, 28, 28)
-    else:
-        fs, _ = byo.filesystem(source)
-        images = np.empty((n, 28, 28), np.uint8)
+        return np.frombuffer(pixels.buffers()[1], np.uint8, count=n * 784,
+                             offset=pixels.offset * 784).reshape(n, 28, 28)
+
+    def _files(self, mine) -> np.ndarray:
+        fs, _ = byo.filesystem(self.source)
+        images = np.empty((mine.num_rows, 28, 28), np.uint8)
         for i, path in enumerate(mine.column("path").to_pylist()):
             with fs.open_input_stream(path) as stream:
                 images[i] = byo.decode_image(stream.read())
-    return {"x": normalise(images), "y": labels, **({"id": np.asarray(mine.column("id").to_pylist())} if ids else {})}
+        return images
 
+    def _fragments(self, table, rng, keep: int):
+        """This rank's training rows of the block's row groups, shuffled, the first `keep` decoded."""
+        import pyarrow.parquet as pq
 
-def _decode_fragments(batch, *, rank: int, kind: str, source: Source | None, ids: bool) -> dict[str, np.ndarray]:
-    import pyarrow.parquet as pq
-
-    fs, _ = byo.filesystem(source)
-    xs, ys, names = [], [], []
-    for d in batch.to_pylist():
-        pf = pq.ParquetFile(fs.open_input_file(d["path"]))
-        table = pf.read_row_group(d["group"], columns=["image", "label"])
-        keys = [byo.row_key(d["rel"], d["first"] + i) for i in range(table.num_rows)]
-        keep = _train_rows(keys, d)
-        ranks = byo.rank_of(keys, d["world"])
-        pick = np.flatnonzero(keep & (ranks == rank))
-        if len(pick):
-            sub = table.take(pick)
-            images, labels = byo.decode_parquet_rows(d["dataset"], d["shown"], d["first"], sub.column("image"),
-                                                     sub.column("label"))
-            xs.append(normalise(images))
-            ys.append(labels)
-            names += [keys[i] for i in pick]
-    out = {"x": np.concatenate(xs) if xs else np.zeros((0, 1, 28, 28), np.float32),
-           "y": np.concatenate(ys) if ys else np.zeros(0, np.int64)}
-    return {**out, **({"id": np.asarray(names, dtype=object)} if ids else {})}
+        fs, _ = byo.filesystem(self.source)
+        picked = []  # (descriptor, row index in its group)
+        for d in table.to_pylist():
+            keys = [byo.row_key(d["rel"], d["first"] + i) for i in range(d["rows"])]
+            mask = _train_rows(keys, d) & (byo.rank_of(keys, d["world"]) == self.rank)
+            picked += [(d, int(i), keys[i]) for i in np.flatnonzero(mask)]
+        chosen = [picked[i] for i in rng.permutation(len(picked))[:keep]]
+        images, labels = np.empty((len(chosen), 28, 28), np.uint8), np.empty(len(chosen), np.int64)
+        groups: dict[tuple, list[int]] = {}
+        for j, (d, i, _) in enumerate(chosen):
+            groups.setdefault((d["path"], d["group"], d["first"], d["shown"], d["dataset"]), []).append(j)
+        for (path, group, first, shown, name), js in groups.items():
+            table = pq.ParquetFile(fs.open_input_file(path)).read_row_group(group, columns=["image", "label"])
+            rows = [chosen[j][1] for j in js]
+            sub = table.take(rows)
+            imgs, labs = byo.decode_parquet_rows(name, shown, first, sub.column("image"), sub.column("label"))
+            images[js], labels[js] = imgs, labs
+        return images, labels, [key for _, _, key in chosen]
 
 
 # --------------------------------------------------------------------------- workers
 
 
-def epoch_batches(shard, *, epoch: int, seed: int, batch_size: int, start: int, steps: int):
-    """(images, labels) tensors of one epoch of this rank's shard: steps `start`..`steps`, in the order the
-    seed fixes (the first `start` batches are read and dropped, so a resumed epoch goes on exactly)."""
-    import itertools
+class EpochStream:
+    """A rank's batches over the whole run, epoch by epoch: `epoch(e, start)` yields epoch e's batches
+    from step `start` on (skipping what lies before, exactly), as (images, labels) tensors."""
 
-    import torch
+    def __init__(self, shard, *, batch_size: int, steps: int, first_epoch: int):
+        import torch
 
-    batches = shard.iter_torch_batches(batch_size=batch_size, dtypes={"x": torch.float32, "y": torch.int64},
-                                       local_shuffle_buffer_size=SHUFFLE_BUFFER,
-                                       local_shuffle_seed=seed * 1_000_003 + epoch, prefetch_batches=2)
-    pairs = ((b["x"], b["y"]) for b in batches)
-    try:
-        yield from itertools.islice(pairs, start, steps)
-    finally:  # an epoch cut short (equal steps, a drain) stops its execution now, not at garbage collection
-        pairs.close()
-        if hasattr(batches, "close"):
-            batches.close()
+        self.steps, self.first_epoch, self.done = steps, first_epoch, 0
+        self._batches = shard.iter_torch_batches(batch_size=batch_size, prefetch_batches=2,
+                                                 dtypes={"x": torch.float32, "y": torch.int64})
+        self._it = iter(self._batches)
+
+    def epoch(self, epoch: int, *, start: int = 0):
+        target = (epoch - self.first_epoch) * self.steps + start
+        if target < self.done:
+            raise ValueError(f"epoch {epoch} step {start} is behind the stream (batch {self.done})")
+        for _ in range(target - self.done):  # resumed: read and drop what was trained already
+            next(self._it)
+            self.done += 1
+        while self.done < (epoch - self.first_epoch + 1) * self.steps:
+            batch = next(self._it)
+            self.done += 1
+            yield batch["x"], batch["y"]
+
+    def close(self) -> None:
+        """Stop the execution now (a run drained or cut short), not at garbage collection."""
+        for it in (self._it, self._batches):
+            if hasattr(it, "close"):
+                it.close()
