@@ -9,7 +9,10 @@ driver (`fit` on top of `trainers.driver`) that takes the flags and owns the MLf
 Each epoch: train loss/accuracy, test accuracy, epoch time, samples/s and the
 cumulative cost, a checkpoint, and one batched MLflow write from rank 0. A worker
 that dies is replaced and the group restarts from the last checkpoint;
-`--resume` continues a stopped run the same way.
+`--resume` continues a stopped run the same way. A drain request (`trainers.drain`)
+checkpoints at the next step boundary mid-epoch and exits with DRAINED_EXIT; `--resume`
+then continues at that very step, with the same batches, LR schedule and dropout stream,
+so the run's epochs and their figures match an undisturbed run's.
 """
 
 from __future__ import annotations
