@@ -52,7 +52,7 @@ from ray_apps.agent.memory import OutcomeRecorder
 from ray_apps.audit import SYSTEM
 from ray_apps.autoscaler import ResourceRequester
 from ray_apps.costs.forecast import ForecastError
-from ray_apps.ray_client import PlatformError, mlflow_healthy
+from ray_apps.ray_client import PlatformError, mlflow_healthy, use_ray_token
 from ray_apps.scheduler import policy
 from ray_apps.scheduler.adoption import ADOPTED_PRIORITY, adopt_unknown
 from ray_apps.scheduler.api import Queue, ray_submission_id
@@ -432,6 +432,7 @@ class Dispatcher:
         return True
 
     def _request_drain(self, job: JobRecord) -> bool:
+        use_ray_token()  # as for every GCS client of this process
         try:
             drain.request_drain(self.queue.settings.gcs_address, job.ray_submission_id, time.time())
             return True
