@@ -166,7 +166,6 @@ class _Loop:
 
 def _evaluate_and_report(v: _Loop, step: int, window: _Window) -> None:
     """Held-out loss, the window's train figures over the whole gang, a checkpoint, one MLflow batch."""
-    import ray.train
     import torch
     import torch.distributed as dist
 
@@ -186,20 +185,13 @@ def _evaluate_and_report(v: _Loop, step: int, window: _Window) -> None:
                "tokens_per_s": tokens / max(window.seconds, 1e-9),
                "step_time_s": window.seconds / max(window.steps, 1),
                "lr": v.scheduler.get_last_lr()[0], "elapsed_s": elapsed, **cost.as_metrics()}
-    with tempfile.TemporaryDirectory() as tmp:
-        ckpt = None
-        if v.rank == 0:
-            torch.save({"model": _unwrap(v.model).state_dict(), "optimizer": v.optimizer.state_dict(),
-                        "step": step, "elapsed_s": elapsed, "base_elapsed_s": v.base_elapsed,
-                        "segment_id": v.cfg["segment_id"]}, Path(tmp) / CHECKPOINT_FILE)
-            ckpt = ray.train.Checkpoint.from_directory(tmp)
-        tracker = v.tracker
-        if tracker:
-            tracker.log_metrics(metrics, step=step)
-            tracker.flush()
-            metrics["tracking_unsent"] = tracker.unsent
-            metrics["tracking_s"] = tracker.seconds
-        ray.train.report(metrics, checkpoint=ckpt)
+    tracker = v.tracker
+    if tracker:
+        tracker.log_metrics(metrics, step=step)
+        tracker.flush()
+        metrics["tracking_unsent"] = tracker.unsent
+        metrics["tracking_s"] = tracker.seconds
+    _report_with_checkpoint(v, step, elapsed, metrics)
     if v.watch:
         v.watch.checkpointed(time.time(), *divmod(step, v.steps_per_epoch))
     if v.rank == 0:
@@ -210,8 +202,6 @@ def _evaluate_and_report(v: _Loop, step: int, window: _Window) -> None:
 
 def _save_drained(v: _Loop, step: int) -> None:
     """A drain request: checkpoint at this optimizer step without evaluating, report it as drained."""
-    import ray.train
-    import torch
 
     from trainers.drain import DRAINED_METRIC
 
@@ -222,6 +212,17 @@ def _save_drained(v: _Loop, step: int) -> None:
     if v.tracker:
         v.tracker.flush()  # params and tags; no metric point for a partial window
         metrics.update(tracking_unsent=v.tracker.unsent, tracking_s=v.tracker.seconds)
+    _report_with_checkpoint(v, step, elapsed, metrics)
+    v.watch.checkpointed(time.time(), epoch, offset, drained=True)
+    if v.rank == 0:
+        print(f"{PROGRESS} drain requested: checkpoint at step {step}/{v.total_steps}", flush=True)
+
+
+def _report_with_checkpoint(v: _Loop, step: int, elapsed: float, metrics: dict) -> None:
+    """Every rank reports; rank 0 alone saves the state (DDP keeps the ranks identical)."""
+    import ray.train
+    import torch
+
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = None
         if v.rank == 0:
@@ -230,9 +231,6 @@ def _save_drained(v: _Loop, step: int) -> None:
                         "segment_id": v.cfg["segment_id"]}, Path(tmp) / CHECKPOINT_FILE)
             ckpt = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=ckpt)
-    v.watch.checkpointed(time.time(), epoch, offset, drained=True)
-    if v.rank == 0:
-        print(f"{PROGRESS} drain requested: checkpoint at step {step}/{v.total_steps}", flush=True)
 
 
 def _unwrap(model):
