@@ -295,11 +295,7 @@ def _ray_env(settings: Settings, topology: Topology) -> dict[str, str]:
     # A node silent for 15 s (Ray's default: 30) is replaced: every node is on this machine.
     nodes = ({"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1", "AUTOSCALER_HEARTBEAT_TIMEOUT_S": "15"}
              if topology.autoscaling else {})
-    # Every process of this cluster names its GCS: Ray's code that looks the cluster up by itself (Ray
-    # Train's placement-group cleaner, the state API) otherwise fails, and leaks what it guards, as soon
-    # as another Ray runs on the same machine.
     return {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token", "PATH": path, **nodes,
-            "RAY_ADDRESS": settings.gcs_address,
             "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "1.0", **node_ip_env(settings), **serve_proxy_env(settings),
             **settings.ray.serve_env,
             **settings.job_env()}
