@@ -434,6 +434,9 @@ def test_a_drained_llm_run_resumes_at_its_optimizer_step(fake_ray, tmp_path, dat
     from trainers.pricing import load_catalog
     from trainers.specs import LlmConfig
 
+    from trainers.tokenizer import load_gpt2_tokenizer
+
+    load_gpt2_tokenizer(mnist_cache, offline=True)  # rebuilt once per machine into the test cache
     shutil.copytree(mnist_cache / "tokenizers", data_dir / "tokenizers")
     spec = LlmConfig(model="tiny", dataset="pydoc", block_size=32, batch_size=4, max_steps=6, eval_every=4,
                      eval_batches=1, max_train_tokens=4096, warmup_steps=0, cpus_per_worker=1)
