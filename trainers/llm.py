@@ -44,6 +44,7 @@ def train_func(cfg: dict) -> None:
 
     from trainers.drain import DrainWatch
     from trainers.llm_model import autocast, batch_order, build_model, make_optimizer, to_blocks, train_step
+    from trainers.phases import PhaseClock
     from trainers.text_data import load_tokens
     from trainers.tokenizer import load_gpt2_tokenizer
     from trainers.tracking import RunTracker
@@ -103,7 +104,7 @@ def train_func(cfg: dict) -> None:
 
     watch = DrainWatch(cfg.get("submission_id"), rank=rank, world=world, device=device)
     loop = _Loop(spec, cfg, model, optimizer, scheduler, val_blocks, per_rank, device, amp, catalog, alloc,
-                 tracker, rank, world, steps_per_epoch, total_steps, base_elapsed, watch)
+                 tracker, rank, world, steps_per_epoch, total_steps, base_elapsed, watch, PhaseClock())
     window = _Window()
     while step < total_steps:
         epoch, offset = divmod(step, steps_per_epoch)
@@ -112,6 +113,7 @@ def train_func(cfg: dict) -> None:
             chunk = order[s * per_rank * spec.grad_accum:(s + 1) * per_rank * spec.grad_accum]
             micro = [train_blocks[chunk[i * per_rank:(i + 1) * per_rank]] for i in range(spec.grad_accum)]
             stats = train_step(model, optimizer, scheduler, micro, device=device, amp=amp, scaler=scaler)
+            loop.clock.stepped()
             step += 1
             window.add(stats)
             if step % spec.eval_every == 0 or step == total_steps:
@@ -162,6 +164,7 @@ class _Loop:
     total_steps: int
     base_elapsed: float
     watch: Any = None
+    clock: Any = None  # trainers.phases.PhaseClock
 
 
 def _evaluate_and_report(v: _Loop, step: int, window: _Window) -> None:
@@ -188,6 +191,7 @@ def _evaluate_and_report(v: _Loop, step: int, window: _Window) -> None:
     tracker = v.tracker
     if tracker:
         tracker.log_metrics(metrics, step=step)
+        tracker.set_tags(v.clock.tags())  # where this attempt's time went (trainers.phases)
         tracker.flush()
         metrics["tracking_unsent"] = tracker.unsent
         metrics["tracking_s"] = tracker.seconds

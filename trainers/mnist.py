@@ -45,6 +45,7 @@ def train_func(cfg: dict) -> None:
 
     from trainers.data import load_mnist
     from trainers.drain import DRAINED_METRIC, DrainWatch
+    from trainers.phases import PhaseClock
     from trainers.mnist_model import MnistCNN, evaluate, make_optimizer, to_tensors, train_epoch
     from trainers.tracking import RunTracker
 
@@ -118,8 +119,11 @@ def train_func(cfg: dict) -> None:
             ray.train.report(metrics, checkpoint=ckpt)
         watch.checkpointed(time.time(), epoch, step, drained=bool(metrics.get(DRAINED_METRIC)))
 
-    def stop_here(epoch: int) -> Callable[[int], bool] | None:
-        return (lambda step: watch.should_stop(epoch * steps_per_epoch + step)) if watch.enabled else None
+    clock = PhaseClock()
+
+    def stop_here(epoch: int) -> Callable[[int], bool]:
+        # Asked after each step but an epoch's last: notes the first step's time, and drains if asked.
+        return lambda step: clock.stepped() or (watch.enabled and watch.should_stop(epoch * steps_per_epoch + step))
 
     for epoch in range(start_epoch, spec.epochs):
         resumed = carry if epoch == start_epoch else None
@@ -161,6 +165,7 @@ def train_func(cfg: dict) -> None:
         }
         if tracker:
             tracker.log_metrics(metrics, step=epoch + 1)
+            tracker.set_tags(clock.tags())  # where this attempt's time went (trainers.phases)
             tracker.flush()
             metrics["tracking_unsent"] = tracker.unsent
             metrics["tracking_s"] = tracker.seconds
