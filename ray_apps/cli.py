@@ -230,7 +230,8 @@ def _job_line(job) -> str:
 def cmd_queue_submit(args, settings) -> int:
     params = {k: v for k, v in vars(args).items() if k in args.spec_fields}
     job = _queue(settings).submit(args.trainer, params, priority=args.priority, tenant=args.tenant, actor=_actor())
-    print(f"queued {job.id} ({job.priority}, tenant {job.tenant}); follow with: oppen queue list")
+    print(f"queued {job.id} ({job.priority}, tenant {job.tenant}); follow with: oppen queue list, or `oppen "
+          f"queue why {job.id}` while it waits")
     return 0
 
 

@@ -97,7 +97,18 @@ def submit_entrypoint(settings: Settings, submission_id: str, entrypoint: str, m
     job_client(settings.dashboard_url).submit_job(
         entrypoint=entrypoint, submission_id=submission_id, metadata=metadata,
         runtime_env={"working_dir": str(PROJECT_ROOT), "excludes": WORKING_DIR_EXCLUDES,
-                     "env_vars": settings.job_env()})
+                     "env_vars": job_env_vars(settings)})
+
+
+def job_env_vars(settings: Settings) -> dict[str, str]:
+    """The job's environment, in its driver and in every worker and actor Ray starts for it. On a
+    local head it names its GCS: Ray's code that finds the cluster by itself (Ray Train's
+    placement-group cleaner, through the state API) otherwise fails, and leaks the placement groups
+    it guards, once another Ray runs on the same machine. A remote head (KubeRay) is one Ray per pod."""
+    env = settings.job_env()
+    if settings.is_local:
+        env["RAY_ADDRESS"] = settings.gcs_address
+    return env
 
 
 def create_run(settings: Settings, trainer: str, run_name: str, tags: dict[str, str] | None = None

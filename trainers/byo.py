@@ -33,7 +33,7 @@ from pathlib import PurePosixPath
 import numpy as np
 
 from trainers.data import DataError
-from trainers.dataset_catalog import Dataset, Source
+from trainers.dataset_catalog import Source
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 NUM_CLASSES = 10           # MnistCNN's outputs

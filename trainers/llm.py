@@ -43,7 +43,9 @@ def train_func(cfg: dict) -> None:
     import torch
 
     from trainers import ingest
+    from trainers.drain import DrainWatch
     from trainers.llm_model import autocast, batch_order, build_model, make_optimizer, to_blocks, train_step
+    from trainers.phases import PhaseClock
     from trainers.tokenizer import load_gpt2_tokenizer
     from trainers.tracking import RunTracker
 
@@ -103,8 +105,9 @@ def train_func(cfg: dict) -> None:
             print(f"{PROGRESS} NOTE: no pretrained weights reachable: training {spec.model} from scratch",
                   flush=True)
 
+    watch = DrainWatch(cfg.get("submission_id"), rank=rank, world=world, device=device)
     loop = _Loop(spec, cfg, model, optimizer, scheduler, val_blocks, per_rank, device, amp, catalog, alloc,
-                 tracker, rank, world, steps_per_epoch, total_steps, base_elapsed)
+                 tracker, rank, world, steps_per_epoch, total_steps, base_elapsed, watch, PhaseClock())
     window = _Window()
     while step < total_steps:
         epoch, offset = divmod(step, steps_per_epoch)
@@ -113,11 +116,15 @@ def train_func(cfg: dict) -> None:
             chunk = order[s * per_rank * spec.grad_accum:(s + 1) * per_rank * spec.grad_accum]
             micro = [train_blocks[chunk[i * per_rank:(i + 1) * per_rank]] for i in range(spec.grad_accum)]
             stats = train_step(model, optimizer, scheduler, micro, device=device, amp=amp, scaler=scaler)
+            loop.clock.stepped()
             step += 1
             window.add(stats)
             if step % spec.eval_every == 0 or step == total_steps:
                 _evaluate_and_report(loop, step, window)
                 window = _Window()
+            elif watch.enabled and watch.should_stop(step):  # same calls on every rank: same stopping step
+                _save_drained(loop, step)  # the window's figures so far are dropped: the next
+                return                     # attempt's first window covers its own steps only
             if step >= total_steps:
                 break
 
@@ -159,11 +166,12 @@ class _Loop:
     steps_per_epoch: int
     total_steps: int
     base_elapsed: float
+    watch: Any = None
+    clock: Any = None  # trainers.phases.PhaseClock
 
 
 def _evaluate_and_report(v: _Loop, step: int, window: _Window) -> None:
     """Held-out loss, the window's train figures over the whole gang, a checkpoint, one MLflow batch."""
-    import ray.train
     import torch
     import torch.distributed as dist
 
@@ -183,6 +191,45 @@ def _evaluate_and_report(v: _Loop, step: int, window: _Window) -> None:
                "tokens_per_s": tokens / max(window.seconds, 1e-9),
                "step_time_s": window.seconds / max(window.steps, 1),
                "lr": v.scheduler.get_last_lr()[0], "elapsed_s": elapsed, **cost.as_metrics()}
+    tracker = v.tracker
+    if tracker:
+        tracker.log_metrics(metrics, step=step)
+        tracker.set_tags(v.clock.tags())  # where this attempt's time went (trainers.phases)
+        tracker.flush()
+        metrics["tracking_unsent"] = tracker.unsent
+        metrics["tracking_s"] = tracker.seconds
+    _report_with_checkpoint(v, step, elapsed, metrics)
+    if v.watch:
+        v.watch.checkpointed(time.time(), *divmod(step, v.steps_per_epoch))
+    if v.rank == 0:
+        print(f"{PROGRESS} step {step}/{v.total_steps} train_loss={metrics['train_loss']:.3f} "
+              f"eval_loss={eval_loss:.3f} perplexity={metrics['perplexity']:.1f} "
+              f"tokens/s={metrics['tokens_per_s']:.0f} cost=${cost.total_usd:.5f}", flush=True)
+
+
+def _save_drained(v: _Loop, step: int) -> None:
+    """A drain request: checkpoint at this optimizer step without evaluating, report it as drained."""
+
+    from trainers.drain import DRAINED_METRIC
+
+    elapsed = v.base_elapsed + (time.time() - v.cfg["segment_start"])
+    epoch, offset = divmod(step, v.steps_per_epoch)
+    metrics = {DRAINED_METRIC: 1, "drained_epoch": epoch, "drained_step": offset, "step": step,
+               "elapsed_s": elapsed, **v.catalog.cost(v.alloc, elapsed).as_metrics()}
+    if v.tracker:
+        v.tracker.flush()  # params and tags; no metric point for a partial window
+        metrics.update(tracking_unsent=v.tracker.unsent, tracking_s=v.tracker.seconds)
+    _report_with_checkpoint(v, step, elapsed, metrics)
+    v.watch.checkpointed(time.time(), epoch, offset, drained=True)
+    if v.rank == 0:
+        print(f"{PROGRESS} drain requested: checkpoint at step {step}/{v.total_steps}", flush=True)
+
+
+def _report_with_checkpoint(v: _Loop, step: int, elapsed: float, metrics: dict) -> None:
+    """Every rank reports; rank 0 alone saves the state (DDP keeps the ranks identical)."""
+    import ray.train
+    import torch
+
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = None
         if v.rank == 0:
@@ -190,17 +237,7 @@ def _evaluate_and_report(v: _Loop, step: int, window: _Window) -> None:
                         "step": step, "elapsed_s": elapsed, "base_elapsed_s": v.base_elapsed,
                         "segment_id": v.cfg["segment_id"]}, Path(tmp) / CHECKPOINT_FILE)
             ckpt = ray.train.Checkpoint.from_directory(tmp)
-        tracker = v.tracker
-        if tracker:
-            tracker.log_metrics(metrics, step=step)
-            tracker.flush()
-            metrics["tracking_unsent"] = tracker.unsent
-            metrics["tracking_s"] = tracker.seconds
         ray.train.report(metrics, checkpoint=ckpt)
-    if v.rank == 0:
-        print(f"{PROGRESS} step {step}/{v.total_steps} train_loss={metrics['train_loss']:.3f} "
-              f"eval_loss={eval_loss:.3f} perplexity={metrics['perplexity']:.1f} "
-              f"tokens/s={metrics['tokens_per_s']:.0f} cost=${cost.total_usd:.5f}", flush=True)
 
 
 def _unwrap(model):
@@ -238,7 +275,8 @@ def fit(spec: LlmConfig, ctx: RunContext) -> int:
                               batch=spec.batch_size * spec.grad_accum, workers=spec.num_workers)
     print(f"{PROGRESS} corpus {spec.dataset}: {len(tokens.train):,} train / {len(tokens.validation):,} held-out "
           f"tokens from {tokens.source}", flush=True)
-    trainer = driver.torch_trainer(train_func, {"offline": offline, "dataset": ctx.dataset}, spec, ctx)
+    trainer = driver.torch_trainer(train_func, {"offline": offline, "dataset": ctx.dataset,
+                                                "submission_id": ctx.submission_id}, spec, ctx)
     return driver.fit_and_report(trainer, ctx, lambda result: driver.finish(
         ctx, result, lambda metrics: _log_model(spec, ctx, result.checkpoint, tokenizer),
         {"eval_loss": "eval_loss", "perplexity": "perplexity", "cost_usd": "cost_usd", "steps": "step"}))

@@ -9,7 +9,10 @@ driver (`fit` on top of `trainers.driver`) that takes the flags and owns the MLf
 Each epoch: train loss/accuracy, test accuracy, epoch time, samples/s and the
 cumulative cost, a checkpoint, and one batched MLflow write from rank 0. A worker
 that dies is replaced and the group restarts from the last checkpoint;
-`--resume` continues a stopped run the same way.
+`--resume` continues a stopped run the same way. A drain request (`trainers.drain`)
+checkpoints at the next step boundary mid-epoch and exits with DRAINED_EXIT; `--resume`
+then continues at that very step, with the same batches, LR schedule and dropout stream,
+so the run's epochs and their figures match an undisturbed run's.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ def train_func(cfg: dict) -> None:
     from trainers import ingest
     from trainers.drain import DRAINED_METRIC, DrainWatch
     from trainers.mnist_model import MnistCNN, evaluate, make_optimizer, to_tensors, train_batches, train_epoch
+    from trainers.phases import PhaseClock
     from trainers.ray_pipeline import EpochStream
     from trainers.tracking import RunTracker
 
@@ -134,8 +138,11 @@ def train_func(cfg: dict) -> None:
             ray.train.report(metrics, checkpoint=ckpt)
         watch.checkpointed(time.time(), epoch, step, drained=bool(metrics.get(DRAINED_METRIC)))
 
-    def stop_here(epoch: int) -> Callable[[int], bool] | None:
-        return (lambda step: watch.should_stop(epoch * steps_per_epoch + step)) if watch.enabled else None
+    clock = PhaseClock()
+
+    def stop_here(epoch: int) -> Callable[[int], bool]:
+        # Asked after each step but an epoch's last: notes the first step's time, and drains if asked.
+        return lambda step: clock.stepped() or (watch.enabled and watch.should_stop(epoch * steps_per_epoch + step))
 
     for epoch in range(start_epoch, spec.epochs):
         resumed = carry if epoch == start_epoch else None
@@ -186,6 +193,7 @@ def train_func(cfg: dict) -> None:
         }
         if tracker:
             tracker.log_metrics(metrics, step=epoch + 1)
+            tracker.set_tags(clock.tags())  # where this attempt's time went (trainers.phases)
             tracker.flush()
             metrics["tracking_unsent"] = tracker.unsent
             metrics["tracking_s"] = tracker.seconds

@@ -39,7 +39,9 @@ def latest_metric(client: MlflowClient, run_id: str, key: str) -> float | None:
 
 
 def log_job_cost(client: MlflowClient, run_id: str, cost: JobCost, job_id: str,
-                 profile: tuple[float | None, float | None, float | None]) -> None:
+                 profile: tuple[float | None, float | None, float | None], extra: dict[str, float] | None = None
+                 ) -> None:
+    """The metered cost, the run's profile for forecasts, and `extra` metrics (its phases)."""
     from mlflow.entities import Metric, RunTag
 
     now = int(time.time() * 1000)
@@ -47,6 +49,7 @@ def log_job_cost(client: MlflowClient, run_id: str, cost: JobCost, job_id: str,
               "job_cost_memory_usd": cost.memory_usd, "job_run_s": cost.seconds, "job_gpu_hours": cost.gpu_hours,
               "job_cpu_core_hours": cost.cpu_core_hours}
     values.update({k: v for k, v in zip(PROFILE_METRICS, profile) if v is not None})
+    values.update(extra or {})
     tags = {"oppen.cost.usd_per_hour": f"{cost.usd_per_hour:.6f}", "oppen.cost.attempts": str(cost.attempts),
             "oppen.cost.allocation": f"cpus={cost.cpus:g} gpus={cost.gpus:g} memory_gib={cost.memory_gib:.2f}"
                                      + (f" gpu_type={cost.gpu_type}" if cost.gpu_type else ""),

@@ -31,6 +31,7 @@ from ray_apps.scheduler.api import JobNotFound, Queue, QueueError
 from ray_apps.scheduler.states import ACTIVE, JobState
 from ray_apps.scheduler.store import JobRecord
 from trainers.errors import NotFound
+from trainers.phases import phases_of
 from trainers.pricing import PriceCatalog, load_catalog
 from trainers.specs import SpecError, build_config, spec_for
 
@@ -252,8 +253,9 @@ class CostService:
             metered.append(job.id)
         for job_id in list(self.queue.store.costs(unlogged=True))[:limit]:
             job = self.queue.store.get(job_id)
-            if not job.mlflow_run_id:
-                self.queue.store.mark_cost_logged(job_id)  # an untracked job: the store is its record
+            if not job.mlflow_run_id:  # an untracked job: the store is its record
+                self._save_phases(job, {})
+                self.queue.store.mark_cost_logged(job_id)
                 continue
             try:
                 self._log(job)
@@ -279,7 +281,17 @@ class CostService:
             single = runs.latest_metric(self.mlflow, job.mlflow_run_id, spec.unit_timer) if len(points) < 2 else None
             profile = profile_run(points=points, started_at=a.started_at, ended_at=a.ended_at,
                                   units_total=self._units_total(spec, job.mlflow_run_id), single_unit_s=single)
-        runs.log_job_cost(self.mlflow, job.mlflow_run_id, cost, job.id, profile)
+        phases = self._save_phases(job, self.mlflow.get_run(job.mlflow_run_id).data.tags)
+        runs.log_job_cost(self.mlflow, job.mlflow_run_id, cost, job.id, profile,
+                          phases.as_metrics() if phases else {})
+
+    def _save_phases(self, job: JobRecord, tags: dict[str, str]):
+        """Where the job's last attempt spent its time (trainers.phases), kept for the status page."""
+        attempts = self.queue.store.attempts([job.id])[job.id]
+        phases = phases_of(job.submitted_at, [(a.started_at, a.ended_at) for a in attempts], tags)
+        if phases:
+            self.queue.store.save_phases(job.id, phases)
+        return phases
 
 
 def _trainers() -> set[str]:

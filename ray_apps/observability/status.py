@@ -1,5 +1,6 @@
 """What the status page shows, in one snapshot: the queue, running jobs with live cost and
-forecast, recent jobs, the cluster's nodes per worker group, and spend over time and per
+forecast, recent jobs with where their time went (queued, starting, first step, training,
+finishing: trainers.phases), the cluster's nodes per worker group, and spend over time and per
 tenant, each job linked to its Ray job and MLflow run. Served as JSON by the CostForecaster
 (GET /v1/status) and drawn by status.html.
 """
@@ -62,8 +63,10 @@ def snapshot(costs, settings, tenant: str | None = None, now: float | None = Non
     ended = queue.store.list(tenant=tenant, states=TERMINAL, ended_after=now - 7 * 86400)
     ended.sort(key=lambda j: j.ended_at or j.updated_at, reverse=True)
     stored = queue.store.costs([j.id for j in ended[:RECENT]])
+    phases = queue.store.phases([j.id for j in ended[:RECENT]])
     recent = [{**_job(j, now), "cost_usd": stored[j.id].cpu_usd + stored[j.id].gpu_usd + stored[j.id].memory_usd
-               if j.id in stored else None, "links": _links(settings, j, experiments, costs)}
+               if j.id in stored else None, "phases": vars(phases[j.id]) if j.id in phases else None,
+               "links": _links(settings, j, experiments, costs)}
               for j in ended[:RECENT]]
     try:  # the cluster's worker groups (none in single-head mode), as the autoscaler sees them now
         nodes = [vars(g) for g in queue.capacity().groups.values()]

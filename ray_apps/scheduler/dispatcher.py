@@ -52,7 +52,7 @@ from ray_apps.agent.memory import OutcomeRecorder
 from ray_apps.audit import SYSTEM
 from ray_apps.autoscaler import ResourceRequester
 from ray_apps.costs.forecast import ForecastError
-from ray_apps.ray_client import PlatformError, mlflow_healthy
+from ray_apps.ray_client import PlatformError, mlflow_healthy, use_ray_token
 from ray_apps.scheduler import policy
 from ray_apps.scheduler.adoption import ADOPTED_PRIORITY, adopt_unknown
 from ray_apps.scheduler.api import Queue, ray_submission_id
@@ -60,6 +60,7 @@ from ray_apps.scheduler.capacity import Capacity
 from ray_apps.scheduler.inputs import PolicyInputs, checkpoints_of
 from ray_apps.scheduler.states import ACTIVE, JobState
 from ray_apps.scheduler.store import InvalidTransition, JobRecord, WaitRow
+from ray_apps.scheduler.why import wait_rows
 from ray_apps.training import create_run, entrypoint_for, submit_entrypoint
 from trainers import drain
 from trainers.specs import spec_for
@@ -70,7 +71,6 @@ NODE_SAMPLE_S = 10.0  # how often the worker groups' nodes are counted into node
 ADOPT_S = 5.0         # how often Ray's job list is read for jobs submitted around the queue
 MLFLOW_CHECK_S = 1.0  # a stalled MLflow must not stall the cycle
 PRUNE_S = 60.0        # how often REJECTED requests past their retention are forgotten
-ESTIMATE_MAX_QUEUE = 2000  # start estimates for queues up to this long (positions for any length)
 
 
 @dataclass
@@ -195,46 +195,10 @@ class Dispatcher:
     def _publish_plan(self, plan: policy.Plan, queued_jobs: list[policy.QueuedJob],
                       running_jobs: list[policy.RunningJob], forecasts, free, queued: list[JobRecord],
                       now: float) -> None:
-        """Each waiting job's reason, its position in its class and an estimated start (low, middle,
-        high: running jobs' forecast ends and the run times of the jobs ahead), to the store."""
-        decided = set(plan.admit) | set(plan.reject)
-        by_id = {j.id: j for j in queued_jobs}
-        ordered = [by_id[i] for i in plan.order if i not in decided]
-        held = [j for j in queued if j.id in self.waiting and j.id not in by_id]  # waiting for MLflow
-        ordered += [policy.QueuedJob(j.id, j.tenant, j.priority, j.submitted_at, _gang(j)) for j in held]
-        estimates = self._estimates(ordered, running_jobs, forecasts, free, now) \
-            if len(ordered) <= ESTIMATE_MAX_QUEUE else {}
-        seen: dict[str, int] = {}
-        per_class: dict[str, int] = {}
-        for j in ordered:
-            per_class[j.priority] = per_class.get(j.priority, 0) + 1
-        rows = {}
-        for j in ordered:
-            seen[j.priority] = seen.get(j.priority, 0) + 1
-            wait = self.waiting.get(j.id) or policy.Wait("capacity", "waiting for free resources")
-            low, mid, high = estimates.get(j.id, (None, None, None))
-            rows[j.id] = WaitRow(wait.kind, wait.reason, seen[j.priority], per_class[j.priority], low, mid, high)
-        self._publish(rows, now)
-
-    def _estimates(self, ordered, running_jobs, forecasts, free, now) -> dict[str, tuple]:
-        """(low, middle, high) estimated start of each job in `ordered`, rounded to 10 s (so an
-        unchanged queue writes nothing)."""
-        out: dict[str, list] = {j.id: [] for j in ordered}
-        for pick in ("low", "mid", "high"):
-            def run_s(job_id):
-                f = forecasts.get(job_id)
-                if f is None or f.run_s_low is None or f.run_s_high is None:
-                    return None
-                return {"low": f.run_s_low, "high": f.run_s_high}.get(pick, (f.run_s_low + f.run_s_high) / 2)
-            running = []
-            for r in running_jobs:
-                s = run_s(r.id)
-                running.append((r.gang, None if s is None else r.started_at + s))
-            jobs = [policy.QueuedJob(j.id, j.tenant, j.priority, j.submitted_at, j.gang, run_s=run_s(j.id))
-                    for j in ordered]
-            for job_id, at in policy.estimate_starts(jobs, running, free, now).items():
-                out[job_id].append(None if at is None else round(at / 10) * 10)
-        return {i: tuple(v) for i, v in out.items()}
+        considered = {j.id for j in queued_jobs}
+        held = [policy.QueuedJob(j.id, j.tenant, j.priority, j.submitted_at, _gang(j)) for j in queued
+                if j.id not in considered]  # waiting for MLflow, out of the plan
+        self._publish(wait_rows(plan, queued_jobs, held, running_jobs, forecasts, free, self.waiting, now), now)
 
     def _publish(self, rows: dict[str, WaitRow], now: float) -> None:
         try:
@@ -432,6 +396,7 @@ class Dispatcher:
         return True
 
     def _request_drain(self, job: JobRecord) -> bool:
+        use_ray_token()  # as for every GCS client of this process
         try:
             drain.request_drain(self.queue.settings.gcs_address, job.ray_submission_id, time.time())
             return True

@@ -137,8 +137,10 @@ class PolicyInputs:
 
 def checkpoints_of(gcs_address: str, jobs: list[JobRecord]) -> dict[str, float]:
     """Each running job's last checkpoint time by Ray submission id ({} when the GCS does not answer)."""
+    from ray_apps.ray_client import use_ray_token
     from trainers.drain import last_checkpoints
 
+    use_ray_token()  # Ray's GCS client sends the cluster's token only once the process says so
     sids = [j.ray_submission_id for j in jobs if j.ray_submission_id]
     if not sids:
         return {}

@@ -21,6 +21,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from trainers.errors import Conflict, NotFound
+from trainers.phases import Phases
 from ray_apps.scheduler.states import ALLOWED, TERMINAL, JobState
 
 metadata = MetaData()
@@ -99,6 +100,18 @@ job_costs = Table(
     Column("usd_per_hour", Float, nullable=False),
     Column("metered_at", Float, nullable=False),
     Column("logged", Integer, nullable=False, default=0),  # written to the job's MLflow run yet?
+)
+
+
+# Where a finished job's last attempt spent its time (trainers.phases), for the status page.
+job_phases = Table(
+    "job_phases", metadata,
+    Column("job_id", String(64), ForeignKey("jobs.id"), primary_key=True),
+    Column("queued_s", Float, nullable=False),
+    Column("starting_s", Float),
+    Column("first_step_s", Float),
+    Column("training_s", Float),
+    Column("finishing_s", Float),
 )
 
 
@@ -672,6 +685,18 @@ class JobStore:
         with self.engine.connect() as conn:
             return {r.job_id: StoredCost(**{**dict(r._mapping), "logged": bool(r.logged)})
                     for r in conn.execute(query)}
+
+    def save_phases(self, job_id: str, phases: Phases) -> None:
+        with self.engine.begin() as conn:
+            if not conn.execute(select(job_phases.c.job_id).where(job_phases.c.job_id == job_id)).first():
+                conn.execute(insert(job_phases).values(job_id=job_id, **{f"{k}_s": v for k, v in vars(phases).items()}))
+
+    def phases(self, job_ids: Iterable[str]) -> dict[str, Phases]:
+        ids = list(job_ids)
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(job_phases).where(job_phases.c.job_id.in_(ids))) if ids else []
+            return {r.job_id: Phases(r.queued_s, r.starting_s, r.first_step_s, r.training_s, r.finishing_s)
+                    for r in rows}
 
     def cost_generation(self) -> int:
         """Changes whenever a cost reaches MLflow: readers' caches of past runs key on it."""

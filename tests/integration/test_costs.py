@@ -17,6 +17,7 @@ from ray_apps.scheduler.api import Queue
 from ray_apps.scheduler.config import QueueConfig
 from ray_apps.scheduler.states import JobState
 from tests.integration.conftest import QUEUE_CONFIG
+from trainers.phases import PHASES
 
 pytestmark = pytest.mark.slow
 A = {"Authorization": "Bearer token-a"}
@@ -67,6 +68,20 @@ def test_the_mlflow_run_carries_the_cost_of_allocation_times_rate_times_ray_time
     resp = requests.get(f"{finished['api']}/costs/{job.id}", headers=A, timeout=30)
     assert resp.status_code == 200 and resp.json()["total_usd"] == pytest.approx(metrics["job_cost_usd"])
     assert not resp.json()["live"] and resp.json()["attempts"] == 1
+
+
+def test_the_run_says_where_the_job_s_time_went(finished):
+    """The five phases, from the queue's times and the trainer's clock, cover submit to Ray's end."""
+    job, mlflow = finished["job"], finished["mlflow"]
+    info = finished["queue"].ray_client().get_job_info(job.ray_submission_id)
+    metrics = mlflow.get_run(job.mlflow_run_id).data.metrics
+    phases = {name: metrics[f"phase_{name}_s"] for name in PHASES}
+    assert all(v >= 0 for v in phases.values()) and phases["training"] > phases["first_step"], phases
+    assert sum(phases.values()) == pytest.approx(info.end_time / 1000 - job.submitted_at, abs=0.5), phases
+    assert phases["starting"] > 1 and phases["finishing"] > 0  # a Ray Train job's start-up and model logging
+    stored = finished["queue"].store.phases([job.id])[job.id]
+    assert stored.training == pytest.approx(phases["training"], abs=1e-3)
+    print("phases:", {k: round(v, 1) for k, v in phases.items()})
 
 
 def test_the_forecast_at_half_way_brackets_the_final_cost(finished):

@@ -205,10 +205,11 @@ def test_why_a_job_waits_over_rest_and_from_the_agent_and_only_admins_override_b
     reason, the job's place in its class and the override's roles, over real HTTP."""
     first, second = (requests.post(f"{api}/jobs", json={"trainer": "probe", "params": {
         "seconds": 15, "gpus_per_worker": 2}, "priority": "low"}, headers=A, timeout=30).json() for _ in range(2))
-    deadline = time.monotonic() + 60
-    while (why := requests.get(f"{api}/jobs/{second['id']}/why", headers=A, timeout=10).json())["kind"] in (
-            "new", "capacity", "behind", "nodes", "mlflow"):
-        assert time.monotonic() < deadline, why
+    # Until the first one holds the GPUs, the second may wait on something else (capacity, or GPUs a
+    # job of an earlier test still holds while Ray stops it): once it does, the reason is the quota.
+    deadline = time.monotonic() + 90
+    while (why := requests.get(f"{api}/jobs/{second['id']}/why", headers=A, timeout=10).json())["kind"] != "quota":
+        assert time.monotonic() < deadline and why["state"] == "QUEUED", why
         time.sleep(0.5)
     assert why["state"] == "QUEUED" and why["kind"] == "quota" and "team-a" in why["reason"], why
     assert why["position"] >= 1 and why["of"] >= why["position"] and why["as_of"] > 0

@@ -22,7 +22,7 @@ from ray_apps.scheduler.config import QueueConfig
 from ray_apps.scheduler.dispatcher import Dispatcher
 from ray_apps.scheduler.states import JobState
 from ray_apps.scheduler.store import InvalidTransition
-from tests.integration.conftest import QUEUE_CONFIG, job_logs
+from tests.integration.conftest import QUEUE_CONFIG, job_logs, wait_for_log
 from trainers.pricing import load_catalog
 
 pytestmark = pytest.mark.slow
@@ -233,7 +233,8 @@ def test_ray_head_restart_keeps_every_job_exactly_once(platform, queue, dispatch
     deadline = time.monotonic() + 60
     while queue.get(lost).state is not JobState.RUNNING and time.monotonic() < deadline:
         time.sleep(0.3)
-    time.sleep(3)
+    # Its checkpoint is past 3 s when the head goes (Ray's RUNNING is the driver's start, not the probe's).
+    wait_for_log(platform, queue.get(lost).ray_submission_id, "3/15 s", timeout=60)
     processes.stop(ServiceRegistry(platform.state_dir).running()["ray"])
     down_at = time.time()
     cluster.up(platform, timeout=120, say=lambda s: None)  # a fresh head: Ray's job table is empty

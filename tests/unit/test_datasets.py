@@ -18,7 +18,6 @@ import pytest
 from PIL import Image
 
 from tests.conftest import ROOT
-from tests.unit.test_llm_parts import gpt2_tokenizer  # noqa: F401 - a session fixture used below
 from trainers import byo, ingest
 from trainers.byo import BadData
 from trainers.data import DataError

@@ -8,7 +8,9 @@ import time
 from types import SimpleNamespace
 
 import pytest
+import yaml
 
+from ray_apps import cli
 from ray_apps.config import Settings
 from ray_apps.ray_client import Resources
 from ray_apps.scheduler import dispatcher as dispatcher_module
@@ -87,7 +89,7 @@ def test_budgets_wait_for_a_forecast_wait_for_spend_and_reject_a_job_over_the_wh
     assert [r["action"] for r in queue.audit.export()].count("job.budget_override") == 1
 
 
-def test_why_gives_the_kind_the_position_in_the_class_and_an_estimated_start(make):
+def test_why_gives_the_kind_the_position_in_the_class_and_an_estimated_start(make, tmp_path, capsys):
     queue, d, ray = make({"poll_s": 0.1}, node(0))
     jobs = [queue.submit("mnist", CPU_JOB, tenant="team-a", priority="normal") for _ in range(3)]
     queue.store.transition(jobs[0].id, JobState.STARTING, ray_submission_id=jobs[0].id, attempt=1)
@@ -109,6 +111,14 @@ def test_why_gives_the_kind_the_position_in_the_class_and_an_estimated_start(mak
     assert queue.why(jobs[0].id).kind == "running"
     with pytest.raises(Exception, match="no job"):
         queue.why(jobs[1].id, tenant="team-b")
+    # The same answer from the CLI, and an admin's override from it too.
+    config = tmp_path / "platform.yaml"
+    config.write_text(yaml.safe_dump({"data_dir": str(queue.settings.data_dir)}))
+    assert cli.main(["--config", str(config), "queue", "why", jobs[2].id]) == 0
+    out = capsys.readouterr().out
+    assert f"{jobs[2].id} waits (behind)" in out and "position 2 of 2 queued normal jobs" in out
+    assert cli.main(["--config", str(config), "queue", "allow-over-budget", jobs[2].id]) == 0
+    assert queue.get(jobs[2].id).over_budget == 1
 
 
 def test_a_victim_is_asked_to_drain_then_stopped_after_the_grace_and_its_lost_work_recorded(make, monkeypatch):

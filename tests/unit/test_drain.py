@@ -426,3 +426,49 @@ def test_a_drained_result_exits_75_without_logging_a_model(capsys, tmp_path):
     done = types.SimpleNamespace(metrics={"epoch": 2}, checkpoint=None)
     assert driver.fit_and_report(types.SimpleNamespace(fit=lambda: done), ctx, lambda r: {"epochs": 2}) == 0
     assert driver.result_of(capsys.readouterr().out.splitlines())["epochs"] == 2
+
+
+def test_a_drained_llm_run_resumes_at_its_optimizer_step(fake_ray, tmp_path, data_dir, mnist_cache, monkeypatch,
+                                                         capsys):
+    from trainers import llm
+    from trainers.pricing import load_catalog
+    from trainers.specs import LlmConfig
+
+    from trainers.tokenizer import load_gpt2_tokenizer
+
+    load_gpt2_tokenizer(mnist_cache, offline=True)  # rebuilt once per machine into the test cache
+    shutil.copytree(mnist_cache / "tokenizers", data_dir / "tokenizers")
+    spec = LlmConfig(model="tiny", dataset="pydoc", block_size=32, batch_size=4, max_steps=6, eval_every=4,
+                     eval_batches=1, max_train_tokens=4096, warmup_steps=0, cpus_per_worker=1)
+
+    def cfg(submission_id):
+        return {"spec": dataclasses.asdict(spec), "data_dir": str(data_dir), "costs_file": str(load_catalog().source),
+                "tracking_uri": "", "run_id": None, "segment_start": time.time(), "segment_id": "seg",
+                "offline": True, "submission_id": submission_id}
+
+    kv, asked = DictKV(), []
+
+    class Watch(DrainWatch):
+        def __init__(self, submission_id, **kw):
+            super().__init__(submission_id, **kw, kv=kv, clock=Clock(), poll_s=0.0)
+
+        def should_stop(self, step):
+            asked.append(step)
+            if step == 2:
+                kv.put(drain_key(self.submission_id), json.dumps({"at": 1.0}).encode())
+            return super().should_stop(step)
+
+    monkeypatch.setattr(drain, "DrainWatch", Watch)
+    first = fake_ray(tmp_path / "run")
+    llm.train_func(cfg("job-l"))
+    assert asked == [1, 2] and [r.get("step") for r in first.reports] == [2]
+    assert first.reports[0]["drained"] == 1
+    second = fake_ray(tmp_path / "run")
+    second.latest = first.latest
+    asked.clear()
+    llm.train_func(cfg("job-l-2"))
+    assert asked == [3, 5]  # steps 4 and 6 evaluate and checkpoint instead
+    assert [r["step"] for r in second.reports] == [4, 6]
+    assert "start_step=2" in capsys.readouterr().out
+    record = CheckpointRecord.from_bytes(kv.data[checkpoint_key("job-l-2")])
+    assert record is not None and not record.drained  # the last checkpoint: step 6, a normal one

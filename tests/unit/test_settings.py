@@ -3,6 +3,7 @@ from pathlib import Path
 import pytest
 
 from ray_apps.config import PROJECT_ROOT, SettingsError, load_settings
+from ray_apps.training import job_env_vars
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -46,6 +47,15 @@ def test_environment_overrides_the_file(tmp_path, monkeypatch):
     assert s.ray.gcs_port == 6401
     assert s.gcs_address == "10.0.0.5:6401"  # the remote head's GCS, for the autoscaler
     assert s.job_env()["MLFLOW_TRACKING_URI"] == "http://mlflow.internal:5000"
+    # A remote head's pods each run one Ray: its jobs find it by themselves.
+    assert "RAY_ADDRESS" not in job_env_vars(s)
+
+
+def test_a_local_head_s_jobs_name_its_gcs(tmp_path, monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    s = load_settings(write(tmp_path, "ray:\n  gcs_port: 6400\n"))
+    assert s.is_local and job_env_vars(s)["RAY_ADDRESS"] == s.gcs_address == "127.0.0.1:6400"
+    assert job_env_vars(s)["OPPEN_DATA_DIR"] == str(s.data_dir)
 
 
 def test_bad_value_names_file_field_and_fix(tmp_path):

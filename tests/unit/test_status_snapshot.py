@@ -52,6 +52,8 @@ def test_queue_running_recent_spend_and_links(costs):
     assert running["links"]["ray"] == "http://127.0.0.1:8265/#/jobs/running"
     recent = snap["recent"][0]
     assert recent["id"] == "done" and recent["cost_usd"] == pytest.approx(2 * 0.05 * 360 / 3600, rel=1e-6)
+    # An untracked job's time: only the queue's part is known (the trainer's clock reports to MLflow).
+    assert recent["phases"]["queued"] == pytest.approx(110) and recent["phases"]["training"] is None
     assert snap["spend_by_day"][-1]["day"] == time.strftime("%Y-%m-%d", time.gmtime(now - 430))
     assert {r["tenant"] for r in snap["spend_by_tenant"]} >= {"team-b"}
 

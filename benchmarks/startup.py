@@ -1,0 +1,119 @@
+"""Seconds, not minutes: the platform's start, its memory at rest, and where a job's time goes.
+
+    .venv/bin/python benchmarks/startup.py                 # ~6 minutes on 2 cores
+    .venv/bin/python benchmarks/startup.py --readme        # + the README's 2-epoch MNIST run
+    .venv/bin/python benchmarks/startup.py --idle-minutes 30
+
+1. `oppen up` from cold on benchmark ports: seconds to healthy; RSS of everything it started
+   after 1 minute at rest, per service (and after --idle-minutes, to see growth at rest).
+2. Small MNIST jobs (1 epoch, 512 images) through the queue on the idle platform, one after
+   another: submit -> first optimizer step (queued + starting + first step, trainers.phases) and
+   each phase, p50 over --jobs runs.
+3. With --readme: the README's job (2 epochs of MNIST) through the queue: submit-to-done over its
+   training phase (target <= 1.25x).
+
+Results go to stdout and to benchmarks/results/startup.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.train_mnist import start_platform  # noqa: E402
+from ray_apps import cluster  # noqa: E402
+from ray_apps.processes import ServiceRegistry  # noqa: E402
+from ray_apps.scheduler.api import Queue  # noqa: E402
+from trainers.phases import PHASES  # noqa: E402
+
+SMALL = {"epochs": 1, "train_samples": 512, "test_samples": 256}
+README_JOB = {"epochs": 2}
+
+
+def rss_by_service(settings) -> dict[str, float]:
+    """GB held by each service `oppen up` started (its whole process tree)."""
+    return {name: round(s.rss_bytes() / 2**30, 3) for name, s in ServiceRegistry(settings.state_dir).running().items()}
+
+
+def run_job(queue: Queue, params: dict, timeout: float = 900) -> dict:
+    """Submit through the queue, wait for the end and the settled phases; submit-to-done seconds too."""
+    t0 = time.time()
+    job = queue.submit("mnist", params, tenant="bench")
+    deadline = time.monotonic() + timeout
+    while True:
+        rec = queue.get(job.id)
+        phases = queue.store.phases([job.id]).get(job.id)
+        if rec.state.is_terminal() and phases is not None:
+            break
+        if time.monotonic() > deadline:
+            sys.exit(f"{job.id} not settled after {timeout} s: {rec.state} {rec.message}")
+        time.sleep(0.5)
+    if rec.state.value != "SUCCEEDED" or phases.training is None:
+        sys.exit(f"{job.id} ended {rec.state.value} ({rec.message}); phases {phases}")
+    got = {name: round(getattr(phases, name), 2) for name in PHASES}
+    attempt = queue.store.attempts([job.id])[job.id][-1]
+    return {**got, "first_step_after_s": round(phases.queued + phases.starting + phases.first_step, 2),
+            "submit_to_done_s": round(attempt.ended_at - t0, 2)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--jobs", type=int, default=3, help="small jobs for the time to first step")
+    parser.add_argument("--readme", action="store_true", help="also the README's 2-epoch MNIST run")
+    parser.add_argument("--idle-minutes", type=float, default=1.0, help="how long to watch RSS at rest")
+    args = parser.parse_args()
+    out: dict = {}
+    with tempfile.TemporaryDirectory(prefix="oppen-startup-") as tmp:
+        settings, up_s, _ = start_platform(Path(tmp))
+        try:
+            out["up_s"] = round(up_s, 1)
+            print(f"oppen up: healthy in {up_s:.1f} s", flush=True)
+            time.sleep(max(0.0, 60 - 5))
+            out["rss_1min_gb"] = rss_by_service(settings)
+            print(f"RSS after 1 min at rest: {sum(out['rss_1min_gb'].values()):.2f} GB {out['rss_1min_gb']}",
+                  flush=True)
+            if args.idle_minutes > 1:
+                time.sleep((args.idle_minutes - 1) * 60)
+                key = f"rss_{args.idle_minutes:g}min_gb"
+                out[key] = rss_by_service(settings)
+                growth = sum(out[key].values()) / sum(out["rss_1min_gb"].values()) - 1
+                out["rss_growth_at_rest"] = round(growth, 4)
+                print(f"RSS after {args.idle_minutes:g} min: {sum(out[key].values()):.2f} GB ({growth:+.1%})",
+                      flush=True)
+
+            queue = Queue.from_settings(settings)
+            small = []
+            for i in range(args.jobs):
+                got = run_job(queue, SMALL)
+                small.append(got)
+                print(f"small job {i + 1}: first step {got['first_step_after_s']} s after submit; "
+                      + ", ".join(f"{p} {got[p]} s" for p in PHASES), flush=True)
+            out["small_jobs"] = small
+            out["first_step_p50_s"] = statistics.median(j["first_step_after_s"] for j in small)
+            out["phases_p50_s"] = {p: statistics.median(j[p] for j in small) for p in PHASES}
+            print(f"submit -> first step p50: {out['first_step_p50_s']} s (target <= 10 s); phases p50 "
+                  f"{out['phases_p50_s']}", flush=True)
+
+            if args.readme:
+                got = run_job(queue, README_JOB)
+                ratio = got["submit_to_done_s"] / got["training"]
+                out["readme_job"] = {**got, "ratio_to_training": round(ratio, 3)}
+                print(f"README job: {got['submit_to_done_s']} s submit-to-done for {got['training']} s of "
+                      f"training: {ratio:.2f}x (target <= 1.25x)", flush=True)
+        finally:
+            cluster.down(settings)
+    path = ROOT / "benchmarks" / "results" / "startup.json"
+    path.write_text(json.dumps(out, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
