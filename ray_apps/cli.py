@@ -518,6 +518,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cost_commands(sub)
     _add_models_commands(sub)
     _add_kube_commands(sub)
+    _add_data_commands(sub)
     p = sub.add_parser("ask", help="ask the agent in plain English, e.g. oppen ask 'any free GPUs?'")
     p.add_argument("message")
     p.add_argument("--thread", default=None, help="continue this conversation")
@@ -699,6 +700,71 @@ def _add_models_commands(sub) -> None:
     mp.add_argument("--no-wait", action="store_true", help="do not wait for the replicas to roll over")
     mp.add_argument("--timeout", type=float, default=120, help="seconds to wait (default: 120)")
     mp.set_defaults(func=cmd_models_serve)
+
+
+def _dataset_catalog():
+    from trainers.dataset_catalog import load_catalog
+
+    return load_catalog()  # configs/datasets.yaml, or $OPPEN_DATASETS_FILE: what every trainer reads
+
+
+def _data_dir(settings) -> Path:
+    from ray_apps.processes import private_dir
+
+    return private_dir(settings.data_dir)  # hash caches and fetched built-ins live there, as for the trainers
+
+
+def cmd_data_list(args, settings) -> int:
+    catalog = _dataset_catalog()
+    print(f"{'NAME':16} {'KIND':7} {'SOURCE':34} DESCRIPTION")
+    for ds in catalog.datasets.values():
+        source = ds.source.uri if len(ds.source.uri) <= 34 else "..." + ds.source.uri[-31:]
+        print(f"{ds.name:16} {ds.kind:7} {source:34} {ds.description}")
+    print(f"(catalog: {catalog.path}; details: oppen data show NAME)")
+    return 0
+
+
+def cmd_data_show(args, settings) -> int:
+    from trainers.fingerprint import fingerprint
+
+    ds = _dataset_catalog().get(args.name)
+    fp = fingerprint(ds, _data_dir(settings))
+    if args.json:
+        print(json.dumps({**fp.as_dict(), "description": ds.description, "digest": fp.digest}, indent=2))
+        return 0
+    split = (f"test_source {ds.test_source.uri}" if ds.test_source else
+             "built-in split" if ds.builtin else f"{ds.test_fraction:g} held out by row hash")
+    print(f"{fp.name}: {ds.description}")
+    print(f"  kind      {fp.kind} ({fp.format})")
+    print(f"  source    {fp.source}" + (f"  (from {fp.origin})" if fp.origin != fp.source else ""))
+    print(f"  rows      {fp.rows:,} {fp.unit}: {fp.train_rows:,} train / {fp.test_rows:,} held out ({split})")
+    print(f"  files     {fp.files:,}")
+    print("  schema    " + "\n            ".join(f"{name}: {kind}" for name, kind in fp.schema))
+    print(f"  sha256    {fp.sha256}  (MLflow input digest: {fp.digest})")
+    return 0
+
+
+def cmd_data_preview(args, settings) -> int:
+    from trainers.ingest import preview
+
+    ds = _dataset_catalog().get(args.name)
+    for row in preview(ds, _data_dir(settings), args.rows):
+        print("  ".join(f"{k}={v}" if k != "text" else f"| {v}" for k, v in row.items()))
+    return 0
+
+
+def _add_data_commands(sub) -> None:
+    p = sub.add_parser("data", help="the dataset catalog (configs/datasets.yaml): names, hashes, rows, schema")
+    dsub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    dsub.add_parser("list", help="every dataset: name, kind, source").set_defaults(func=cmd_data_list)
+    dp = dsub.add_parser("show", help="one dataset: source, kind, rows, schema and content hash (sha256)")
+    dp.add_argument("name")
+    dp.add_argument("--json", action="store_true", help="as JSON")
+    dp.set_defaults(func=cmd_data_show)
+    dp = dsub.add_parser("preview", help="its first rows (images as size and label, text cut short)")
+    dp.add_argument("name")
+    dp.add_argument("--rows", type=int, default=5, help="how many (default: 5)")
+    dp.set_defaults(func=cmd_data_preview)
 
 
 def _kuberay(args):

@@ -208,7 +208,10 @@ class Settings(BaseSettings):
     def job_env(self) -> dict[str, str]:
         """What trainers need to find the platform, passed to every Ray job."""
         return {"OPPEN_DATA_DIR": str(self.data_dir), "MLFLOW_TRACKING_URI": self.tracking_uri,
-                "OPPEN_COSTS_FILE": str(self.costs_file)}
+                "OPPEN_COSTS_FILE": str(self.costs_file),
+                # The dataset catalog the platform validated `--dataset` against (trainers/dataset_catalog.py)
+                **({"OPPEN_DATASETS_FILE": os.environ["OPPEN_DATASETS_FILE"]}
+                   if os.environ.get("OPPEN_DATASETS_FILE") else {})}
 
     # The file's values arrive as init kwargs; put them below the environment.
     @classmethod

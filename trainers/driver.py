@@ -2,7 +2,8 @@
 
 A trainer module supplies its config class and a `fit(spec, ctx)`; this module
 parses the flags (config fields from the catalog + the run flags below), checks
-the data dir, the price catalog and the MLflow server before anything starts,
+the data dir, the price catalog, the MLflow server and the dataset (trainers/ingest.py:
+every row of a dataset of one's own) before anything starts,
 handles `--resume` (saved config, flags given now on top), opens the MLflow run,
 and builds the TorchTrainer with checkpointing and failure handling.
 """
@@ -19,8 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from trainers import runtime
+from trainers import ingest, runtime
 from trainers.data import DataError, default_data_dir
+from trainers.dataset_catalog import DatasetError
 from trainers.drain import DRAINED_EXIT, drained_position
 from trainers.pricing import CatalogError, load_catalog
 from trainers.sources import SourceError
@@ -42,6 +44,7 @@ class RunContext:
     run_id: str | None
     resume: bool
     submission_id: str | None = None  # the Ray job's, when run as one: its drain requests reach the workers
+    dataset: dict | None = None       # trainers.ingest.prepare's: the checked dataset, for the workers
 
 
 def build_parser(trainer: str, spec_cls: type, description: str) -> argparse.ArgumentParser:
@@ -69,7 +72,7 @@ def main(trainer: str, spec_cls: type, fit: Callable[[Any, RunContext], int], de
     try:
         spec, ctx = prepare(args, given, trainer, spec_cls)
         return fit(spec, ctx)
-    except (SpecError, DataError, CatalogError, TrackingUnavailable, SourceError) as exc:
+    except (SpecError, DataError, DatasetError, CatalogError, TrackingUnavailable, SourceError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
@@ -96,6 +99,10 @@ def prepare(args: argparse.Namespace, argv: list[str], trainer: str, spec_cls: t
         record = runtime.read_run_record(run_dir)
         overrides = {k: v for k, v in given_spec_flags(argv, spec_cls).items() if record["spec"].get(k) != v}
         spec = spec_cls(**{**record["spec"], **overrides})  # saved config, changes given now on top
+    # The dataset: looked up, hashed and (one's own) every row checked, before any worker or MLflow run.
+    dataset = ingest.prepare(spec, data_dir)
+    if dataset:
+        print(f"{PROGRESS} {ingest.describe(dataset)}", flush=True)
     run_name = run_name or runtime.new_run_name(trainer)
     run_dir = runtime.checkpoint_root(data_dir) / run_name
 
@@ -121,7 +128,7 @@ def prepare(args: argparse.Namespace, argv: list[str], trainer: str, spec_cls: t
         first.flush()
     print(f"{PROGRESS} run {run_name} mlflow_run_id={run_id} resume={args.resume}", flush=True)
     return spec, RunContext(trainer, run_name, data_dir, costs_file, uri, run_id, args.resume,
-                            meta.get("job_submission_id"))
+                            meta.get("job_submission_id"), dataset)
 
 
 def given_spec_flags(argv: list[str] | None, spec_cls: type) -> dict:
@@ -132,8 +139,10 @@ def given_spec_flags(argv: list[str] | None, spec_cls: type) -> dict:
 
 
 def torch_trainer(train_func: Callable[[dict], None], loop_config: dict, spec, ctx: RunContext, *,
-                  callbacks: list | None = None, storage_path: Path | None = None):
-    """A TorchTrainer for the spec's gang, checkpointing under the data dir, restarting failed workers."""
+                  callbacks: list | None = None, storage_path: Path | None = None,
+                  datasets: dict | None = None, dataset_config=None):
+    """A TorchTrainer for the spec's gang, checkpointing under the data dir, restarting failed workers;
+    `datasets` / `dataset_config`: Ray Data inputs the workers read with `ray.train.get_dataset_shard`."""
     import secrets
 
     import ray.train
@@ -148,8 +157,9 @@ def torch_trainer(train_func: Callable[[dict], None], loop_config: dict, spec, c
     config = {"spec": dataclasses.asdict(spec), "data_dir": str(ctx.data_dir), "costs_file": ctx.costs_file,
               "tracking_uri": ctx.uri, "run_id": ctx.run_id, "segment_start": time.time(),
               "segment_id": secrets.token_hex(4), **loop_config}
+    data = {"datasets": datasets, **({"dataset_config": dataset_config} if dataset_config else {})} if datasets else {}
     return TorchTrainer(
-        train_func, train_loop_config=config,
+        train_func, train_loop_config=config, **data,
         # Logical GPUs (a CPU-only box) are reserved as resources; use_gpu only with real CUDA.
         scaling_config=ray.train.ScalingConfig(num_workers=spec.num_workers, use_gpu=use_gpu,
                                                resources_per_worker=resources),

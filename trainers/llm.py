@@ -42,10 +42,10 @@ def train_func(cfg: dict) -> None:
     import ray.train
     import torch
 
+    from trainers import ingest
     from trainers.drain import DrainWatch
     from trainers.llm_model import autocast, batch_order, build_model, make_optimizer, to_blocks, train_step
     from trainers.phases import PhaseClock
-    from trainers.text_data import load_tokens
     from trainers.tokenizer import load_gpt2_tokenizer
     from trainers.tracking import RunTracker
 
@@ -58,7 +58,8 @@ def train_func(cfg: dict) -> None:
     data_dir = Path(cfg["data_dir"])
 
     tokenizer, tok_source = load_gpt2_tokenizer(data_dir, offline=cfg["offline"])
-    tokens = load_tokens(data_dir, spec.dataset, tokenizer, tok_source, offline=cfg["offline"])
+    dataset = ingest.info_for(spec, cfg)  # what the driver checked (trainers.ingest)
+    tokens = ingest.load_text_tokens(data_dir, dataset, tokenizer, tok_source, offline=cfg["offline"])
     train_blocks = to_blocks(tokens.train, spec.block_size, spec.max_train_tokens)
     val_blocks = to_blocks(tokens.validation, spec.block_size)[rank::world]
     model, model_source = build_model(spec.model, len(tokenizer), offline=cfg["offline"])
@@ -95,6 +96,8 @@ def train_func(cfg: dict) -> None:
                             "train_tokens": train_blocks.numel(), "val_tokens": int(val_blocks.numel()) * world,
                             "parameters": sum(p.numel() for p in model.parameters())})
         tracker.set_tags({"oppen.trained_from_scratch": str(from_scratch).lower()})
+        # The MLflow input: which text (by content hash) made this model.
+        tracker.log_dataset(ingest.mlflow_input(dataset, train_tokens_used=int(train_blocks.numel())))
     if rank == 0:
         print(f"{PROGRESS} model={model_source} tokenizer={tok_source} data={tokens.source} device={device} "
               f"blocks={len(train_blocks)}x{spec.block_size} steps={total_steps} start_step={step}", flush=True)
@@ -245,29 +248,35 @@ def _unwrap(model):
 
 
 def prepare_trials(spec: LlmConfig, data_dir: Path) -> dict:
-    """Before a search's trials start in parallel: fetch and tokenize once; the trials' loop config."""
+    """Before a search's trials start in parallel: check the dataset, fetch and tokenize once; the trials'
+    loop config."""
+    from trainers import ingest
     from trainers.data import hub_reachable
-    from trainers.text_data import load_tokens
     from trainers.tokenizer import load_gpt2_tokenizer
 
     offline = not hub_reachable()
+    dataset = ingest.prepare(spec, data_dir)
     tokenizer, tok_source = load_gpt2_tokenizer(data_dir, offline=offline)
-    load_tokens(data_dir, spec.dataset, tokenizer, tok_source, offline=offline)
-    return {"offline": offline}
+    ingest.load_text_tokens(data_dir, dataset, tokenizer, tok_source, offline=offline)
+    return {"offline": offline, "dataset": dataset}
 
 
 def fit(spec: LlmConfig, ctx: RunContext) -> int:
+    from trainers import ingest
     from trainers.data import hub_reachable
-    from trainers.text_data import load_tokens
     from trainers.tokenizer import load_gpt2_tokenizer
 
     offline = not hub_reachable()
     # Fetch and tokenize once here, with errors as exit 2, before any worker starts.
     tokenizer, tok_source = load_gpt2_tokenizer(ctx.data_dir, offline=offline)
-    tokens = load_tokens(ctx.data_dir, spec.dataset, tokenizer, tok_source, offline=offline)
+    tokens = ingest.load_text_tokens(ctx.data_dir, ctx.dataset, tokenizer, tok_source, offline=offline)
+    train_tokens = min(len(tokens.train), spec.max_train_tokens or len(tokens.train))
+    ingest.check_token_counts(ctx.dataset, train_tokens, len(tokens.validation), block_size=spec.block_size,
+                              batch=spec.batch_size * spec.grad_accum, workers=spec.num_workers)
     print(f"{PROGRESS} corpus {spec.dataset}: {len(tokens.train):,} train / {len(tokens.validation):,} held-out "
           f"tokens from {tokens.source}", flush=True)
-    trainer = driver.torch_trainer(train_func, {"offline": offline, "submission_id": ctx.submission_id}, spec, ctx)
+    trainer = driver.torch_trainer(train_func, {"offline": offline, "dataset": ctx.dataset,
+                                                "submission_id": ctx.submission_id}, spec, ctx)
     return driver.fit_and_report(trainer, ctx, lambda result: driver.finish(
         ctx, result, lambda metrics: _log_model(spec, ctx, result.checkpoint, tokenizer),
         {"eval_loss": "eval_loss", "perplexity": "perplexity", "cost_usd": "cost_usd", "steps": "step"}))

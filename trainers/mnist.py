@@ -43,10 +43,11 @@ def train_func(cfg: dict) -> None:
     import torch
     import torch.distributed as dist
 
-    from trainers.data import load_mnist
+    from trainers import ingest
     from trainers.drain import DRAINED_METRIC, DrainWatch
+    from trainers.mnist_model import MnistCNN, evaluate, make_optimizer, to_tensors, train_batches, train_epoch
     from trainers.phases import PhaseClock
-    from trainers.mnist_model import MnistCNN, evaluate, make_optimizer, to_tensors, train_epoch
+    from trainers.ray_pipeline import EpochStream
     from trainers.tracking import RunTracker
 
     spec = MnistConfig(**cfg["spec"])
@@ -56,14 +57,26 @@ def train_func(cfg: dict) -> None:
     torch.manual_seed(spec.seed)
     device = ray.train.torch.get_device()
 
-    data = load_mnist(cfg["data_dir"])
-    x, y = to_tensors(data.train_images[:spec.train_samples], data.train_labels[:spec.train_samples])
+    dataset = ingest.info_for(spec, cfg)  # what the driver checked (trainers.ingest)
+    data = ingest.load_images(cfg["data_dir"], dataset)
     tx, ty = to_tensors(data.test_images[:spec.test_samples], data.test_labels[:spec.test_samples])
+    test_size = len(tx)
     tx, ty = tx[rank::world], ty[rank::world]  # each rank scores its share of the test set
+    per_rank_batch = spec.batch_size // world
+    streamed = cfg.get("stream")  # --data-pipeline ray-data: training images from a Ray Data shard
+    if streamed:  # every rank takes the same number of full batches an epoch (trainers.ray_pipeline)
+        steps_per_epoch = streamed["steps_per_epoch"]
+        stream = EpochStream(ray.train.get_dataset_shard("train"), batch_size=per_rank_batch,
+                             steps=steps_per_epoch, first_epoch=streamed["first_epoch"])
+        train_size = steps_per_epoch * per_rank_batch * world
+    else:
+        x, y = to_tensors(data.train_images[:spec.train_samples], data.train_labels[:spec.train_samples])
+        train_size = len(x)
+        steps_per_epoch = -(-(len(x) // world) // per_rank_batch)
+    source = data.source
+    del data
 
     model = ray.train.torch.prepare_model(MnistCNN(spec.width))  # device + DDP when world > 1
-    per_rank_batch = spec.batch_size // world
-    steps_per_epoch = -(-(len(x) // world) // per_rank_batch)
     start_epoch, start_step, carry, state = 0, 0, None, None
 
     checkpoint = ray.train.get_checkpoint()
@@ -72,11 +85,13 @@ def train_func(cfg: dict) -> None:
             state = torch.load(Path(ckpt_dir) / CHECKPOINT_FILE, map_location=device, weights_only=True)
         _unwrap(model).load_state_dict(state["model"])
         start_epoch, start_step = state["epoch"], state.get("step", 0)
-        if start_step and state.get("gang") != [world, per_rank_batch]:
-            # The batch order inside an epoch depends on the gang: another one redoes that epoch.
+        if start_step and (state.get("gang") != [world, per_rank_batch] or
+                           state.get("pipeline", "memory") != spec.data_pipeline):
+            # The batch order inside an epoch depends on the gang and the pipeline: another one redoes it.
             if rank == 0:
-                print(f"{PROGRESS} NOTE: drained with another gang {state.get('gang')}: epoch {start_epoch + 1} "
-                      "restarts from its first step", flush=True)
+                print(f"{PROGRESS} NOTE: drained with another gang {state.get('gang')} or data pipeline "
+                      f"{state.get('pipeline', 'memory')}: epoch {start_epoch + 1} restarts from its first step",
+                      flush=True)
             start_step = 0
         carry = state.get("partial") if start_step else None
         if "rng" in state:  # the dropout stream goes on as if never interrupted
@@ -93,14 +108,17 @@ def train_func(cfg: dict) -> None:
     alloc = Allocation.for_workers(spec.num_workers, spec.cpus_per_worker, spec.gpus_per_worker)
     tracker = RunTracker(cfg["tracking_uri"], cfg["run_id"]) if rank == 0 and cfg["run_id"] else None
     if tracker:
-        tracker.log_params({"data_source": data.source, "device": str(device),
-                            "train_size": len(x), "test_size": len(data.test_images[:spec.test_samples])})
+        tracker.log_params({"data_source": source, "device": str(device),
+                            "train_size": train_size, "test_size": test_size})
+        # The MLflow input: which data (by content hash) made this model.
+        tracker.log_dataset(ingest.mlflow_input(dataset, train_rows_used=train_size, test_rows_used=test_size))
         if start_epoch or start_step:
             tracker.set_tags({"oppen.resumed_from_epoch": start_epoch,
                               **({"oppen.resumed_from_step": start_step} if start_step else {})})
     if rank == 0:
-        print(f"{PROGRESS} data={data.source} device={device} train={len(x)} test={len(tx) * world} "
-              f"workers={world} start_epoch={start_epoch} start_step={start_step}", flush=True)
+        print(f"{PROGRESS} data={source} device={device} train={train_size} test={test_size} "
+              f"workers={world} pipeline={spec.data_pipeline} start_epoch={start_epoch} start_step={start_step}",
+              flush=True)
 
     watch = DrainWatch(cfg.get("submission_id"), rank=rank, world=world, device=device)
 
@@ -111,6 +129,7 @@ def train_func(cfg: dict) -> None:
             if rank == 0:  # one copy of the state is enough; DDP keeps ranks identical
                 torch.save({"model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
                             "epoch": epoch, "step": step, "partial": partial, "gang": [world, per_rank_batch],
+                            "pipeline": spec.data_pipeline,
                             "rng": torch.get_rng_state(),
                             **({"cuda_rng": torch.cuda.get_rng_state()} if device.type == "cuda" else {}),
                             "elapsed_s": elapsed, "base_elapsed_s": base_elapsed,
@@ -127,9 +146,15 @@ def train_func(cfg: dict) -> None:
 
     for epoch in range(start_epoch, spec.epochs):
         resumed = carry if epoch == start_epoch else None
-        stats = train_epoch(model, optimizer, scheduler, x, y, batch_size=per_rank_batch, epoch=epoch,
-                            seed=spec.seed, rank=rank, world=world, device=device,
-                            start_step=start_step if epoch == start_epoch else 0, should_stop=stop_here(epoch))
+        first = start_step if epoch == start_epoch else 0
+        if streamed:  # the same step code over the shard's batches
+            stats = train_batches(model, optimizer, scheduler, stream.epoch(epoch, start=first),
+                                  steps=steps_per_epoch, start_step=first, device=device,
+                                  should_stop=stop_here(epoch))
+        else:
+            stats = train_epoch(model, optimizer, scheduler, x, y, batch_size=per_rank_batch, epoch=epoch,
+                                seed=spec.seed, rank=rank, world=world, device=device, start_step=first,
+                                should_stop=stop_here(epoch))
         # This rank's [loss sum, correct, samples] so far in this epoch; rank 0 also carries the whole
         # gang's sums of the part a drained attempt trained, so the epoch's figures cover all of it.
         part = [stats.loss * stats.samples, stats.accuracy * stats.samples, stats.samples]
@@ -150,6 +175,8 @@ def train_func(cfg: dict) -> None:
             if rank == 0:
                 print(f"{PROGRESS} drain requested: checkpoint at epoch {epoch + 1}/{spec.epochs} "
                       f"step {stats.steps}/{steps_per_epoch}", flush=True)
+            if streamed:
+                stream.close()
             return
         correct, count, test_loss = evaluate(model, tx, ty, device=device)
         sums = torch.tensor([*part, correct, count, test_loss], dtype=torch.float64)
@@ -162,6 +189,7 @@ def train_func(cfg: dict) -> None:
             "epoch": epoch + 1, "train_loss": train_loss / samples, "train_accuracy": train_correct / samples,
             "test_loss": test_loss / count, "test_accuracy": correct / count, "epoch_time_s": seconds,
             "samples_per_s": samples / seconds, "elapsed_s": elapsed, **cost.as_metrics(),
+            "data_wait_fraction": stats.data_wait_s / max(stats.seconds, 1e-9),  # this epoch, this rank (0)
         }
         if tracker:
             tracker.log_metrics(metrics, step=epoch + 1)
@@ -173,7 +201,8 @@ def train_func(cfg: dict) -> None:
         if rank == 0:
             print(f"{PROGRESS} epoch {epoch + 1}/{spec.epochs} train_loss={metrics['train_loss']:.4f} "
                   f"test_accuracy={metrics['test_accuracy']:.4f} epoch_time={seconds:.1f}s "
-                  f"samples/s={metrics['samples_per_s']:.0f} cost=${cost.total_usd:.5f}", flush=True)
+                  f"samples/s={metrics['samples_per_s']:.0f} data_wait={metrics['data_wait_fraction']:.1%} "
+                  f"cost=${cost.total_usd:.5f}", flush=True)
 
 
 def _unwrap(model):
@@ -184,15 +213,51 @@ def _unwrap(model):
 
 
 def prepare_trials(spec: MnistConfig, data_dir: Path) -> dict:
-    """Before a search's trials start: nothing to share (each worker reads the data itself)."""
-    return {}
+    """Before a search's trials start: the dataset, checked once for all of them."""
+    from trainers import ingest
+    from trainers.specs import SpecError
+
+    if spec.data_pipeline == "ray-data":
+        raise SpecError("--data-pipeline ray-data is not available in a search yet: its trials train in memory. "
+                        "To fix: drop the flag from the search.", field="params.data_pipeline")
+    return {"dataset": ingest.prepare(spec, data_dir)}
 
 
 def fit(spec: MnistConfig, ctx: RunContext) -> int:
-    trainer = driver.torch_trainer(train_func, {"submission_id": ctx.submission_id}, spec, ctx)
+    loop: dict = {"submission_id": ctx.submission_id, "dataset": ctx.dataset}
+    data: dict = {}
+    if spec.data_pipeline == "ray-data":  # the descriptors and their sharding; Ray Data decodes as workers read
+        from trainers.ray_pipeline import mnist_plan
+
+        first = _resume_epoch(ctx) if ctx.resume else 0
+        plan = mnist_plan(spec, ctx.data_dir, ctx.dataset, train_samples=spec.train_samples, first_epoch=first)
+        loop["stream"] = plan.stream()
+        data = {"datasets": {"train": plan.dataset}, "dataset_config": plan.data_config}
+        print(f"{PROGRESS} ray-data pipeline: {sum(plan.rows_per_rank):,} training rows over "
+              f"{spec.num_workers} worker(s) ({', '.join(map(str, plan.rows_per_rank))}), "
+              f"{plan.steps_per_epoch} steps an epoch from epoch {first + 1}", flush=True)
+    trainer = driver.torch_trainer(train_func, loop, spec, ctx, **data)
     return driver.fit_and_report(trainer, ctx, lambda result: driver.finish(
         ctx, result, lambda metrics: _log_model(spec, ctx, result.checkpoint, metrics),
         {"test_accuracy": "test_accuracy", "cost_usd": "cost_usd", "epochs": "epoch"}))
+
+
+def _resume_epoch(ctx: RunContext) -> int:
+    """The epoch (0-based) the run's last checkpoint resumes in, from Ray Train's checkpoint snapshot;
+    0 when it cannot tell (the stream then skips to the checkpoint, which costs reading, not results)."""
+    import json
+
+    from trainers.drain import drained_position
+    from trainers.runtime import checkpoint_root
+
+    try:
+        snapshot = json.loads((checkpoint_root(ctx.data_dir) / ctx.run_name /
+                               "checkpoint_manager_snapshot.json").read_text())
+        metrics = snapshot["checkpoint_results"][-1]["metrics"]
+        drained = drained_position(metrics)
+        return int(drained[0]) if drained else int(metrics["epoch"])
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return 0
 
 
 def _log_model(spec: MnistConfig, ctx: RunContext, checkpoint, metrics: dict) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,6 +59,7 @@ class EpochStats:
     seconds: float
     steps: int = 0          # steps of this epoch done when train_epoch returned, those skipped included
     stopped: bool = False   # should_stop ended the epoch early
+    data_wait_s: float = 0.0  # of `seconds`, the time spent waiting for the next batch
 
     @property
     def samples_per_s(self) -> float:
@@ -77,21 +78,38 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, x
                 y: torch.Tensor, *, batch_size: int, epoch: int, seed: int, rank: int = 0,
                 world: int = 1, device: torch.device | str = "cpu", start_step: int = 0,
                 should_stop: Callable[[int], bool] | None = None) -> EpochStats:
-    """One pass over this rank's shard. Batches are gathered by index: on CPU this is
-    far cheaper than a per-sample DataLoader.
+    """One pass over this rank's shard of tensors in memory. Batches are gathered by index: on CPU
+    this is far cheaper than a per-sample DataLoader.
 
     `start_step` skips the batches a resumed epoch already trained (the order is fixed by
     epoch, seed, rank and world). `should_stop(steps_done)` is asked after every optimizer
     step but the epoch's last; True ends the epoch there (`stopped`, `steps`). The stats
     cover the batches of this call only."""
-    model.train()
     order = shard_order(len(x), epoch=epoch, seed=seed, rank=rank, world=world)
-    last = -(-len(order) // batch_size)
+    batches = ((x[idx], y[idx]) for idx in (order[i:i + batch_size]
+                                            for i in range(start_step * batch_size, len(order), batch_size)))
+    return train_batches(model, optimizer, scheduler, batches, steps=-(-len(order) // batch_size),
+                         start_step=start_step, device=device, should_stop=should_stop)
+
+
+def train_batches(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, batches: Iterable,
+                  *, steps: int, start_step: int = 0, device: torch.device | str = "cpu",
+                  should_stop: Callable[[int], bool] | None = None) -> EpochStats:
+    """The step code: one optimizer step per (images, labels) batch of `batches`, which starts at
+    step `start_step` of an epoch of `steps` steps (in memory: `train_epoch`; streamed: a Ray Data
+    shard). `should_stop` as in `train_epoch`."""
+    model.train()
     total_loss, correct, seen, done, stopped = torch.zeros(()), 0, 0, start_step, False
+    waited = 0.0
     start = time.perf_counter()
-    for i in range(start_step * batch_size, len(order), batch_size):
-        idx = order[i:i + batch_size]
-        xb, yb = x[idx].to(device, non_blocking=True), y[idx].to(device, non_blocking=True)
+    it = iter(batches)
+    while True:
+        before = time.perf_counter()
+        item = next(it, None)
+        waited += time.perf_counter() - before
+        if item is None:
+            break
+        xb, yb = item[0].to(device, non_blocking=True), item[1].to(device, non_blocking=True)
         logits = model(xb)
         loss = F.cross_entropy(logits, yb)
         optimizer.zero_grad(set_to_none=True)
@@ -99,15 +117,16 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, x
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
-        total_loss += loss.detach().cpu() * len(idx)
+        total_loss += loss.detach().cpu() * len(yb)
         correct += int((logits.argmax(1) == yb).sum())
-        seen += len(idx)
+        seen += len(yb)
         done += 1
-        if should_stop is not None and done < last and should_stop(done):
+        if should_stop is not None and done < steps and should_stop(done):
             stopped = True
             break
     return EpochStats(loss=float(total_loss) / max(seen, 1), accuracy=correct / max(seen, 1),
-                      samples=seen, seconds=time.perf_counter() - start, steps=done, stopped=stopped)
+                      samples=seen, seconds=time.perf_counter() - start, steps=done, stopped=stopped,
+                      data_wait_s=waited)
 
 
 @torch.no_grad()

@@ -115,6 +115,13 @@ class MnistConfig(ScalingSpec):
     train_samples: int | None = field(default=None, metadata={"help": "use only the first N training images",
                                                                "ge": 1})
     test_samples: int | None = field(default=None, metadata={"help": "use only the first N test images", "ge": 1})
+    # A name in the dataset catalog (configs/datasets.yaml, `oppen data list`) of kind images.
+    dataset: str = field(default="mnist", metadata={"help": "an images dataset of the dataset catalog",
+                                                    "dataset_kind": "images"})
+    # memory: each worker holds the decoded set (fastest while it fits); ray-data: a Ray Data pipeline
+    # decodes and streams the training images to the workers (any size; the test split stays in memory).
+    data_pipeline: str = field(default="memory", metadata={"help": "memory or ray-data (streamed by Ray Data)",
+                                                           "choices": ("memory", "ray-data")})
     seed: int = 0
     max_failures: int = field(default=2, metadata={"help": "worker-group restarts from the last checkpoint",
                                                    "ge": 0})
@@ -140,7 +147,8 @@ class MnistConfig(ScalingSpec):
     def memory_per_worker_gib(self) -> float:
         """Estimated peak RSS of one worker: ~0.45 GiB of Python/torch/Ray, plus the images
         as uint8 and float32 (5 bytes a pixel). Measured: 0.71 GiB on full MNIST."""
-        images = (self.train_samples or 60_000) + (self.test_samples or 10_000)
+        train = 0 if self.data_pipeline == "ray-data" else (self.train_samples or 60_000)  # streamed
+        images = train + (self.test_samples or 10_000)
         return 0.45 + images * 784 * 5 / 2**30
 
 
@@ -161,7 +169,7 @@ class ProbeConfig(ScalingSpec):
         return 0.15  # a Ray driver and a placement group: no data
 
 
-# The model presets and corpora, repeated here without importing torch/transformers
+# The model presets and built-in corpora, repeated here without importing torch/transformers
 # (trainers.llm_model.PRESETS and trainers.text_data.CORPORA; a unit test keeps them equal).
 LLM_CONTEXT = {"distilgpt2": 1024, "tiny": 256}
 LLM_CORPORA = ("wikitext-2", "shakespeare", "pydoc")
@@ -183,8 +191,9 @@ class LlmConfig(ScalingSpec):
 
     model: str = field(default="distilgpt2", metadata={"help": f"one of {', '.join(LLM_CONTEXT)}",
                                                        "choices": tuple(LLM_CONTEXT)})
-    dataset: str = field(default="wikitext-2", metadata={"help": f"one of {', '.join(LLM_CORPORA)}",
-                                                         "choices": LLM_CORPORA})
+    # A name in the dataset catalog of kind text; the built-in corpora are LLM_CORPORA.
+    dataset: str = field(default="wikitext-2", metadata={"help": "a text dataset of the dataset catalog",
+                                                         "dataset_kind": "text"})
     # At most the model's context: checked in __post_init__, as it depends on `model`.
     block_size: int = field(default=128, metadata={"help": "tokens per training sequence", "ge": 8})
     batch_size: int = field(default=8, metadata={"help": "sequences per micro-batch, split across workers", "ge": 1})
@@ -296,6 +305,10 @@ def bounds_of(f: dataclasses.Field) -> dict[str, Any]:
 def _within(meta: Any, value: Any) -> bool:
     if "choices" in meta:
         return value in meta["choices"]
+    if "dataset_kind" in meta:  # a name in the dataset catalog (configs/datasets.yaml) of that kind
+        from trainers.dataset_catalog import load_catalog
+
+        return value in load_catalog().names(meta["dataset_kind"])
     return (("ge" not in meta or value >= meta["ge"]) and ("gt" not in meta or value > meta["gt"]) and
             ("le" not in meta or value <= meta["le"]) and ("lt" not in meta or value < meta["lt"]))
 
@@ -323,6 +336,8 @@ def _bounds_text(meta: Any, value: Any = None) -> str:
     """What the field takes, the way the error messages say it: "in [1, 1024]", "at least 1"."""
     if "choices" in meta:
         return f"one of {', '.join(meta['choices'])}"
+    if "dataset_kind" in meta:
+        return _dataset_text(meta["dataset_kind"])
     low, high = meta.get("ge", meta.get("gt")), meta.get("le", meta.get("lt"))
     if low is None and high is None:
         return ""
@@ -333,6 +348,18 @@ def _bounds_text(meta: Any, value: Any = None) -> str:
     if low is None:
         return f"at most {high}" if "le" in meta else f"less than {high}"
     return f"in {'[' if 'ge' in meta else '('}{low}, {high}{']' if 'le' in meta else ')'}"
+
+
+def _dataset_text(kind: str) -> str:
+    """The names a dataset field takes, as the catalog has them now."""
+    from trainers.dataset_catalog import load_catalog
+    from trainers.errors import OppenError
+
+    try:
+        catalog = load_catalog()
+    except OppenError:  # a broken catalog is reported where it is loaded; help texts still render
+        return f"the name of a {kind} dataset in the dataset catalog"
+    return f"one of {', '.join(catalog.names(kind))} (the {kind} datasets of {catalog.path})"
 
 
 def spec_for(trainer: str) -> type:

@@ -122,14 +122,17 @@ def _stdlib_docstrings() -> Corpus:
 
 
 def load_tokens(data_dir: Path, name: str, tokenizer, tokenizer_source: str, *,
-                offline: bool | None = None) -> TokenSplits:
-    """Both splits as token ids, tokenized once per corpus and tokenizer and cached."""
-    key = hashlib.sha256(f"{name}|{tokenizer_source}|{len(tokenizer)}".encode()).hexdigest()[:12]
+                offline: bool | None = None, corpus_path: Path | None = None) -> TokenSplits:
+    """Both splits as token ids, tokenized once per corpus and tokenizer and cached. `corpus_path`: a
+    dataset of one's own, as trainers.ingest wrote it (its name carries the content hash)."""
+    version = f"|{Path(corpus_path).name}" if corpus_path else ""
+    key = hashlib.sha256(f"{name}|{tokenizer_source}|{len(tokenizer)}{version}".encode()).hexdigest()[:12]
     cache = Path(data_dir) / "datasets" / f"tokens-{name}-{key}.npz"
     cache.parent.mkdir(parents=True, exist_ok=True)
     with _file_lock(cache.with_suffix(".lock")):
         if not cache.exists():
-            corpus = load_corpus(data_dir, name, offline=offline)
+            corpus = (Corpus(**json.loads(Path(corpus_path).read_text())) if corpus_path
+                      else load_corpus(data_dir, name, offline=offline))
             ids = {split: _encode(tokenizer, getattr(corpus, split)) for split in ("train", "validation")}
             tmp = cache.with_suffix(".tmp.npz")
             np.savez(tmp, source=np.array(corpus.source), **ids)

@@ -85,6 +85,7 @@ class RunTracker:
     _pending_metrics: list = field(default_factory=list)
     _pending_params: dict = field(default_factory=dict)
     _pending_tags: dict = field(default_factory=dict)
+    _pending_inputs: list = field(default_factory=list)
     lost_since: float | None = None
     last_error: str | None = None
     seconds: float = 0.0  # wall time spent sending, to account for tracking overhead
@@ -100,6 +101,13 @@ class RunTracker:
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         self._pending_tags.update({k: str(v) for k, v in tags.items()})
+
+    def log_dataset(self, dataset: dict[str, str] | None, context: str = "training") -> None:
+        """A dataset input of the run (the fields of `mlflow.entities.Dataset`: name, digest, source_type,
+        source, schema, profile), as the UI's Datasets column shows it. MLflow keeps one input per name
+        and digest in a run, so sending it again (a restarted worker, a resume) adds nothing."""
+        if dataset:
+            self._pending_inputs.append((dataset, context))
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
@@ -121,6 +129,13 @@ class RunTracker:
             if self._pending_tags:
                 self._client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in self._pending_tags.items()])
                 self._pending_tags.clear()
+            if self._pending_inputs:
+                from mlflow.entities import Dataset, DatasetInput, InputTag
+
+                self._client.log_inputs(self.run_id, datasets=[
+                    DatasetInput(Dataset(**fields), tags=[InputTag("mlflow.data.context", context)])
+                    for fields, context in self._pending_inputs])
+                self._pending_inputs.clear()
             while self._pending_metrics:
                 self._client.log_batch(self.run_id, metrics=self._pending_metrics[:1000])
                 del self._pending_metrics[:1000]
@@ -139,7 +154,8 @@ class RunTracker:
 
     @property
     def unsent(self) -> int:
-        return len(self._pending_metrics) + len(self._pending_params) + len(self._pending_tags)
+        return (len(self._pending_metrics) + len(self._pending_params) + len(self._pending_tags) +
+                len(self._pending_inputs))
 
     def report(self) -> str | None:
         """A one-line account of lost tracking, or None if everything was sent."""

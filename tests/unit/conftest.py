@@ -20,3 +20,12 @@ def _without_the_platform_environment(monkeypatch):
     yield
     if http_common is not None:
         http_common.settings_users.cache_clear()
+
+
+@pytest.fixture(scope="session")
+def gpt2_tokenizer(mnist_cache):
+    """The offline GPT-2 tokenizer, rebuilt once per machine into the test cache."""
+    from trainers.tokenizer import load_gpt2_tokenizer
+
+    tokenizer, source = load_gpt2_tokenizer(mnist_cache, offline=True)
+    return tokenizer, source

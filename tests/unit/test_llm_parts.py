@@ -14,15 +14,6 @@ from trainers.text_data import CORPORA, load_corpus
 from trainers.tune import parse_space, sample_configs, validate_search
 
 
-@pytest.fixture(scope="session")
-def gpt2_tokenizer(mnist_cache):
-    """The offline GPT-2 tokenizer, rebuilt once per machine into the test cache."""
-    from trainers.tokenizer import load_gpt2_tokenizer
-
-    tokenizer, source = load_gpt2_tokenizer(mnist_cache, offline=True)
-    return tokenizer, source
-
-
 def test_the_rebuilt_tokenizer_gives_gpt2s_known_ids(gpt2_tokenizer):
     tokenizer, source = gpt2_tokenizer
     assert source == "pypi:openai-whisper==20250625" and len(tokenizer) == 50257
