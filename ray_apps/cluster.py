@@ -254,17 +254,49 @@ def serve_url(settings: Settings) -> str:
 
 
 def serve_config(settings: Settings) -> dict:
-    """The Serve apps' config (`serve_file`) with this platform's host and port."""
+    """The Serve apps' config (`serve_file`) as the local platform deploys it: this platform's host
+    and port, and the deployments of `serve_on_demand` at zero replicas until their first request."""
     config = yaml.safe_load(settings.serve_file.read_text())
     config["http_options"] = {**config.get("http_options", {}), "host": settings.host, "port": settings.serve_port}
+    on_demand = settings.serve_on_demand
+    for app in config.get("applications", []):
+        for deployment in app.get("deployments", []):
+            if deployment["name"] in on_demand.deployments:
+                auto = deployment.get("autoscaling_config") or {}
+                most = max(int(auto.get("max_replicas", 1)), int(deployment.pop("num_replicas", 1)))
+                deployment["autoscaling_config"] = {
+                    **auto, "min_replicas": 0, "initial_replicas": 0, "max_replicas": most,
+                    "target_ongoing_requests": auto.get("target_ongoing_requests", 16),
+                    "downscale_delay_s": on_demand.idle_s, "upscale_delay_s": 0}
     return config
 
 
-SERVE_HEALTH_PATHS = ("/v1/health", "/v1/agent/health", "/v1/models/health")  # one per application in configs/serve.yaml
+# Each application's ingress and its health route (configs/serve.yaml).
+SERVE_APPS = {"platform": ("PlatformAPI", "/v1/health"), "agent": ("AgentAPI", "/v1/agent/health"),
+              "models": ("ModelAPI", "/v1/models/health")}
 
 
 def serve_healthy(settings: Settings) -> bool:
-    return all(http_get(f"{serve_url(settings)}{path}") is not None for path in SERVE_HEALTH_PATHS)
+    """Every application answers: an always-on ingress at its health route; one that starts on first
+    use (`serve_on_demand`) by Serve's own status, so that asking never wakes it."""
+    on_demand = set(settings.serve_on_demand.deployments)
+    asked = [path for ingress, path in SERVE_APPS.values() if ingress not in on_demand]
+    if not all(http_get(f"{serve_url(settings)}{path}") is not None for path in asked):
+        return False
+    waiting = {app for app, (ingress, _) in SERVE_APPS.items() if ingress in on_demand}
+    return not waiting or waiting <= serve_apps_running(settings)
+
+
+def serve_apps_running(settings: Settings) -> set[str]:
+    """The Serve applications whose status is RUNNING, from the dashboard (none if it does not answer)."""
+    from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
+
+    use_ray_token()
+    try:
+        details = ServeSubmissionClient(settings.dashboard_url).get_serve_details()
+    except Exception:  # noqa: BLE001 - the dashboard's client raises its own errors; not running, then
+        return set()
+    return {name for name, app in (details.get("applications") or {}).items() if app.get("status") == "RUNNING"}
 
 
 def deploy_serve(settings: Settings, *, timeout: float = 90.0, say: Callable[[str], None] = print) -> None:

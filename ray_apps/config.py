@@ -69,6 +69,17 @@ class ServeProxySettings(BaseModel):
         return [self.stats_port, self.metrics_port, self.fallback_port] if self.kind == "haproxy" else []
 
 
+class ServeOnDemandSettings(BaseModel):
+    """Serve deployments the local platform starts on first use and stops after `idle_s` without a
+    request: each replica is a 0.25-0.45 GB process, and a laptop keeps the platform up all day.
+    The first request after idle waits for a replica (seconds). KubeRay's RayService keeps the
+    serve file's replicas."""
+    model_config = ConfigDict(extra="forbid")
+
+    deployments: list[str] = ["AgentAPI", "ModelAPI", "MnistModel"]
+    idle_s: float = Field(300.0, ge=10, le=86400)
+
+
 class MlflowSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -139,6 +150,7 @@ class Settings(BaseSettings):
     tenant_tokens: dict[str, str | dict[str, str]] = {}
     serve_port: int = Field(8000, ge=1, le=65535)
     serve_proxy: ServeProxySettings = ServeProxySettings()
+    serve_on_demand: ServeOnDemandSettings = ServeOnDemandSettings()
     # The platform's own Prometheus metrics (queue, admissions, cost...), served by the dispatcher.
     metrics_port: int = Field(9464, ge=1, le=65535)
     prometheus: PrometheusSettings = PrometheusSettings()

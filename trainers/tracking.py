@@ -11,13 +11,17 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from trainers.errors import Unavailable
+
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
 
 log = logging.getLogger(__name__)
 
@@ -91,10 +95,28 @@ class RunTracker:
     seconds: float = 0.0  # wall time spent sending, to account for tracking overhead
 
     def __post_init__(self) -> None:
-        from mlflow.tracking import MlflowClient
-
+        # Importing MLflow takes seconds; rank 0 needs its client only at the first flush (an epoch's
+        # end), so the import runs beside the worker's set-up and first steps instead of before them.
         configure_http()
-        self._client = MlflowClient(self.uri)
+        self._connected: MlflowClient | None = None
+        self._connect_error: BaseException | None = None
+        self._connecting = threading.Thread(target=self._connect, name="mlflow-client", daemon=True)
+        self._connecting.start()
+
+    def _connect(self) -> None:
+        try:
+            from mlflow.tracking import MlflowClient
+
+            self._connected = MlflowClient(self.uri)
+        except BaseException as exc:  # noqa: BLE001 - raised where the client is first used
+            self._connect_error = exc
+
+    @property
+    def _client(self) -> MlflowClient:
+        self._connecting.join()
+        if self._connected is None:
+            raise self._connect_error or RuntimeError("no MLflow client")
+        return self._connected
 
     def log_params(self, params: dict[str, Any]) -> None:
         self._pending_params.update({k: str(v) for k, v in params.items()})
@@ -110,34 +132,33 @@ class RunTracker:
             self._pending_inputs.append((dataset, context))
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        from mlflow.entities import Metric
-
         now = int(time.time() * 1000)
-        self._pending_metrics += [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        self._pending_metrics += [(k, float(v), now, step) for k, v in metrics.items()]
 
     def flush(self) -> bool:
         """Send everything pending in batches. Returns False if the server is unreachable."""
-        from mlflow.entities import Param, RunTag
-
         start = time.perf_counter()
         try:
+            client = self._client
+            from mlflow.entities import Metric, Param, RunTag
+
             # MLflow caps a batch at 1,000 metrics and 100 params.
             params = [Param(k, v) for k, v in self._pending_params.items()]
             for i in range(0, len(params), 100):
-                self._client.log_batch(self.run_id, params=params[i:i + 100])
+                client.log_batch(self.run_id, params=params[i:i + 100])
             self._pending_params.clear()
             if self._pending_tags:
-                self._client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in self._pending_tags.items()])
+                client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in self._pending_tags.items()])
                 self._pending_tags.clear()
             if self._pending_inputs:
                 from mlflow.entities import Dataset, DatasetInput, InputTag
 
-                self._client.log_inputs(self.run_id, datasets=[
+                client.log_inputs(self.run_id, datasets=[
                     DatasetInput(Dataset(**fields), tags=[InputTag("mlflow.data.context", context)])
                     for fields, context in self._pending_inputs])
                 self._pending_inputs.clear()
             while self._pending_metrics:
-                self._client.log_batch(self.run_id, metrics=self._pending_metrics[:1000])
+                client.log_batch(self.run_id, metrics=[Metric(*m) for m in self._pending_metrics[:1000]])
                 del self._pending_metrics[:1000]
         except Exception as exc:  # noqa: BLE001 - any tracking failure must not stop training
             if self.lost_since is None:

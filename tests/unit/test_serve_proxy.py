@@ -131,3 +131,33 @@ def test_wrapper_closes_ray_s_admin_socket_to_other_users(tmp_path):
     check = subprocess.run([get_haproxy_binary(), "-c", "-f", str(cfg)], check=False, capture_output=True, text=True,
                            timeout=30)
     assert check.returncode == 0, check.stdout + check.stderr  # the real binary accepts the rewritten socket
+
+
+def test_the_local_rendering_starts_on_demand_deployments_at_zero_and_keeps_the_rest(tmp_path):
+    """configs/serve.yaml as `oppen up` deploys it: the on-demand deployments scale from zero and back
+    after their idle time; the others keep the file's replicas (as KubeRay's RayService does)."""
+    (tmp_path / "p.yaml").write_text("serve_on_demand:\n  deployments: [AgentAPI, MnistModel]\n  idle_s: 120\n")
+    config = cluster.serve_config(load_settings(tmp_path / "p.yaml"))
+    deployments = {d["name"]: d for app in config["applications"] for d in app["deployments"]}
+    agent = deployments["AgentAPI"]
+    assert "num_replicas" not in agent and agent["max_ongoing_requests"] == 64
+    assert agent["autoscaling_config"] == {"min_replicas": 0, "initial_replicas": 0, "max_replicas": 1,
+                                           "target_ongoing_requests": 16, "downscale_delay_s": 120.0,
+                                           "upscale_delay_s": 0}
+    mnist = deployments["MnistModel"]["autoscaling_config"]  # its own autoscaling kept, from zero
+    assert (mnist["min_replicas"], mnist["max_replicas"], mnist["target_ongoing_requests"]) == (0, 2, 16)
+    assert deployments["PlatformAPI"]["num_replicas"] == 1 and "autoscaling_config" not in deployments["PlatformAPI"]
+    assert deployments["ModelAPI"]["num_replicas"] == 1
+    assert config["http_options"]["host"] == "127.0.0.1"
+
+
+def test_serve_health_never_asks_an_on_demand_ingress(tmp_path, monkeypatch):
+    (tmp_path / "p.yaml").write_text("serve_on_demand:\n  deployments: [AgentAPI]\n")
+    settings = load_settings(tmp_path / "p.yaml")
+    asked = []
+    monkeypatch.setattr(cluster, "http_get", lambda url, *a, **k: asked.append(url) or "ok")
+    monkeypatch.setattr(cluster, "serve_apps_running", lambda s: {"platform", "models"})
+    assert not cluster.serve_healthy(settings)  # the agent app is not RUNNING yet
+    assert not any("/v1/agent" in url for url in asked) and any(url.endswith("/v1/models/health") for url in asked)
+    monkeypatch.setattr(cluster, "serve_apps_running", lambda s: {"platform", "models", "agent"})
+    assert cluster.serve_healthy(settings)
