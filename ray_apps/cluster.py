@@ -67,7 +67,8 @@ def ray_head_command(settings: Settings, topology: Topology) -> list[str]:
     cmd = [_bin("ray"), "start", "--head", "--block", f"--port={r.gcs_port}",
            f"--dashboard-host={settings.host}",
            f"--dashboard-port={r.dashboard_port}", f"--metrics-export-port={r.metrics_export_port}",
-           f"--ray-client-server-port={r.client_server_port}", f"--dashboard-agent-listen-port={r.dashboard_agent_port}",
+           f"--ray-client-server-port={r.client_server_port}",  # 0: no Ray Client server
+           f"--dashboard-agent-listen-port={r.dashboard_agent_port}",
            "--include-dashboard=true", "--disable-usage-stats", f"--num-gpus={int(topology.head.gpus)}",
            f"--temp-dir={ray_temp_dir(settings)}"]
     if topology.head.cpus is not None:
@@ -129,7 +130,7 @@ def mlflow_command(settings: Settings) -> list[str]:
     store = settings.data_dir / "mlflow"
     # --serve-artifacts: clients upload artifacts through the server over HTTP, so
     # a run logged from any machine lands in the same place (no artifact-path mismatch).
-    return [_bin("mlflow"), "server", f"--backend-store-uri=sqlite:///{store / 'mlflow.db'}",
+    return [sys.executable, "-m", "ray_apps.mlflow_server", f"--backend-store-uri=sqlite:///{store / 'mlflow.db'}",
             f"--artifacts-destination={store / 'artifacts'}", "--serve-artifacts",
             f"--host={settings.host}", f"--port={settings.mlflow.port}", f"--workers={settings.mlflow.workers}"]
 
@@ -165,9 +166,9 @@ def _managed_services(settings: Settings, topology: Topology, say: Callable[[str
     if settings.is_local:
         r = settings.ray
         out.append(_Managed(RAY, settings.dashboard_url, lambda: ray_healthy(settings.dashboard_url),
-                            ray_head_command(settings, topology), [r.gcs_port, r.dashboard_port, r.metrics_export_port,
-                                                         r.client_server_port, r.dashboard_agent_port,
-                                                         settings.serve_port, *settings.serve_proxy.ports()],
+                            ray_head_command(settings, topology),
+                            [p for p in (r.gcs_port, r.dashboard_port, r.metrics_export_port, r.client_server_port,
+                                         r.dashboard_agent_port, settings.serve_port, *settings.serve_proxy.ports()) if p],
                             _ray_env(settings, topology)))
     else:
         say(f"ray: using the cluster at {settings.dashboard_url} (RAY_ADDRESS); no local head started")

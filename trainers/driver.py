@@ -15,6 +15,7 @@ import dataclasses
 import json
 import logging
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,12 @@ class RunContext:
     resume: bool
     submission_id: str | None = None  # the Ray job's, when run as one: its drain requests reach the workers
     dataset: dict | None = None       # trainers.ingest.prepare's: the checked dataset, for the workers
+    opening: threading.Thread | None = None  # the run's reopening, sent while the workers start
+
+    def run_opened(self) -> None:
+        """Wait for the run's reopening to be sent: it must land before the run is closed."""
+        if self.opening is not None and self.opening.ident is not None:
+            self.opening.join()
 
 
 def build_parser(trainer: str, spec_cls: type, description: str) -> argparse.ArgumentParser:
@@ -106,29 +113,46 @@ def prepare(args: argparse.Namespace, argv: list[str], trainer: str, spec_cls: t
     run_name = run_name or runtime.new_run_name(trainer)
     run_dir = runtime.checkpoint_root(data_dir) / run_name
 
-    run_id = None
+    run_id, opening = None, None
     meta = runtime.job_metadata()
     if not args.no_tracking:
         tags = {"oppen.trainer": trainer, "oppen.run_name": run_name,
                 **{f"oppen.{k}": v for k, v in meta.items() if k in ("tenant", "priority")}}
         if "job_submission_id" in meta:
             tags["ray.submission_id"] = meta["job_submission_id"]
-        run_id = open_run(uri, experiment=args.experiment, run_name=run_name,
-                          run_id=args.mlflow_run_id or record.get("mlflow_run_id"), tags=tags)
+
+        def open_and_describe(known: str | None) -> str:
+            opened = open_run(uri, experiment=args.experiment, run_name=run_name, run_id=known, tags=tags)
+            from trainers.tracking import RunTracker
+
+            first = RunTracker(uri, opened)
+            if args.resume:  # MLflow params are immutable: a resumed run records what changed as a tag
+                first.set_tags({"oppen.resume_overrides": json.dumps(overrides)})
+            else:
+                first.log_params(dataclasses.asdict(spec))
+            first.flush()
+            return opened
+
+        run_id = args.mlflow_run_id or record.get("mlflow_run_id")
+        if run_id:  # the queue made the run: MLflow's import and these requests overlap the workers' start
+            opening = threading.Thread(target=_in_background, args=(open_and_describe, run_id),
+                                       name="mlflow-run", daemon=True)
+        else:
+            run_id = open_and_describe(None)
     runtime.write_run_record(run_dir, {"trainer": trainer, "spec": dataclasses.asdict(spec),
                                        "mlflow_run_id": run_id, "tracking_uri": uri})
-    if run_id:
-        from trainers.tracking import RunTracker
-
-        first = RunTracker(uri, run_id)
-        if args.resume:  # MLflow params are immutable: a resumed run records what changed as a tag
-            first.set_tags({"oppen.resume_overrides": json.dumps(overrides)})
-        else:
-            first.log_params(dataclasses.asdict(spec))
-        first.flush()
     print(f"{PROGRESS} run {run_name} mlflow_run_id={run_id} resume={args.resume}", flush=True)
     return spec, RunContext(trainer, run_name, data_dir, costs_file, uri, run_id, args.resume,
-                            meta.get("job_submission_id"), dataset)
+                            meta.get("job_submission_id"), dataset, opening)
+
+
+def _in_background(call: Callable, *args) -> None:
+    try:
+        call(*args)
+    except Exception as exc:  # noqa: BLE001 - tracking never stops training; the end reports what was lost
+        log.warning("could not reopen the MLflow run: %s", exc)
+        print(f"WARNING: could not reopen the MLflow run ({type(exc).__name__}: {str(exc)[:200]})",
+              file=sys.stderr, flush=True)
 
 
 def given_spec_flags(argv: list[str] | None, spec_cls: type) -> dict:
@@ -209,12 +233,16 @@ def fit_and_report(trainer, ctx: RunContext, finish: Callable[[Any], dict]) -> i
     as the RESULT line; on failure the MLflow run is marked FAILED and the exit code is 1. A run that
     drained (trainers.drain) logs no model, prints no RESULT line, leaves its MLflow run open for the
     attempt that resumes it, and exits with DRAINED_EXIT."""
+    if ctx.opening is not None:  # started once this process has imported Ray Train: see RunTracker
+        ctx.opening.start()
     try:
         result = trainer.fit()
     except Exception as exc:  # noqa: BLE001 - report the failure in MLflow, then exit non-zero
+        ctx.run_opened()
         close_run(ctx.uri, ctx.run_id, status="FAILED")
         print(f"error: training failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
+    ctx.run_opened()
     drained = drained_position(getattr(result, "metrics", None))
     if drained:
         print(f"{PROGRESS} drained at epoch {drained[0] + 1} step {drained[1]}: resumes from this checkpoint",

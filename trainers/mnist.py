@@ -53,8 +53,6 @@ def train_func(cfg: dict) -> None:
     spec = MnistConfig(**cfg["spec"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    # Rank 0's MLflow client connects in the background while the data and model are set up.
-    tracker = RunTracker(cfg["tracking_uri"], cfg["run_id"]) if rank == 0 and cfg["run_id"] else None
     torch.set_num_threads(max(1, int(spec.cpus_per_worker)))  # use exactly what Ray reserved
     torch.manual_seed(spec.seed)
     device = ray.train.torch.get_device()
@@ -108,6 +106,10 @@ def train_func(cfg: dict) -> None:
 
     catalog = load_catalog(cfg["costs_file"])
     alloc = Allocation.for_workers(spec.num_workers, spec.cpus_per_worker, spec.gpus_per_worker)
+    # Rank 0's MLflow client connects while the first epoch trains in memory (a Ray Data stream still
+    # imports as it starts: RunTracker.background).
+    tracker = (RunTracker(cfg["tracking_uri"], cfg["run_id"], background=not streamed)
+               if rank == 0 and cfg["run_id"] else None)
     if tracker:
         tracker.log_params({"data_source": source, "device": str(device),
                             "train_size": train_size, "test_size": test_size})

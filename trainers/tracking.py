@@ -93,15 +93,20 @@ class RunTracker:
     lost_since: float | None = None
     last_error: str | None = None
     seconds: float = 0.0  # wall time spent sending, to account for tracking overhead
+    # Importing MLflow takes seconds and rank 0 needs its client only at the first flush (an epoch's
+    # end): in the background the import runs beside the first steps instead of before them. Only
+    # where the caller's thread imports nothing meanwhile: two threads importing at once can deadlock.
+    background: bool = False
 
     def __post_init__(self) -> None:
-        # Importing MLflow takes seconds; rank 0 needs its client only at the first flush (an epoch's
-        # end), so the import runs beside the worker's set-up and first steps instead of before them.
         configure_http()
         self._connected: MlflowClient | None = None
         self._connect_error: BaseException | None = None
         self._connecting = threading.Thread(target=self._connect, name="mlflow-client", daemon=True)
-        self._connecting.start()
+        if self.background:
+            self._connecting.start()
+        else:
+            self._connect()
 
     def _connect(self) -> None:
         try:
@@ -113,7 +118,8 @@ class RunTracker:
 
     @property
     def _client(self) -> MlflowClient:
-        self._connecting.join()
+        if self.background:
+            self._connecting.join()
         if self._connected is None:
             raise self._connect_error or RuntimeError("no MLflow client")
         return self._connected
