@@ -40,7 +40,8 @@ from trainers.data import load_mnist  # noqa: E402
 from trainers.mnist_model import MnistCNN, make_optimizer, to_tensors, train_epoch  # noqa: E402
 from trainers.specs import MnistConfig  # noqa: E402
 
-BENCH_PORTS = {"gcs_port": 6579, "dashboard_port": 8465, "metrics_export_port": 8280, "dashboard_agent_port": 52565}
+BENCH_PORTS = {"gcs_port": 6579, "dashboard_port": 8465, "metrics_export_port": 8280,
+               "client_server_port": 9801, "dashboard_agent_port": 52565}
 
 
 def start_platform(workdir: Path):

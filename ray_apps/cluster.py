@@ -67,7 +67,7 @@ def ray_head_command(settings: Settings, topology: Topology) -> list[str]:
     cmd = [_bin("ray"), "start", "--head", "--block", f"--port={r.gcs_port}",
            f"--dashboard-host={settings.host}",
            f"--dashboard-port={r.dashboard_port}", f"--metrics-export-port={r.metrics_export_port}",
-           f"--ray-client-server-port={r.client_server_port}",  # 0: no Ray Client server
+           f"--ray-client-server-port={r.client_server_port}",
            f"--dashboard-agent-listen-port={r.dashboard_agent_port}",
            "--include-dashboard=true", "--disable-usage-stats", f"--num-gpus={int(topology.head.gpus)}",
            f"--temp-dir={ray_temp_dir(settings)}"]
@@ -167,8 +167,8 @@ def _managed_services(settings: Settings, topology: Topology, say: Callable[[str
         r = settings.ray
         out.append(_Managed(RAY, settings.dashboard_url, lambda: ray_healthy(settings.dashboard_url),
                             ray_head_command(settings, topology),
-                            [p for p in (r.gcs_port, r.dashboard_port, r.metrics_export_port, r.client_server_port,
-                                         r.dashboard_agent_port, settings.serve_port, *settings.serve_proxy.ports()) if p],
+                            [r.gcs_port, r.dashboard_port, r.metrics_export_port, r.client_server_port,
+                             r.dashboard_agent_port, settings.serve_port, *settings.serve_proxy.ports()],
                             _ray_env(settings, topology)))
     else:
         say(f"ray: using the cluster at {settings.dashboard_url} (RAY_ADDRESS); no local head started")

@@ -33,9 +33,7 @@ class RayHeadSettings(BaseModel):
     gcs_port: int = Field(6379, ge=1, le=65535)
     dashboard_port: int = Field(8265, ge=1, le=65535)
     metrics_export_port: int = Field(8080, ge=1, le=65535)
-    # Ray Client (`ray://`): nothing of the platform uses it, and its server is a ~0.1 GB process at
-    # rest. 0: not started; a port (Ray's usual is 10001) starts it there.
-    client_server_port: int = Field(0, ge=0, le=65535)
+    client_server_port: int = Field(10001, ge=1024, le=65535)  # Ray Client (ray://); Ray always starts it
     dashboard_agent_port: int = Field(52365, ge=1, le=65535)
     # Ray Serve's own switches (RAY_SERVE_*), set in the head's environment at start, over
     # those that `serve_proxy` sets.
