@@ -290,7 +290,10 @@ def finish(ctx: RunContext, result, log_model: Callable[[dict], None], summary: 
     if ctx.run_id:
         try:
             log_model(metrics)
+            logged = time.perf_counter()
             version = _register(ctx)
+            print(f"{PROGRESS} finishing: model logged in {logged - t0:.1f} s, registered in "
+                  f"{time.perf_counter() - logged:.1f} s", flush=True)
         except Exception as exc:  # noqa: BLE001 - the training result stands without tracking
             notes.append(f"final logging failed ({type(exc).__name__}: {str(exc)[:200]})")
     lost = None

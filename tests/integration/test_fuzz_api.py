@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
+import requests
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -77,6 +78,9 @@ def _reason(response) -> str | None:
 
 @pytest.mark.parametrize("path", APPS)
 def test_every_answer_is_one_the_schema_documents_and_none_is_5xx(platform, path):
+    # The agent and models ingresses start on their first request (serve_on_demand): wake the app
+    # first, so that the 10 s the schema loader allows is not its start-up.
+    assert requests.get(serve_url(platform) + path, headers=MEMBER, timeout=120).status_code == 200
     statuses: Counter = Counter()
     errors = mismatches(serve_url(platform), path, statuses)
     assert errors == [], f"{len(errors)} mismatches:\n" + "\n".join(errors[:20])

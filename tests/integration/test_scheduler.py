@@ -287,6 +287,9 @@ def test_a_stalled_mlflow_holds_back_only_the_jobs_that_need_it_and_the_api_says
 
     from ray_apps.cluster import serve_url
 
+    # The models ingress starts on its first request (serve_on_demand): up before MLflow freezes, so
+    # the 5 s below measure the answer, not the replica's start.
+    assert requests.get(f"{serve_url(platform)}/v1/models/health", timeout=120).status_code == 200
     mlflow = ServiceRegistry(platform.state_dir).running()["mlflow"].processes()
     for proc in mlflow:
         proc.suspend()
