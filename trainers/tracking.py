@@ -102,8 +102,9 @@ class RunTracker:
         configure_http()
         self._connected: MlflowClient | None = None
         self._connect_error: BaseException | None = None
-        self._connecting = threading.Thread(target=self._connect, name="mlflow-client", daemon=True)
+        self._connecting: threading.Thread | None = None
         if self.background:
+            self._connecting = threading.Thread(target=self._connect, name="mlflow-client", daemon=True)
             self._connecting.start()
         else:
             self._connect()
@@ -118,7 +119,7 @@ class RunTracker:
 
     @property
     def _client(self) -> MlflowClient:
-        if self.background:
+        if self._connecting is not None:
             self._connecting.join()
         if self._connected is None:
             raise self._connect_error or RuntimeError("no MLflow client")

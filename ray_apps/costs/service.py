@@ -281,13 +281,14 @@ class CostService:
             single = runs.latest_metric(self.mlflow, job.mlflow_run_id, spec.unit_timer) if len(points) < 2 else None
             profile = profile_run(points=points, started_at=a.started_at, ended_at=a.ended_at,
                                   units_total=self._units_total(spec, job.mlflow_run_id), single_unit_s=single)
-        phases = self._save_phases(job, self.mlflow.get_run(job.mlflow_run_id).data.tags)
+        phases = self._save_phases(job, self.mlflow.get_run(job.mlflow_run_id).data.tags, attempts)
         runs.log_job_cost(self.mlflow, job.mlflow_run_id, cost, job.id, profile,
                           phases.as_metrics() if phases else {})
 
-    def _save_phases(self, job: JobRecord, tags: dict[str, str]):
+    def _save_phases(self, job: JobRecord, tags: dict[str, str], attempts=None):
         """Where the job's last attempt spent its time (trainers.phases), kept for the status page."""
-        attempts = self.queue.store.attempts([job.id])[job.id]
+        if attempts is None:
+            attempts = self.queue.store.attempts([job.id])[job.id]
         phases = phases_of(job.submitted_at, [(a.started_at, a.ended_at) for a in attempts], tags)
         if phases:
             self.queue.store.save_phases(job.id, phases)
