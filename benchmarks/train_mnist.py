@@ -35,7 +35,7 @@ import yaml  # noqa: E402
 
 from ray_apps import cluster  # noqa: E402
 from ray_apps.config import load_settings  # noqa: E402
-from ray_apps.training import PROJECT_ROOT, WORKING_DIR_EXCLUDES, follow, submit_training  # noqa: E402
+from ray_apps.training import PROJECT_ROOT, WORKING_DIR_EXCLUDES, follow, job_env_vars, submit_training  # noqa: E402
 from trainers.data import load_mnist  # noqa: E402
 from trainers.mnist_model import MnistCNN, make_optimizer, to_tensors, train_epoch  # noqa: E402
 from trainers.specs import MnistConfig  # noqa: E402
@@ -104,7 +104,7 @@ def untracked_job(settings, params: dict) -> float:
     job = JobSubmissionClient(settings.dashboard_url).submit_job(
         entrypoint=f"python -m trainers.mnist {flags} --no-tracking",
         runtime_env={"working_dir": str(PROJECT_ROOT), "excludes": WORKING_DIR_EXCLUDES,
-                     "env_vars": settings.job_env()})
+                     "env_vars": job_env_vars(settings)})
     outcome = follow(settings, job, on_progress=lambda line: print("   ", line, flush=True))
     if not outcome.ok:
         sys.exit("job failed:\n" + "\n".join(outcome.log_tail))
