@@ -94,6 +94,8 @@ def test_unknown_id_oversized_body_and_gpus(api):
 
 def test_every_data_route_and_the_docs_need_a_token_and_roles_limit_what_it_may_do(api, platform):
     root = api.removesuffix("/v1")
+    for path in ("/v1/agent/health", "/v1/models/health"):  # on-demand ingresses: started, not timed here
+        assert requests.get(root + path, timeout=120).status_code == 200, path
     for path in ("/docs", "/openapi.json", "/v1/status", "/v1/costs/report", "/v1/models/", "/v1/models",
                  "/v1/agent/docs", "/v1/models/openapi.json"):
         resp = requests.get(root + path, timeout=10)
