@@ -13,6 +13,9 @@ the trainers are the real `python -m trainers.mnist` jobs (`--no-tracking`), con
    ray-data samples/s / memory samples/s, from the epochs after the first. Goal: >= 0.9x.
 2. Data wait: the share of the ray-data epochs' step time spent waiting for the next batch (the
    trainer measures it around `next()`; the `data_wait=` of its epoch lines).
+   LLM: the tiny GPT-2 on Shakespeare, `--data-pipeline ray-data` (Ray Data tokenizes, the blocks
+   stream to the worker) against `memory` (the driver's cached token ids), same step code, tokens/s
+   of the evaluation windows after the first. Goal: >= 0.9x.
 3. Ingest alone: rows/s of a rank's shard, read as torch batches with no training: the built-in's
    pixels (normalising only), 28x28 PNG files (a folder of one's own), and the large synthetic set.
 4. Streaming: a synthetic Parquet set of 512x512 noise PNGs, 4x the per-process memory limit
@@ -49,6 +52,8 @@ import yaml  # noqa: E402
 
 GIB = 2**30
 EPOCH_LINE = re.compile(r"epoch (\d+)/(\d+) .*samples/s=(\d+) data_wait=([\d.]+)%")
+LLM_LINE = re.compile(r"step (\d+)/(\d+) .*tokens/s=(\d+)")
+TOKENIZED_LINE = re.compile(r"tokenized in ([\d.]+) s")
 TEST_CACHE = ROOT / ".oppen" / "test-cache"
 
 
@@ -159,6 +164,21 @@ class RssSampler:
         return out
 
 
+def llm_run(env: dict, data_dir: Path, args: list[str]) -> dict:
+    """One `python -m trainers.llm` job on the benchmark's Ray: tokens/s of its evaluation windows after
+    the first (the first holds the start), and the driver's tokenizing time where Ray Data tokenized."""
+    cmd = [sys.executable, "-m", "trainers.llm", "--no-tracking", "--data-dir", str(data_dir),
+           "--num-workers", "1", "--cpus-per-worker", "2", *args]
+    t0 = time.monotonic()
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    windows = [float(m.group(3)) for m in LLM_LINE.finditer(proc.stdout)]
+    tokenized = TOKENIZED_LINE.search(proc.stdout)
+    if proc.returncode != 0 or len(windows) < 2:
+        raise SystemExit(f"trainer failed ({proc.returncode}): {' '.join(cmd)}\n" + proc.stdout[-3000:])
+    return {"wall_s": round(time.monotonic() - t0, 1), "tokens_per_s": statistics.median(windows[1:]),
+            "windows": windows, **({"tokenize_s": float(tokenized.group(1))} if tokenized else {})}
+
+
 def trainer_run(env: dict, data_dir: Path, args: list[str], *, sample_rss: bool = False) -> dict:
     """One `python -m trainers.mnist` job on the benchmark's Ray: its epochs' samples/s and data wait."""
     cmd = [sys.executable, "-m", "trainers.mnist", "--no-tracking", "--data-dir", str(data_dir),
@@ -219,7 +239,7 @@ def ingest_rate(spec_kwargs: dict, data_dir: Path, info: dict | None, train_samp
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller runs of every part")
-    parser.add_argument("--part", choices=("all", "throughput", "ingest", "streaming"), default="all",
+    parser.add_argument("--part", choices=("all", "throughput", "llm", "ingest", "streaming"), default="all",
                         help="run one part; its figures replace that part's in the results file (throughput: "
                              "its rounds are added to those of the same size)")
     parser.add_argument("--rounds", type=int, default=None, help="throughput rounds (default: 2, quick: 1)")
@@ -231,7 +251,7 @@ def main() -> None:
     rounds = args.rounds or rounds
     limit_gib = 1.0
     synth_gib = 0.25 if quick else 4 * limit_gib
-    parts = ("throughput", "ingest", "streaming") if args.part == "all" else (args.part,)
+    parts = ("throughput", "llm", "ingest", "streaming") if args.part == "all" else (args.part,)
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="oppen-bench-data-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -255,6 +275,7 @@ def main() -> None:
         catalog = workdir / "datasets.yaml"
         catalog.write_text(yaml.safe_dump({"datasets": {
             "mnist": {"kind": "images", "source": "builtin:mnist", "description": "MNIST"},
+            "shakespeare": {"kind": "text", "source": "builtin:shakespeare", "description": "Shakespeare"},
             "pngs": {"kind": "images", "source": str(pngs), "description": "MNIST as PNG files"},
             "synth": {"kind": "images", "source": str(synth), "format": "parquet",
                       "description": "512x512 noise PNGs in Parquet", "test_fraction": 0.02}}}))
@@ -286,6 +307,23 @@ def main() -> None:
                                  "ratio_median": round(statistics.median(ratios), 3),
                                  "data_wait_ray_data": round(statistics.median(r["data_wait"]
                                                                                for r in runs["ray-data"]), 4)}
+
+        if "llm" in parts:  # 2b. The LLM trainer: tokenized by Ray Data vs the driver's cached ids.
+            steps, eval_every = (60, 20) if quick else (150, 30)
+            print(f"llm: tiny GPT-2 on Shakespeare, {steps} steps, {rounds} round(s) each way", flush=True)
+            runs = {"memory": [], "ray-data": []}
+            for r in range(rounds):
+                for mode in ("memory", "ray-data"):
+                    got = llm_run(env, data_dir, ["--model", "tiny", "--dataset", "shakespeare", "--max-steps",
+                                                  str(steps), "--eval-every", str(eval_every), "--eval-batches", "2",
+                                                  "--data-pipeline", mode])
+                    runs[mode].append(got)
+                    print(f"  round {r + 1} {mode:8}: {got['tokens_per_s']:.0f} tokens/s"
+                          + (f", tokenized by Ray Data in {got['tokenize_s']} s" if "tokenize_s" in got else "")
+                          + f", {got['wall_s']} s", flush=True)
+            ratios = [rd["tokens_per_s"] / mem["tokens_per_s"] for mem, rd in zip(runs["memory"], runs["ray-data"])]
+            out["llm"] = {"steps": steps, "runs": runs, "ratios": [round(x, 3) for x in ratios],
+                          "ratio_median": round(statistics.median(ratios), 3)}
 
         if "ingest" in parts or "streaming" in parts:  # checks every row once; cached by content hash
             t0 = time.monotonic()
@@ -329,6 +367,9 @@ def main() -> None:
         t = out["throughput"]
         print(f"  ray-data / memory samples/s: {', '.join(f'{r:.2f}x' for r in t['ratios'])} (goal >= 0.9x)")
         print(f"  ray-data data wait: {t['data_wait_ray_data']:.1%} of step time")
+    if "llm" in out:
+        print(f"  llm ray-data / memory tokens/s: {', '.join(f'{r:.2f}x' for r in out['llm']['ratios'])} "
+              "(goal >= 0.9x)")
     if "ingest" in out:
         print("  ingest rows/s: " + ", ".join(f"{k} {v['rows_per_s']:,}" for k, v in out["ingest"].items()))
     if "streaming" in out:

@@ -27,8 +27,9 @@ the same (`trainers.mnist_model.train_batches`); the held-out split stays in mem
   skips the batches before the step; a worker group restarted mid-run starts where the driver's
   schedule starts and skips the batches it already trained. Either way it goes on exactly, paying
   for reading the skipped batches. The shuffle is per block, not the memory path's full permutation.
-- Resources. The decoder actor reserves `$OPPEN_DECODE_CPUS` CPUs (default 0: it shares the gang's
-  cores, the only choice on a node the gang fills), one actor per rank (`decode_resources`).
+- Resources. One decoder actor per rank, placed by `stage_options`: `$OPPEN_DECODE_CPUS` CPUs
+  (default 0: it shares the gang's cores) and, on a cluster with a CPU worker group, that group's
+  nodes only. The LLM trainer's token blocks (trainers.text_pipeline) go through the same schedule.
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ from trainers.mnist_model import MNIST_MEAN, MNIST_STD
 # Descriptor rows per block, the unit the decoder takes at once: a built-in's pixels, image files
 # (~0.1-5 ms each to read and decode), Parquet row groups.
 BLOCK_ROWS = {"pixels": 2048, "files": 128, "fragments": 4}
+# The label Ray gives a node of its worker group (its autoscaler's node type; KubeRay's group name).
+NODE_GROUP_LABEL = "ray.io/node-group"
 
 
 @dataclass
@@ -75,7 +78,6 @@ def mnist_plan(spec, data_dir: Path, info: dict | None, *, train_samples: int | 
                first_epoch: int = 0, ids: bool = False) -> Plan:
     """The schedule of the spec's training split over epochs first_epoch..epochs-1, sharded over
     `spec.num_workers` ranks. `ids`: the batches also carry each row's identity (`id`), for tests."""
-    import pyarrow as pa
     import ray
 
     world, per_rank_batch = spec.num_workers, spec.batch_size // spec.num_workers
@@ -85,23 +87,34 @@ def mnist_plan(spec, data_dir: Path, info: dict | None, *, train_samples: int | 
     blocks = [table.slice(i, step) for i in range(0, table.num_rows, step)]
     counts = np.stack([np.bincount(_expanded_ranks(b, kind), minlength=world) for b in blocks])  # [block, rank]
     totals = counts.sum(axis=0)
-    steps = int(totals.min()) // per_rank_batch
-    if steps < 1:
+    if int(totals.min()) < per_rank_batch:
         raise DataError(f"{int(totals.sum())} training rows over {world} worker(s) ({', '.join(map(str, totals))}) "
                         f"cannot fill one batch of {per_rank_batch} each. To fix: fewer --num-workers, a smaller "
                         "--batch-size, or more data.", field="params.dataset")
+    build = functools.partial(_rank_pipeline, kind=kind, source=source, seed=spec.seed, ids=ids)
+    return schedule_plan([ray.put(b) for b in blocks], counts, build, seed=spec.seed, epochs=spec.epochs,
+                         first_epoch=first_epoch, rows_per_step=per_rank_batch)
+
+
+def schedule_plan(refs: list, counts: np.ndarray, build, *, seed: int, epochs: int, first_epoch: int,
+                  rows_per_step: int) -> Plan:
+    """The (epoch, block) schedule over blocks already in the object store (`counts`: [block, rank] rows),
+    each epoch exactly `steps * rows_per_step` rows a rank; `build(ds, rank, refs=...)` makes a rank's stage."""
+    import pyarrow as pa
+    import ray
+
+    totals = counts.sum(axis=0)
+    steps = int(totals.min()) // rows_per_step
     rows = []
-    for epoch in range(first_epoch, spec.epochs):
-        left = np.full(world, steps * per_rank_batch)
-        for block in epoch_order(spec.seed, epoch, len(blocks)):
+    for epoch in range(first_epoch, epochs):
+        left = np.full(counts.shape[1], steps * rows_per_step)
+        for block in epoch_order(seed, epoch, len(refs)):
             keep = np.minimum(counts[block], left)
             left -= keep
             rows.append({"epoch": epoch, "block": int(block), "keep": keep.tolist()})
     schedule = pa.Table.from_pylist(rows)
-    refs = [ray.put(b) for b in blocks]
-    build = functools.partial(_rank_pipeline, refs=refs, kind=kind, source=source, seed=spec.seed, ids=ids)
     return Plan(ray.data.from_arrow([schedule.slice(i, 1) for i in range(schedule.num_rows)]),
-                RankShards(build), totals.tolist(), steps, first_epoch)
+                RankShards(functools.partial(build, refs=refs)), totals.tolist(), steps, first_epoch)
 
 
 def epoch_order(seed: int, epoch: int, blocks: int) -> np.ndarray:
@@ -226,10 +239,16 @@ def RankShards(build):  # noqa: N802 - reads as the class it returns; Ray import
     return _make_data_config()(build)
 
 
-def decode_resources() -> float:
-    """CPUs each rank's decoder actor reserves: $OPPEN_DECODE_CPUS (default 0: the gang's cores), read
-    when a pipeline is built."""
-    return float(os.environ.get("OPPEN_DECODE_CPUS", "0"))
+def stage_options() -> dict:
+    """Where a preprocessing stage's actors run, read when a pipeline is built: `$OPPEN_DECODE_CPUS`
+    CPUs each (default 0: the gang's cores, the only choice on a node the gang fills) and, where the
+    platform names a CPU worker group (`$OPPEN_PREPROCESS_GROUP`, set in every job's environment on a
+    cluster with one), only that group's nodes, so that GPU nodes train while CPU nodes preprocess."""
+    options: dict = {"num_cpus": float(os.environ.get("OPPEN_DECODE_CPUS", "0"))}
+    group = os.environ.get("OPPEN_PREPROCESS_GROUP")
+    if group:
+        options["label_selector"] = {NODE_GROUP_LABEL: group}
+    return options
 
 
 def _rank_pipeline(ds, rank: int, *, refs: list, kind: str, source: Source | None, seed: int, ids: bool = False):
@@ -239,7 +258,7 @@ def _rank_pipeline(ds, rank: int, *, refs: list, kind: str, source: Source | Non
     return ds.map_batches(_RankDecoder, batch_format="pyarrow", batch_size=1,
                           fn_constructor_kwargs={"refs": refs, "rank": rank, "kind": kind, "source": source,
                                                  "seed": seed, "ids": ids},
-                          num_cpus=decode_resources(), compute=ActorPoolStrategy(size=1))
+                          compute=ActorPoolStrategy(size=1), **stage_options())
 
 
 # --------------------------------------------------------------------------- decode (the rank's actor)
@@ -274,18 +293,27 @@ class _RankDecoder:
     def decode(self, epoch: int, block: int, keep: int) -> dict[str, np.ndarray]:
         table = self.descriptors(block)
         rng = np.random.default_rng([self.seed, epoch, 2, block])
+        if self.kind == "tokens":  # blocks of token ids (trainers.text_pipeline): nothing to decode
+            mine = self._mine(table, rng, keep)
+            ids = mine.column("ids").combine_chunks()
+            x = ids.values.to_numpy().astype(np.int64).reshape(mine.num_rows, ids.type.list_size)
+            return {"x": x, **({"id": np.asarray(mine.column("id").to_pylist(), dtype=object)} if self.ids else {})}
         if self.kind == "fragments":
             images, labels, keys = self._fragments(table, rng, keep)
         else:
-            import pyarrow as pa
-            import pyarrow.compute as pc
-
-            mine = table.filter(pc.equal(table.column("rank"), self.rank))
-            mine = mine.take(pa.array(rng.permutation(mine.num_rows)[:keep], pa.int64()))
+            mine = self._mine(table, rng, keep)
             labels = np.asarray(mine.column("label").to_numpy(), dtype=np.int64)
             keys = mine.column("id").to_pylist() if self.ids else []
             images = self._pixels(mine) if self.kind == "pixels" else self._files(mine)
         return {"x": normalise(images), "y": labels, **({"id": np.asarray(keys, dtype=object)} if self.ids else {})}
+
+    def _mine(self, table, rng, keep: int):
+        """This rank's rows of a block, shuffled, the first `keep`."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        mine = table.filter(pc.equal(table.column("rank"), self.rank))
+        return mine.take(pa.array(rng.permutation(mine.num_rows)[:keep], pa.int64()))
 
     @staticmethod
     def _pixels(mine) -> np.ndarray:
@@ -331,14 +359,15 @@ class _RankDecoder:
 
 class EpochStream:
     """A rank's batches over the whole run, epoch by epoch: `epoch(e, start)` yields epoch e's batches
-    from step `start` on (skipping what lies before, exactly), as (images, labels) tensors."""
+    from batch `start` on (skipping what lies before, exactly), as (images, labels) tensors, or as
+    token blocks (int64 [batch, block_size]) where `tokens`."""
 
-    def __init__(self, shard, *, batch_size: int, steps: int, first_epoch: int):
+    def __init__(self, shard, *, batch_size: int, steps: int, first_epoch: int, tokens: bool = False):
         import torch
 
-        self.steps, self.first_epoch, self.done = steps, first_epoch, 0
-        self._batches = shard.iter_torch_batches(batch_size=batch_size, prefetch_batches=2,
-                                                 dtypes={"x": torch.float32, "y": torch.int64})
+        self.steps, self.first_epoch, self.done, self.tokens = steps, first_epoch, 0, tokens
+        dtypes = {"x": torch.int64} if tokens else {"x": torch.float32, "y": torch.int64}
+        self._batches = shard.iter_torch_batches(batch_size=batch_size, prefetch_batches=2, dtypes=dtypes)
         self._it = iter(self._batches)
 
     def epoch(self, epoch: int, *, start: int = 0):
@@ -351,7 +380,7 @@ class EpochStream:
         while self.done < (epoch - self.first_epoch + 1) * self.steps:
             batch = next(self._it)
             self.done += 1
-            yield batch["x"], batch["y"]
+            yield batch["x"] if self.tokens else (batch["x"], batch["y"])
 
     def close(self) -> None:
         """Stop the execution now (a run drained or cut short), not at garbage collection."""

@@ -210,6 +210,8 @@ class LlmConfig(ScalingSpec):
     max_train_tokens: int | None = field(default=None, metadata={"help": "use only the first N training tokens"})
     precision: str = field(default="auto", metadata={"help": "auto (bf16/fp16 on CUDA), bf16, fp16 or fp32",
                                                      "choices": ("auto", "bf16", "fp16", "fp32")})
+    data_pipeline: str = field(default="memory", metadata={
+        "help": "memory or ray-data (tokenized by Ray Data, streamed)", "choices": ("memory", "ray-data")})
     seed: int = 0
     max_failures: int = field(default=2, metadata={"help": "worker-group restarts from the last checkpoint",
                                                    "ge": 0})

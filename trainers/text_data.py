@@ -141,13 +141,20 @@ def load_tokens(data_dir: Path, name: str, tokenizer, tokenizer_source: str, *,
             return TokenSplits(train=z["train"], validation=z["validation"], source=str(z["source"]))
 
 
-def _encode(tokenizer, text: str, chunk: int = 1 << 20) -> np.ndarray:
+def _encode(tokenizer, text: str) -> np.ndarray:
     """Tokenize in paragraph-aligned chunks (a tokenizer is slow on one huge string)."""
+    out = [np.asarray(tokenizer(part, verbose=False)["input_ids"], dtype=np.int32) for part in text_chunks(text)]
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.int32)
+
+
+def text_chunks(text: str, chunk: int = 1 << 20) -> list[str]:
+    """The text cut at paragraph breaks into pieces of at most `chunk` characters (a piece with no
+    break in it is cut at `chunk`). Tokenizing the pieces one by one gives the ids of every path."""
     out, start = [], 0
     while start < len(text):
         end = min(len(text), start + chunk)
         cut = text.rfind("\n\n", start, end) if end < len(text) else end
         end = cut if cut > start else end
-        out.append(np.asarray(tokenizer(text[start:end], verbose=False)["input_ids"], dtype=np.int32))
+        out.append(text[start:end])
         start = end
-    return np.concatenate(out) if out else np.zeros(0, dtype=np.int32)
+    return out

@@ -103,6 +103,41 @@ class TestRayDataShards:
         assert not set(ids0) & set(ids1) and sum(plan.rows_per_rank) == info["fingerprint"]["train_rows"]
         assert all("/" in i and i.endswith(".png") for i in ids0)
 
+    def test_text_is_tokenized_by_ray_data_into_the_memory_paths_blocks(self, ray_start_2_cpus, data_dir):
+        from trainers.llm_model import to_blocks
+        from trainers.specs import LlmConfig
+        from trainers.text_data import load_corpus, load_tokens
+        from trainers.text_pipeline import text_plan
+        from trainers.tokenizer import load_gpt2_tokenizer
+
+        spec = LlmConfig(num_workers=2, cpus_per_worker=1, model="tiny", dataset="pydoc", block_size=64,
+                         batch_size=4, grad_accum=2, max_steps=50, max_train_tokens=200_000)
+        corpus = load_corpus(data_dir, "pydoc")
+        text = text_plan(spec, corpus.train, corpus.validation, data_dir=data_dir, offline=True, ids=True)
+        tokenizer, source = load_gpt2_tokenizer(data_dir, offline=True)
+        memory = load_tokens(data_dir, "pydoc", tokenizer, source, offline=True)
+        blocks = to_blocks(memory.train, 64, 200_000).numpy()
+        assert text.train_tokens == blocks.size and text.validation_tokens == len(memory.validation)
+        import ray
+
+        assert np.array_equal(ray.get(text.validation), memory.validation)
+        plan = text.plan
+        rows_per_step = 2 * 2  # per-rank batch x grad_accum
+        assert plan.steps_per_epoch == min(plan.rows_per_rank) // rows_per_step
+        epochs = -(-50 // plan.steps_per_epoch)
+        seen = []
+        for it in shard_iterators(plan, 2):
+            got = list(it.iter_batches(batch_size=2))
+            ids = np.concatenate([b["id"] for b in got]).astype(int)
+            x = np.concatenate([b["x"] for b in got])
+            assert len(ids) == epochs * plan.steps_per_epoch * rows_per_step    # equal steps on both ranks
+            assert np.array_equal(x, blocks[ids])                              # the memory path's blocks
+            seen.append(set(ids))
+        assert not seen[0] & seen[1] and len(seen[0] | seen[1]) <= len(blocks)
+        again = [np.concatenate([b["id"] for b in it.iter_batches(batch_size=2)]).astype(int)
+                 for it in shard_iterators(plan, 2)]
+        assert [set(a) for a in again] == seen                                  # same seed: same shards
+
 
 def test_each_run_logs_its_dataset_with_its_hash_and_changed_data_shows_a_new_one(platform, tmp_path, monkeypatch):
     from ray_apps.training import follow, submit_training
