@@ -22,6 +22,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from trainers.errors import Refused
+from trainers.runtime import NODE_GROUP_LABEL
 
 HEAD_NODE_TYPE = "ray.head.default"
 
@@ -74,6 +75,10 @@ class WorkerGroup(_Strict):
             res[f"accelerator_type:{self.accelerator_type}"] = 1
         return res
 
+    def node_labels(self) -> dict[str, str]:
+        """The Ray node labels of this group's nodes: its name, which preprocessing stages select."""
+        return {NODE_GROUP_LABEL: self.name}
+
 
 class Topology(_Strict):
     head: HeadSpec = HeadSpec()
@@ -100,6 +105,12 @@ class Topology(_Strict):
     @property
     def autoscaling(self) -> bool:
         return bool(self.worker_groups)
+
+    @property
+    def preprocess_group(self) -> str | None:
+        """The worker group data preprocessing runs on: the first group without GPUs, so that GPU nodes
+        train while it decodes and tokenizes (None: a single head, or GPU groups only)."""
+        return next((g.name for g in self.worker_groups if not g.gpus), None)
 
     def memory_at_max_gib(self) -> float:
         return sum(g.memory_gib * g.max_workers for g in self.worker_groups)
@@ -161,8 +172,8 @@ def autoscaler_config(topology: Topology, *, gcs_address: str, node_temp_root: s
     # No `memory` here: the fake provider passes it to Ray as a custom resource, which Ray refuses.
     # Locally memory_gib bounds the topology against this machine (check_fits_machine).
     for g in topology.worker_groups:
-        types[g.name] = {"resources": g.node_resources(), "node_config": {}, "min_workers": g.min_workers,
-                         "max_workers": g.max_workers}
+        types[g.name] = {"resources": g.node_resources(), "labels": g.node_labels(), "node_config": {},
+                         "min_workers": g.min_workers, "max_workers": g.max_workers}
     empty_lists = ("initialization_commands", "setup_commands", "head_setup_commands", "worker_setup_commands",
                    "head_start_ray_commands", "worker_start_ray_commands", "cluster_synced_files",
                    "rsync_exclude", "rsync_filter")
@@ -211,6 +222,7 @@ def kuberay_groups(cluster: dict) -> dict[str, dict]:
             "memory_gib": _k8s_gib(limits.get("memory", "0")),
             "min_workers": int(spec.get("minReplicas", 0)),
             "max_workers": int(spec.get("maxReplicas", 0)),
+            "labels": spec.get("labels", {}),
         }
     return out
 
@@ -222,7 +234,8 @@ def expected_kuberay_groups(topology: Topology) -> dict[str, dict]:
         k = g.kubernetes
         out[g.name] = {"cpus": k.cpus or g.cpus, "gpus": g.gpus, "memory_gib": k.memory_gib or g.memory_gib,
                        "min_workers": g.min_workers,
-                       "max_workers": g.max_workers if k.max_workers is None else k.max_workers}
+                       "max_workers": g.max_workers if k.max_workers is None else k.max_workers,
+                       "labels": g.node_labels()}
     return out
 
 

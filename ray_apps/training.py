@@ -18,7 +18,7 @@ from ray_apps.ray_client import PlatformError, job_client, mlflow_healthy
 from ray_apps.config import PROJECT_ROOT, Settings
 from ray_apps.scheduler.policy import Gang, infeasibility
 from trainers.driver import PROGRESS, result_of  # the lines the trainers print
-from trainers.runtime import new_run_name
+from trainers.runtime import PREPROCESS_GROUP_ENV, new_run_name
 from trainers.specs import build_config, spec_for, validated_params
 
 # Never upload platform state, environments or databases with the job's working dir (Ray already
@@ -104,10 +104,14 @@ def job_env_vars(settings: Settings) -> dict[str, str]:
     """The job's environment, in its driver and in every worker and actor Ray starts for it. On a
     local head it names its GCS: Ray's code that finds the cluster by itself (Ray Train's
     placement-group cleaner, through the state API) otherwise fails, and leaks the placement groups
-    it guards, once another Ray runs on the same machine. A remote head (KubeRay) is one Ray per pod."""
+    it guards, once another Ray runs on the same machine. A remote head (KubeRay) is one Ray per pod.
+    On a cluster with a CPU worker group it names that group, where Ray Data stages run."""
     env = settings.job_env()
     if settings.is_local:
         env["RAY_ADDRESS"] = settings.gcs_address
+    group = settings.topology().preprocess_group
+    if group:  # Ray Data stages go to the CPU group's nodes (trainers.ray_pipeline.stage_options)
+        env[PREPROCESS_GROUP_ENV] = group
     return env
 
 

@@ -182,11 +182,15 @@ def torch_trainer(train_func: Callable[[dict], None], loop_config: dict, spec, c
               "tracking_uri": ctx.uri, "run_id": ctx.run_id, "segment_start": time.time(),
               "segment_id": secrets.token_hex(4), **loop_config}
     data = {"datasets": datasets, **({"dataset_config": dataset_config} if dataset_config else {})} if datasets else {}
+    scaling = ray.train.ScalingConfig(num_workers=spec.num_workers, use_gpu=use_gpu,
+                                      resources_per_worker=resources if use_gpu else {"CPU": spec.cpus_per_worker})
+    # Logical GPUs (a CPU-only box) are reserved as resources, so the workers land on the GPU group's
+    # nodes, but computed on with CPU (use_gpu only with real CUDA). Ray refuses that pair when the
+    # config is built, so the GPUs join the reservation after.
+    scaling.resources_per_worker = resources
     return TorchTrainer(
         train_func, train_loop_config=config, **data,
-        # Logical GPUs (a CPU-only box) are reserved as resources; use_gpu only with real CUDA.
-        scaling_config=ray.train.ScalingConfig(num_workers=spec.num_workers, use_gpu=use_gpu,
-                                               resources_per_worker=resources),
+        scaling_config=scaling,
         run_config=ray.train.RunConfig(
             name=ctx.run_name, storage_path=str(storage_path or runtime.checkpoint_root(ctx.data_dir)),
             failure_config=ray.train.FailureConfig(max_failures=spec.max_failures),

@@ -46,6 +46,7 @@ def train_func(cfg: dict) -> None:
     from trainers.drain import DrainWatch
     from trainers.llm_model import autocast, batch_order, build_model, make_optimizer, to_blocks, train_step
     from trainers.phases import PhaseClock
+    from trainers.runtime import worker_device
     from trainers.ray_pipeline import EpochStream
     from trainers.tokenizer import load_gpt2_tokenizer
     from trainers.tracking import RunTracker
@@ -55,7 +56,7 @@ def train_func(cfg: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, int(spec.cpus_per_worker)))
     torch.manual_seed(spec.seed)
-    device = ray.train.torch.get_device()
+    device = worker_device()  # the CPU where the GPUs are logical (a CPU-only box)
     data_dir = Path(cfg["data_dir"])
 
     tokenizer, tok_source = load_gpt2_tokenizer(data_dir, offline=cfg["offline"])
@@ -66,7 +67,7 @@ def train_func(cfg: dict) -> None:
         steps_per_epoch = streamed["steps_per_epoch"]
         stream = EpochStream(ray.train.get_dataset_shard("train"), batch_size=per_rank,
                              steps=steps_per_epoch * spec.grad_accum, first_epoch=streamed["first_epoch"],
-                             tokens=True)
+                             tokens=True, device=device)
         train_tokens = streamed["train_tokens"]
         val_blocks = to_blocks(ray.get(streamed["validation"]), spec.block_size)[rank::world]
         data_source = streamed["source"]
@@ -77,7 +78,7 @@ def train_func(cfg: dict) -> None:
         steps_per_epoch = len(train_blocks) // world // (per_rank * spec.grad_accum)
         train_tokens, data_source = train_blocks.numel(), tokens.source
     model, model_source = build_model(spec.model, len(tokenizer), offline=cfg["offline"])
-    model = ray.train.torch.prepare_model(model)  # device + DDP (rank 0's weights) when world > 1
+    model = ray.train.torch.prepare_model(model, move_to_device=device)  # + DDP (rank 0's weights) when world > 1
     amp, scaler = autocast(device, spec.precision)
 
     if steps_per_epoch < 1:

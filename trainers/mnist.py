@@ -47,6 +47,7 @@ def train_func(cfg: dict) -> None:
     from trainers.drain import DRAINED_METRIC, DrainWatch
     from trainers.mnist_model import MnistCNN, evaluate, make_optimizer, to_tensors, train_batches, train_epoch
     from trainers.phases import PhaseClock
+    from trainers.runtime import worker_device
     from trainers.ray_pipeline import EpochStream
     from trainers.tracking import RunTracker
 
@@ -55,7 +56,7 @@ def train_func(cfg: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, int(spec.cpus_per_worker)))  # use exactly what Ray reserved
     torch.manual_seed(spec.seed)
-    device = ray.train.torch.get_device()
+    device = worker_device()  # the CPU where the GPUs are logical (a CPU-only box)
 
     dataset = ingest.info_for(spec, cfg)  # what the driver checked (trainers.ingest)
     data = ingest.load_images(cfg["data_dir"], dataset)
@@ -67,7 +68,7 @@ def train_func(cfg: dict) -> None:
     if streamed:  # every rank takes the same number of full batches an epoch (trainers.ray_pipeline)
         steps_per_epoch = streamed["steps_per_epoch"]
         stream = EpochStream(ray.train.get_dataset_shard("train"), batch_size=per_rank_batch,
-                             steps=steps_per_epoch, first_epoch=streamed["first_epoch"])
+                             steps=steps_per_epoch, first_epoch=streamed["first_epoch"], device=device)
         train_size = steps_per_epoch * per_rank_batch * world
     else:
         x, y = to_tensors(data.train_images[:spec.train_samples], data.train_labels[:spec.train_samples])
@@ -76,7 +77,7 @@ def train_func(cfg: dict) -> None:
     source = data.source
     del data
 
-    model = ray.train.torch.prepare_model(MnistCNN(spec.width))  # device + DDP when world > 1
+    model = ray.train.torch.prepare_model(MnistCNN(spec.width), move_to_device=device)  # + DDP when world > 1
     start_epoch, start_step, carry, state = 0, 0, None, None
 
     checkpoint = ray.train.get_checkpoint()

@@ -46,12 +46,11 @@ from trainers import byo
 from trainers.data import DataError
 from trainers.dataset_catalog import Source, load_catalog
 from trainers.mnist_model import MNIST_MEAN, MNIST_STD
+from trainers.runtime import NODE_GROUP_LABEL, PREPROCESS_GROUP_ENV
 
 # Descriptor rows per block, the unit the decoder takes at once: a built-in's pixels, image files
 # (~0.1-5 ms each to read and decode), Parquet row groups.
 BLOCK_ROWS = {"pixels": 2048, "files": 128, "fragments": 4}
-# The label Ray gives a node of its worker group (its autoscaler's node type; KubeRay's group name).
-NODE_GROUP_LABEL = "ray.io/node-group"
 
 
 @dataclass
@@ -245,10 +244,20 @@ def stage_options() -> dict:
     platform names a CPU worker group (`$OPPEN_PREPROCESS_GROUP`, set in every job's environment on a
     cluster with one), only that group's nodes, so that GPU nodes train while CPU nodes preprocess."""
     options: dict = {"num_cpus": float(os.environ.get("OPPEN_DECODE_CPUS", "0"))}
-    group = os.environ.get("OPPEN_PREPROCESS_GROUP")
+    group = os.environ.get(PREPROCESS_GROUP_ENV)
     if group:
         options["label_selector"] = {NODE_GROUP_LABEL: group}
     return options
+
+
+def say_where(stage: str) -> None:
+    """A stage's actor says which node group it landed on: the job's log shows where preprocessing ran."""
+    import ray
+
+    from trainers.driver import PROGRESS
+
+    group = ray.get_runtime_context().get_node_labels().get(NODE_GROUP_LABEL, "head")
+    print(f"{PROGRESS} {stage} on node group {group}", flush=True)
 
 
 def _rank_pipeline(ds, rank: int, *, refs: list, kind: str, source: Source | None, seed: int, ids: bool = False):
@@ -278,6 +287,8 @@ class _RankDecoder:
                  ids: bool = False, blocks: list | None = None):
         self.refs, self.blocks, self.rank, self.kind, self.source, self.seed, self.ids = (
             refs, blocks, rank, kind, source, seed, ids)
+        if blocks is None:
+            say_where(f"rank {rank}'s {kind} reader")
 
     def __call__(self, batch) -> dict[str, np.ndarray]:
         out = [self.decode(row["epoch"], row["block"], row["keep"][self.rank]) for row in batch.to_pylist()]
@@ -362,12 +373,15 @@ class EpochStream:
     from batch `start` on (skipping what lies before, exactly), as (images, labels) tensors, or as
     token blocks (int64 [batch, block_size]) where `tokens`."""
 
-    def __init__(self, shard, *, batch_size: int, steps: int, first_epoch: int, tokens: bool = False):
+    def __init__(self, shard, *, batch_size: int, steps: int, first_epoch: int, tokens: bool = False,
+                 device=None):
         import torch
 
         self.steps, self.first_epoch, self.done, self.tokens = steps, first_epoch, 0, tokens
         dtypes = {"x": torch.int64} if tokens else {"x": torch.float32, "y": torch.int64}
-        self._batches = shard.iter_torch_batches(batch_size=batch_size, prefetch_batches=2, dtypes=dtypes)
+        # `device`: where the batches go (default: the CPU; Ray's own choice would be a logical GPU's).
+        self._batches = shard.iter_torch_batches(batch_size=batch_size, prefetch_batches=2, dtypes=dtypes,
+                                                 device=device or "cpu")
         self._it = iter(self._batches)
 
     def epoch(self, epoch: int, *, start: int = 0):

@@ -9,6 +9,12 @@ import secrets
 import time
 from pathlib import Path
 
+# The Ray node label naming a worker node's group: both renderings of the topology set it
+# (ray_apps/topology.py), and preprocessing stages select the CPU group by it (trainers/ray_pipeline.py).
+NODE_GROUP_LABEL = "oppen.io/node-group"
+# The job environment variable that names the group preprocessing runs on (set by the platform).
+PREPROCESS_GROUP_ENV = "OPPEN_PREPROCESS_GROUP"
+
 # The Ray job supervisor hands the driver its job config, submission id included.
 _JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
@@ -51,3 +57,17 @@ def write_run_record(run_dir: Path, record: dict) -> None:
     tmp = run_dir / (RUN_RECORD + ".tmp")
     tmp.write_text(json.dumps(record, indent=2))
     os.replace(tmp, run_dir / RUN_RECORD)
+
+
+def worker_device():
+    """The torch device a Ray Train worker computes on: Ray's (its GPU) where CUDA is there, else the
+    CPU. On a CPU-only box the GPU group's GPUs are logical: Ray hands the worker a GPU id, and its
+    own device choice would then be a CUDA device that does not exist."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    import ray.train.torch
+
+    device = ray.train.torch.get_device()
+    return device[0] if isinstance(device, list) else device

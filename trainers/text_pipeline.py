@@ -32,7 +32,7 @@ import numpy as np
 
 from trainers import byo
 from trainers.data import DataError
-from trainers.ray_pipeline import Plan, _rank_pipeline, schedule_plan, stage_options
+from trainers.ray_pipeline import Plan, _rank_pipeline, say_where, schedule_plan, stage_options
 from trainers.text_data import text_chunks
 
 GROUP_BLOCKS = 256  # token blocks per object-store group: the unit a rank's actor fetches and shuffles
@@ -55,6 +55,7 @@ class _Tokenize:
         from trainers.tokenizer import load_gpt2_tokenizer
 
         self.tokenizer, _ = load_gpt2_tokenizer(Path(data_dir), offline=offline)
+        say_where("tokenizer")
 
     def __call__(self, batch):
         import pyarrow as pa

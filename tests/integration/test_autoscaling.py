@@ -185,6 +185,23 @@ def test_mnist_spans_two_nodes_and_resumes_when_a_node_dies(scaling):
     assert victim not in nodes and joined(scaling, "cpu") == 2  # replaced by a new node
 
 
+def test_ray_data_stages_run_on_the_cpu_group_while_the_gpu_group_trains(scaling):
+    """The LLM trainer with `--data-pipeline ray-data` on a GPU worker: Ray Data's tokenizer and the
+    rank's block reader land on the CPU group's node (the label both renderings give it), while the
+    Ray Train worker holds the GPU node's logical GPU."""
+    job = scaling.submit("llm", {"num_workers": 1, "cpus_per_worker": 1, "gpus_per_worker": 1, "model": "tiny",
+                                 "dataset": "pydoc", "block_size": 32, "batch_size": 2, "max_steps": 4,
+                                 "eval_every": 4, "eval_batches": 1, "max_train_tokens": 20_000,
+                                 "data_pipeline": "ray-data"}).id
+    assert wait_until(lambda: state(scaling, job).is_terminal(), timeout=300, interval=2), scaling.get(job)
+    record = scaling.get(job)
+    logs = job_logs(scaling.settings, record.ray_submission_id)
+    assert record.state is JobState.SUCCEEDED, logs[-3000:]
+    assert "tokenizer on node group cpu" in logs and "rank 0's tokens reader on node group cpu" in logs, logs[-3000:]
+    assert "on node group gpu" not in logs and "on node group head" not in logs
+    assert re.search(r"step 4/4 .*tokens/s=", logs), logs[-2000:]
+
+
 def test_oppen_train_goes_through_the_queue_and_its_cost_is_reported(scaling):
     """`oppen train` is a queued job like any other: priority high by default, the caller's tenant,
     GPUs from the autoscaler, and metered into `oppen cost report`."""

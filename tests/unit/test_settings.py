@@ -58,6 +58,18 @@ def test_a_local_head_s_jobs_name_its_gcs(tmp_path, monkeypatch):
     assert job_env_vars(s)["OPPEN_DATA_DIR"] == str(s.data_dir)
 
 
+def test_jobs_name_the_cpu_group_for_preprocessing_where_the_cluster_has_one(tmp_path, monkeypatch):
+    from ray_apps.config import CONFIG_DIR
+
+    s = load_settings(write(tmp_path, f"cluster_file: {CONFIG_DIR / 'cluster.yaml'}\n"))
+    assert job_env_vars(s)["OPPEN_PREPROCESS_GROUP"] == "cpu"           # the shipped cpu + gpu groups
+    single = load_settings(write(tmp_path, f"cluster_file: {CONFIG_DIR / 'cluster.single-head.yaml'}\n"))
+    assert "OPPEN_PREPROCESS_GROUP" not in job_env_vars(single)          # one head: nowhere else to go
+    gpu_only = tmp_path / "gpu-only.yaml"
+    gpu_only.write_text("worker_groups:\n  - {name: gpu, cpus: 1, gpus: 1, max_workers: 1}\n")
+    assert "OPPEN_PREPROCESS_GROUP" not in job_env_vars(load_settings(write(tmp_path, f"cluster_file: {gpu_only}\n")))
+
+
 def test_bad_value_names_file_field_and_fix(tmp_path):
     path = write(tmp_path, "ray:\n  gcs_port: -2\n")
     with pytest.raises(SettingsError) as err:

@@ -64,7 +64,8 @@ def test_rendered_for_ray_s_fake_multi_node_autoscaler():
     assert issubclass(load_class(cfg["provider"]["module"]), FakeMultiNodeProvider)
     types = cfg["available_node_types"]
     assert types[HEAD_NODE_TYPE] == {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0}
-    assert types["gpu"] == {"resources": {"CPU": 1, "GPU": 1}, "node_config": {}, "min_workers": 0, "max_workers": 2}
+    assert types["gpu"] == {"resources": {"CPU": 1, "GPU": 1}, "labels": {"oppen.io/node-group": "gpu"},
+                            "node_config": {}, "min_workers": 0, "max_workers": 2}
     assert types["cpu"]["min_workers"] == 1 and types["cpu"]["resources"] == {"CPU": 2}
     assert cfg["max_workers"] == 4 and cfg["idle_timeout_minutes"] == topology.idle_timeout_s / 60
     # Each local node gets a temp dir of its own under the head's (a machine has its own disk).
