@@ -60,6 +60,25 @@ def test_small_llm_job_lowers_the_loss_logs_perplexity_and_a_loadable_model(plat
     assert out.shape[1] == prompt["input_ids"].shape[1] + 8 and len(tok.decode(out[0])) > len("Return the")
 
 
+def test_an_llm_job_tokenized_by_ray_data_trains_as_well_and_logs_the_same_input(platform, tokenizer_cached):
+    """`--data-pipeline ray-data`: the corpus tokenized by a Ray Data stage, the blocks streamed to the
+    worker; the same bar on the loss as the in-memory run above, and the same dataset input."""
+    sub = submit_training(platform, "llm", {**SMALL_LLM, "data_pipeline": "ray-data"}, metadata={"tenant": "team-a"})
+    lines: list[str] = []
+    outcome = follow(platform, sub.submission_id, on_progress=lines.append, poll_s=1.0, timeout_s=600)
+    assert outcome.ok, "\n".join(outcome.log_tail)
+    assert any("ray-data pipeline: corpus pydoc tokenized in" in line for line in lines), lines
+    assert any("pipeline=ray-data" in line for line in lines) and any("tokenizer on node group" in line for line in lines)
+    client = MlflowClient(platform.tracking_uri)
+    run = client.get_run(sub.mlflow_run_id)
+    assert run.data.params["data_pipeline"] == "ray-data" and run.data.params["total_steps"] == "20"
+    assert run.data.params["data_source"].startswith("stdlib-docstrings:")
+    loss = {m.step: m.value for m in client.get_metric_history(sub.mlflow_run_id, "eval_loss")}
+    assert sorted(loss) == [10, 20] and loss[20] < loss[10] - 0.5
+    [given] = run.inputs.dataset_inputs
+    assert given.dataset.name == "pydoc"
+
+
 @pytest.fixture()
 def queue(platform):
     return Queue.from_settings(platform, QueueConfig(**QUEUE_CONFIG))
