@@ -47,8 +47,12 @@ class MnistCNN(nn.Module):
 
 def to_tensors(images: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 [N, 28, 28] -> normalised float [N, 1, 28, 28]; labels -> int64."""
-    x = torch.from_numpy(images).float().div_(255.0).sub_(MNIST_MEAN).div_(MNIST_STD).unsqueeze(1)
-    return x, torch.from_numpy(np.asarray(labels, dtype=np.int64))
+    return normalise(torch.from_numpy(images)), torch.from_numpy(np.asarray(labels, dtype=np.int64))
+
+
+def normalise(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, 28, 28] -> normalised float [N, 1, 28, 28], on the images' device."""
+    return images.float().div_(255.0).sub_(MNIST_MEAN).div_(MNIST_STD).unsqueeze(1)
 
 
 @dataclass

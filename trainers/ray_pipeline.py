@@ -1,7 +1,7 @@
 """Ray Data ingest for the MNIST trainer: `--data-pipeline ray-data`.
 
 The in-memory path (the default) gives every worker the decoded training set. This one streams it:
-the training images are read, decoded to 28x28 grayscale and normalised by Ray Data while the
+the training images are read and decoded to 28x28 grayscale by Ray Data while the
 workers train, so a set larger than a worker's memory trains in bounded memory. The step code is
 the same (`trainers.mnist_model.train_batches`); the held-out split stays in memory (it is small).
 
@@ -11,7 +11,8 @@ the same (`trainers.mnist_model.train_batches`); the held-out split stays in mem
 - One execution per run. The dataset handed to Ray Train is a schedule: one row per (epoch, block),
   every epoch's blocks in an order of its own (seeded by seed and epoch). Each rank's pipeline is one
   map stage over it, run by one long-lived decoder actor (`_RankDecoder`): fetch the block, keep this
-  rank's rows, shuffle them (seeded by seed, epoch and block), read and decode, normalise. A fresh
+  rank's rows, shuffle them (seeded by seed, epoch and block), read and decode (to uint8: the worker
+  normalises a batch as it arrives, a quarter of float32's bytes through the object store). A fresh
   execution per epoch would restart its workers every epoch (Ray kills idle task workers beyond its
   soft limit within a second; on 2 cores that churn cost a tenth of the training time).
 - Shards. A row's worker is a hash of its identity (`byo.rank_of`); `RankShards`, a Ray Train
@@ -45,7 +46,7 @@ import numpy as np
 from trainers import byo
 from trainers.data import DataError
 from trainers.dataset_catalog import Source, load_catalog
-from trainers.mnist_model import MNIST_MEAN, MNIST_STD
+from trainers.mnist_model import normalise
 from trainers.runtime import NODE_GROUP_LABEL, PREPROCESS_GROUP_ENV
 
 # Descriptor rows per block, the unit the decoder takes at once: a built-in's pixels, image files
@@ -273,15 +274,10 @@ def _rank_pipeline(ds, rank: int, *, refs: list, kind: str, source: Source | Non
 # --------------------------------------------------------------------------- decode (the rank's actor)
 
 
-def normalise(images: np.ndarray) -> np.ndarray:
-    """uint8 [n, 28, 28] -> float32 [n, 1, 28, 28], as trainers.mnist_model.to_tensors does."""
-    return ((images.astype(np.float32) / 255.0 - MNIST_MEAN) / MNIST_STD)[:, None, :, :]
-
-
 class _RankDecoder:
     """One rank's decoder: for each scheduled (epoch, block), the rank's rows of the block, shuffled,
-    the first `keep[rank]` of them read, decoded and normalised. `blocks`: the descriptor blocks
-    themselves instead of object refs (tests, without Ray)."""
+    the first `keep[rank]` of them read and decoded to uint8 28x28 (EpochStream normalises them).
+    `blocks`: the descriptor blocks themselves instead of object refs (tests, without Ray)."""
 
     def __init__(self, refs: list | None = None, *, rank: int, kind: str, source: Source | None, seed: int,
                  ids: bool = False, blocks: list | None = None):
@@ -316,7 +312,7 @@ class _RankDecoder:
             labels = np.asarray(mine.column("label").to_numpy(), dtype=np.int64)
             keys = mine.column("id").to_pylist() if self.ids else []
             images = self._pixels(mine) if self.kind == "pixels" else self._files(mine)
-        return {"x": normalise(images), "y": labels, **({"id": np.asarray(keys, dtype=object)} if self.ids else {})}
+        return {"x": images, "y": labels, **({"id": np.asarray(keys, dtype=object)} if self.ids else {})}
 
     def _mine(self, table, rng, keep: int):
         """This rank's rows of a block, shuffled, the first `keep`."""
@@ -378,7 +374,8 @@ class EpochStream:
         import torch
 
         self.steps, self.first_epoch, self.done, self.tokens = steps, first_epoch, 0, tokens
-        dtypes = {"x": torch.int64} if tokens else {"x": torch.float32, "y": torch.int64}
+        # Images travel as uint8 (a quarter of float32's bytes) and are normalised where they arrive.
+        dtypes = {"x": torch.int64} if tokens else {"x": torch.uint8, "y": torch.int64}
         # `device`: where the batches go (default: the CPU; Ray's own choice would be a logical GPU's).
         self._batches = shard.iter_torch_batches(batch_size=batch_size, prefetch_batches=2, dtypes=dtypes,
                                                  device=device or "cpu")
@@ -394,7 +391,7 @@ class EpochStream:
         while self.done < (epoch - self.first_epoch + 1) * self.steps:
             batch = next(self._it)
             self.done += 1
-            yield batch["x"] if self.tokens else (batch["x"], batch["y"])
+            yield batch["x"] if self.tokens else (normalise(batch["x"]), batch["y"])
 
     def close(self) -> None:
         """Stop the execution now (a run drained or cut short), not at garbage collection."""

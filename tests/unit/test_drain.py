@@ -306,7 +306,7 @@ class FakeTrain:
                 yield str(self.path)
 
         self.Checkpoint = Checkpoint
-        self.torch = types.SimpleNamespace(get_device=lambda: torch.device("cpu"), prepare_model=lambda m: m)
+        self.torch = types.SimpleNamespace(get_device=lambda: torch.device("cpu"), prepare_model=lambda m, move_to_device=True: m)
 
     def get_context(self):
         return types.SimpleNamespace(get_world_rank=lambda: 0, get_world_size=lambda: 1)

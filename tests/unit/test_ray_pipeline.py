@@ -11,13 +11,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from PIL import Image
 
 from tests.unit.test_datasets import image_dir, write_catalog
 from trainers import byo, ingest
 from trainers.dataset_catalog import load_catalog
 from trainers.fingerprint import fingerprint
-from trainers.mnist_model import to_tensors
+from trainers.mnist_model import normalise, to_tensors
 from trainers.ray_pipeline import BLOCK_ROWS, _expanded_ranks, _RankDecoder, descriptor_table, epoch_order
 from trainers.specs import MnistConfig
 
@@ -65,9 +66,11 @@ def test_builtin_shards_cover_the_split_and_decode_like_the_memory_path(data_dir
     assert set.union(*(o["shard"] for o in out)) == split  # the shards themselves cover it all
     assert all(set(o["id"]) <= o["shard"] for o in out)
     a = ingest.load_images(data_dir, None)
-    x, y = to_tensors(a.train_images[:2600], a.train_labels[:2600])
     index = [int(k.split("#")[1]) for k in out[1]["id"]]
-    assert np.allclose(out[1]["x"], x[index].numpy(), atol=1e-6) and out[1]["y"].tolist() == y[index].tolist()
+    assert np.array_equal(out[1]["x"], a.train_images[index]) and out[1]["y"].tolist() == a.train_labels[index].tolist()
+    # The worker's normalising of what arrives is the memory path's.
+    x, _ = to_tensors(a.train_images[index[:8]], a.train_labels[index[:8]])
+    assert torch.equal(normalise(torch.from_numpy(out[1]["x"][:8])), x)
 
 
 def test_each_epoch_its_own_order_and_the_same_seed_the_same(data_dir):
@@ -121,6 +124,5 @@ def test_own_data_shards_are_the_memory_paths_training_split(byo_catalog, name, 
     position = {k: i for i, k in enumerate(every_train)}  # the memory path takes the first N of these
     for o in out:
         for j, key in enumerate(o["id"][:6]):
-            x, y = to_tensors(arrays.train_images[position[key]:position[key] + 1],
-                              arrays.train_labels[position[key]:position[key] + 1])
-            assert np.allclose(o["x"][j], x[0].numpy(), atol=1e-6) and o["y"][j] == int(y[0])
+            assert np.array_equal(o["x"][j], arrays.train_images[position[key]])
+            assert o["y"][j] == int(arrays.train_labels[position[key]])
