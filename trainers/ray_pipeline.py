@@ -367,31 +367,47 @@ class _RankDecoder:
 class EpochStream:
     """A rank's batches over the whole run, epoch by epoch: `epoch(e, start)` yields epoch e's batches
     from batch `start` on (skipping what lies before, exactly), as (images, labels) tensors, or as
-    token blocks (int64 [batch, block_size]) where `tokens`."""
+    token blocks (int64 [batch, block_size]) where `tokens`.
+
+    Ray Data hands over `READ_BATCHES` batches at a time, sliced here: its cost per batch handed
+    over (fetch, convert, move, a thread hand-off) is then paid once for several steps. Every epoch
+    is a whole number of batches, so a slice never straddles two reads."""
+
+    READ_BATCHES = 8
 
     def __init__(self, shard, *, batch_size: int, steps: int, first_epoch: int, tokens: bool = False,
                  device=None):
         import torch
 
         self.steps, self.first_epoch, self.done, self.tokens = steps, first_epoch, 0, tokens
+        self.batch_size = batch_size
         # Images travel as uint8 (a quarter of float32's bytes) and are normalised where they arrive.
         dtypes = {"x": torch.int64} if tokens else {"x": torch.uint8, "y": torch.int64}
         # `device`: where the batches go (default: the CPU; Ray's own choice would be a logical GPU's).
-        self._batches = shard.iter_torch_batches(batch_size=batch_size, prefetch_batches=2, dtypes=dtypes,
-                                                 device=device or "cpu")
+        self._batches = shard.iter_torch_batches(batch_size=batch_size * self.READ_BATCHES, prefetch_batches=1,
+                                                 dtypes=dtypes, device=device or "cpu")
         self._it = iter(self._batches)
+        self._read: tuple = ()   # the last read, normalised: its tensors
+        self._at = 0             # the next batch's first row in it
+
+    def _next(self):
+        if not self._read or self._at >= len(self._read[0]):
+            got = next(self._it)
+            self._read = (got["x"],) if self.tokens else (normalise(got["x"]), got["y"])
+            self._at = 0
+        out = tuple(t[self._at:self._at + self.batch_size] for t in self._read)
+        self._at += self.batch_size
+        self.done += 1
+        return out[0] if self.tokens else out
 
     def epoch(self, epoch: int, *, start: int = 0):
         target = (epoch - self.first_epoch) * self.steps + start
         if target < self.done:
             raise ValueError(f"epoch {epoch} step {start} is behind the stream (batch {self.done})")
-        for _ in range(target - self.done):  # resumed: read and drop what was trained already
-            next(self._it)
-            self.done += 1
+        while self.done < target:  # resumed: read and drop what was trained already
+            self._next()
         while self.done < (epoch - self.first_epoch + 1) * self.steps:
-            batch = next(self._it)
-            self.done += 1
-            yield batch["x"] if self.tokens else (normalise(batch["x"]), batch["y"])
+            yield self._next()
 
     def close(self) -> None:
         """Stop the execution now (a run drained or cut short), not at garbage collection."""
