@@ -5,10 +5,10 @@
     .venv/bin/python benchmarks/data.py --part streaming --workdir /tmp/bench-data   # one part; keeps the data
 
 Everything runs on a local Ray of the benchmark's own (2 CPUs, token auth off, stopped at the end);
-the trainers are the real `python -m trainers.mnist` jobs (`--no-tracking`), connected to it.
+the trainers are the real `python -m trainers.mnist` and `trainers.llm` jobs (`--no-tracking`), connected to it.
 
 1. Throughput, same step code (`trainers.mnist_model.train_batches`): `--data-pipeline ray-data`
-   (Ray Data decodes, normalises and streams the images to the worker) against `memory` (the worker
+   (Ray Data decodes and streams the images to the worker) against `memory` (the worker
    holds the decoded tensors), 1 worker x 2 CPUs, interleaved rounds on the real MNIST. Ratio =
    ray-data samples/s / memory samples/s, from the epochs after the first. Goal: >= 0.9x.
 2. Data wait: the share of the ray-data epochs' step time spent waiting for the next batch (the
@@ -17,7 +17,8 @@ the trainers are the real `python -m trainers.mnist` jobs (`--no-tracking`), con
    stream to the worker) against `memory` (the driver's cached token ids), same step code, tokens/s
    of the evaluation windows after the first. Goal: >= 0.9x.
 3. Ingest alone: rows/s of a rank's shard, read as torch batches with no training: the built-in's
-   pixels (normalising only), 28x28 PNG files (a folder of one's own), and the large synthetic set.
+   pixels, 28x28 PNG files (a folder of one's own), and the large synthetic set; and the LLM's
+   tokenizing by Ray Data (Shakespeare, tokens/s with the tokenizer actors' start).
 4. Streaming: a synthetic Parquet set of 512x512 noise PNGs, 4x the per-process memory limit
    (1 GiB) in bytes, trains one epoch with `--data-pipeline ray-data`; every process of the run
    (the job's driver, the Ray Train worker, the Ray Data task workers) is sampled for its peak RSS.
@@ -233,6 +234,26 @@ def ingest_rate(spec_kwargs: dict, data_dir: Path, info: dict | None, train_samp
     return {"rows": rows, "rows_per_s_cold": round(passes[0]), "rows_per_s": round(passes[1])}
 
 
+def text_ingest_rate(data_dir: Path) -> dict:
+    """The LLM's Ray Data tokenizing alone (trainers.text_pipeline.text_plan) on Shakespeare: tokens/s
+    from the plan's start to its last block in the object store, tokenizer actors' start included."""
+    from trainers.data import hub_reachable
+    from trainers.specs import LlmConfig
+    from trainers.text_data import load_corpus
+    from trainers.text_pipeline import text_plan
+
+    offline = not hub_reachable()
+    corpus = load_corpus(data_dir, "shakespeare", offline=offline)
+    spec = LlmConfig(num_workers=1, cpus_per_worker=2, model="tiny", dataset="shakespeare", max_steps=10)
+    t0 = time.perf_counter()
+    plan = text_plan(spec, corpus.train, corpus.validation, data_dir=data_dir, offline=offline)
+    seconds = time.perf_counter() - t0
+    tokens = plan.train_tokens + plan.validation_tokens
+    return {"tokens": tokens, "chars": len(corpus.train) + len(corpus.validation), "seconds": round(seconds, 1),
+            "tokens_per_s": round(tokens / seconds), "rows": sum(plan.plan.rows_per_rank),
+            "rows_per_s": round(sum(plan.plan.rows_per_rank) / seconds)}
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -341,6 +362,9 @@ def main() -> None:
             for name, got in out["ingest"].items():
                 print(f"  {name:15} {got['rows_per_s']:>7,} rows/s ({got['rows_per_s_cold']:,} cold) over "
                       f"{got['rows']:,} rows", flush=True)
+            text = out["ingest"]["text_tokenize"] = text_ingest_rate(data_dir)
+            print(f"  {'text_tokenize':15} {text['tokens_per_s']:>7,} tokens/s ({text['rows_per_s']:,} blocks/s of 128) "
+                  f"over {text['tokens']:,} tokens, {text['seconds']} s with the actors' start", flush=True)
 
         if "streaming" in parts:  # 4. Streaming a set 4x the memory limit.
             print(f"streaming: {synth_bytes / GIB:.2f} GiB of images, limit {limit_gib:.1f} GiB per process", flush=True)
@@ -371,7 +395,8 @@ def main() -> None:
         print(f"  llm ray-data / memory tokens/s: {', '.join(f'{r:.2f}x' for r in out['llm']['ratios'])} "
               "(goal >= 0.9x)")
     if "ingest" in out:
-        print("  ingest rows/s: " + ", ".join(f"{k} {v['rows_per_s']:,}" for k, v in out["ingest"].items()))
+        print("  ingest rows/s: " + ", ".join(f"{k} {v['rows_per_s']:,}" for k, v in out["ingest"].items())
+              + " (text_tokenize: blocks of 128 tokens)")
     if "streaming" in out:
         st = out["streaming"]
         print(f"  streaming {st['dataset_gib']} GiB ({st['size_over_limit']}x the {st['limit_gib']} GiB limit): "

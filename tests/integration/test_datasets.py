@@ -166,3 +166,19 @@ def test_each_run_logs_its_dataset_with_its_hash_and_changed_data_shows_a_new_on
         (root / "7" / "3.png").write_bytes(png(seed=1234))  # the next run trains on changed data
     assert runs[0] != runs[1]
     assert np.isfinite(outcome.result["test_accuracy"])
+
+
+def test_a_two_worker_run_on_ray_data_reaches_the_accuracy_of_the_in_memory_run(platform):
+    """Same gang, seed and data; the rows reach the workers in another order (per-block shuffles,
+    hash-dealt shards), so the accuracies are close, not equal."""
+    from ray_apps.training import follow, submit_training
+
+    accuracy = {}
+    for pipeline in ("memory", "ray-data"):
+        sub = submit_training(platform, "mnist", {"num_workers": 2, "cpus_per_worker": 1, "epochs": 2,
+                                                  "train_samples": 4000, "test_samples": 1000,
+                                                  "data_pipeline": pipeline}, metadata={"tenant": "team-a"})
+        outcome = follow(platform, sub.submission_id, on_progress=lambda line: None, poll_s=0.5, timeout_s=400)
+        assert outcome.ok, "\n".join(outcome.log_tail)
+        accuracy[pipeline] = outcome.result["test_accuracy"]
+    assert accuracy["memory"] > 0.9 and abs(accuracy["ray-data"] - accuracy["memory"]) < 0.02, accuracy
