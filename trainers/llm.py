@@ -46,8 +46,8 @@ def train_func(cfg: dict) -> None:
     from trainers.drain import DrainWatch
     from trainers.llm_model import autocast, batch_order, build_model, make_optimizer, to_blocks, train_step
     from trainers.phases import PhaseClock
-    from trainers.runtime import worker_device
     from trainers.ray_pipeline import EpochStream
+    from trainers.runtime import worker_device
     from trainers.tokenizer import load_gpt2_tokenizer
     from trainers.tracking import RunTracker
 
@@ -296,15 +296,18 @@ def fit(spec: LlmConfig, ctx: RunContext) -> int:
     # The tokenizer and the text once here, with errors as exit 2, before any worker starts.
     tokenizer, tok_source = load_gpt2_tokenizer(ctx.data_dir, offline=offline)
     loop: dict = {"offline": offline, "dataset": ctx.dataset, "submission_id": ctx.submission_id}
-    data = (_ray_data_plan(spec, ctx, loop, offline) if spec.data_pipeline == "ray-data"
-            else _tokens_in_memory(spec, ctx, tokenizer, tok_source, offline))
+    if spec.data_pipeline == "ray-data":
+        data = _ray_data_plan(spec, ctx, loop, offline)
+    else:
+        _check_cached_tokens(spec, ctx, tokenizer, tok_source, offline)
+        data = {}
     trainer = driver.torch_trainer(train_func, loop, spec, ctx, **data)
     return driver.fit_and_report(trainer, ctx, lambda result: driver.finish(
         ctx, result, lambda metrics: _log_model(spec, ctx, result.checkpoint, tokenizer),
         {"eval_loss": "eval_loss", "perplexity": "perplexity", "cost_usd": "cost_usd", "steps": "step"}))
 
 
-def _tokens_in_memory(spec: LlmConfig, ctx: RunContext, tokenizer, tok_source: str, offline: bool) -> dict:
+def _check_cached_tokens(spec: LlmConfig, ctx: RunContext, tokenizer, tok_source: str, offline: bool) -> None:
     """Tokenize (or find the cached ids) and check there is enough; the workers load the same cache."""
     from trainers import ingest
 
@@ -314,7 +317,6 @@ def _tokens_in_memory(spec: LlmConfig, ctx: RunContext, tokenizer, tok_source: s
                               batch=spec.batch_size * spec.grad_accum, workers=spec.num_workers)
     print(f"{PROGRESS} corpus {spec.dataset}: {len(tokens.train):,} train / {len(tokens.validation):,} held-out "
           f"tokens from {tokens.source}", flush=True)
-    return {}
 
 
 def _ray_data_plan(spec: LlmConfig, ctx: RunContext, loop: dict, offline: bool) -> dict:

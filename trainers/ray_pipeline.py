@@ -303,7 +303,7 @@ class _RankDecoder:
         if self.kind == "tokens":  # blocks of token ids (trainers.text_pipeline): nothing to decode
             mine = self._mine(table, rng, keep)
             ids = mine.column("ids").combine_chunks()
-            x = ids.values.to_numpy().astype(np.int64).reshape(mine.num_rows, ids.type.list_size)
+            x = ids.flatten().to_numpy().astype(np.int64).reshape(mine.num_rows, ids.type.list_size)
             return {"x": x, **({"id": np.asarray(mine.column("id").to_pylist(), dtype=object)} if self.ids else {})}
         if self.kind == "fragments":
             images, labels, keys = self._fragments(table, rng, keep)
