@@ -363,7 +363,8 @@ def main() -> None:
                 print(f"  {name:15} {got['rows_per_s']:>7,} rows/s ({got['rows_per_s_cold']:,} cold) over "
                       f"{got['rows']:,} rows", flush=True)
             text = out["ingest"]["text_tokenize"] = text_ingest_rate(data_dir)
-            print(f"  {'text_tokenize':15} {text['tokens_per_s']:>7,} tokens/s ({text['rows_per_s']:,} blocks/s of 128) "
+            print(f"  {'text_tokenize':15} {text['tokens_per_s']:>7,} tokens/s "
+                  f"({text['rows_per_s']:,} blocks/s of 128) "
                   f"over {text['tokens']:,} tokens, {text['seconds']} s with the actors' start", flush=True)
 
         if "streaming" in parts:  # 4. Streaming a set 4x the memory limit.

@@ -91,7 +91,7 @@ def mnist_plan(spec, data_dir: Path, info: dict | None, *, train_samples: int | 
         raise DataError(f"{int(totals.sum())} training rows over {world} worker(s) ({', '.join(map(str, totals))}) "
                         f"cannot fill one batch of {per_rank_batch} each. To fix: fewer --num-workers, a smaller "
                         "--batch-size, or more data.", field="params.dataset")
-    build = functools.partial(_rank_pipeline, kind=kind, source=source, seed=spec.seed, ids=ids)
+    build = functools.partial(rank_pipeline, kind=kind, source=source, seed=spec.seed, ids=ids)
     return schedule_plan([ray.put(b) for b in blocks], counts, build, seed=spec.seed, epochs=spec.epochs,
                          first_epoch=first_epoch, rows_per_step=per_rank_batch)
 
@@ -261,7 +261,8 @@ def say_where(stage: str) -> None:
     print(f"{PROGRESS} {stage} on node group {group}", flush=True)
 
 
-def _rank_pipeline(ds, rank: int, *, refs: list, kind: str, source: Source | None, seed: int, ids: bool = False):
+def rank_pipeline(ds, rank: int, *, refs: list, kind: str, source: Source | None, seed: int,
+                  ids: bool = False):
     """Rank `rank`'s stage over the schedule: one decoder actor, one (epoch, block) at a time."""
     from ray.data import ActorPoolStrategy
 

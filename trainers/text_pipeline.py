@@ -32,7 +32,7 @@ import numpy as np
 
 from trainers import byo
 from trainers.data import DataError
-from trainers.ray_pipeline import Plan, _rank_pipeline, say_where, schedule_plan, stage_options
+from trainers.ray_pipeline import Plan, rank_pipeline, say_where, schedule_plan, stage_options
 from trainers.text_data import text_chunks
 
 GROUP_BLOCKS = 256  # token blocks per object-store group: the unit a rank's actor fetches and shuffles
@@ -66,7 +66,8 @@ class _Tokenize:
                          "ids": pa.array(ids, type=pa.list_(pa.int32()))})
 
 
-def tokenized_pieces(train: str, validation: str, *, data_dir: Path, offline: bool) -> Iterator[tuple[str, np.ndarray]]:
+def tokenized_pieces(train: str, validation: str, *, data_dir: Path,
+                     offline: bool) -> Iterator[tuple[str, np.ndarray]]:
     """(split, ids) of every piece of both texts, in order, tokenized by a Ray Data stage."""
     import pyarrow as pa
     import ray.data
@@ -135,7 +136,7 @@ def text_plan(spec, train: str, validation: str, *, data_dir: Path, offline: boo
                         "--batch-size / --grad-accum.", field="params.dataset")
     steps = int(totals.min()) // rows_per_step
     total = spec.max_steps or spec.epochs * steps
-    build = functools.partial(_rank_pipeline, kind="tokens", source=None, seed=spec.seed, ids=ids)
+    build = functools.partial(rank_pipeline, kind="tokens", source=None, seed=spec.seed, ids=ids)
     plan = schedule_plan(refs, counts_arr, build, seed=spec.seed, epochs=math.ceil(total / steps), first_epoch=0,
                          rows_per_step=rows_per_step)
     return TextPlan(plan, ray.put(val), n_blocks * block_size, len(val))
