@@ -253,7 +253,7 @@ def fit_and_report(trainer, ctx: RunContext, finish: Callable[[Any], dict]) -> i
               flush=True)
         return DRAINED_EXIT
     summary = {"run_name": ctx.run_name, "mlflow_run_id": ctx.run_id, "tracking_uri": ctx.uri, **finish(result)}
-    print(f"{RESULT} {json.dumps(summary)}", flush=True)
+    print_result(summary)
     return 0
 
 
@@ -263,12 +263,21 @@ def result_of(lines: Iterable[str]) -> dict[str, Any]:
     for line in reversed(list(lines)):
         at = line.find(RESULT)
         if at >= 0:
+            # The JSON alone: a line Ray forwards from a worker may land right after it, unbroken.
+            text = line[at + len(RESULT):].lstrip()
             try:
-                found = json.loads(line[at + len(RESULT):])
+                found, _ = json.JSONDecoder().raw_decode(text)
             except ValueError:
                 continue
             return found if isinstance(found, dict) else {}
     return {}
+
+
+def print_result(summary: dict) -> None:
+    """The RESULT line, in one write: print() writes the text and its newline apart, and a line
+    Ray forwards from a worker in between lands on the same line."""
+    sys.stdout.write(f"{RESULT} {json.dumps(summary)}\n")
+    sys.stdout.flush()
 
 
 def _register(ctx: RunContext) -> str | None:

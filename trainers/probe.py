@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
             return drain.DRAINED_EXIT
         print(f"{PROGRESS} probe {run_name} {done_s:.0f}/{spec.seconds:g} s", flush=True)
     remove_placement_group(pg)
-    print(f"{RESULT} {json.dumps({'run_name': run_name, 'resumed_from_s': done})}", flush=True)
+    sys.stdout.write(f"{RESULT} {json.dumps({'run_name': run_name, 'resumed_from_s': done})}\n")  # one write
+    sys.stdout.flush()
     return 0
 
 

@@ -35,7 +35,7 @@ from typing import Any
 
 from trainers import driver, runtime
 from trainers.data import DataError, default_data_dir
-from trainers.driver import PROGRESS, RESULT
+from trainers.driver import PROGRESS
 from trainers.pricing import CatalogError, load_catalog
 from trainers.sources import SourceError
 from trainers.specs import TRAINERS, SpecError, add_arguments, build_config, spec_for, tunable
@@ -419,7 +419,7 @@ def _report(out: SearchOutcome, name: str, metric: str, uri: str, parent: str | 
     summary = {"search": name, "mlflow_run_id": parent, "best": out.best, "trials": len(out.trials),
                "spent_usd": out.spent_usd, "stopped_by_budget": out.stopped_by_budget,
                "not_started": out.not_started, "seconds": seconds}
-    print(f"{RESULT} {json.dumps(summary)}", flush=True)
+    driver.print_result(summary)
 
 
 if __name__ == "__main__":

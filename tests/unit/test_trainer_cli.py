@@ -63,3 +63,15 @@ def test_oppen_reports_a_bad_settings_file(tmp_path):
     bad.write_text("ray:\n  dashboard_port: 99999\n")
     proc = run_oppen("--config", str(bad), "status")
     assert proc.returncode == 2 and "ray.dashboard_port" in proc.stderr and str(bad) in proc.stderr
+
+
+def test_the_result_line_is_read_when_a_forwarded_worker_line_lands_right_after_it(capsys):
+    """Seen in a search's log: Ray forwarded a worker's line between the JSON and its newline."""
+    from trainers.driver import RESULT, print_result, result_of
+
+    print_result({"trials": 1, "stopped_by_budget": True})
+    line = capsys.readouterr().out
+    assert line.count("\n") == 1 and line.endswith("}\n")                          # one line, one write
+    glued = line.rstrip("\n") + "\x1b[36m(PlacementGroupCleaner pid=1)\x1b[0m Detected that the controller is dead."
+    assert result_of(["x", glued, "y"]) == {"trials": 1, "stopped_by_budget": True}
+    assert result_of([f"{RESULT} not json"]) == {} and result_of([f"{RESULT} [1, 2]"]) == {}
