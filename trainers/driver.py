@@ -167,8 +167,6 @@ def torch_trainer(train_func: Callable[[dict], None], loop_config: dict, spec, c
                   datasets: dict | None = None, dataset_config=None):
     """A TorchTrainer for the spec's gang, checkpointing under the data dir, restarting failed workers;
     `datasets` / `dataset_config`: Ray Data inputs the workers read with `ray.train.get_dataset_shard`."""
-    import secrets
-
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -178,9 +176,7 @@ def torch_trainer(train_func: Callable[[dict], None], loop_config: dict, spec, c
     resources = {"CPU": spec.cpus_per_worker}
     if spec.gpus_per_worker:
         resources["GPU"] = spec.gpus_per_worker
-    config = {"spec": dataclasses.asdict(spec), "data_dir": str(ctx.data_dir), "costs_file": ctx.costs_file,
-              "tracking_uri": ctx.uri, "run_id": ctx.run_id, "segment_start": time.time(),
-              "segment_id": secrets.token_hex(4), **loop_config}
+    config = train_loop_config(loop_config, spec, ctx)
     data = {"datasets": datasets, **({"dataset_config": dataset_config} if dataset_config else {})} if datasets else {}
     scaling = ray.train.ScalingConfig(num_workers=spec.num_workers, use_gpu=use_gpu,
                                       resources_per_worker=resources if use_gpu else {"CPU": spec.cpus_per_worker})
@@ -197,6 +193,15 @@ def torch_trainer(train_func: Callable[[dict], None], loop_config: dict, spec, c
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2), callbacks=callbacks,
         ),
     )
+
+
+def train_loop_config(loop_config: dict, spec, ctx: RunContext) -> dict:
+    """What `train_func` is called with: the trainer's own `loop_config` and what every run needs."""
+    import secrets
+
+    return {"spec": dataclasses.asdict(spec), "data_dir": str(ctx.data_dir), "costs_file": ctx.costs_file,
+            "tracking_uri": ctx.uri, "run_id": ctx.run_id, "segment_start": time.time(),
+            "segment_id": secrets.token_hex(4), **loop_config}
 
 
 def base_elapsed(state: dict | None, cfg: dict) -> float:

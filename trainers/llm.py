@@ -38,8 +38,7 @@ log = logging.getLogger(TRAINER)
 
 
 def train_func(cfg: dict) -> None:
-    """Run by every Ray Train worker."""
-    import ray.train
+    """Run by every Ray Train worker, or in a one-worker Tune trial's own process (trainers.session)."""
     import torch
 
     from trainers import ingest
@@ -47,16 +46,16 @@ def train_func(cfg: dict) -> None:
     from trainers.llm_model import autocast, batch_order, build_model, make_optimizer, to_blocks, train_step
     from trainers.phases import PhaseClock
     from trainers.ray_pipeline import EpochStream
-    from trainers.runtime import worker_device
+    from trainers.session import current
     from trainers.tokenizer import load_gpt2_tokenizer
     from trainers.tracking import RunTracker
 
     spec = LlmConfig(**cfg["spec"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    session = current(cfg)  # a Ray Train worker, or a one-worker Tune trial's own process
+    rank, world = session.rank, session.world
     torch.set_num_threads(max(1, int(spec.cpus_per_worker)))
     torch.manual_seed(spec.seed)
-    device = worker_device()  # the CPU where the GPUs are logical (a CPU-only box)
+    device = session.device()
     data_dir = Path(cfg["data_dir"])
 
     tokenizer, tok_source = load_gpt2_tokenizer(data_dir, offline=cfg["offline"])
@@ -64,6 +63,8 @@ def train_func(cfg: dict) -> None:
     per_rank = spec.batch_size // world
     streamed = cfg.get("stream")  # --data-pipeline ray-data: token blocks from a Ray Data shard
     if streamed:  # tokenized by Ray Data in the driver's plan (trainers.text_pipeline)
+        import ray.train
+
         steps_per_epoch = streamed["steps_per_epoch"]
         stream = EpochStream(ray.train.get_dataset_shard("train"), batch_size=per_rank,
                              steps=steps_per_epoch * spec.grad_accum, first_epoch=streamed["first_epoch"],
@@ -78,7 +79,7 @@ def train_func(cfg: dict) -> None:
         steps_per_epoch = len(train_blocks) // world // (per_rank * spec.grad_accum)
         train_tokens, data_source = train_blocks.numel(), tokens.source
     model, model_source = build_model(spec.model, len(tokenizer), offline=cfg["offline"])
-    model = ray.train.torch.prepare_model(model, move_to_device=device)  # + DDP (rank 0's weights) when world > 1
+    model = session.prepare_model(model, device)  # + DDP (rank 0's weights) when world > 1
     amp, scaler = autocast(device, spec.precision)
 
     if steps_per_epoch < 1:
@@ -87,7 +88,7 @@ def train_func(cfg: dict) -> None:
     total_steps = spec.max_steps or spec.epochs * steps_per_epoch
 
     step, state = 0, None
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = session.checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as ckpt_dir:
             state = torch.load(Path(ckpt_dir) / CHECKPOINT_FILE, map_location=device, weights_only=True)
@@ -121,7 +122,7 @@ def train_func(cfg: dict) -> None:
 
     watch = DrainWatch(cfg.get("submission_id"), rank=rank, world=world, device=device)
     loop = _Loop(spec, cfg, model, optimizer, scheduler, val_blocks, per_rank, device, amp, catalog, alloc,
-                 tracker, rank, world, steps_per_epoch, total_steps, base_elapsed, watch, PhaseClock())
+                 tracker, rank, world, steps_per_epoch, total_steps, base_elapsed, watch, PhaseClock(), session)
     window, drained = _Window(), False
     while step < total_steps:
         epoch, offset = divmod(step, steps_per_epoch)
@@ -191,6 +192,7 @@ class _Loop:
     base_elapsed: float
     watch: Any = None
     clock: Any = None  # trainers.phases.PhaseClock
+    session: Any = None  # trainers.session.Session: where reports go
 
 
 def _evaluate_and_report(v: _Loop, step: int, window: _Window) -> None:
@@ -250,17 +252,16 @@ def _save_drained(v: _Loop, step: int) -> None:
 
 def _report_with_checkpoint(v: _Loop, step: int, elapsed: float, metrics: dict) -> None:
     """Every rank reports; rank 0 alone saves the state (DDP keeps the ranks identical)."""
-    import ray.train
     import torch
 
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt = None
+        saved = None
         if v.rank == 0:
             torch.save({"model": _unwrap(v.model).state_dict(), "optimizer": v.optimizer.state_dict(),
                         "step": step, "elapsed_s": elapsed, "base_elapsed_s": v.base_elapsed,
                         "segment_id": v.cfg["segment_id"]}, Path(tmp) / CHECKPOINT_FILE)
-            ckpt = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report(metrics, checkpoint=ckpt)
+            saved = tmp
+        v.session.report(metrics, saved)
 
 
 def _unwrap(model):

@@ -38,8 +38,7 @@ log = logging.getLogger(TRAINER)
 
 
 def train_func(cfg: dict) -> None:
-    """Run by every Ray Train worker."""
-    import ray.train
+    """Run by every Ray Train worker, or in a one-worker Tune trial's own process (trainers.session)."""
     import torch
     import torch.distributed as dist
 
@@ -47,16 +46,16 @@ def train_func(cfg: dict) -> None:
     from trainers.drain import DRAINED_METRIC, DrainWatch
     from trainers.mnist_model import MnistCNN, evaluate, make_optimizer, to_tensors, train_batches, train_epoch
     from trainers.phases import PhaseClock
-    from trainers.runtime import worker_device
     from trainers.ray_pipeline import EpochStream
+    from trainers.session import current
     from trainers.tracking import RunTracker
 
     spec = MnistConfig(**cfg["spec"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    session = current(cfg)  # a Ray Train worker, or a one-worker Tune trial's own process
+    rank, world = session.rank, session.world
     torch.set_num_threads(max(1, int(spec.cpus_per_worker)))  # use exactly what Ray reserved
     torch.manual_seed(spec.seed)
-    device = worker_device()  # the CPU where the GPUs are logical (a CPU-only box)
+    device = session.device()
 
     dataset = ingest.info_for(spec, cfg)  # what the driver checked (trainers.ingest)
     data = ingest.load_images(cfg["data_dir"], dataset)
@@ -66,6 +65,8 @@ def train_func(cfg: dict) -> None:
     per_rank_batch = spec.batch_size // world
     streamed = cfg.get("stream")  # --data-pipeline ray-data: training images from a Ray Data shard
     if streamed:  # every rank takes the same number of full batches an epoch (trainers.ray_pipeline)
+        import ray.train
+
         steps_per_epoch = streamed["steps_per_epoch"]
         stream = EpochStream(ray.train.get_dataset_shard("train"), batch_size=per_rank_batch,
                              steps=steps_per_epoch, first_epoch=streamed["first_epoch"], device=device)
@@ -77,10 +78,10 @@ def train_func(cfg: dict) -> None:
     source = data.source
     del data
 
-    model = ray.train.torch.prepare_model(MnistCNN(spec.width), move_to_device=device)  # + DDP when world > 1
+    model = session.prepare_model(MnistCNN(spec.width), device)  # + DDP when world > 1
     start_epoch, start_step, carry, state = 0, 0, None, None
 
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = session.checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as ckpt_dir:
             state = torch.load(Path(ckpt_dir) / CHECKPOINT_FILE, map_location=device, weights_only=True)
@@ -129,7 +130,7 @@ def train_func(cfg: dict) -> None:
     def save_and_report(metrics: dict, epoch: int, step: int, elapsed: float, partial: list | None = None):
         """Rank 0 saves the state to resume at (`epoch`, `step`); every rank reports."""
         with tempfile.TemporaryDirectory() as tmp:
-            ckpt = None
+            saved = None
             if rank == 0:  # one copy of the state is enough; DDP keeps ranks identical
                 torch.save({"model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
                             "epoch": epoch, "step": step, "partial": partial, "gang": [world, per_rank_batch],
@@ -138,8 +139,8 @@ def train_func(cfg: dict) -> None:
                             **({"cuda_rng": torch.cuda.get_rng_state()} if device.type == "cuda" else {}),
                             "elapsed_s": elapsed, "base_elapsed_s": base_elapsed,
                             "segment_id": cfg["segment_id"], "width": spec.width}, Path(tmp) / CHECKPOINT_FILE)
-                ckpt = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=ckpt)
+                saved = tmp
+            session.report(metrics, saved)
         watch.checkpointed(time.time(), epoch, step, drained=bool(metrics.get(DRAINED_METRIC)))
 
     clock = PhaseClock()

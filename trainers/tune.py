@@ -3,9 +3,11 @@
     ray job submit --working-dir . -- python -m trainers.tune mnist --num-samples 8 \\
         --space lr=loguniform:1e-4:1e-2 --space batch_size=choice:64,128 --epochs 3 --budget-usd 0.05
 
-Each trial is the trainer's own Ray Train run (same `train_func`, same per-epoch
+Each trial runs the trainer's own `train_func` (same step code, same per-epoch
 metrics, an MLflow child run under one parent run), reported to Tune as it goes,
-so ASHA stops poor trials after their first epochs. Configs are drawn up front
+so ASHA stops poor trials after their first epochs. A one-worker trial trains in
+the trial's own process, and Tune hands that warm process to the next trial; a
+trial of several workers is a Ray Train run of its own. Configs are drawn up front
 from the space (seeded) and each is validated against the trainer catalog before
 anything runs. `--budget-usd`: once the measured spend of the trials (allocation
 x rate x time) reaches it, no further trial is launched and the search says so.
@@ -26,6 +28,7 @@ import importlib
 import json
 import logging
 import math
+import os
 import random
 import sys
 import time
@@ -159,11 +162,33 @@ def make_searcher(configs: list[dict], budget_usd: float | None, metric: str, mo
     return BudgetedList()
 
 
+def in_trial_process(spec) -> bool:
+    """A one-worker trial trains in the trial's own process, which Tune reuses for the next trial: no
+    Ray Train worker group to start per trial (~10 s here against seconds of training). Several
+    workers need Ray Train's group."""
+    return spec.num_workers == 1
+
+
+def trial_resources(spec) -> dict[str, float]:
+    """What the trial's own process holds: the worker's share when it trains there; else only a token of
+    memory, as the trial's Ray Train workers hold the CPUs/GPUs (Tune refuses an empty request, and a
+    CPU share would starve a gang on a full node)."""
+    if in_trial_process(spec):
+        return {"CPU": spec.cpus_per_worker, **({"GPU": spec.gpus_per_worker} if spec.gpus_per_worker else {})}
+    return {"memory": 1 << 20}
+
+
 def trial_fn(config: dict) -> None:
-    """One trial: the trainer's own Ray Train run, logging to an MLflow child run, reporting to Tune."""
+    """One trial: the trainer's own `train_func`, logging to an MLflow child run, reporting to Tune; in
+    this process (`in_trial_process`) or as a Ray Train run."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from trainers.session import IN_TRIAL
+
+    # Tune hands this process to the next trial once this one's thread has ended; that includes
+    # closing the MLflow run, so allow it more than Tune's 2 s when the server is slow.
+    os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", "30")
     setup = config.pop("__oppen__")
     trainer = setup["trainer"]
     spec = build_config(trainer, config)
@@ -181,10 +206,12 @@ def trial_fn(config: dict) -> None:
     ctx = driver.RunContext(trainer, f"{setup['name']}-{trial}", Path(setup["data_dir"]), setup["costs_file"],
                             setup["uri"], run_id, False)
     module = importlib.import_module(f"trainers.{trainer}")
-    runner = driver.torch_trainer(module.train_func, setup["loop_config"], spec, ctx,
-                                  callbacks=[TuneReportCallback()], storage_path=Path(setup["storage"]))
     try:
-        runner.fit()
+        if in_trial_process(spec):
+            module.train_func(driver.train_loop_config({**setup["loop_config"], IN_TRIAL: True}, spec, ctx))
+        else:
+            driver.torch_trainer(module.train_func, setup["loop_config"], spec, ctx,
+                                 callbacks=[TuneReportCallback()], storage_path=Path(setup["storage"])).fit()
     except Exception:
         driver.close_run(setup["uri"], run_id, status="FAILED")
         raise
@@ -201,6 +228,11 @@ class SearchOutcome:
     spent_usd: float = 0.0
     stopped_by_budget: bool = False
     not_started: int = 0
+
+    @property
+    def processes(self) -> int:
+        """How many trial processes the trials ran in (Tune reuses one for the next trial)."""
+        return len({t["pid"] for t in self.trials if t.get("pid") is not None})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -278,15 +310,16 @@ def _search(args: argparse.Namespace) -> int:
     print(f"{PROGRESS} search {name}: {len(configs)} trial(s) of {trainer}, {metric} ({mode}), "
           f"ASHA over {units} report(s), budget {args.budget_usd or 'none'}", flush=True)
     tuner = tune.Tuner(
-        # The trial's Ray Train workers hold the CPUs/GPUs; the trial itself only a token of memory
-        # (Tune refuses an empty request, and a CPU share would starve a gang on a full node).
-        tune.with_resources(trial_fn, {"memory": 1 << 20}),
+        tune.with_resources(trial_fn, trial_resources(base)),  # every trial has the same gang
         tune_config=tune.TuneConfig(
             metric=metric, mode=mode, search_alg=searcher, num_samples=len(configs),
             max_concurrent_trials=args.max_concurrent,
+            # The next trial takes a finished one's warm process (torch imported, data loaded).
+            reuse_actors=in_trial_process(base),
             scheduler=ASHAScheduler(time_attr="training_iteration", max_t=max(units, 1),
                                     grace_period=args.grace_period, reduction_factor=2)),
-        run_config=tune.RunConfig(name=name, storage_path=str(data_dir / "tune"), verbose=0),
+        run_config=tune.RunConfig(name=name, storage_path=str(data_dir / "tune"), verbose=0,
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=2)),
     )
     started = time.time()
     grid = tuner.fit()
@@ -301,7 +334,7 @@ def _outcome(grid, searcher, metric: str, mode: str, drawn: int) -> SearchOutcom
         m = result.metrics or {}
         config = {k: v for k, v in (result.config or {}).items() if k != "__oppen__"}
         out.trials.append({"config": config, "trial_id": m.get("trial_id"), metric: m.get(metric),
-                           "reports": m.get("training_iteration", 0),
+                           "reports": m.get("training_iteration", 0), "pid": m.get("pid"),
                            "cost_usd": m.get("cost_usd"), "error": str(result.error)[:300] if result.error else None})
     out.not_started = drawn - len(out.trials)
     scored = [t for t in out.trials if t[metric] is not None]
@@ -403,6 +436,7 @@ def _report(out: SearchOutcome, name: str, metric: str, uri: str, parent: str | 
     if out.stopped_by_budget:
         print(f"{PROGRESS} budget reached: measured spend ${out.spent_usd:.5f}; {out.not_started} drawn trial(s) "
               "were not launched", flush=True)
+    print(f"{PROGRESS} {len(out.trials)} trial(s) ran in {out.processes} process(es)", flush=True)
     if out.best:
         print(f"{PROGRESS} best: {metric}={out.best[metric]:.4f} with {json.dumps(out.best['config'])}", flush=True)
     if parent:
@@ -417,7 +451,7 @@ def _report(out: SearchOutcome, name: str, metric: str, uri: str, parent: str | 
         t.flush()
         driver.close_run(uri, parent, status="FINISHED" if out.best else "FAILED")
     summary = {"search": name, "mlflow_run_id": parent, "best": out.best, "trials": len(out.trials),
-               "spent_usd": out.spent_usd, "stopped_by_budget": out.stopped_by_budget,
+               "trial_processes": out.processes, "spent_usd": out.spent_usd, "stopped_by_budget": out.stopped_by_budget,
                "not_started": out.not_started, "seconds": seconds}
     driver.print_result(summary)
 
