@@ -70,6 +70,7 @@ HEARTBEAT_FILE = "dispatcher.heartbeat"  # in the settings' state dir, rewritten
 NODE_SAMPLE_S = 10.0  # how often the worker groups' nodes are counted into node-hours
 ADOPT_S = 5.0         # how often Ray's job list is read for jobs submitted around the queue
 MLFLOW_CHECK_S = 1.0  # a stalled MLflow must not stall the cycle
+WAKE_CHECK_S = 0.05  # between cycles, how often the store is asked whether another process wrote to it
 PRUNE_S = 60.0        # how often REJECTED requests past their retention are forgotten
 
 
@@ -490,6 +491,7 @@ class Dispatcher:
         """Cycle until `stop` is set; a failing cycle is logged and retried, never fatal."""
         stop = stop or threading.Event()
         log.info("dispatcher running against %s", self.queue.settings.dashboard_url)
+        watch = self.queue.store.change_watch()
         while not stop.is_set():
             ok = False
             try:
@@ -500,7 +502,19 @@ class Dispatcher:
             except Exception:  # noqa: BLE001 - a cycle is retried; the store is the state
                 log.exception("dispatcher cycle failed; retrying")
             self._beat(ok)
+            self._wait(stop, watch)
+
+    def _wait(self, stop: threading.Event, watch) -> None:
+        """Until the next cycle: poll_s, or less once another process has written to the store (a job
+        submitted or cancelled is acted on at once, not at the next poll)."""
+        if watch is None:
             stop.wait(self.queue.config.poll_s)
+            return
+        watch.mark()  # this cycle's own writes are not news
+        deadline = time.monotonic() + self.queue.config.poll_s
+        while not stop.wait(min(WAKE_CHECK_S, max(0.0, deadline - time.monotonic()))):
+            if time.monotonic() >= deadline or watch.changed():
+                return
 
     @property
     def heartbeat_path(self) -> Path:

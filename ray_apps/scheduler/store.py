@@ -329,7 +329,35 @@ def add_missing_columns(engine: Engine) -> None:
                         raise
 
 
+class ChangeWatch:
+    """Tells when another connection has committed to a SQLite store (a submit, a cancel), from the
+    database's own change counter (PRAGMA data_version): a cheap read, no polling of the tables."""
+
+    def __init__(self, path: str):
+        import sqlite3
+
+        self._conn = sqlite3.connect(path, check_same_thread=False)
+        self._seen = self._version()
+
+    def _version(self) -> int:
+        return self._conn.execute("PRAGMA data_version").fetchone()[0]
+
+    def mark(self) -> None:
+        """Take what was committed so far as seen (the watcher's own process's writes included)."""
+        self._seen = self._version()
+
+    def changed(self) -> bool:
+        return self._version() != self._seen
+
+
 class JobStore:
+    def change_watch(self) -> ChangeWatch | None:
+        """A watch on other processes' commits; None where the database has no cheap counter (PostgreSQL)."""
+        url = self.engine.url
+        if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
+            return None
+        return ChangeWatch(url.database)
+
     def __init__(self, url: str):
         self.engine = make_engine(url)
         metadata.create_all(self.engine)
