@@ -112,6 +112,10 @@ def job_env_vars(settings: Settings) -> dict[str, str]:
     env["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.5"
     if settings.is_local:
         env["RAY_ADDRESS"] = settings.gcs_address
+        # Ray Train's preemption watcher (an actor per worker node, polling Ray for node drains) is for
+        # cloud nodes reclaimed under a job; this machine's nodes are never drained while they hold
+        # work, and each watcher is one more process to start with every job.
+        env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"
     group = settings.topology().preprocess_group
     if group:  # Ray Data stages go to the CPU group's nodes (trainers.ray_pipeline.stage_options)
         env[PREPROCESS_GROUP_ENV] = group
