@@ -256,11 +256,16 @@ def serve_url(settings: Settings) -> str:
 
 def serve_config(settings: Settings) -> dict:
     """The Serve apps' config (`serve_file`) as the local platform deploys it: this platform's host
-    and port, and the deployments of `serve_on_demand` at zero replicas until their first request."""
+    and port, the deployments of `serve_on_demand` at zero replicas until their first request, and
+    those of `serve_in_ingress` inside their ingress's replica (the app's builder is told)."""
     config = yaml.safe_load(settings.serve_file.read_text())
     config["http_options"] = {**config.get("http_options", {}), "host": settings.host, "port": settings.serve_port}
     on_demand = settings.serve_on_demand
     for app in config.get("applications", []):
+        inside = [d["name"] for d in app.get("deployments", []) if d["name"] in settings.serve_in_ingress]
+        if inside:
+            app["deployments"] = [d for d in app["deployments"] if d["name"] not in inside]
+            app["args"] = {**(app.get("args") or {}), "in_ingress": inside}
         for deployment in app.get("deployments", []):
             if deployment["name"] in on_demand.deployments:
                 auto = deployment.get("autoscaling_config") or {}

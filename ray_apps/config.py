@@ -153,6 +153,9 @@ class Settings(BaseSettings):
     serve_port: int = Field(8000, ge=1, le=65535)
     serve_proxy: ServeProxySettings = ServeProxySettings()
     serve_on_demand: ServeOnDemandSettings = ServeOnDemandSettings()
+    # Deployments that run inside their application's ingress replica on the local platform: one
+    # process instead of two. KubeRay's RayService keeps them as deployments of their own.
+    serve_in_ingress: list[Literal["CostForecaster"]] = ["CostForecaster"]
     # The platform's own Prometheus metrics (queue, admissions, cost...), served by the dispatcher.
     metrics_port: int = Field(9464, ge=1, le=65535)
     prometheus: PrometheusSettings = PrometheusSettings()

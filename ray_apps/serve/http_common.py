@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import os
 from collections.abc import Callable
@@ -58,6 +59,24 @@ _internal_grpc_on_node_address()
 # Every Serve replica lives on the head (0 CPU, a sliver of the head's own node resource): one on a
 # worker node would keep that node busy, and the autoscaler would never scale its group down.
 ON_HEAD_NODE = {"num_cpus": 0, "resources": {"node:__internal_head__": 0.001}}
+
+
+class InProcess:
+    """A deployment's class run inside the calling replica, called like its handle
+    (`await target.method.remote(*args)`): its blocking methods run on a worker thread."""
+
+    def __init__(self, target: object):
+        self._target = target
+
+    def __getattr__(self, name: str):
+        method = getattr(self._target, name)
+
+        class _Call:
+            @staticmethod
+            async def remote(*args, **kwargs):
+                return await asyncio.to_thread(method, *args, **kwargs)
+
+        return _Call
 
 
 class _RootWithoutSlash:

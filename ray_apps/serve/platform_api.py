@@ -46,7 +46,7 @@ from ray_apps.scheduler.store import JobRecord
 from ray_apps.scheduler.view import job_view
 from ray_apps.serve.cost_service import CostForecaster
 from ray_apps.auth import Caller, Role
-from ray_apps.serve.http_common import (ON_HEAD_NODE, actor_of, answers_errors_as_problems, caller_of, errors,
+from ray_apps.serve.http_common import (ON_HEAD_NODE, InProcess, actor_of, answers_errors_as_problems, caller_of, errors,
                                         limit_body_size, loopback_hosts_only, require_token, settings_users)
 from trainers.errors import Forbidden, NotFound, OppenError, Refused
 from trainers.tune import MAX_CONCURRENT, MAX_SAMPLES, MAX_SPACE_ITEM_CHARS, MAX_SPACE_ITEMS
@@ -173,8 +173,9 @@ require_token(app, settings_users, public=PUBLIC)
 @serve.deployment(num_replicas=1, ray_actor_options=ON_HEAD_NODE, max_ongoing_requests=32)
 @serve.ingress(app)
 class PlatformAPI:
-    def __init__(self, costs: DeploymentHandle):
-        self.costs = costs
+    def __init__(self, costs: DeploymentHandle | None):
+        # None: the cost service runs in this replica (settings.serve_in_ingress), called alike.
+        self.costs = costs or InProcess(CostForecaster.func_or_class())
         self.settings = load_settings()
         self.queue = Queue.from_settings(self.settings)
 
@@ -316,5 +317,10 @@ class PlatformAPI:
 
 
 def app_builder(args: dict[str, Any]) -> serve.Application:
-    """`import_path: ray_apps.serve.platform_api:app_builder` in configs/serve.yaml."""
-    return PlatformAPI.bind(CostForecaster.bind())
+    """`import_path: ray_apps.serve.platform_api:app_builder` in configs/serve.yaml; `args.in_ingress`
+    (the local platform's serve_in_ingress) names the deployments this ingress runs itself."""
+    inside = args.get("in_ingress") or []
+    if not isinstance(inside, list) or not set(inside) <= {"CostForecaster"}:
+        raise ValueError(f"in_ingress: a list of deployments this app can run in its ingress (CostForecaster), "
+                         f"got {inside!r}")
+    return PlatformAPI.bind(None if "CostForecaster" in inside else CostForecaster.bind())

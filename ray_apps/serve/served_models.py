@@ -144,13 +144,13 @@ class MnistModel(ServedModel):
     name = "mnist"
 
     def __init__(self):
-        import torch
-
-        torch.set_num_threads(1)  # one core per replica; replicas, not threads, are the unit of scale
         self.batching = True
         super().__init__()
 
     def _load(self, mv: ModelVersion) -> Any:
+        import torch  # only once there is a version to serve: an idle platform's replica stays small
+
+        torch.set_num_threads(1)  # one core per replica; replicas, not threads, are the unit of scale
         return load_mnist_version(self.uri, mv)
 
     def reconfigure(self, config: dict) -> None:

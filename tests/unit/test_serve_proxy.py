@@ -7,9 +7,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
 from ray_apps import cluster
-from ray_apps.config import SettingsError, load_settings
+from ray_apps.config import PROJECT_ROOT, SettingsError, load_settings
 
 HAPROXY_CONFIG = """\
 global
@@ -161,3 +162,33 @@ def test_serve_health_never_asks_an_on_demand_ingress(tmp_path, monkeypatch):
     assert not any("/v1/agent" in url for url in asked) and any(url.endswith("/v1/models/health") for url in asked)
     monkeypatch.setattr(cluster, "serve_apps_running", lambda s: {"platform", "models", "agent"})
     assert cluster.serve_healthy(settings)
+
+
+def test_the_cost_service_runs_in_the_platform_ingress_locally_and_as_its_own_deployment_on_kuberay(tmp_path):
+    """serve_in_ingress: one replica process instead of two on a laptop; the serve file (KubeRay's
+    RayService embeds it) keeps CostForecaster a deployment of its own."""
+    from ray_apps.serve import platform_api
+
+    def platform_app(settings):
+        return next(a for a in cluster.serve_config(settings)["applications"] if a["name"] == "platform")
+
+    (tmp_path / "shared.yaml").write_text("{}\n")
+    shared = platform_app(load_settings(tmp_path / "shared.yaml"))
+    assert [d["name"] for d in shared["deployments"]] == ["PlatformAPI"]
+    assert shared["args"] == {"in_ingress": ["CostForecaster"]}
+    (tmp_path / "apart.yaml").write_text("serve_in_ingress: []\n")
+    apart = platform_app(load_settings(tmp_path / "apart.yaml"))
+    assert [d["name"] for d in apart["deployments"]] == ["PlatformAPI", "CostForecaster"] and not apart["args"]
+    with open(PROJECT_ROOT / "configs" / "serve.yaml") as fh:
+        filed = next(a for a in yaml.safe_load(fh)["applications"] if a["name"] == "platform")
+    assert "CostForecaster" in [d["name"] for d in filed["deployments"]]
+
+    (tmp_path / "bad.yaml").write_text("serve_in_ingress: [PlatformAPI]\n")
+    with pytest.raises(SettingsError, match="serve_in_ingress"):
+        load_settings(tmp_path / "bad.yaml")
+    with pytest.raises(ValueError, match="in_ingress"):
+        platform_api.app_builder({"in_ingress": ["AgentAPI"]})
+    inside = platform_api.app_builder({"in_ingress": ["CostForecaster"]})
+    apart_app = platform_api.app_builder({})
+    assert inside._bound_deployment.init_args == (None,)
+    assert apart_app._bound_deployment.init_args[0] is not None
