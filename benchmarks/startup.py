@@ -43,8 +43,13 @@ TUNE_TRIAL = {"epochs": 2, "train_samples": 12_000, "test_samples": 2_000, "cpus
 
 
 def rss_by_service(settings) -> dict[str, float]:
-    """GB held by each service `oppen up` started (its whole process tree)."""
+    """GB held by each service `oppen up` started (its whole process tree, RSS: shared pages once per process)."""
     return {name: round(s.rss_bytes() / 2**30, 3) for name, s in ServiceRegistry(settings.state_dir).running().items()}
+
+
+def pss_by_service(settings) -> dict[str, float]:
+    """The same trees' proportional set size: what they cost the machine, each shared page counted once."""
+    return {name: round(s.pss_bytes() / 2**30, 3) for name, s in ServiceRegistry(settings.state_dir).running().items()}
 
 
 def run_job(queue: Queue, params: dict, timeout: float = 900) -> dict:
@@ -113,8 +118,9 @@ def main() -> None:
             print(f"oppen up: healthy in {up_s:.1f} s", flush=True)
             time.sleep(max(0.0, 60 - 5))
             out["rss_1min_gb"] = rss_by_service(settings)
-            print(f"RSS after 1 min at rest: {sum(out['rss_1min_gb'].values()):.2f} GB {out['rss_1min_gb']}",
-                  flush=True)
+            out["pss_1min_gb"] = pss_by_service(settings)
+            print(f"RSS after 1 min at rest: {sum(out['rss_1min_gb'].values()):.2f} GB {out['rss_1min_gb']}; "
+                  f"PSS {sum(out['pss_1min_gb'].values()):.2f} GB {out['pss_1min_gb']}", flush=True)
             if args.idle_minutes > 1:
                 time.sleep((args.idle_minutes - 1) * 60)
                 key = f"rss_{args.idle_minutes:g}min_gb"
@@ -153,6 +159,7 @@ def main() -> None:
         finally:
             cluster.down(settings)
     path = ROOT / "benchmarks" / "results" / "startup.json"
+    path.parent.mkdir(exist_ok=True)
     path.write_text(json.dumps(out, indent=2) + "\n")
     print(f"wrote {path}")
 

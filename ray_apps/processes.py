@@ -57,11 +57,23 @@ class Service:
             return False
 
     def rss_bytes(self) -> int:
+        """Resident memory of the whole process tree, each process counted whole (pages shared between
+        its processes, e.g. Python and Ray's libraries, count once per process)."""
         total = 0
         for proc in self.processes():
             try:
                 total += proc.memory_info().rss
             except psutil.Error:
+                pass
+        return total
+
+    def pss_bytes(self) -> int:
+        """What the tree costs the machine: each shared page split among the processes that map it."""
+        total = 0
+        for proc in self.processes():
+            try:
+                total += proc.memory_full_info().pss
+            except (psutil.Error, AttributeError):  # no PSS outside Linux
                 pass
         return total
 
