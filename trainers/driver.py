@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 import threading
 import time
@@ -260,6 +261,21 @@ def fit_and_report(trainer, ctx: RunContext, finish: Callable[[Any], dict]) -> i
     summary = {"run_name": ctx.run_name, "mlflow_run_id": ctx.run_id, "tracking_uri": ctx.uri, **finish(result)}
     print_result(summary)
     return 0
+
+
+def exit_now(code: int) -> None:
+    """End the driver's process now that its work is done and its output written. Python's own
+    teardown (Ray's disconnect at exit, unloading torch) otherwise adds ~2 s to every job's end."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()  # the cluster learns at once that this driver is gone
+    finally:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 def result_of(lines: Iterable[str]) -> dict[str, Any]:

@@ -18,7 +18,6 @@ so the run's epochs and their figures match an undisturbed run's.
 from __future__ import annotations
 
 import logging
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -289,4 +288,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    driver.exit_now(main())

@@ -457,4 +457,4 @@ def _report(out: SearchOutcome, name: str, metric: str, uri: str, parent: str | 
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    driver.exit_now(main())
