@@ -17,6 +17,7 @@ from typing import Any, Callable
 from ray_apps.ray_client import PlatformError, job_client, mlflow_healthy
 from ray_apps.config import PROJECT_ROOT, Settings
 from ray_apps.scheduler.policy import Gang, infeasibility
+from ray_apps.topology import Topology
 from trainers.driver import PROGRESS, result_of  # the lines the trainers print
 from trainers.runtime import PREPROCESS_GROUP_ENV, new_run_name
 from trainers.specs import build_config, spec_for, validated_params
@@ -92,15 +93,17 @@ def submit_training(settings: Settings, trainer: str, params: dict[str, Any], *,
     return Submission(submission_id, trainer, run_id, run_url, entrypoint)
 
 
-def submit_entrypoint(settings: Settings, submission_id: str, entrypoint: str, metadata: dict[str, str]) -> None:
-    """Hand a trainer command to Ray with this project as its working dir."""
+def submit_entrypoint(settings: Settings, submission_id: str, entrypoint: str, metadata: dict[str, str],
+                      topology: Topology | None = None) -> None:
+    """Hand a trainer command to Ray with this project as its working dir (`topology`: the cluster's,
+    where the caller holds it loaded)."""
     job_client(settings.dashboard_url).submit_job(
         entrypoint=entrypoint, submission_id=submission_id, metadata=metadata,
         runtime_env={"working_dir": str(PROJECT_ROOT), "excludes": WORKING_DIR_EXCLUDES,
-                     "env_vars": job_env_vars(settings)})
+                     "env_vars": job_env_vars(settings, topology)})
 
 
-def job_env_vars(settings: Settings) -> dict[str, str]:
+def job_env_vars(settings: Settings, topology: Topology | None = None) -> dict[str, str]:
     """The job's environment, in its driver and in every worker and actor Ray starts for it. On a
     local head it names its GCS: Ray's code that finds the cluster by itself (Ray Train's
     placement-group cleaner, through the state API) otherwise fails, and leaks the placement groups
@@ -116,7 +119,7 @@ def job_env_vars(settings: Settings) -> dict[str, str]:
         # cloud nodes reclaimed under a job; this machine's nodes are never drained while they hold
         # work, and each watcher is one more process to start with every job.
         env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"
-    group = settings.topology().preprocess_group
+    group = (topology or settings.topology()).preprocess_group
     if group:  # Ray Data stages go to the CPU group's nodes (trainers.ray_pipeline.stage_options)
         env[PREPROCESS_GROUP_ENV] = group
     return env

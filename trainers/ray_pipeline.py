@@ -304,7 +304,8 @@ class _RankDecoder:
         if self.kind == "tokens":  # blocks of token ids (trainers.text_pipeline): nothing to decode
             mine = self._mine(table, rng, keep)
             ids = mine.column("ids").combine_chunks()
-            x = ids.flatten().to_numpy().astype(np.int64).reshape(mine.num_rows, ids.type.list_size)
+            # int32 through the object store (GPT-2's ids fit): half of int64's bytes; widened on arrival.
+            x = ids.flatten().to_numpy().astype(np.int32).reshape(mine.num_rows, ids.type.list_size)
             return {"x": x, **({"id": np.asarray(mine.column("id").to_pylist(), dtype=object)} if self.ids else {})}
         if self.kind == "fragments":
             images, labels, keys = self._fragments(table, rng, keep)
@@ -368,7 +369,7 @@ class _RankDecoder:
 class EpochStream:
     """A rank's batches over the whole run, epoch by epoch: `epoch(e, start)` yields epoch e's batches
     from batch `start` on (skipping what lies before, exactly), as (images, labels) tensors, or as
-    token blocks (int64 [batch, block_size]) where `tokens`.
+    token blocks (int64 [batch, block_size], travelling as int32) where `tokens`.
 
     Ray Data hands over `READ_BATCHES` batches at a time, sliced here: its cost per batch handed
     over (fetch, convert, move, a thread hand-off) is then paid once for several steps. Every epoch
@@ -383,7 +384,7 @@ class EpochStream:
         self.steps, self.first_epoch, self.done, self.tokens = steps, first_epoch, 0, tokens
         self.batch_size = batch_size
         # Images travel as uint8 (a quarter of float32's bytes) and are normalised where they arrive.
-        dtypes = {"x": torch.int64} if tokens else {"x": torch.uint8, "y": torch.int64}
+        dtypes = {"x": torch.int32} if tokens else {"x": torch.uint8, "y": torch.int64}
         # `device`: where the batches go (default: the CPU; Ray's own choice would be a logical GPU's).
         self._batches = shard.iter_torch_batches(batch_size=batch_size * self.READ_BATCHES, prefetch_batches=1,
                                                  dtypes=dtypes, device=device or "cpu")
@@ -394,7 +395,7 @@ class EpochStream:
     def _next(self):
         if not self._read or self._at >= len(self._read[0]):
             got = next(self._it)
-            self._read = (got["x"],) if self.tokens else (normalise(got["x"]), got["y"])
+            self._read = (got["x"].long(),) if self.tokens else (normalise(got["x"]), got["y"])
             self._at = 0
         out = tuple(t[self._at:self._at + self.batch_size] for t in self._read)
         self._at += self.batch_size

@@ -480,7 +480,8 @@ class Dispatcher:
                 **({"kind": "tune"} if job.search else {})}
         try:
             submit_entrypoint(self.queue.settings, job.ray_submission_id,
-                              entrypoint_for(job.trainer, job.params, extra, search=job.search), meta)
+                              entrypoint_for(job.trainer, job.params, extra, search=job.search), meta,
+                              self.queue.topology)
         except RuntimeError as exc:
             if "already exists" not in str(exc):
                 raise

@@ -104,6 +104,8 @@ class TestRayDataShards:
         assert all("/" in i and i.endswith(".png") for i in ids0)
 
     def test_text_is_tokenized_by_ray_data_into_the_memory_paths_blocks(self, ray_start_2_cpus, data_dir):
+        import ray
+
         from trainers.llm_model import to_blocks
         from trainers.specs import LlmConfig
         from trainers.text_data import load_corpus, load_tokens
@@ -118,8 +120,6 @@ class TestRayDataShards:
         memory = load_tokens(data_dir, "pydoc", tokenizer, source, offline=True)
         blocks = to_blocks(memory.train, 64, 200_000).numpy()
         assert text.train_tokens == blocks.size and text.validation_tokens == len(memory.validation)
-        import ray
-
         assert np.array_equal(ray.get(text.validation), memory.validation)
         plan = text.plan
         rows_per_step = 2 * 2  # per-rank batch x grad_accum
@@ -132,6 +132,7 @@ class TestRayDataShards:
             x = np.concatenate([b["x"] for b in got])
             assert len(ids) == epochs * plan.steps_per_epoch * rows_per_step    # equal steps on both ranks
             assert np.array_equal(x, blocks[ids])                              # the memory path's blocks
+            assert x.dtype == np.int32                                         # half of int64's bytes
             seen.append(set(ids))
         assert not seen[0] & seen[1] and len(seen[0] | seen[1]) <= len(blocks)
         again = [np.concatenate([b["id"] for b in it.iter_batches(batch_size=2)]).astype(int)
