@@ -494,7 +494,7 @@ class Dispatcher:
         log.info("dispatcher running against %s", self.queue.settings.dashboard_url)
         watch = self.queue.store.change_watch()
         while not stop.is_set():
-            ok = False
+            ok, started = False, time.time()
             try:
                 report = self.cycle()
                 ok = True
@@ -503,11 +503,17 @@ class Dispatcher:
             except Exception:  # noqa: BLE001 - a cycle is retried; the store is the state
                 log.exception("dispatcher cycle failed; retrying")
             self._beat(ok)
+            if ok and watch is not None and self._submitted_since(started):
+                continue  # it may have come after this cycle read the queue
             self._wait(stop, watch)
+
+    def _submitted_since(self, since: float) -> bool:
+        return any(j.submitted_at >= since for j in self.queue.store.list(states=[JobState.QUEUED]))
 
     def _wait(self, stop: threading.Event, watch) -> None:
         """Until the next cycle: poll_s, or less once another process has written to the store (a job
-        submitted or cancelled is acted on at once, not at the next poll)."""
+        submitted or cancelled is acted on at once, not at the next poll). A job submitted while the
+        cycle ran is caught by `_submitted_since` before this."""
         if watch is None:
             stop.wait(self.queue.config.poll_s)
             return
