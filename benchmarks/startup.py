@@ -77,7 +77,7 @@ def run_search(queue: Queue, concurrent: int, timeout: float = 1800) -> dict:
     """A 4-trial search through the queue: submit-to-done and the trials' training phases."""
     from mlflow.tracking import MlflowClient
 
-    from trainers.phases import TAG_FIRST_STEP, TAG_TRAINED
+    from trainers.phases import TAG_FIRST_STEP, TAG_LOOP, TAG_TRAINED
 
     t0 = time.time()
     job = queue.submit("mnist", TUNE_TRIAL, tenant="bench",
@@ -98,8 +98,16 @@ def run_search(queue: Queue, concurrent: int, timeout: float = 1800) -> dict:
                 if TAG_TRAINED in c.data.tags and TAG_FIRST_STEP in c.data.tags]
     if len(training) != 4:
         sys.exit(f"search {job.id}: {len(training)} of {len(children)} trials have their phase tags")
+    # Where the rest went, one trial at a time: before the first trial's loop, between a trial's last
+    # report and the next one's first step, and after the last trial's last report.
+    marks = sorted((float(c.data.tags[TAG_LOOP]), float(c.data.tags[TAG_FIRST_STEP]), float(c.data.tags[TAG_TRAINED]))
+                   for c in children)
+    gaps = {"to_first_trial_loop_s": round(marks[0][0] - t0, 1),
+            "between_trials_s": [round(b[1] - a[2], 1) for a, b in zip(marks, marks[1:])],
+            "after_last_trial_s": round(t0 + wall - marks[-1][2], 1)}
     return {"submit_to_done_s": round(wall, 1), "trial_training_s": [round(t, 1) for t in training],
-            "ratio_to_training": round(wall / sum(training), 3), "max_concurrent": concurrent}
+            "ratio_to_training": round(wall / sum(training), 3), "max_concurrent": concurrent,
+            **(gaps if concurrent == 1 else {})}
 
 
 def main() -> None:
@@ -155,7 +163,9 @@ def main() -> None:
                 out["tune_search"] = got
                 print(f"4-trial search ({args.tune_concurrent} at a time): {got['submit_to_done_s']} s submit-to-done "
                       f"for {sum(got['trial_training_s']):.1f} s of trial training {got['trial_training_s']}: "
-                      f"{got['ratio_to_training']:.2f}x (target <= 1.5x)", flush=True)
+                      f"{got['ratio_to_training']:.2f}x (target <= 1.5x); before the first trial "
+                      f"{got.get('to_first_trial_loop_s')} s, between trials {got.get('between_trials_s')} s, "
+                      f"after the last {got.get('after_last_trial_s')} s", flush=True)
         finally:
             cluster.down(settings)
     path = ROOT / "benchmarks" / "results" / "startup.json"
