@@ -94,10 +94,11 @@ def submit_training(settings: Settings, trainer: str, params: dict[str, Any], *,
 
 
 def submit_entrypoint(settings: Settings, submission_id: str, entrypoint: str, metadata: dict[str, str],
-                      topology: Topology | None = None) -> None:
-    """Hand a trainer command to Ray with this project as its working dir (`topology`: the cluster's,
-    where the caller holds it loaded)."""
-    job_client(settings.dashboard_url).submit_job(
+                      topology: Topology | None = None, client=None) -> None:
+    """Hand a trainer command to Ray with this project as its working dir. A caller that holds them
+    passes the cluster's `topology` and its Jobs API `client` (a new client first asks the dashboard
+    for its version)."""
+    (client or job_client(settings.dashboard_url)).submit_job(
         entrypoint=entrypoint, submission_id=submission_id, metadata=metadata,
         runtime_env={"working_dir": str(PROJECT_ROOT), "excludes": WORKING_DIR_EXCLUDES,
                      "env_vars": job_env_vars(settings, topology)})

@@ -65,18 +65,19 @@ def open_run(uri: str, *, experiment: str, run_name: str, run_id: str | None = N
     """Create a run (or reopen `run_id`, e.g. on resume) and return its id."""
     from mlflow.tracking import MlflowClient
 
+    from mlflow.entities import RunTag
+
     configure_http()
     client = MlflowClient(uri)
+    tags = {key: str(value) for key, value in (tags or {}).items()}
     if run_id:
         client.update_run(run_id, status="RUNNING")
+        if tags:  # one request for all of them
+            client.log_batch(run_id, tags=[RunTag(k, v) for k, v in {"mlflow.runName": run_name, **tags}.items()])
     else:
         exp = client.get_experiment_by_name(experiment)
         exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
-        run_id = client.create_run(exp_id, run_name=run_name).info.run_id
-    if tags:
-        client.set_tag(run_id, "mlflow.runName", run_name)
-        for key, value in tags.items():
-            client.set_tag(run_id, key, str(value))
+        run_id = client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
     return run_id
 
 

@@ -481,7 +481,7 @@ class Dispatcher:
         try:
             submit_entrypoint(self.queue.settings, job.ray_submission_id,
                               entrypoint_for(job.trainer, job.params, extra, search=job.search), meta,
-                              self.queue.topology)
+                              topology=self.queue.topology, client=self._client)
         except RuntimeError as exc:
             if "already exists" not in str(exc):
                 raise

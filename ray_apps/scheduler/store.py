@@ -351,17 +351,17 @@ class ChangeWatch:
 
 
 class JobStore:
+    def __init__(self, url: str):
+        self.engine = make_engine(url)
+        metadata.create_all(self.engine)
+        add_missing_columns(self.engine)
+
     def change_watch(self) -> ChangeWatch | None:
         """A watch on other processes' commits; None where the database has no cheap counter (PostgreSQL)."""
         url = self.engine.url
         if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
             return None
         return ChangeWatch(url.database)
-
-    def __init__(self, url: str):
-        self.engine = make_engine(url)
-        metadata.create_all(self.engine)
-        add_missing_columns(self.engine)
 
     def add(self, *, id: str, trainer: str, params: dict, tenant: str, priority: str, workers: int,
             cpus_per_worker: float, gpus_per_worker: float, state: JobState = JobState.QUEUED,

@@ -46,8 +46,9 @@ from ray_apps.scheduler.store import JobRecord
 from ray_apps.scheduler.view import job_view
 from ray_apps.serve.cost_service import CostForecaster
 from ray_apps.auth import Caller, Role
-from ray_apps.serve.http_common import (ON_HEAD_NODE, InProcess, actor_of, answers_errors_as_problems, caller_of, errors,
-                                        limit_body_size, loopback_hosts_only, require_token, settings_users)
+from ray_apps.serve.http_common import (ON_HEAD_NODE, InProcess, actor_of, answers_errors_as_problems, caller_of,
+                                        errors, limit_body_size, loopback_hosts_only, require_token,
+                                        settings_users)
 from trainers.errors import Forbidden, NotFound, OppenError, Refused
 from trainers.tune import MAX_CONCURRENT, MAX_SAMPLES, MAX_SPACE_ITEM_CHARS, MAX_SPACE_ITEMS
 

@@ -367,7 +367,7 @@ class FakeRay:
 def test_the_dispatcher_s_admit_preempt_and_requeue_are_system_records(queue, monkeypatch):
     from ray_apps.scheduler import dispatcher as dispatcher_module
 
-    monkeypatch.setattr(dispatcher_module, "submit_entrypoint", lambda *a: None)
+    monkeypatch.setattr(dispatcher_module, "submit_entrypoint", lambda *a, **kw: None)
     monkeypatch.setattr(dispatcher_module, "create_run", lambda *a, **kw: ("run-1", None))
     job = queue.submit("mnist", {"epochs": 1}, tenant="team-a", actor=ANA)
     d = dispatcher_module.Dispatcher(queue)

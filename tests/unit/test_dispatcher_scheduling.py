@@ -52,7 +52,7 @@ def make(tmp_path, monkeypatch):
     monkeypatch.setattr(dispatcher_module, "create_run", lambda *a, **kw: ("run-1", None))
     ray = FakeRay()
     monkeypatch.setattr(dispatcher_module, "submit_entrypoint",
-                        lambda settings, sid, entrypoint, meta: ray.status.__setitem__(sid, "RUNNING"))
+                        lambda settings, sid, entrypoint, meta, **kw: ray.status.__setitem__(sid, "RUNNING"))
     monkeypatch.setattr(dispatcher_module.Dispatcher, "_forecast_later", lambda self, ids: None)
 
     def build(config: dict, capacity: Capacity):

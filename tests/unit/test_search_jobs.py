@@ -146,7 +146,7 @@ def test_the_dispatcher_submits_a_search_under_its_parent_run_and_restarts_it_on
 
     sent = []
     monkeypatch.setattr(dispatcher_module, "submit_entrypoint",
-                        lambda settings, sid, entrypoint, meta: sent.append((sid, entrypoint, meta)))
+                        lambda settings, sid, entrypoint, meta, **kw: sent.append((sid, entrypoint, meta)))
     job = search_of(queue, {"num_samples": 2, "space": ["lr=uniform:0.001:0.01"]})
     d = dispatcher_module.Dispatcher(queue)
     for attempt, sid in ((1, job.id), (2, f"{job.id}-r2")):
