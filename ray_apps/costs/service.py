@@ -247,10 +247,21 @@ class CostService:
 
     def settle(self, ray_end_time=lambda job: None, limit: int = 20) -> list[str]:
         """Freeze the cost of finished jobs, then log unlogged costs to MLflow. Returns jobs metered."""
+        metered = self.meter_finished(ray_end_time, limit)
+        self.log_costs(limit)
+        return metered
+
+    def meter_finished(self, ray_end_time=lambda job: None, limit: int = 20) -> list[str]:
+        """Freeze the cost of finished jobs in the store (no MLflow). Returns the jobs metered."""
         metered = []
         for job in self.queue.store.unmetered(limit=limit):
             self.meter.settle(job, ray_end_time)
             metered.append(job.id)
+        return metered
+
+    def log_costs(self, limit: int = 20) -> None:
+        """Log the costs not yet in MLflow to their runs, with the jobs' phases; MLflow away: retried
+        on the next call."""
         for job_id in list(self.queue.store.costs(unlogged=True))[:limit]:
             job = self.queue.store.get(job_id)
             if not job.mlflow_run_id:  # an untracked job: the store is its record
@@ -267,7 +278,6 @@ class CostService:
                 log.warning("cannot log the cost of %s to MLflow yet: %s", job_id, exc)
                 break
             self.queue.store.mark_cost_logged(job_id)
-        return metered
 
     def _log(self, job: JobRecord) -> None:
         cost = self.meter.cost_of(job)

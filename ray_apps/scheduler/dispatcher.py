@@ -71,6 +71,7 @@ NODE_SAMPLE_S = 10.0  # how often the worker groups' nodes are counted into node
 ADOPT_S = 5.0         # how often Ray's job list is read for jobs submitted around the queue
 MLFLOW_CHECK_S = 1.0  # a stalled MLflow must not stall the cycle
 WAKE_CHECK_S = 0.05  # between cycles, how often the store is asked whether another process wrote to it
+COST_LOG_S = 2.0      # how often unlogged costs are retried when no job has ended meanwhile
 PRUNE_S = 60.0        # how often REJECTED requests past their retention are forgotten
 
 
@@ -115,6 +116,7 @@ class Dispatcher:
         self._alive_at: dict[str, float] = {}  # when Ray last reported each active job alive
         self._to_forecast: SimpleQueue[str] | None = None  # queued jobs whose pre-start forecast to record
         self._forecast_asked: set[str] = set()
+        self._costs_due: threading.Event | None = None  # set when `run` logs costs to MLflow off the cycle
 
     @property
     def client(self):
@@ -146,7 +148,11 @@ class Dispatcher:
             if adopt:
                 self._adopted_at = now
                 report.adopted = adopt_unknown(self.queue.store, listed, self.queue.store.known_ids(ray_jobs))
-        report.metered = self.costs.settle(self._ray_end_time)
+        report.metered = self.costs.meter_finished(self._ray_end_time)
+        if self._costs_due is None:  # no cost logger running (a cycle called on its own): log them here
+            self.costs.log_costs()
+        elif report.metered:
+            self._costs_due.set()
         if now - self._pruned_at >= PRUNE_S:
             self._pruned_at = now
             self.queue.store.prune_rejected(now - self.queue.config.rejected_retention_s)
@@ -493,6 +499,8 @@ class Dispatcher:
         stop = stop or threading.Event()
         log.info("dispatcher running against %s", self.queue.settings.dashboard_url)
         watch = self.queue.store.change_watch()
+        self._costs_due = threading.Event()
+        threading.Thread(target=self._cost_logger, args=(stop,), name="cost-logger", daemon=True).start()
         while not stop.is_set():
             ok, started = False, time.time()
             try:
@@ -506,6 +514,17 @@ class Dispatcher:
             if ok and watch is not None and self._submitted_since(started):
                 continue  # it may have come after this cycle read the queue
             self._wait(stop, watch)
+
+    def _cost_logger(self, stop: threading.Event) -> None:
+        """Metered costs and phases go to the jobs' MLflow runs here, off the cycle: several MLflow
+        requests per job, which a cycle admitting a job just submitted must not wait for."""
+        while not stop.is_set():
+            self._costs_due.wait(COST_LOG_S)
+            self._costs_due.clear()
+            try:
+                self.costs.log_costs()
+            except Exception:  # noqa: BLE001 - retried on the next round; the store keeps them unlogged
+                log.exception("logging costs to MLflow failed; retrying")
 
     def _submitted_since(self, since: float) -> bool:
         return any(j.submitted_at >= since for j in self.queue.store.list(states=[JobState.QUEUED]))
