@@ -498,8 +498,6 @@ class Dispatcher:
         """Cycle until `stop` is set; a failing cycle is logged and retried, never fatal."""
         stop = stop or threading.Event()
         log.info("dispatcher running against %s", self.queue.settings.dashboard_url)
-        import mlflow.tracking  # noqa: F401 - now rather than in the first job's admission (~1 s)
-
         watch = self.queue.store.change_watch()
         self._costs_due = threading.Event()
         threading.Thread(target=self._cost_logger, args=(stop,), name="cost-logger", daemon=True).start()
