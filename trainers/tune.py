@@ -195,14 +195,17 @@ def trial_fn(config: dict) -> None:
     trial = tune.get_context().get_trial_id()
     run_id = None
     if setup["parent_run_id"]:
+        # A trial Tune restarted from its checkpoint goes on in the run it opened the first time.
+        known = _trial_run(setup["uri"], setup["parent_run_id"], trial) if tune.get_checkpoint() else None
         run_id = open_run(setup["uri"], experiment=setup["experiment"], run_name=f"{setup['name']}-{trial}",
-                          tags={"mlflow.parentRunId": setup["parent_run_id"], "oppen.trainer": trainer,
-                                "oppen.tune.trial": trial})
-        from trainers.tracking import RunTracker
+                          run_id=known, tags={"mlflow.parentRunId": setup["parent_run_id"], "oppen.trainer": trainer,
+                                              "oppen.tune.trial": trial})
+        if not known:
+            from trainers.tracking import RunTracker
 
-        params = RunTracker(setup["uri"], run_id)
-        params.log_params(dataclasses.asdict(spec))
-        params.flush()
+            params = RunTracker(setup["uri"], run_id)
+            params.log_params(dataclasses.asdict(spec))
+            params.flush()
     ctx = driver.RunContext(trainer, f"{setup['name']}-{trial}", Path(setup["data_dir"]), setup["costs_file"],
                             setup["uri"], run_id, False)
     module = importlib.import_module(f"trainers.{trainer}")
@@ -216,6 +219,16 @@ def trial_fn(config: dict) -> None:
         driver.close_run(setup["uri"], run_id, status="FAILED")
         raise
     driver.close_run(setup["uri"], run_id, status="FINISHED")
+
+
+def _trial_run(uri: str, parent: str, trial: str) -> str | None:
+    """The child run a trial opened before (None when there is none)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    found = client.search_runs([client.get_run(parent).info.experiment_id], max_results=1, filter_string=(
+        f"tags.`mlflow.parentRunId` = '{parent}' and tags.`oppen.tune.trial` = '{trial}'"))
+    return found[0].info.run_id if found else None
 
 
 # --------------------------------------------------------------------------- driver
@@ -318,8 +331,12 @@ def _search(args: argparse.Namespace) -> int:
             reuse_actors=in_trial_process(base),
             scheduler=ASHAScheduler(time_attr="training_iteration", max_t=max(units, 1),
                                     grace_period=args.grace_period, reduction_factor=2)),
-        run_config=tune.RunConfig(name=name, storage_path=str(data_dir / "tune"), verbose=0,
-                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=2)),
+        run_config=tune.RunConfig(
+            name=name, storage_path=str(data_dir / "tune"), verbose=0,
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            # A trial training in its own process restarts from its last checkpoint, as a worker group
+            # would (a Ray Train trial restarts its own workers).
+            failure_config=tune.FailureConfig(max_failures=base.max_failures if in_trial_process(base) else 0)),
     )
     started = time.time()
     grid = tuner.fit()

@@ -70,7 +70,7 @@ HEARTBEAT_FILE = "dispatcher.heartbeat"  # in the settings' state dir, rewritten
 NODE_SAMPLE_S = 10.0  # how often the worker groups' nodes are counted into node-hours
 ADOPT_S = 5.0         # how often Ray's job list is read for jobs submitted around the queue
 MLFLOW_CHECK_S = 1.0  # a stalled MLflow must not stall the cycle
-WAKE_CHECK_S = 0.05  # between cycles, how often the store is asked whether another process wrote to it
+WAKE_CHECK_S = 0.05   # between cycles, how often the store is asked whether another process wrote to it
 COST_LOG_S = 2.0      # how often unlogged costs are retried when no job has ended meanwhile
 PRUNE_S = 60.0        # how often REJECTED requests past their retention are forgotten
 

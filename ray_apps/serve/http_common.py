@@ -24,9 +24,11 @@ from trainers.errors import KINDS, OppenError
 MAX_BODY_BYTES = 64 * 1024
 
 # The Serve apps answer people: an MLflow that stalls is "unavailable" after 2 s (MLflow's client
-# waits 120 s and retries 7 times by default). Training jobs keep MLflow's patient defaults.
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+# waits 120 s and retries 7 times by default). Training jobs keep MLflow's patient defaults. Set, not
+# defaulted: a replica inherits the environment of whatever started Ray, which may have configured
+# MLflow for itself (trainers.tracking.configure_http: 10 s).
+os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "2"
+os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
 
 
 def _internal_grpc_on_node_address() -> None:

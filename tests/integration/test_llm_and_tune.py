@@ -135,6 +135,37 @@ def test_tune_search_of_four_trials_with_parent_and_child_runs(platform, queue):
     assert client.get_run(job.mlflow_run_id).data.tags["oppen.cost.allocation"].startswith("cpus=2 ")
 
 
+def test_a_trial_whose_process_dies_goes_on_from_its_last_checkpoint_in_the_same_run(platform, queue):
+    """A one-worker trial trains in Tune's trial process: SIGKILLed after an epoch, Tune restarts it from
+    that epoch's checkpoint (as Ray Train restarts a worker group), logging on into the trial's run."""
+    import psutil
+
+    job = queue.submit("mnist", {"epochs": 4, "train_samples": 6000, "test_samples": 300, "cpus_per_worker": 1},
+                       search={"num_samples": 1, "max_concurrent": 1, "search_seed": 3})
+    client = MlflowClient(platform.tracking_uri)
+
+    def children():
+        parent = queue.get(job.id).mlflow_run_id
+        return client.search_runs([client.get_run(parent).info.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent}'") if parent else []
+
+    try:
+        assert wait_until(lambda: any(c.data.metrics.get("epoch", 0) >= 1 for c in children()), timeout=300)
+        time.sleep(1.0)  # the epoch's checkpoint is reported right after its metrics are sent
+        trials = [p for p in psutil.process_iter(["cmdline"]) if "ImplicitFunc" in " ".join(p.info["cmdline"] or [])]
+        assert len(trials) == 1, [p.info["cmdline"] for p in trials]
+        trials[0].kill()
+        outcome = follow_then_cancel(queue, job.id)
+    finally:
+        if not queue.get(job.id).state.is_terminal():
+            queue.cancel(job.id)
+    assert outcome.ok, "\n".join(outcome.log_tail)
+    [run] = children()  # the restarted trial logged on into its first run
+    assert int(run.data.tags["oppen.resumed_from_epoch"]) >= 1
+    assert run.data.metrics["epoch"] == 4 and run.info.status == "FINISHED"
+    assert outcome.result["best"]["test_accuracy"] == pytest.approx(run.data.metrics["test_accuracy"])
+
+
 def test_a_tiny_budget_stops_launching_trials_and_says_so(queue):
     job = queue.submit("mnist", SMALL_MNIST, search={"num_samples": 4, "max_concurrent": 1, "budget_usd": 0.00001})
     outcome = follow_then_cancel(queue, job.id)
