@@ -341,7 +341,7 @@ def _search(args: argparse.Namespace) -> int:
     started = time.time()
     grid = tuner.fit()
     outcome = _outcome(grid, searcher, metric, mode, len(configs))
-    _report(outcome, name, metric, uri, parent, time.time() - started)
+    _report(outcome, name, metric, uri, parent, time.time() - started, units)
     return 0 if outcome.best else 1
 
 
@@ -360,20 +360,25 @@ def _outcome(grid, searcher, metric: str, mode: str, drawn: int) -> SearchOutcom
     return out
 
 
-def _close_stopped_trials(uri: str, parent: str, trials: list[dict]) -> None:
-    """Close the child runs of trials ASHA stopped: KILLED, tagged as stopped early.
+def _close_stopped_trials(uri: str, parent: str, trials: list[dict], units: int) -> None:
+    """Close the child runs trials left open: FINISHED for a trial that made all its `units` reports
+    (Tune ends a trial at its last one, before its own code closes the run), else KILLED, tagged as
+    stopped early (ASHA).
 
-    A stopped trial's actor is torn down mid-fit: depending on timing its run is left RUNNING, or the
-    interrupted fit closed it FAILED. Tune's own record (no error) says which trials only stopped early.
+    A stopped trial is ended mid-fit: depending on timing its run is left RUNNING, or the interrupted
+    fit closed it FAILED. Tune's own record (no error) says which trials only stopped early.
     """
     from mlflow.tracking import MlflowClient
 
     clean = {t["trial_id"] for t in trials if t["trial_id"] and not t["error"]}
+    complete = {t["trial_id"] for t in trials if t["trial_id"] in clean and t["reports"] >= units}
     client = MlflowClient(uri)
     exp = client.get_run(parent).info.experiment_id
     for run in client.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'"):
         trial = run.data.tags.get("oppen.tune.trial")
-        if run.info.status == "RUNNING" or (run.info.status == "FAILED" and trial in clean):
+        if run.info.status == "RUNNING" and trial in complete:
+            client.set_terminated(run.info.run_id, status="FINISHED")
+        elif run.info.status == "RUNNING" or (run.info.status == "FAILED" and trial in clean):
             client.set_tag(run.info.run_id, "oppen.tune.stopped_early", "true")
             client.set_terminated(run.info.run_id, status="KILLED")
 
@@ -445,7 +450,8 @@ def _search_settings(trainer: str, search: dict) -> dict:
     return out
 
 
-def _report(out: SearchOutcome, name: str, metric: str, uri: str, parent: str | None, seconds: float) -> None:
+def _report(out: SearchOutcome, name: str, metric: str, uri: str, parent: str | None, seconds: float,
+            units: int) -> None:
     for i, t in enumerate(out.trials, 1):
         value = "n/a" if t[metric] is None else f"{t[metric]:.4f}"
         print(f"{PROGRESS} trial {i}: {metric}={value} after {t['reports']} report(s), cost ${t['cost_usd'] or 0:.5f}"
@@ -459,7 +465,7 @@ def _report(out: SearchOutcome, name: str, metric: str, uri: str, parent: str | 
     if parent:
         from trainers.tracking import RunTracker
 
-        _close_stopped_trials(uri, parent, out.trials)
+        _close_stopped_trials(uri, parent, out.trials, units)
         t = RunTracker(uri, parent)
         t.log_metrics({"spent_usd": out.spent_usd, "trials": len(out.trials), "not_started": out.not_started,
                        **({f"best_{metric}": out.best[metric]} if out.best else {})}, step=0)

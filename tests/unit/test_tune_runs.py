@@ -17,14 +17,20 @@ def test_trials_asha_stopped_end_killed_and_real_failures_stay_failed(tmp_path):
         return run
 
     # A stopped trial's actor dies mid-fit: its run is left RUNNING, or the interrupted fit closed it FAILED.
+    # A trial training in its own process that made all its reports is ended by Tune at the last one,
+    # before it closes its run: left RUNNING, but complete.
     runs = {"done": child("t1", "FINISHED"), "left_running": child("t2", "RUNNING"),
-            "stopped_mid_fit": child("t3", "FAILED"), "crashed": child("t4", "FAILED")}
-    trials = [{"trial_id": "t1", "error": None}, {"trial_id": "t2", "error": None},
-              {"trial_id": "t3", "error": None}, {"trial_id": "t4", "error": "RuntimeError: out of memory"}]
-    _close_stopped_trials(uri, parent, trials)
+            "stopped_mid_fit": child("t3", "FAILED"), "crashed": child("t4", "FAILED"),
+            "ended_at_its_last_report": child("t5", "RUNNING")}
+    trials = [{"trial_id": "t1", "error": None, "reports": 3}, {"trial_id": "t2", "error": None, "reports": 1},
+              {"trial_id": "t3", "error": None, "reports": 1},
+              {"trial_id": "t4", "error": "RuntimeError: out of memory", "reports": 3},
+              {"trial_id": "t5", "error": None, "reports": 3}]
+    _close_stopped_trials(uri, parent, trials, units=3)
 
     status = {name: client.get_run(run_id).info.status for name, run_id in runs.items()}
-    assert status == {"done": "FINISHED", "left_running": "KILLED", "stopped_mid_fit": "KILLED", "crashed": "FAILED"}
+    assert status == {"done": "FINISHED", "left_running": "KILLED", "stopped_mid_fit": "KILLED", "crashed": "FAILED",
+                      "ended_at_its_last_report": "FINISHED"}
     tagged = {name for name, run_id in runs.items()
               if client.get_run(run_id).data.tags.get("oppen.tune.stopped_early") == "true"}
     assert tagged == {"left_running", "stopped_mid_fit"}
