@@ -42,14 +42,11 @@ README_JOB = {"epochs": 2}
 TUNE_TRIAL = {"epochs": 2, "train_samples": 12_000, "test_samples": 2_000, "cpus_per_worker": 2}
 
 
-def rss_by_service(settings) -> dict[str, float]:
-    """GB held by each service `oppen up` started (its whole process tree, RSS: shared pages once per process)."""
-    return {name: round(s.rss_bytes() / 2**30, 3) for name, s in ServiceRegistry(settings.state_dir).running().items()}
-
-
-def pss_by_service(settings) -> dict[str, float]:
-    """The same trees' proportional set size: what they cost the machine, each shared page counted once."""
-    return {name: round(s.pss_bytes() / 2**30, 3) for name, s in ServiceRegistry(settings.state_dir).running().items()}
+def rss_by_service(settings, measure: str = "rss") -> dict[str, float]:
+    """GB held by each service `oppen up` started (its whole process tree): `rss`, shared pages once per
+    process, or `pss`, each shared page counted once (what the machine spends)."""
+    return {name: round(getattr(s, f"{measure}_bytes")() / 2**30, 3)
+            for name, s in ServiceRegistry(settings.state_dir).running().items()}
 
 
 def run_job(queue: Queue, params: dict, timeout: float = 900) -> dict:
@@ -94,14 +91,13 @@ def run_search(queue: Queue, concurrent: int, timeout: float = 1800) -> dict:
     parent = client.get_run(rec.mlflow_run_id)
     children = client.search_runs([parent.info.experiment_id],
                                   filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
-    training = [float(c.data.tags[TAG_TRAINED]) - float(c.data.tags[TAG_FIRST_STEP]) for c in children
-                if TAG_TRAINED in c.data.tags and TAG_FIRST_STEP in c.data.tags]
-    if len(training) != 4:
-        sys.exit(f"search {job.id}: {len(training)} of {len(children)} trials have their phase tags")
+    marks = sorted(tuple(float(c.data.tags[tag]) for tag in (TAG_LOOP, TAG_FIRST_STEP, TAG_TRAINED))
+                   for c in children if all(tag in c.data.tags for tag in (TAG_LOOP, TAG_FIRST_STEP, TAG_TRAINED)))
+    if len(marks) != 4:
+        sys.exit(f"search {job.id}: {len(marks)} of {len(children)} trials have their phase tags")
+    training = [trained - first for _, first, trained in marks]
     # Where the rest went, one trial at a time: before the first trial's loop, between a trial's last
     # report and the next one's first step, and after the last trial's last report.
-    marks = sorted((float(c.data.tags[TAG_LOOP]), float(c.data.tags[TAG_FIRST_STEP]), float(c.data.tags[TAG_TRAINED]))
-                   for c in children)
     gaps = {"to_first_trial_loop_s": round(marks[0][0] - t0, 1),
             "between_trials_s": [round(b[1] - a[2], 1) for a, b in zip(marks, marks[1:])],
             "after_last_trial_s": round(t0 + wall - marks[-1][2], 1)}
@@ -126,7 +122,7 @@ def main() -> None:
             print(f"oppen up: healthy in {up_s:.1f} s", flush=True)
             time.sleep(max(0.0, 60 - 5))
             out["rss_1min_gb"] = rss_by_service(settings)
-            out["pss_1min_gb"] = pss_by_service(settings)
+            out["pss_1min_gb"] = rss_by_service(settings, "pss")
             print(f"RSS after 1 min at rest: {sum(out['rss_1min_gb'].values()):.2f} GB {out['rss_1min_gb']}; "
                   f"PSS {sum(out['pss_1min_gb'].values()):.2f} GB {out['pss_1min_gb']}", flush=True)
             if args.idle_minutes > 1:

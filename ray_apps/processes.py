@@ -59,21 +59,18 @@ class Service:
     def rss_bytes(self) -> int:
         """Resident memory of the whole process tree, each process counted whole (pages shared between
         its processes, e.g. Python and Ray's libraries, count once per process)."""
-        total = 0
-        for proc in self.processes():
-            try:
-                total += proc.memory_info().rss
-            except psutil.Error:
-                pass
-        return total
+        return self._tree_total(lambda proc: proc.memory_info().rss)
 
     def pss_bytes(self) -> int:
         """What the tree costs the machine: each shared page split among the processes that map it."""
+        return self._tree_total(lambda proc: proc.memory_full_info().pss)
+
+    def _tree_total(self, measure) -> int:
         total = 0
         for proc in self.processes():
             try:
-                total += proc.memory_full_info().pss
-            except (psutil.Error, AttributeError):  # no PSS outside Linux
+                total += measure(proc)
+            except (psutil.Error, AttributeError):  # gone meanwhile; no PSS outside Linux
                 pass
         return total
 
