@@ -5,7 +5,7 @@ parses the flags (config fields from the catalog + the run flags below), checks
 the data dir, the price catalog, the MLflow server and the dataset (trainers/ingest.py:
 every row of a dataset of one's own) before anything starts,
 handles `--resume` (saved config, flags given now on top), opens the MLflow run,
-and builds the TorchTrainer with checkpointing and failure handling.
+and builds the torch trainer with checkpointing and failure handling.
 """
 
 from __future__ import annotations
@@ -166,10 +166,12 @@ def given_spec_flags(argv: list[str] | None, spec_cls: type) -> dict:
 def torch_trainer(train_func: Callable[[dict], None], loop_config: dict, spec, ctx: RunContext, *,
                   callbacks: list | None = None, storage_path: Path | None = None,
                   datasets: dict | None = None, dataset_config=None):
-    """A TorchTrainer for the spec's gang, checkpointing under the data dir, restarting failed workers;
-    `datasets` / `dataset_config`: Ray Data inputs the workers read with `ray.train.get_dataset_shard`."""
+    """A torch trainer for the spec's gang (trainers.torch_backend: no torch in this process or Ray
+    Train's controller), checkpointing under the data dir, restarting failed workers; `datasets` /
+    `dataset_config`: Ray Data inputs the workers read with `ray.train.get_dataset_shard`."""
     import ray.train
-    from ray.train.torch import TorchTrainer
+
+    from trainers.torch_backend import TorchTrainer
 
     use_gpu = spec.gpus_per_worker > 0 and cuda_on_gpu_nodes(spec.gpus_per_worker)
     if spec.gpus_per_worker > 0 and not use_gpu:
@@ -186,7 +188,7 @@ def torch_trainer(train_func: Callable[[dict], None], loop_config: dict, spec, c
     # config is built, so the GPUs join the reservation after.
     scaling.resources_per_worker = resources
     return TorchTrainer(
-        train_func, train_loop_config=config, **data,
+        train_func, use_gpu=use_gpu, train_loop_config=config, **data,
         scaling_config=scaling,
         run_config=ray.train.RunConfig(
             name=ctx.run_name, storage_path=str(storage_path or runtime.checkpoint_root(ctx.data_dir)),

@@ -102,7 +102,7 @@ def train_func(cfg: dict) -> None:
 
     catalog = load_catalog(cfg["costs_file"])
     alloc = Allocation.for_workers(spec.num_workers, spec.cpus_per_worker, spec.gpus_per_worker)
-    tracker = RunTracker(cfg["tracking_uri"], cfg["run_id"], background=True) if rank == 0 and cfg["run_id"] else None
+    tracker = RunTracker(cfg["tracking_uri"], cfg["run_id"]) if rank == 0 and cfg["run_id"] else None
     from_scratch = model_source.startswith("scratch:")
     if tracker and not state:
         tracker.log_params({"model_source": model_source, "tokenizer_source": tok_source,

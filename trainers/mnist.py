@@ -107,10 +107,7 @@ def train_func(cfg: dict) -> None:
 
     catalog = load_catalog(cfg["costs_file"])
     alloc = Allocation.for_workers(spec.num_workers, spec.cpus_per_worker, spec.gpus_per_worker)
-    # Rank 0's MLflow client connects while the first epoch trains in memory (a Ray Data stream still
-    # imports as it starts: RunTracker.background).
-    tracker = (RunTracker(cfg["tracking_uri"], cfg["run_id"], background=not streamed)
-               if rank == 0 and cfg["run_id"] else None)
+    tracker = RunTracker(cfg["tracking_uri"], cfg["run_id"]) if rank == 0 and cfg["run_id"] else None
     if tracker:
         tracker.log_params({"data_source": source, "device": str(device),
                             "train_size": train_size, "test_size": test_size})
@@ -138,6 +135,8 @@ def train_func(cfg: dict) -> None:
                             **({"cuda_rng": torch.cuda.get_rng_state()} if device.type == "cuda" else {}),
                             "elapsed_s": elapsed, "base_elapsed_s": base_elapsed,
                             "segment_id": cfg["segment_id"], "width": spec.width}, Path(tmp) / CHECKPOINT_FILE)
+                if epoch == spec.epochs and not step:
+                    write_final_model(tmp, spec.width, _unwrap(model))
                 saved = tmp
             session.report(metrics, saved)
         watch.checkpointed(time.time(), epoch, step, drained=bool(metrics.get(DRAINED_METRIC)))
@@ -242,7 +241,7 @@ def fit(spec: MnistConfig, ctx: RunContext) -> int:
               f"{plan.steps_per_epoch} steps an epoch from epoch {first + 1}", flush=True)
     trainer = driver.torch_trainer(train_func, loop, spec, ctx, **data)
     return driver.fit_and_report(trainer, ctx, lambda result: driver.finish(
-        ctx, result, lambda metrics: _log_model(spec, ctx, result.checkpoint, metrics),
+        ctx, result, lambda metrics: _log_model(ctx, result.checkpoint, metrics),
         {"test_accuracy": "test_accuracy", "cost_usd": "cost_usd", "epochs": "epoch"}))
 
 
@@ -264,20 +263,28 @@ def _resume_epoch(ctx: RunContext) -> int:
         return 0
 
 
-def _log_model(spec: MnistConfig, ctx: RunContext, checkpoint, metrics: dict) -> None:
-    """The weights and the width to rebuild MnistCNN with, artifact path `model` (no pickle)."""
-    import mlflow
-    import torch
-
+def write_final_model(checkpoint_dir: str | Path, width: int, model) -> None:
+    """The model the driver logs, in the platform's stored form, beside the last epoch's state."""
     from trainers.registry import MODEL_DIR, write_model_files
 
+    folder = Path(checkpoint_dir) / MODEL_DIR
+    folder.mkdir()
+    write_model_files(folder, TRAINER, {"width": width}, model.state_dict())
+
+
+def _log_model(ctx: RunContext, checkpoint, metrics: dict) -> None:
+    """The weights and the width to rebuild MnistCNN with (no pickle), artifact path `model`: rank 0
+    wrote them with the last epoch's checkpoint, so this process needs no torch."""
+    import mlflow
+
+    from trainers.registry import MODEL_DIR, check_model_files
+
     with checkpoint.as_directory() as ckpt_dir:
-        state = torch.load(Path(ckpt_dir) / CHECKPOINT_FILE, weights_only=True)["model"]
-    with tempfile.TemporaryDirectory() as tmp:
-        write_model_files(tmp, TRAINER, {"width": spec.width}, state)
+        folder = Path(ckpt_dir) / MODEL_DIR
+        check_model_files([p.name for p in folder.glob("*")], TRAINER, "the last checkpoint's model")
         mlflow.set_tracking_uri(ctx.uri)
         with mlflow.start_run(run_id=ctx.run_id):
-            mlflow.log_artifacts(tmp, artifact_path=MODEL_DIR)
+            mlflow.log_artifacts(str(folder), artifact_path=MODEL_DIR)
             # Re-sent in case tracking dropped out mid-run; same step, so no duplicate point.
             mlflow.log_metrics({k: metrics[k] for k in ("test_accuracy", "cost_usd") if k in metrics},
                                step=int(metrics.get("epoch", 0)))

@@ -1,27 +1,26 @@
 """MLflow tracking for trainers: batched, from one process, never fatal mid-run.
 
 The driver (the job's entrypoint) owns the run: it checks the server, creates or
-reopens the run and closes it. Rank 0 of the workers logs to that run by id with
-an explicit `MlflowClient`. Metrics go out in one `log_batch` per epoch (one HTTP
-request per value runs ~100/s). If the server goes away mid-run the training goes
+reopens the run and closes it. Rank 0 of the workers logs to that run by id over
+MLflow's REST API. Metrics, params and tags go out in one `log-batch` per epoch (one
+HTTP request per value runs ~100/s). If the server goes away mid-run the training goes
 on: values are kept, retried at the next flush, and what was lost is reported.
 """
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
+import math
 import os
-import threading
 import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from trainers.errors import Unavailable
-
-if TYPE_CHECKING:
-    from mlflow.tracking import MlflowClient
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +80,75 @@ def open_run(uri: str, *, experiment: str, run_name: str, run_id: str | None = N
     return run_id
 
 
+class RestClient:
+    """The two calls rank 0 makes, `log-batch` and `log-inputs`, over MLflow's REST API (api/2.0)
+    with the standard library: importing MLflow's own client costs a worker ~1 s of its start, and
+    it would send the same JSON. One attempt per call, MLFLOW_HTTP_REQUEST_TIMEOUT seconds; the
+    tracker keeps what fails for its next flush."""
+
+    def __init__(self, uri: str) -> None:
+        self.base = uri.rstrip("/") + "/api/2.0/mlflow/"
+        self.timeout = float(os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT", _HTTP_ENV["MLFLOW_HTTP_REQUEST_TIMEOUT"]))
+        self.headers = {"Content-Type": "application/json"}
+        if os.environ.get("MLFLOW_TRACKING_TOKEN"):
+            self.headers["Authorization"] = f"Bearer {os.environ['MLFLOW_TRACKING_TOKEN']}"
+        elif os.environ.get("MLFLOW_TRACKING_USERNAME"):
+            pair = f"{os.environ['MLFLOW_TRACKING_USERNAME']}:{os.environ.get('MLFLOW_TRACKING_PASSWORD', '')}"
+            self.headers["Authorization"] = "Basic " + base64.b64encode(pair.encode()).decode()
+
+    def _post(self, endpoint: str, body: dict) -> None:
+        request = urllib.request.Request(self.base + endpoint, data=json.dumps(body).encode(),
+                                         headers=self.headers, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as resp:
+                resp.read()
+        except urllib.error.HTTPError as exc:  # MLflow's own reason: {"error_code": ..., "message": ...}
+            detail = exc.read().decode(errors="replace")[:300]
+            raise OSError(f"MLflow answered HTTP {exc.code} to {endpoint}: {detail}") from None
+
+    def log_batch(self, run_id: str, metrics=(), params=(), tags=()) -> None:
+        self._post("runs/log-batch", {
+            "run_id": run_id,
+            "metrics": [{"key": k, "value": _json_double(v), "timestamp": t, "step": step}
+                        for k, v, t, step in metrics],
+            "params": [{"key": k, "value": v} for k, v in params],
+            "tags": [{"key": k, "value": v} for k, v in tags]})
+
+    def log_inputs(self, run_id: str, datasets) -> None:
+        self._post("runs/log-inputs", {"run_id": run_id, "datasets": [
+            {"tags": [{"key": "mlflow.data.context", "value": context}], "dataset": fields}
+            for fields, context in datasets]})
+
+
+def _json_double(value: float) -> float | str:
+    """A metric value as protobuf's JSON spells a double: NaN and infinities as strings."""
+    if math.isfinite(value):
+        return value
+    return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+
+
+class StoreClient:
+    """The same two calls through MLflow's client, for a store with no server (sqlite:, file:)."""
+
+    def __init__(self, uri: str) -> None:
+        from mlflow.tracking import MlflowClient
+
+        self.client = MlflowClient(uri)
+
+    def log_batch(self, run_id: str, metrics=(), params=(), tags=()) -> None:
+        from mlflow.entities import Metric, Param, RunTag
+
+        self.client.log_batch(run_id, metrics=[Metric(*m) for m in metrics], params=[Param(*p) for p in params],
+                              tags=[RunTag(*t) for t in tags])
+
+    def log_inputs(self, run_id: str, datasets) -> None:
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        self.client.log_inputs(run_id, datasets=[
+            DatasetInput(Dataset(**fields), tags=[InputTag("mlflow.data.context", context)])
+            for fields, context in datasets])
+
+
 @dataclass
 class RunTracker:
     """Logs to one MLflow run by id; keeps what it could not send and says so."""
@@ -94,37 +162,17 @@ class RunTracker:
     lost_since: float | None = None
     last_error: str | None = None
     seconds: float = 0.0  # wall time spent sending, to account for tracking overhead
-    # Importing MLflow takes seconds and rank 0 needs its client only at the first flush (an epoch's
-    # end): in the background the import runs beside the first steps instead of before them. Only
-    # where the caller's thread imports nothing meanwhile: two threads importing at once can deadlock.
-    background: bool = False
 
     def __post_init__(self) -> None:
         configure_http()
-        self._connected: MlflowClient | None = None
-        self._connect_error: BaseException | None = None
-        self._connecting: threading.Thread | None = None
-        if self.background:
-            self._connecting = threading.Thread(target=self._connect, name="mlflow-client", daemon=True)
-            self._connecting.start()
-        else:
-            self._connect()
-
-    def _connect(self) -> None:
-        try:
-            from mlflow.tracking import MlflowClient
-
-            self._connected = MlflowClient(self.uri)
-        except BaseException as exc:  # noqa: BLE001 - raised where the client is first used
-            self._connect_error = exc
+        self._store: RestClient | StoreClient | None = None
 
     @property
-    def _client(self) -> MlflowClient:
-        if self._connecting is not None:
-            self._connecting.join()
-        if self._connected is None:
-            raise self._connect_error or RuntimeError("no MLflow client")
-        return self._connected
+    def _client(self) -> RestClient | StoreClient:
+        if self._store is None:
+            self._store = (RestClient(self.uri) if self.uri.startswith(("http://", "https://"))
+                           else StoreClient(self.uri))
+        return self._store
 
     def log_params(self, params: dict[str, Any]) -> None:
         self._pending_params.update({k: str(v) for k, v in params.items()})
@@ -148,26 +196,19 @@ class RunTracker:
         start = time.perf_counter()
         try:
             client = self._client
-            from mlflow.entities import Metric, Param, RunTag
-
-            # MLflow caps a batch at 1,000 metrics and 100 params.
-            params = [Param(k, v) for k, v in self._pending_params.items()]
-            for i in range(0, len(params), 100):
-                client.log_batch(self.run_id, params=params[i:i + 100])
-            self._pending_params.clear()
-            if self._pending_tags:
-                client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in self._pending_tags.items()])
-                self._pending_tags.clear()
             if self._pending_inputs:
-                from mlflow.entities import Dataset, DatasetInput, InputTag
-
-                client.log_inputs(self.run_id, datasets=[
-                    DatasetInput(Dataset(**fields), tags=[InputTag("mlflow.data.context", context)])
-                    for fields, context in self._pending_inputs])
+                client.log_inputs(self.run_id, self._pending_inputs)
                 self._pending_inputs.clear()
-            while self._pending_metrics:
-                client.log_batch(self.run_id, metrics=[Metric(*m) for m in self._pending_metrics[:1000]])
-                del self._pending_metrics[:1000]
+            while self._pending_params or self._pending_tags or self._pending_metrics:
+                # One request per epoch, in MLflow's caps: 100 params, 100 tags, 1,000 values in all.
+                params, tags = list(self._pending_params.items())[:100], list(self._pending_tags.items())[:100]
+                metrics = self._pending_metrics[:1000 - len(params) - len(tags)]
+                client.log_batch(self.run_id, metrics=metrics, params=params, tags=tags)
+                for key, _ in params:
+                    del self._pending_params[key]
+                for key, _ in tags:
+                    del self._pending_tags[key]
+                del self._pending_metrics[:len(metrics)]
         except Exception as exc:  # noqa: BLE001 - any tracking failure must not stop training
             if self.lost_since is None:
                 self.lost_since = time.time()

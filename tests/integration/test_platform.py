@@ -92,3 +92,32 @@ def test_every_listener_is_on_the_configured_host_and_the_state_is_private(platf
     assert cluster.ray_temp_dir(platform).parent.stat().st_mode & 0o777 == 0o700
     for db in [platform.data_dir / "queue.db", platform.data_dir / "mlflow" / "mlflow.db"]:
         assert db.stat().st_mode & 0o077 == 0, (db, oct(db.stat().st_mode))
+
+
+def test_rank_zeros_tracker_logs_over_mlflows_rest_api_what_mlflows_client_reads_back(platform):
+    """RunTracker sends without MLflow's client (trainers.tracking.RestClient); the real server takes
+    params, tags, a NaN metric at its step and a dataset input, and names a run it does not know."""
+    from mlflow.tracking import MlflowClient
+
+    from trainers.tracking import RunTracker
+
+    client = MlflowClient(platform.tracking_uri)
+    exp = client.get_experiment_by_name("rest-tracker") or client.get_experiment(client.create_experiment("rest-tracker"))
+    run_id = client.create_run(exp.experiment_id).info.run_id
+    tracker = RunTracker(platform.tracking_uri, run_id)
+    tracker.log_params({"lr": 0.1})
+    tracker.set_tags({"oppen.phase.loop_at": "1.5"})
+    tracker.log_metrics({"loss": 0.25, "diverged": float("nan")}, step=3)
+    tracker.log_dataset({"name": "mnist", "digest": "d1", "source_type": "local", "source": "{}",
+                         "schema": "", "profile": ""})
+    assert tracker.flush() is True and tracker.unsent == 0, tracker.last_error
+    run = client.get_run(run_id)
+    assert run.data.params == {"lr": "0.1"} and run.data.tags["oppen.phase.loop_at"] == "1.5"
+    assert run.data.metrics["loss"] == 0.25 and run.data.metrics["diverged"] != run.data.metrics["diverged"]
+    assert [m.step for m in client.get_metric_history(run_id, "loss")] == [3]
+    assert [d.dataset.digest for d in run.inputs.dataset_inputs] == ["d1"]
+
+    unknown = RunTracker(platform.tracking_uri, "0" * 32)
+    unknown.log_metrics({"loss": 1.0}, step=1)
+    assert unknown.flush() is False and unknown.unsent == 1
+    assert "RESOURCE_DOES_NOT_EXIST" in unknown.last_error

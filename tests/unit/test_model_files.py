@@ -46,7 +46,6 @@ def test_a_model_logged_by_the_trainer_serves_the_same_predictions(uri, tmp_path
 
     from trainers import mnist
     from trainers.driver import RunContext
-    from trainers.specs import MnistConfig
 
     trained = MnistCNN(6)
     with torch.no_grad():  # not the init: batch-norm statistics too
@@ -54,18 +53,34 @@ def test_a_model_logged_by_the_trainer_serves_the_same_predictions(uri, tmp_path
             p.copy_(torch.randn_like(p.float()).to(p.dtype))
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
-    torch.save({"model": trained.state_dict(), "epoch": 1}, ckpt / mnist.CHECKPOINT_FILE)
+    mnist.write_final_model(ckpt, 6, trained)  # as rank 0 does with the last epoch's checkpoint
     run_id = run_in(uri, "mnist")
     ctx = RunContext(trainer="mnist", run_name="t", data_dir=tmp_path, costs_file="", uri=uri, run_id=run_id,
                      resume=False)
-    mnist._log_model(MnistConfig(width=6), ctx, ray.train.Checkpoint.from_directory(str(ckpt)),
-                     {"test_accuracy": 0.5, "epoch": 1})
+    mnist._log_model(ctx, ray.train.Checkpoint.from_directory(str(ckpt)), {"test_accuracy": 0.5, "epoch": 1})
     mlflow.tracking.MlflowClient(uri).set_terminated(run_id)
     mv = register_run(uri, run_id)
 
     served = load_mnist_version(uri, mv)
     images = np.random.default_rng(0).integers(0, 256, (16, 28, 28), dtype=np.uint8)
     np.testing.assert_array_equal(forward(served, images), forward(trained.eval(), images))
+
+
+def test_a_last_checkpoint_without_the_model_files_is_refused_with_the_reason(uri, tmp_path):
+    import ray.train
+
+    from trainers import mnist
+    from trainers.driver import RunContext
+
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    torch.save({"model": MnistCNN(6).state_dict(), "epoch": 1}, ckpt / mnist.CHECKPOINT_FILE)
+    run_id = run_in(uri, "mnist")
+    ctx = RunContext(trainer="mnist", run_name="t", data_dir=tmp_path, costs_file="", uri=uri, run_id=run_id,
+                     resume=False)
+    with pytest.raises(ModelRefused, match="oppen_model.json or model.safetensors"):
+        mnist._log_model(ctx, ray.train.Checkpoint.from_directory(str(ckpt)), {"epoch": 1})
+    assert not mlflow.tracking.MlflowClient(uri).list_artifacts(run_id)
 
 
 class Payload(torch.nn.Module):

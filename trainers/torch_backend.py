@@ -1,0 +1,108 @@
+"""Ray Train's torch set-up, with torch imported only in the processes that compute.
+
+Ray's `TorchTrainer` and `TorchConfig` import torch wherever they are held: in the job's driver,
+which builds the trainer, and in Ray Train's controller, which sets the gang up. Neither computes,
+and on a small machine each import is 1-2 s of a job's start (`benchmarks/startup.py`). The trainer
+built here is Ray's `DataParallelTrainer` with this module's backend, which is Ray's own torch
+backend with the imports moved to where they are used:
+
+- a gang of several workers is set up by Ray's `_TorchBackend` (imported by the controller then):
+  the same process group, environment and CUDA device;
+- a single worker has no peers to join: it gets Ray's torch environment (RANK, WORLD_SIZE, ...)
+  and CUDA device, and no process group, as in a one-worker Tune trial (trainers.session). Ray's
+  `prepare_model` and `prepare_data_loader` wrap nothing at world size 1 either way.
+
+`DatasetsCallback` is left out when the trainer has no Ray Data inputs: it starts a
+`DatasetManager` actor (one more process per job) that only `get_dataset_shard` uses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ray.train.backend import Backend, BackendConfig
+from ray.train.v2._internal.util import TrainingFramework
+from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+
+
+def _ray_torch(name: str, **kwargs):
+    """Call a function of Ray's torch config module on a worker (importing torch there)."""
+    from ray.train.torch import config
+
+    return getattr(config, name)(**kwargs)
+
+
+class CudaDeviceContext:
+    """Ray's `TorchConfigContextManager` around `train_func`: the worker's CUDA device, if any."""
+
+    def __enter__(self):
+        from ray.train.torch.config import TorchConfigContextManager
+
+        self._inner = TorchConfigContextManager()
+        return self._inner.__enter__()
+
+    def __exit__(self, *exc) -> bool:
+        return self._inner.__exit__(*exc)
+
+
+@dataclass
+class TorchBackendConfig(BackendConfig):
+    """`ray.train.torch.TorchConfig`'s fields; torch is imported where the backend runs."""
+
+    backend: str | None = None   # gloo or nccl; None: nccl with GPUs, else gloo (Ray's rule)
+    init_method: str = "env"
+    timeout_s: int = 1800
+
+    @property
+    def backend_cls(self):
+        return TorchBackend
+
+    @property
+    def train_func_context(self):
+        return CudaDeviceContext
+
+    @property
+    def framework(self):
+        return TrainingFramework.TORCH
+
+    def ray_config(self):
+        from ray.train.torch.config import TorchConfig
+
+        return TorchConfig(backend=self.backend, init_method=self.init_method, timeout_s=self.timeout_s)
+
+
+class TorchBackend(Backend):
+    share_cuda_visible_devices: bool = True
+
+    @staticmethod
+    def _ray_backend():
+        from ray.train.torch.config import _TorchBackend
+
+        return _TorchBackend()
+
+    def on_start(self, worker_group, backend_config: TorchBackendConfig) -> None:
+        if len(worker_group) > 1:
+            self._ray_backend().on_start(worker_group, backend_config.ray_config())
+        else:
+            worker_group.execute(_ray_torch, "_set_torch_distributed_env_vars")
+
+    def on_shutdown(self, worker_group, backend_config: TorchBackendConfig) -> None:
+        if len(worker_group) > 1:
+            self._ray_backend().on_shutdown(worker_group, backend_config.ray_config())
+        else:
+            worker_group.execute(_ray_torch, "_shutdown_torch")
+
+
+class TorchTrainer(DataParallelTrainer):
+    """Ray Train's data-parallel trainer with `TorchBackendConfig`: what `ray.train.torch.TorchTrainer`
+    runs, minus torch in the driver and the controller (and minus Ray Data's actor without datasets)."""
+
+    def __init__(self, train_loop_per_worker, *, use_gpu: bool, **kwargs):
+        super().__init__(train_loop_per_worker,
+                         backend_config=TorchBackendConfig(backend="nccl" if use_gpu else "gloo"), **kwargs)
+
+    def _create_default_callbacks(self):
+        from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+
+        callbacks = super()._create_default_callbacks()
+        return callbacks if self.datasets else [c for c in callbacks if not isinstance(c, DatasetsCallback)]
