@@ -165,10 +165,11 @@ def given_spec_flags(argv: list[str] | None, spec_cls: type) -> dict:
 
 def torch_trainer(train_func: Callable[[dict], None], loop_config: dict, spec, ctx: RunContext, *,
                   callbacks: list | None = None, storage_path: Path | None = None,
-                  datasets: dict | None = None, dataset_config=None):
+                  datasets: dict | None = None, dataset_config=None, in_trial: bool = False):
     """A torch trainer for the spec's gang (trainers.torch_backend: no torch in this process or Ray
     Train's controller), checkpointing under the data dir, restarting failed workers; `datasets` /
-    `dataset_config`: Ray Data inputs the workers read with `ray.train.get_dataset_shard`."""
+    `dataset_config`: Ray Data inputs the workers read with `ray.train.get_dataset_shard`;
+    `in_trial`: built in a Tune trial's process rather than the job's driver."""
     import ray.train
 
     from trainers.torch_backend import TorchTrainer
@@ -188,7 +189,7 @@ def torch_trainer(train_func: Callable[[dict], None], loop_config: dict, spec, c
     # config is built, so the GPUs join the reservation after.
     scaling.resources_per_worker = resources
     return TorchTrainer(
-        train_func, use_gpu=use_gpu, train_loop_config=config, **data,
+        train_func, use_gpu=use_gpu, driver_owns_run=not in_trial, train_loop_config=config, **data,
         scaling_config=scaling,
         run_config=ray.train.RunConfig(
             name=ctx.run_name, storage_path=str(storage_path or runtime.checkpoint_root(ctx.data_dir)),

@@ -12,8 +12,8 @@ backend with the imports moved to where they are used:
   and CUDA device, and no process group, as in a one-worker Tune trial (trainers.session). Ray's
   `prepare_model` and `prepare_data_loader` wrap nothing at world size 1 either way.
 
-`DatasetsCallback` is left out when the trainer has no Ray Data inputs: it starts a
-`DatasetManager` actor (one more process per job) that only `get_dataset_shard` uses.
+Each actor Ray Train starts is a process that imports Ray on the job's critical path; the trainer
+leaves out the two that guard nothing in a job (see `TorchTrainer`).
 """
 
 from __future__ import annotations
@@ -95,14 +95,23 @@ class TorchBackend(Backend):
 
 class TorchTrainer(DataParallelTrainer):
     """Ray Train's data-parallel trainer with `TorchBackendConfig`: what `ray.train.torch.TorchTrainer`
-    runs, minus torch in the driver and the controller (and minus Ray Data's actor without datasets)."""
+    runs, minus torch in the driver and the controller, and minus two actors where they guard nothing:
 
-    def __init__(self, train_loop_per_worker, *, use_gpu: bool, **kwargs):
+    - Ray Data's `DatasetManager`, when there are no Ray Data inputs;
+    - the detached `PlacementGroupCleaner`, which removes the run's placement groups if the controller
+      dies and its caller lives on, when `driver_owns_run`: the caller is the Ray job's driver, which
+      exits when the run fails, and Ray removes a finished job's placement groups. A Tune trial's
+      process is restarted in the same job, so a run inside a trial keeps its cleaner."""
+
+    def __init__(self, train_loop_per_worker, *, use_gpu: bool, driver_owns_run: bool, **kwargs):
+        self._driver_owns_run = driver_owns_run
         super().__init__(train_loop_per_worker,
                          backend_config=TorchBackendConfig(backend="nccl" if use_gpu else "gloo"), **kwargs)
 
     def _create_default_callbacks(self):
         from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+        from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 
-        callbacks = super()._create_default_callbacks()
-        return callbacks if self.datasets else [c for c in callbacks if not isinstance(c, DatasetsCallback)]
+        idle = ((DatasetsCallback,) if not self.datasets else ()) + (
+            (PlacementGroupCleanerCallback,) if self._driver_owns_run else ())
+        return [c for c in super()._create_default_callbacks() if not isinstance(c, idle)]

@@ -214,7 +214,8 @@ def trial_fn(config: dict) -> None:
             module.train_func(driver.train_loop_config({**setup["loop_config"], IN_TRIAL: True}, spec, ctx))
         else:
             driver.torch_trainer(module.train_func, setup["loop_config"], spec, ctx,
-                                 callbacks=[TuneReportCallback()], storage_path=Path(setup["storage"])).fit()
+                                 callbacks=[TuneReportCallback()], storage_path=Path(setup["storage"]),
+                                 in_trial=True).fit()
     except Exception:
         driver.close_run(setup["uri"], run_id, status="FAILED")
         raise
