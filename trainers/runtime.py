@@ -59,14 +59,17 @@ def write_run_record(run_dir: Path, record: dict) -> None:
     os.replace(tmp, run_dir / RUN_RECORD)
 
 
-def worker_device():
-    """The torch device a Ray Train worker computes on: Ray's (its GPU) where CUDA is there, else the
-    CPU. On a CPU-only box the GPU group's GPUs are logical: Ray hands the worker a GPU id, and its
+def worker_device(in_trial: bool = False):
+    """The torch device a worker computes on: where CUDA is there, its GPU (Ray Train's choice; in a
+    Tune trial's own process, cuda:0, as Ray points CUDA_VISIBLE_DEVICES at the trial's GPUs), else
+    the CPU. On a CPU-only box the GPU group's GPUs are logical: Ray hands the worker a GPU id, and its
     own device choice would then be a CUDA device that does not exist."""
     import torch
 
     if not torch.cuda.is_available():
         return torch.device("cpu")
+    if in_trial:
+        return torch.device("cuda", 0)
     import ray.train.torch
 
     device = ray.train.torch.get_device()

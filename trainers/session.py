@@ -23,14 +23,9 @@ class Session:
 
     def device(self):
         """The torch device to compute on: the CPU where the GPUs are logical (a CPU-only box)."""
-        if not self.in_trial:
-            from trainers.runtime import worker_device
+        from trainers.runtime import worker_device
 
-            return worker_device()
-        import torch
-
-        # Ray points CUDA_VISIBLE_DEVICES at the trial's own GPUs, so its first is cuda:0.
-        return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+        return worker_device(self.in_trial)
 
     def prepare_model(self, model, device):
         """On the device; wrapped in DDP where there are several ranks."""

@@ -7,7 +7,8 @@ and gives every worker all of them. This one tokenizes with Ray Data and streams
   (`text_data.text_chunks`); a Ray Data `map_batches` stage of tokenizer actors encodes them, placed
   like every preprocessing stage (`ray_pipeline.stage_options`: a cluster's CPU worker group). The
   driver reads the ids back in order and cuts them into blocks of `block_size` tokens: the very
-  blocks the in-memory path trains on (a test holds the two equal), `--max-train-tokens` included.
+  blocks the in-memory path trains on (a test holds the two equal), `--max-train-tokens` included
+  (the stage stops once the driver has that many).
 - Store. Blocks go to the object store in groups of `GROUP_BLOCKS` as they are cut, each row with
   its rank (a hash of the block's index, `byo.rank_of`); the driver keeps only the per-rank counts,
   so its memory is one group's whatever the corpus. Ray spills the object store to disk past its size.
@@ -68,12 +69,13 @@ class _Tokenize:
 
 def tokenized_pieces(train: str, validation: str, *, data_dir: Path,
                      offline: bool) -> Iterator[tuple[str, np.ndarray]]:
-    """(split, ids) of every piece of both texts, in order, tokenized by a Ray Data stage."""
+    """(split, ids) of every piece of both texts, each text's in order (the validation text's first,
+    so a reader that has training tokens enough can stop), tokenized by a Ray Data stage."""
     import pyarrow as pa
     import ray.data
     from ray.data import ActorPoolStrategy
 
-    pieces = [("train", t) for t in text_chunks(train)] + [("validation", t) for t in text_chunks(validation)]
+    pieces = [("validation", t) for t in text_chunks(validation)] + [("train", t) for t in text_chunks(train)]
     table = pa.table({"piece": list(range(len(pieces))), "split": [s for s, _ in pieces],
                       "text": [t for _, t in pieces]})
     ds = ray.data.from_arrow([table.slice(i, 1) for i in range(table.num_rows)])
@@ -111,20 +113,24 @@ def text_plan(spec, train: str, validation: str, *, data_dir: Path, offline: boo
             counts.append(np.bincount(ranks, minlength=world))
             stored += len(group)
 
-    for split, piece in tokenized_pieces(train, validation, data_dir=data_dir, offline=offline):
-        if split == "validation":
-            held.append(piece)
-            continue
-        if limit is not None and n_blocks >= limit:
-            continue
-        stream = np.concatenate([carry, piece])
-        whole = len(stream) // block_size
-        if limit is not None:
-            whole = min(whole, limit - n_blocks)
-        pending.append(stream[:whole * block_size].reshape(whole, block_size))
-        carry = stream[whole * block_size:]
-        n_blocks += whole
-        flush(final=False)
+    pieces = tokenized_pieces(train, validation, data_dir=data_dir, offline=offline)
+    try:
+        for split, piece in pieces:
+            if split == "validation":
+                held.append(piece)
+                continue
+            stream = np.concatenate([carry, piece])
+            whole = len(stream) // block_size
+            if limit is not None:
+                whole = min(whole, limit - n_blocks)
+            pending.append(stream[:whole * block_size].reshape(whole, block_size))
+            carry = stream[whole * block_size:]
+            n_blocks += whole
+            flush(final=False)
+            if limit is not None and n_blocks >= limit:
+                break  # --max-train-tokens: the rest of the text is not tokenized
+    finally:
+        pieces.close()  # stops the Ray Data stage where the reading stopped
     flush(final=True)
     val = np.concatenate(held) if held else np.zeros(0, np.int32)
     rows_per_step = per_rank * spec.grad_accum
