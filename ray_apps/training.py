@@ -132,13 +132,10 @@ def create_run(settings: Settings, trainer: str, run_name: str, tags: dict[str, 
     if not mlflow_healthy(settings.tracking_uri):
         raise PlatformError(f"MLflow at {settings.tracking_uri} is unreachable. To fix: run `oppen up` "
                             "or set MLFLOW_TRACKING_URI to a running server.")
-    from mlflow.tracking import MlflowClient
+    from trainers.tracking import open_new_run
 
-    from trainers.tracking import open_run
-
-    run_id = open_run(settings.tracking_uri, experiment=trainer, run_name=run_name,
-                      tags={"oppen.trainer": trainer, "ray.submission_id": run_name, **(tags or {})})
-    exp_id = MlflowClient(settings.tracking_uri).get_run(run_id).info.experiment_id
+    run_id, exp_id = open_new_run(settings.tracking_uri, experiment=trainer, run_name=run_name,
+                                  tags={"oppen.trainer": trainer, "ray.submission_id": run_name, **(tags or {})})
     return run_id, f"{settings.tracking_uri}/#/experiments/{exp_id}/runs/{run_id}"
 
 

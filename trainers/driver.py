@@ -29,7 +29,7 @@ from trainers.drain import DRAINED_EXIT, drained_position
 from trainers.pricing import CatalogError, load_catalog
 from trainers.sources import SourceError
 from trainers.specs import SpecError, add_arguments, config_from_args, servable
-from trainers.tracking import TrackingUnavailable, check_server, open_run, tracking_uri
+from trainers.tracking import TrackingUnavailable, check_server, open_run, tracking_client, tracking_uri
 
 PROGRESS = "[oppen]"          # prefix of the lines `oppen train` shows as progress
 RESULT = "OPPEN_RESULT"       # prefix of the final JSON line `oppen train` reads
@@ -234,9 +234,7 @@ def close_run(uri: str, run_id: str | None, *, status: str) -> None:
     if run_id is None:
         return
     try:
-        from mlflow.tracking import MlflowClient
-
-        MlflowClient(uri).set_terminated(run_id, status=status)
+        tracking_client(uri).set_status(run_id, status)
     except Exception:  # noqa: BLE001 - the server may be the thing that failed
         log.warning("could not mark MLflow run %s as %s", run_id, status)
 

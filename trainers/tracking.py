@@ -10,12 +10,14 @@ on: values are kept, retried at the next flush, and what was lost is reported.
 from __future__ import annotations
 
 import base64
+import getpass
 import json
 import logging
 import math
 import os
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from typing import Any
@@ -62,22 +64,32 @@ def check_server(uri: str, timeout: float = 5.0) -> None:
 def open_run(uri: str, *, experiment: str, run_name: str, run_id: str | None = None,
              tags: dict[str, str] | None = None) -> str:
     """Create a run (or reopen `run_id`, e.g. on resume) and return its id."""
-    from mlflow.tracking import MlflowClient
-
-    from mlflow.entities import RunTag
-
-    configure_http()
-    client = MlflowClient(uri)
-    tags = {key: str(value) for key, value in (tags or {}).items()}
     if run_id:
-        client.update_run(run_id, status="RUNNING")
+        client = tracking_client(uri)
+        client.set_status(run_id, "RUNNING")
         if tags:  # one request for all of them
-            client.log_batch(run_id, tags=[RunTag(k, v) for k, v in {"mlflow.runName": run_name, **tags}.items()])
-    else:
-        exp = client.get_experiment_by_name(experiment)
-        exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
-        run_id = client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
-    return run_id
+            client.log_batch(run_id, tags=[("mlflow.runName", run_name), *_strings(tags)])
+        return run_id
+    return open_new_run(uri, experiment=experiment, run_name=run_name, tags=tags)[0]
+
+
+def open_new_run(uri: str, *, experiment: str, run_name: str, tags: dict[str, str] | None = None
+                 ) -> tuple[str, str]:
+    """Create a run in `experiment` (created if new), its tags in the same request: (run id, experiment id)."""
+    client = tracking_client(uri)
+    experiment_id = client.experiment_id(experiment)
+    return client.create_run(experiment_id, run_name, _strings(tags or {})), experiment_id
+
+
+def _strings(values: dict[str, Any]) -> list[tuple[str, str]]:
+    return [(key, str(value)) for key, value in values.items()]
+
+
+def tracking_client(uri: str) -> RestClient | StoreClient:
+    """MLflow's REST API for a server (no import of MLflow's client: ~1 s of a process's start), its
+    client for a store with no server (sqlite:, file:)."""
+    configure_http()
+    return RestClient(uri) if uri.startswith(("http://", "https://")) else StoreClient(uri)
 
 
 class RestClient:
@@ -96,15 +108,52 @@ class RestClient:
             pair = f"{os.environ['MLFLOW_TRACKING_USERNAME']}:{os.environ.get('MLFLOW_TRACKING_PASSWORD', '')}"
             self.headers["Authorization"] = "Basic " + base64.b64encode(pair.encode()).decode()
 
-    def _post(self, endpoint: str, body: dict) -> None:
-        request = urllib.request.Request(self.base + endpoint, data=json.dumps(body).encode(),
-                                         headers=self.headers, method="POST")
+    def _call(self, endpoint: str, body: dict | None = None, *, query: dict | None = None) -> dict:
+        """POST `body` (or GET with `query`); MLflow's answer. An error names MLflow's error code."""
+        url = self.base + endpoint + (f"?{urllib.parse.urlencode(query)}" if query else "")
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(url, data=data, headers=self.headers, method="GET" if data is None else "POST")
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as resp:
-                resp.read()
+                return json.loads(resp.read() or b"{}")
         except urllib.error.HTTPError as exc:  # MLflow's own reason: {"error_code": ..., "message": ...}
             detail = exc.read().decode(errors="replace")[:300]
-            raise OSError(f"MLflow answered HTTP {exc.code} to {endpoint}: {detail}") from None
+            try:
+                code = json.loads(detail).get("error_code", "")
+            except ValueError:
+                code = ""
+            raise MlflowRestError(f"MLflow answered HTTP {exc.code} to {endpoint}: {detail}", code) from None
+
+    def experiment_id(self, name: str) -> str:
+        """The experiment's id, created if there is none (by another process meanwhile too)."""
+        for _ in range(2):
+            try:
+                return self._call("experiments/get-by-name", query={"experiment_name": name})["experiment"][
+                    "experiment_id"]
+            except MlflowRestError as exc:
+                if exc.code != "RESOURCE_DOES_NOT_EXIST":
+                    raise
+            try:
+                return self._call("experiments/create", {"name": name})["experiment_id"]
+            except MlflowRestError as exc:
+                if exc.code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+        raise MlflowRestError(f"MLflow experiment {name!r} could be neither found nor created", "")
+
+    def create_run(self, experiment_id: str, run_name: str, tags: list[tuple[str, str]]) -> str:
+        answer = self._call("runs/create", {
+            "experiment_id": experiment_id, "run_name": run_name, "start_time": int(time.time() * 1000),
+            "user_id": _user(), "tags": [{"key": k, "value": v} for k, v in tags]})
+        return answer["run"]["info"]["run_id"]
+
+    def set_status(self, run_id: str, status: str) -> None:
+        body = {"run_id": run_id, "status": status}
+        if status != "RUNNING":
+            body["end_time"] = int(time.time() * 1000)
+        self._call("runs/update", body)
+
+    def _post(self, endpoint: str, body: dict) -> None:
+        self._call(endpoint, body)
 
     def log_batch(self, run_id: str, metrics=(), params=(), tags=()) -> None:
         self._post("runs/log-batch", {
@@ -118,6 +167,19 @@ class RestClient:
         self._post("runs/log-inputs", {"run_id": run_id, "datasets": [
             {"tags": [{"key": "mlflow.data.context", "value": context}], "dataset": fields}
             for fields, context in datasets]})
+
+
+class MlflowRestError(OSError):
+    def __init__(self, message: str, code: str) -> None:
+        super().__init__(message)
+        self.code = code  # MLflow's error_code, e.g. RESOURCE_DOES_NOT_EXIST
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no name for this uid (a container's)
+        return "unknown"
 
 
 def _json_double(value: float) -> float | str:
@@ -134,6 +196,19 @@ class StoreClient:
         from mlflow.tracking import MlflowClient
 
         self.client = MlflowClient(uri)
+
+    def experiment_id(self, name: str) -> str:
+        exp = self.client.get_experiment_by_name(name)
+        return exp.experiment_id if exp else self.client.create_experiment(name)
+
+    def create_run(self, experiment_id: str, run_name: str, tags: list[tuple[str, str]]) -> str:
+        return self.client.create_run(experiment_id, run_name=run_name, tags=dict(tags)).info.run_id
+
+    def set_status(self, run_id: str, status: str) -> None:
+        if status == "RUNNING":
+            self.client.update_run(run_id, status="RUNNING")
+        else:
+            self.client.set_terminated(run_id, status=status)
 
     def log_batch(self, run_id: str, metrics=(), params=(), tags=()) -> None:
         from mlflow.entities import Metric, Param, RunTag
@@ -170,8 +245,7 @@ class RunTracker:
     @property
     def _client(self) -> RestClient | StoreClient:
         if self._store is None:
-            self._store = (RestClient(self.uri) if self.uri.startswith(("http://", "https://"))
-                           else StoreClient(self.uri))
+            self._store = tracking_client(self.uri)
         return self._store
 
     def log_params(self, params: dict[str, Any]) -> None:

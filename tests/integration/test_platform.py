@@ -121,3 +121,31 @@ def test_rank_zeros_tracker_logs_over_mlflows_rest_api_what_mlflows_client_reads
     unknown.log_metrics({"loss": 1.0}, step=1)
     assert unknown.flush() is False and unknown.unsent == 1
     assert "RESOURCE_DOES_NOT_EXIST" in unknown.last_error
+
+
+def test_a_run_opened_closed_and_reopened_over_mlflows_rest_api_reads_back_as_mlflows_client_sees_it(platform):
+    """The queue's and the trainers' runs are opened without MLflow's client (trainers.tracking): a new
+    experiment, the run's name and tags in its creating request, its end, and its reopening."""
+    import uuid
+
+    from mlflow.tracking import MlflowClient
+
+    from trainers.driver import close_run
+    from trainers.tracking import open_new_run, open_run
+
+    client, name = MlflowClient(platform.tracking_uri), f"rest-{uuid.uuid4().hex[:8]}"
+    run_id, experiment_id = open_new_run(platform.tracking_uri, experiment=name, run_name="job-1",
+                                         tags={"oppen.tenant": "team-a", "attempt": 1})
+    run = client.get_run(run_id)
+    assert client.get_experiment(experiment_id).name == name and run.info.experiment_id == experiment_id
+    assert run.info.run_name == "job-1" and run.info.status == "RUNNING"
+    assert run.data.tags["oppen.tenant"] == "team-a" and run.data.tags["attempt"] == "1"
+
+    close_run(platform.tracking_uri, run_id, status="FAILED")
+    assert client.get_run(run_id).info.status == "FAILED" and client.get_run(run_id).info.end_time
+    assert open_run(platform.tracking_uri, experiment=name, run_name="job-1", run_id=run_id,
+                    tags={"attempt": 2}) == run_id
+    run = client.get_run(run_id)
+    assert run.info.status == "RUNNING" and run.data.tags["attempt"] == "2" and run.info.run_name == "job-1"
+    assert open_run(platform.tracking_uri, experiment=name, run_name="job-2") != run_id  # found by name
+    assert len(client.search_runs([experiment_id])) == 2
