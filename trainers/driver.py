@@ -134,9 +134,13 @@ def prepare(args: argparse.Namespace, argv: list[str], trainer: str, spec_cls: t
             first.flush()
             return opened
 
+        def reopen_and_warm_up(known: str) -> None:
+            open_and_describe(known)
+            import mlflow  # noqa: F401 - the finish logs the model with MLflow's client: imported now
+
         run_id = args.mlflow_run_id or record.get("mlflow_run_id")
-        if run_id:  # the queue made the run: MLflow's import and these requests overlap the workers' start
-            opening = threading.Thread(target=_in_background, args=(open_and_describe, run_id),
+        if run_id:  # the queue made the run: these requests and MLflow's import overlap the workers' start
+            opening = threading.Thread(target=_in_background, args=(reopen_and_warm_up, run_id),
                                        name="mlflow-run", daemon=True)
         else:
             run_id = open_and_describe(None)
