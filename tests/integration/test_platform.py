@@ -95,7 +95,7 @@ def test_every_listener_is_on_the_configured_host_and_the_state_is_private(platf
 
 
 def test_rank_zeros_tracker_logs_over_mlflows_rest_api_what_mlflows_client_reads_back(platform):
-    """RunTracker sends without MLflow's client (trainers.tracking.RestClient); the real server takes
+    """RunTracker sends without MLflow's client (trainers.mlflow_calls.RestClient); the real server takes
     params, tags, a NaN metric at its step and a dataset input, and names a run it does not know."""
     from mlflow.tracking import MlflowClient
 

@@ -63,7 +63,7 @@ def test_a_batch_over_mlflows_caps_goes_out_in_several_requests_and_nothing_is_l
 
 
 def test_metric_values_that_json_cannot_spell_are_sent_as_protobuf_spells_them():
-    from trainers.tracking import _json_double
+    from trainers.mlflow_calls import _json_double
 
     assert [_json_double(v) for v in (1.5, float("nan"), float("inf"), float("-inf"))] == [
         1.5, "NaN", "Infinity", "-Infinity"]
