@@ -71,6 +71,8 @@ NODE_SAMPLE_S = 10.0  # how often the worker groups' nodes are counted into node
 ADOPT_S = 5.0         # how often Ray's job list is read for jobs submitted around the queue
 MLFLOW_CHECK_S = 1.0  # a stalled MLflow must not stall the cycle
 WAKE_CHECK_S = 0.05   # between cycles, how often the store is asked whether another process wrote to it
+FREEING_S = 3.0       # after a job ends, Ray frees its placement group and actors within about this long,
+FREEING_CHECK_S = 0.1  # and jobs left waiting are planned again this often meanwhile, not every poll_s
 COST_LOG_S = 2.0      # how often unlogged costs are retried when no job has ended meanwhile
 PRUNE_S = 60.0        # how often REJECTED requests past their retention are forgotten
 
@@ -501,6 +503,7 @@ class Dispatcher:
         watch = self.queue.store.change_watch()
         self._costs_due = threading.Event()
         threading.Thread(target=self._cost_logger, args=(stop,), name="cost-logger", daemon=True).start()
+        freeing_until = 0.0
         while not stop.is_set():
             ok, started = False, time.time()
             try:
@@ -508,12 +511,16 @@ class Dispatcher:
                 ok = True
                 if any(vars(report).values()):
                     log.info("cycle: %s", report)
+                if report.finished or report.preempted or report.requeued:
+                    freeing_until = time.monotonic() + FREEING_S
             except Exception:  # noqa: BLE001 - a cycle is retried; the store is the state
                 log.exception("dispatcher cycle failed; retrying")
             self._beat(ok)
             if ok and watch is not None and self._submitted_since(started):
                 continue  # it may have come after this cycle read the queue
-            self._wait(stop, watch)
+            # A job that waits for what an ended job held gets it as soon as Ray has freed it.
+            soon = bool(self.waiting) and time.monotonic() < freeing_until
+            self._wait(stop, watch, FREEING_CHECK_S if soon else self.queue.config.poll_s)
 
     def _cost_logger(self, stop: threading.Event) -> None:
         """Metered costs and phases go to the jobs' MLflow runs here, off the cycle: several MLflow
@@ -529,15 +536,15 @@ class Dispatcher:
     def _submitted_since(self, since: float) -> bool:
         return any(j.submitted_at >= since for j in self.queue.store.list(states=[JobState.QUEUED]))
 
-    def _wait(self, stop: threading.Event, watch) -> None:
-        """Until the next cycle: poll_s, or less once another process has written to the store (a job
-        submitted or cancelled is acted on at once, not at the next poll). A job submitted while the
-        cycle ran is caught by `_submitted_since` before this."""
+    def _wait(self, stop: threading.Event, watch, seconds: float) -> None:
+        """Until the next cycle: `seconds`, or less once another process has written to the store (a
+        job submitted or cancelled is acted on at once, not at the next poll). A job submitted while
+        the cycle ran is caught by `_submitted_since` before this."""
         if watch is None:
-            stop.wait(self.queue.config.poll_s)
+            stop.wait(seconds)
             return
         watch.mark()  # this cycle's own writes are not news
-        deadline = time.monotonic() + self.queue.config.poll_s
+        deadline = time.monotonic() + seconds
         while not stop.wait(min(WAKE_CHECK_S, max(0.0, deadline - time.monotonic()))):
             if time.monotonic() >= deadline or watch.changed():
                 return

@@ -1,15 +1,15 @@
 """The dispatcher acts on a submission at once: between cycles it watches the SQLite store's change
 counter, so another process's commit (a submit, a cancel) starts the next cycle without waiting out
-poll_s; its own cycle's writes do not."""
+poll_s; its own cycle's writes do not. After a job ends, jobs left waiting are planned again within a
+tenth of a second while Ray frees what it held."""
 import contextlib
 import threading
 import time
-from types import SimpleNamespace
 
 from ray_apps.config import Settings
 from ray_apps.scheduler.api import Queue
 from ray_apps.scheduler.config import QueueConfig
-from ray_apps.scheduler.dispatcher import Dispatcher
+from ray_apps.scheduler.dispatcher import FREEING_S, CycleReport, Dispatcher
 from ray_apps.scheduler.states import JobState
 from ray_apps.scheduler.store import JobStore
 
@@ -21,15 +21,14 @@ def add_job(store: JobStore, job_id: str, state: JobState = JobState.QUEUED) -> 
 
 @contextlib.contextmanager
 def running(tmp_path, cycle_with):
-    """A dispatcher with poll_s 30 s whose cycle is `cycle_with(dispatcher, cycles)`, looping in a thread;
-    yields the list of its cycles' start times."""
+    """A dispatcher with poll_s 30 s whose cycle is `cycle_with(dispatcher, cycles)` (a CycleReport, or
+    None for an empty one), looping in a thread; yields the list of its cycles' start times."""
     dispatcher = Dispatcher(Queue.from_settings(Settings(data_dir=tmp_path), QueueConfig(poll_s=30)))
     cycles: list[float] = []
 
     def cycle():
         cycles.append(time.monotonic())
-        cycle_with(dispatcher, cycles)
-        return SimpleNamespace()
+        return cycle_with(dispatcher, cycles) or CycleReport()
 
     dispatcher.cycle = cycle
     stop = threading.Event()
@@ -89,3 +88,30 @@ def test_a_job_submitted_while_a_cycle_runs_gets_the_next_cycle_at_once(tmp_path
         assert len(cycles) >= 2 and cycles[1] - cycles[0] < 1.0
         time.sleep(0.5)
         assert len(cycles) == 2  # and no loop: the job is older than the second cycle
+
+
+def test_after_a_job_ends_a_waiting_job_is_planned_again_within_a_tenth_of_a_second_for_a_while(
+        tmp_path, monkeypatch):
+    """Ray frees an ended job's placement group a moment after the job ends: the job waiting for it is
+    planned again every 0.1 s for FREEING_S, then every poll_s; with nothing waiting, poll_s at once."""
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:9")
+
+    def one_job_ends_and_another_waits(dispatcher, cycles):
+        dispatcher.waiting = {"queued-job": "waits for CPUs"}
+        return CycleReport(finished=["ended-job"]) if len(cycles) == 1 else None
+
+    with running(tmp_path, one_job_ends_and_another_waits) as cycles:
+        time.sleep(FREEING_S + 1.0)
+        gaps = [b - a for a, b in zip(cycles, cycles[1:])]
+        assert 15 <= len(cycles) <= 40 and max(gaps[:10]) < 0.5  # ~every 0.1 s, for ~3 s
+        settled = len(cycles)
+        time.sleep(1.0)
+        assert len(cycles) == settled  # then poll_s (30 s)
+
+    def one_job_ends_and_none_waits(dispatcher, cycles):
+        dispatcher.waiting = {}
+        return CycleReport(finished=["ended-job"]) if len(cycles) == 1 else None
+
+    with running(tmp_path / "idle", one_job_ends_and_none_waits) as cycles:
+        time.sleep(1.0)
+        assert len(cycles) == 1
