@@ -1,0 +1,50 @@
+"""A trainer's driver builds Ray Train without importing torch (trainers/torch_backend.py), and leaves
+out the actors that guard nothing in a job: the torch set-up runs where the workers are."""
+import subprocess
+import sys
+from pathlib import Path
+
+from ray.train import ScalingConfig
+
+from trainers.torch_backend import TorchBackendConfig, TorchTrainer
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_a_driver_builds_its_trainer_without_importing_torch(tmp_path):
+    """In a fresh interpreter, as a job's driver is: torch stays out of sys.modules."""
+    code = f"""
+import sys
+from pathlib import Path
+from trainers import driver
+from trainers.mnist import train_func
+from trainers.specs import MnistConfig
+ctx = driver.RunContext("mnist", "t", Path({str(tmp_path)!r}), "", "", None, False)
+trainer = driver.torch_trainer(train_func, {{}}, MnistConfig(num_workers=2), ctx)
+print(type(trainer).__module__, type(trainer.backend_config).__name__, trainer.backend_config.backend,
+      "torch" in sys.modules)
+"""
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["trainers.torch_backend", "TorchBackendConfig", "gloo", "False"]
+
+
+def test_the_actors_that_guard_nothing_are_left_out_only_where_they_guard_nothing():
+    def names(trainer):
+        return {type(c).__name__ for c in trainer._create_default_callbacks()}
+
+    one = ScalingConfig(num_workers=1)
+    job = names(TorchTrainer(lambda: None, use_gpu=False, driver_owns_run=True, scaling_config=one))
+    assert {"BackendSetupCallback", "AcceleratorSetupCallback"} <= job
+    assert not {"DatasetsCallback", "PlacementGroupCleanerCallback"} & job
+    # A run inside a Tune trial keeps its cleaner; a run with Ray Data inputs keeps the dataset manager.
+    trial = names(TorchTrainer(lambda: None, use_gpu=False, driver_owns_run=False, scaling_config=one,
+                               datasets={"train": lambda: None}))
+    assert {"DatasetsCallback", "PlacementGroupCleanerCallback", "BackendSetupCallback"} <= trial
+
+
+def test_the_backend_config_is_ray_s_torch_config_where_a_gang_needs_one():
+    config = TorchBackendConfig(backend="nccl", timeout_s=60)
+    ray_config = config.ray_config()
+    assert (type(ray_config).__name__, ray_config.backend, ray_config.init_method, ray_config.timeout_s) == (
+        "TorchConfig", "nccl", "env", 60)
