@@ -103,7 +103,6 @@ class RunTracker:
     seconds: float = 0.0  # wall time spent sending, to account for tracking overhead
 
     def __post_init__(self) -> None:
-        configure_http()
         self._store: RestClient | StoreClient | None = None
 
     @property
