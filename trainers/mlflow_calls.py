@@ -17,6 +17,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from dataclasses import dataclass
 
 DEFAULT_TIMEOUT_S = "10"
 
@@ -77,6 +78,24 @@ class RestClient:
             "user_id": _user(), "tags": [{"key": k, "value": v} for k, v in tags]})
         return answer["run"]["info"]["run_id"]
 
+    def run(self, run_id: str) -> RunSummary:
+        return RunSummary.of(self._call("runs/get", query={"run_id": run_id})["run"])
+
+    def search_runs(self, experiment_id: str, filter_string: str, max_results: int = 1000) -> list[RunSummary]:
+        found, token = [], None
+        while len(found) < max_results:
+            body = {"experiment_ids": [experiment_id], "filter": filter_string,
+                    "max_results": min(max_results - len(found), 1000), **({"page_token": token} if token else {})}
+            answer = self._call("runs/search", body)
+            found += [RunSummary.of(run) for run in answer.get("runs", [])]
+            token = answer.get("next_page_token")
+            if not token:
+                break
+        return found
+
+    def set_tag(self, run_id: str, key: str, value: str) -> None:
+        self._call("runs/set-tag", {"run_id": run_id, "key": key, "value": value})
+
     def set_status(self, run_id: str, status: str) -> None:
         body = {"run_id": run_id, "status": status}
         if status != "RUNNING":
@@ -95,6 +114,21 @@ class RestClient:
         self._call("runs/log-inputs", {"run_id": run_id, "datasets": [
             {"tags": [{"key": "mlflow.data.context", "value": context}], "dataset": fields}
             for fields, context in datasets]})
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    run_id: str
+    experiment_id: str
+    status: str
+    tags: dict[str, str]
+
+    @classmethod
+    def of(cls, run: dict) -> RunSummary:
+        """From MLflow's JSON of a run."""
+        info = run["info"]
+        tags = {t["key"]: t.get("value", "") for t in run.get("data", {}).get("tags", [])}
+        return cls(info["run_id"], info["experiment_id"], info["status"], tags)
 
 
 class MlflowRestError(OSError):
@@ -131,6 +165,17 @@ class StoreClient:
 
     def create_run(self, experiment_id: str, run_name: str, tags: list[tuple[str, str]]) -> str:
         return self.client.create_run(experiment_id, run_name=run_name, tags=dict(tags)).info.run_id
+
+    def run(self, run_id: str) -> RunSummary:
+        run = self.client.get_run(run_id)
+        return RunSummary(run.info.run_id, run.info.experiment_id, run.info.status, dict(run.data.tags))
+
+    def search_runs(self, experiment_id: str, filter_string: str, max_results: int = 1000) -> list[RunSummary]:
+        return [RunSummary(r.info.run_id, r.info.experiment_id, r.info.status, dict(r.data.tags))
+                for r in self.client.search_runs([experiment_id], filter_string=filter_string, max_results=max_results)]
+
+    def set_tag(self, run_id: str, key: str, value: str) -> None:
+        self.client.set_tag(run_id, key, value)
 
     def set_status(self, run_id: str, status: str) -> None:
         if status == "RUNNING":

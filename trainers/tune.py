@@ -42,7 +42,7 @@ from trainers.driver import PROGRESS
 from trainers.pricing import CatalogError, load_catalog
 from trainers.sources import SourceError
 from trainers.specs import TRAINERS, SpecError, add_arguments, build_config, spec_for, tunable
-from trainers.tracking import TrackingUnavailable, check_server, open_run, tracking_uri
+from trainers.tracking import TrackingUnavailable, check_server, open_run, tracking_client, tracking_uri
 
 log = logging.getLogger("tune")
 TUNABLE = tunable()
@@ -224,12 +224,10 @@ def trial_fn(config: dict) -> None:
 
 def _trial_run(uri: str, parent: str, trial: str) -> str | None:
     """The child run a trial opened before (None when there is none)."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(uri)
-    found = client.search_runs([client.get_run(parent).info.experiment_id], max_results=1, filter_string=(
+    client = tracking_client(uri)
+    found = client.search_runs(client.run(parent).experiment_id, max_results=1, filter_string=(
         f"tags.`mlflow.parentRunId` = '{parent}' and tags.`oppen.tune.trial` = '{trial}'"))
-    return found[0].info.run_id if found else None
+    return found[0].run_id if found else None
 
 
 # --------------------------------------------------------------------------- driver
@@ -369,19 +367,17 @@ def _close_stopped_trials(uri: str, parent: str, trials: list[dict], units: int)
     A stopped trial is ended mid-fit: depending on timing its run is left RUNNING, or the interrupted
     fit closed it FAILED. Tune's own record (no error) says which trials only stopped early.
     """
-    from mlflow.tracking import MlflowClient
-
     clean = {t["trial_id"] for t in trials if t["trial_id"] and not t["error"]}
     complete = {t["trial_id"] for t in trials if t["trial_id"] in clean and t["reports"] >= units}
-    client = MlflowClient(uri)
-    exp = client.get_run(parent).info.experiment_id
-    for run in client.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'"):
-        trial = run.data.tags.get("oppen.tune.trial")
-        if run.info.status == "RUNNING" and trial in complete:
-            client.set_terminated(run.info.run_id, status="FINISHED")
-        elif run.info.status == "RUNNING" or (run.info.status == "FAILED" and trial in clean):
-            client.set_tag(run.info.run_id, "oppen.tune.stopped_early", "true")
-            client.set_terminated(run.info.run_id, status="KILLED")
+    client = tracking_client(uri)
+    exp = client.run(parent).experiment_id
+    for run in client.search_runs(exp, filter_string=f"tags.`mlflow.parentRunId` = '{parent}'"):
+        trial = run.tags.get("oppen.tune.trial")
+        if run.status == "RUNNING" and trial in complete:
+            client.set_status(run.run_id, "FINISHED")
+        elif run.status == "RUNNING" or (run.status == "FAILED" and trial in clean):
+            client.set_tag(run.run_id, "oppen.tune.stopped_early", "true")
+            client.set_status(run.run_id, "KILLED")
 
 
 def _plan(args: argparse.Namespace) -> tuple[dict, list[Dimension], list[dict]]:

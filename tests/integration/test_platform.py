@@ -149,3 +149,11 @@ def test_a_run_opened_closed_and_reopened_over_mlflows_rest_api_reads_back_as_ml
     assert run.info.status == "RUNNING" and run.data.tags["attempt"] == "2" and run.info.run_name == "job-1"
     assert open_run(platform.tracking_uri, experiment=name, run_name="job-2") != run_id  # found by name
     assert len(client.search_runs([experiment_id])) == 2
+
+
+def test_a_finished_search_closes_its_trials_runs_over_mlflows_rest_api(platform):
+    import uuid
+
+    from tests.unit.test_tune_runs import closes_trials_as_they_ended
+
+    closes_trials_as_they_ended(platform.tracking_uri, f"tune-{uuid.uuid4().hex[:8]}")

@@ -5,9 +5,13 @@ from trainers.tune import _close_stopped_trials
 
 
 def test_trials_asha_stopped_end_killed_and_real_failures_stay_failed(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    closes_trials_as_they_ended(f"sqlite:///{tmp_path / 'mlflow.db'}", "mnist")
+
+
+def closes_trials_as_they_ended(uri: str, experiment: str) -> None:
+    """Also run against the platform's MLflow server (tests/integration/test_platform.py): REST calls."""
     client = MlflowClient(uri)
-    exp = client.create_experiment("mnist")
+    exp = client.create_experiment(experiment)
     parent = client.create_run(exp).info.run_id
 
     def child(trial, status):
