@@ -66,7 +66,7 @@ def ray_head_command(settings: Settings, topology: Topology) -> list[str]:
     r = settings.ray
     # `ray start` returns once the head runs, its processes left in this service's session; the
     # session's leader then sleeps (~1 MB). `ray start --block` kept a ~0.2 GB Python process to wait.
-    cmd = ["sh", "-c", '"$0" "$@" && exec sleep infinity', _bin("ray"), "start", "--head", f"--port={r.gcs_port}",
+    cmd = ["/bin/sh", "-c", '"$0" "$@" && exec sleep infinity', _bin("ray"), "start", "--head", f"--port={r.gcs_port}",
            f"--dashboard-host={settings.host}",
            f"--dashboard-port={r.dashboard_port}", f"--metrics-export-port={r.metrics_export_port}",
            f"--ray-client-server-port={r.client_server_port}",
