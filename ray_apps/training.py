@@ -108,8 +108,9 @@ def job_env_vars(settings: Settings, topology: Topology | None = None) -> dict[s
     """The job's environment, in its driver and in every worker and actor Ray starts for it. On a
     local head it names its GCS: Ray's code that finds the cluster by itself (the placement-group
     cleaner of a multi-worker run in a Tune trial, through the state API) otherwise fails, and leaks
-    the placement groups it guards, once another Ray runs on the same machine. A remote head (KubeRay) is one Ray per pod.
-    On a cluster with a CPU worker group it names that group, where Ray Data stages run."""
+    the placement groups it guards, once another Ray runs on the same machine. A remote head
+    (KubeRay) is one Ray per pod. On a cluster with a CPU worker group it names that group, where Ray
+    Data stages run."""
     env = settings.job_env()
     # Ray Train's controller polls its workers this often (default 2 s): a finished run is noticed,
     # and its driver goes on to log the model, within 0.2 s instead of up to two.

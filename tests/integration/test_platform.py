@@ -102,7 +102,8 @@ def test_rank_zeros_tracker_logs_over_mlflows_rest_api_what_mlflows_client_reads
     from trainers.tracking import RunTracker
 
     client = MlflowClient(platform.tracking_uri)
-    exp = client.get_experiment_by_name("rest-tracker") or client.get_experiment(client.create_experiment("rest-tracker"))
+    exp = (client.get_experiment_by_name("rest-tracker")
+           or client.get_experiment(client.create_experiment("rest-tracker")))
     run_id = client.create_run(exp.experiment_id).info.run_id
     tracker = RunTracker(platform.tracking_uri, run_id)
     tracker.log_params({"lr": 0.1})
