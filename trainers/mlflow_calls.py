@@ -152,7 +152,7 @@ def _json_double(value: float) -> float | str:
 
 
 class StoreClient:
-    """The same two calls through MLflow's client, for a store with no server (sqlite:, file:)."""
+    """The same calls through MLflow's client, for a store with no server (sqlite:, file:)."""
 
     def __init__(self, uri: str) -> None:
         from mlflow.tracking import MlflowClient
