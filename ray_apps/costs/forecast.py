@@ -30,7 +30,9 @@ _T90 = {1: 6.314, 2: 2.920, 3: 2.353, 4: 2.132, 5: 2.015, 6: 1.943, 7: 1.895, 8:
 Z90 = 1.645
 MIN_REL_SD = 0.03        # this 2-core box: identical epochs differ by a few %
 ONE_POINT_REL_SD = 0.25  # one unit seen: its pure train time, without a measured spread
-DEFAULT_TAIL = (5.0, 5.0)  # seconds after the last unit (mean, sd) when no past run says better
+# Seconds after the last unit (mean, sd) when no past run says better: a job's finishing phase
+# (model upload, registration, shutdown) measures 0.8-1.5 s here (benchmarks/startup.py).
+DEFAULT_TAIL = (2.0, 2.0)
 
 
 class ForecastError(Conflict):

@@ -113,6 +113,6 @@ def test_profile_of_a_finished_run_and_the_tail_prior():
     unit, fixed, tail = profile_run(points=pts, started_at=100.0, ended_at=150.0, units_total=3,
                                     single_unit_s=None)
     assert (unit, fixed, tail) == (pytest.approx(10.0), pytest.approx(20.0), pytest.approx(5.0))
-    assert tail_of([]) == (5.0, 5.0)
+    assert tail_of([]) == (2.0, 2.0)
     mean, sd = tail_of([past("a", 1, 1, 1, tail=4.0), past("b", 1, 1, 1, tail=6.0)])
     assert mean == 5.0 and sd == pytest.approx(1.414, abs=1e-3)
