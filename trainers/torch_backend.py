@@ -18,9 +18,11 @@ leaves out the two that guard nothing in a job (see `TorchTrainer`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ray.train.backend import Backend, BackendConfig
+from ray.train.v2._internal.execution.callback import WorkerGroupCallback
 from ray.train.v2._internal.util import TrainingFramework
 from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
@@ -103,10 +105,17 @@ class TorchTrainer(DataParallelTrainer):
       exits when the run fails, and Ray removes a finished job's placement groups. A Tune trial's
       process is restarted in the same job, so a run inside a trial keeps its cleaner."""
 
-    def __init__(self, train_loop_per_worker, *, use_gpu: bool, driver_owns_run: bool, **kwargs):
+    def __init__(self, train_loop_per_worker, *, use_gpu: bool, driver_owns_run: bool,
+                 on_workers_started: Callable[[], None] | None = None, **kwargs):
         self._driver_owns_run = driver_owns_run
+        self._on_workers_started = on_workers_started
         super().__init__(train_loop_per_worker,
                          backend_config=TorchBackendConfig(backend="nccl" if use_gpu else "gloo"), **kwargs)
+
+    def _initialize_and_run_controller(self, **controller_kwargs):
+        from trainers.train_controller import run_in_caller
+
+        return run_in_caller(**controller_kwargs)
 
     def _create_default_callbacks(self):
         from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
@@ -114,4 +123,16 @@ class TorchTrainer(DataParallelTrainer):
 
         idle = ((DatasetsCallback,) if not self.datasets else ()) + (
             (PlacementGroupCleanerCallback,) if self._driver_owns_run else ())
-        return [c for c in super()._create_default_callbacks() if not isinstance(c, idle)]
+        kept = [c for c in super()._create_default_callbacks() if not isinstance(c, idle)]
+        # First: it fires before the backend's set-up, which imports torch on the workers.
+        return ([WorkersStarted(self._on_workers_started)] if self._on_workers_started else []) + kept
+
+
+class WorkersStarted(WorkerGroupCallback):
+    """Calls `call` in the controller's process each time the worker group is up."""
+
+    def __init__(self, call: Callable[[], None]):
+        self._call = call
+
+    def after_worker_group_start(self, worker_group) -> None:
+        self._call()

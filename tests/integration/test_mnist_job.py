@@ -10,6 +10,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 from ray.job_submission import JobSubmissionClient
+from ray.util.state import list_actors
 
 from ray_apps import cluster, processes
 from ray_apps.config import PROJECT_ROOT
@@ -61,6 +62,11 @@ def test_mnist_job_life_worker_killed_everything_logged_then_resumed_by_plain_ra
     ray_jobs = JobSubmissionClient(platform.dashboard_url)
     info = ray_jobs.get_job_info(sub.submission_id)
     assert info.metadata["mlflow_run_id"] == sub.mlflow_run_id and info.metadata["tenant"] == "team-a"
+    # Ray Train's controller ran in the job's driver (trainers/train_controller.py), no actor of its
+    # own, and still replaced the killed worker.
+    classes = [a.class_name for a in list_actors(address=platform.dashboard_url, limit=1000,
+                                                 filters=[("job_id", "=", info.job_id)])]
+    assert classes.count("RayTrainWorker") >= 2 and "TrainController" not in classes
 
     client = MlflowClient(platform.tracking_uri)
     run = client.get_run(sub.mlflow_run_id)

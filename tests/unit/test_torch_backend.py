@@ -48,3 +48,41 @@ def test_the_backend_config_is_ray_s_torch_config_where_a_gang_needs_one():
     ray_config = config.ray_config()
     assert (type(ray_config).__name__, ray_config.backend, ray_config.init_method, ray_config.timeout_s) == (
         "TorchConfig", "nccl", "env", 60)
+
+
+def test_the_workers_started_hook_comes_before_the_backend_set_up_and_fires_per_start():
+    started = []
+    trainer = TorchTrainer(lambda: None, use_gpu=False, driver_owns_run=True,
+                           scaling_config=ScalingConfig(num_workers=1), on_workers_started=lambda: started.append(1))
+    callbacks = trainer._create_default_callbacks()
+    names = [type(c).__name__ for c in callbacks]
+    # First: the driver's own work then runs beside the workers' torch import, not after it.
+    assert names[0] == "WorkersStarted" and names.index("BackendSetupCallback") > 0
+    callbacks[0].after_worker_group_start(None)
+    callbacks[0].after_worker_group_start(None)  # a restarted group
+    assert started == [1, 1]
+    plain = TorchTrainer(lambda: None, use_gpu=False, driver_owns_run=True, scaling_config=ScalingConfig(num_workers=1))
+    assert "WorkersStarted" not in {type(c).__name__ for c in plain._create_default_callbacks()}
+
+
+def test_the_trainer_runs_ray_train_s_controller_in_the_calling_process(monkeypatch):
+    """The controller Ray would start as an actor is built and run here; its result is fit's."""
+    import trainers.train_controller as train_controller
+
+    ran = {}
+
+    class Recorded(train_controller.CallerController):
+        def __init__(self, **kwargs):
+            ran["kwargs"] = kwargs
+
+        async def run(self):
+            ran["run"] = True
+
+        def get_result(self):
+            return "result"
+
+    monkeypatch.setattr(train_controller, "CallerController", Recorded)
+    trainer = TorchTrainer(lambda: None, use_gpu=False, driver_owns_run=True, scaling_config=ScalingConfig(num_workers=1))
+    assert trainer._initialize_and_run_controller(train_fn_ref="fn", callbacks=[]) == "result"
+    assert ran == {"kwargs": {"train_fn_ref": "fn", "callbacks": []}, "run": True}
+    assert train_controller.CallerController.worker_group_cls.__name__ == "CallerWorkerGroup"
