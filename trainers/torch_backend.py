@@ -13,7 +13,8 @@ backend with the imports moved to where they are used:
   `prepare_model` and `prepare_data_loader` wrap nothing at world size 1 either way.
 
 Each actor Ray Train starts is a process that imports Ray on the job's critical path; the trainer
-leaves out the two that guard nothing in a job (see `TorchTrainer`).
+runs Ray Train's controller in its caller instead of an actor (trainers.train_controller) and leaves
+out the two actors that guard nothing in a job (see `TorchTrainer`).
 """
 
 from __future__ import annotations
@@ -97,13 +98,16 @@ class TorchBackend(Backend):
 
 class TorchTrainer(DataParallelTrainer):
     """Ray Train's data-parallel trainer with `TorchBackendConfig`: what `ray.train.torch.TorchTrainer`
-    runs, minus torch in the driver and the controller, and minus two actors where they guard nothing:
+    runs, minus torch in the driver and the controller, with the controller run in the caller's
+    process, and minus two actors where they guard nothing:
 
     - Ray Data's `DatasetManager`, when there are no Ray Data inputs;
-    - the detached `PlacementGroupCleaner`, which removes the run's placement groups if the controller
-      dies and its caller lives on, when `driver_owns_run`: the caller is the Ray job's driver, which
-      exits when the run fails, and Ray removes a finished job's placement groups. A Tune trial's
-      process is restarted in the same job, so a run inside a trial keeps its cleaner."""
+    - the detached `PlacementGroupCleaner`, which removes the run's placement groups if the process
+      running the controller dies while the job lives on, when `driver_owns_run`: that process is the
+      Ray job's driver, and Ray removes a finished job's placement groups. A Tune trial's process is
+      restarted in the same job, so a run inside a trial keeps its cleaner.
+
+    `on_workers_started` is called in the caller's process each time the worker group is up."""
 
     def __init__(self, train_loop_per_worker, *, use_gpu: bool, driver_owns_run: bool,
                  on_workers_started: Callable[[], None] | None = None, **kwargs):
