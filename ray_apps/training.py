@@ -127,10 +127,11 @@ def job_env_vars(settings: Settings, topology: Topology | None = None) -> dict[s
     return env
 
 
-def create_run(settings: Settings, trainer: str, run_name: str, tags: dict[str, str] | None = None
-               ) -> tuple[str, str]:
-    """Create the MLflow run before the job exists, so Ray's job metadata can name it."""
-    if not mlflow_healthy(settings.tracking_uri):
+def create_run(settings: Settings, trainer: str, run_name: str, tags: dict[str, str] | None = None, *,
+               checked: bool = False) -> tuple[str, str]:
+    """Create the MLflow run before the job exists, so Ray's job metadata can name it. `checked`: the
+    caller has just found MLflow healthy (the dispatcher, once per cycle), so no second probe."""
+    if not checked and not mlflow_healthy(settings.tracking_uri):
         raise PlatformError(f"MLflow at {settings.tracking_uri} is unreachable. To fix: run `oppen up` "
                             "or set MLFLOW_TRACKING_URI to a running server.")
     from trainers.tracking import open_new_run

@@ -65,22 +65,23 @@ def tracking_client(uri: str) -> RestClient | StoreClient:
 
 
 def open_run(uri: str, *, experiment: str, run_name: str, run_id: str | None = None,
-             tags: dict[str, str] | None = None) -> str:
-    """Create a run (or reopen `run_id`, e.g. on resume) and return its id."""
+             tags: dict[str, str] | None = None, experiment_id: str | None = None) -> str:
+    """Create a run (or reopen `run_id`, e.g. on resume) and return its id; `experiment_id`, when the
+    caller knows it, spares looking `experiment` up."""
     if run_id:
         client = tracking_client(uri)
         client.set_status(run_id, "RUNNING")
         if tags:  # one request for all of them
             client.log_batch(run_id, tags=[("mlflow.runName", run_name), *_strings(tags)])
         return run_id
-    return open_new_run(uri, experiment=experiment, run_name=run_name, tags=tags)[0]
+    return open_new_run(uri, experiment=experiment, run_name=run_name, tags=tags, experiment_id=experiment_id)[0]
 
 
-def open_new_run(uri: str, *, experiment: str, run_name: str, tags: dict[str, str] | None = None
-                 ) -> tuple[str, str]:
+def open_new_run(uri: str, *, experiment: str, run_name: str, tags: dict[str, str] | None = None,
+                 experiment_id: str | None = None) -> tuple[str, str]:
     """Create a run in `experiment` (created if new), its tags in the same request: (run id, experiment id)."""
     client = tracking_client(uri)
-    experiment_id = client.experiment_id(experiment)
+    experiment_id = experiment_id or client.experiment_id(experiment)
     return client.create_run(experiment_id, run_name, _strings(tags or {})), experiment_id
 
 

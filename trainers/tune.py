@@ -196,9 +196,10 @@ def trial_fn(config: dict) -> None:
     run_id = None
     if setup["parent_run_id"]:
         # A trial Tune restarted from its checkpoint goes on in the run it opened the first time.
-        known = _trial_run(setup["uri"], setup["parent_run_id"], trial) if tune.get_checkpoint() else None
-        run_id = open_run(setup["uri"], experiment=setup["experiment"], run_name=f"{setup['name']}-{trial}",
-                          run_id=known, tags={"mlflow.parentRunId": setup["parent_run_id"], "oppen.trainer": trainer,
+        known = _trial_run(setup["uri"], setup["experiment_id"], setup["parent_run_id"], trial) \
+            if tune.get_checkpoint() else None
+        run_id = open_run(setup["uri"], experiment=setup["experiment"], experiment_id=setup["experiment_id"],
+                          run_name=f"{setup['name']}-{trial}", run_id=known, tags={"mlflow.parentRunId": setup["parent_run_id"], "oppen.trainer": trainer,
                                               "oppen.tune.trial": trial})
         if not known:
             from trainers.tracking import RunTracker
@@ -222,10 +223,9 @@ def trial_fn(config: dict) -> None:
     driver.close_run(setup["uri"], run_id, status="FINISHED")
 
 
-def _trial_run(uri: str, parent: str, trial: str) -> str | None:
+def _trial_run(uri: str, experiment_id: str, parent: str, trial: str) -> str | None:
     """The child run a trial opened before (None when there is none)."""
-    client = tracking_client(uri)
-    found = client.search_runs(client.run(parent).experiment_id, max_results=1, filter_string=(
+    found = tracking_client(uri).search_runs(experiment_id, max_results=1, filter_string=(
         f"tags.`mlflow.parentRunId` = '{parent}' and tags.`oppen.tune.trial` = '{trial}'"))
     return found[0].run_id if found else None
 
@@ -296,7 +296,7 @@ def _search(args: argparse.Namespace) -> int:
         check_server(uri)
     name = args.run_name or runtime.new_run_name(f"tune-{trainer}")
     metric, mode = spec_cls.val_metric, "max" if spec_cls.val_higher_is_better else "min"
-    parent = None
+    parent = experiment_id = None
     if not args.no_tracking:
         meta = runtime.job_metadata()
         # The platform opened the parent run up front (its job record names it); alone, open one.
@@ -310,11 +310,13 @@ def _search(args: argparse.Namespace) -> int:
                       "budget_usd": args.budget_usd, "metric": metric, "mode": mode,
                       **{f"fixed.{k}": v for k, v in fixed.items()}})
         t.flush()
+        experiment_id = tracking_client(uri).run(parent).experiment_id  # for the trials' child runs
     if args.resume:
         print(f"{PROGRESS} search {name}: restarting from its first trial (a search resumes no trial)", flush=True)
     # The trainer's own preparation (e.g. fetch and tokenize), once, before trials start in parallel.
     loop_config = importlib.import_module(f"trainers.{trainer}").prepare_trials(base, data_dir)
-    setup = {"trainer": trainer, "parent_run_id": parent, "uri": uri, "experiment": trainer, "name": name,
+    setup = {"trainer": trainer, "parent_run_id": parent, "uri": uri, "experiment": trainer,
+             "experiment_id": experiment_id, "name": name,
              "data_dir": str(data_dir), "costs_file": costs_file, "loop_config": loop_config,
              "storage": str(data_dir / "tune" / name / "trials")}
     searcher = make_searcher([{**c, "__oppen__": setup} for c in configs], args.budget_usd, metric, mode)
@@ -340,7 +342,7 @@ def _search(args: argparse.Namespace) -> int:
     started = time.time()
     grid = tuner.fit()
     outcome = _outcome(grid, searcher, metric, mode, len(configs))
-    _report(outcome, name, metric, uri, parent, time.time() - started, units)
+    _report(outcome, name, metric, uri, parent, experiment_id, time.time() - started, units)
     return 0 if outcome.best else 1
 
 
@@ -359,7 +361,7 @@ def _outcome(grid, searcher, metric: str, mode: str, drawn: int) -> SearchOutcom
     return out
 
 
-def _close_stopped_trials(uri: str, parent: str, trials: list[dict], units: int) -> None:
+def _close_stopped_trials(uri: str, experiment_id: str, parent: str, trials: list[dict], units: int) -> None:
     """Close the child runs trials left open: FINISHED for a trial that made all its `units` reports
     (Tune ends a trial at its last one, before its own code closes the run), else KILLED, tagged as
     stopped early (ASHA).
@@ -370,8 +372,7 @@ def _close_stopped_trials(uri: str, parent: str, trials: list[dict], units: int)
     clean = {t["trial_id"] for t in trials if t["trial_id"] and not t["error"]}
     complete = {t["trial_id"] for t in trials if t["trial_id"] in clean and t["reports"] >= units}
     client = tracking_client(uri)
-    exp = client.run(parent).experiment_id
-    for run in client.search_runs(exp, filter_string=f"tags.`mlflow.parentRunId` = '{parent}'"):
+    for run in client.search_runs(experiment_id, filter_string=f"tags.`mlflow.parentRunId` = '{parent}'"):
         trial = run.tags.get("oppen.tune.trial")
         if run.status == "RUNNING" and trial in complete:
             client.set_status(run.run_id, "FINISHED")
@@ -447,8 +448,8 @@ def _search_settings(trainer: str, search: dict) -> dict:
     return out
 
 
-def _report(out: SearchOutcome, name: str, metric: str, uri: str, parent: str | None, seconds: float,
-            units: int) -> None:
+def _report(out: SearchOutcome, name: str, metric: str, uri: str, parent: str | None, experiment_id: str | None,
+            seconds: float, units: int) -> None:
     for i, t in enumerate(out.trials, 1):
         value = "n/a" if t[metric] is None else f"{t[metric]:.4f}"
         print(f"{PROGRESS} trial {i}: {metric}={value} after {t['reports']} report(s), cost ${t['cost_usd'] or 0:.5f}"
@@ -462,7 +463,7 @@ def _report(out: SearchOutcome, name: str, metric: str, uri: str, parent: str | 
     if parent:
         from trainers.tracking import RunTracker
 
-        _close_stopped_trials(uri, parent, out.trials, units)
+        _close_stopped_trials(uri, experiment_id, parent, out.trials, units)
         t = RunTracker(uri, parent)
         t.log_metrics({"spent_usd": out.spent_usd, "trials": len(out.trials), "not_started": out.not_started,
                        **({f"best_{metric}": out.best[metric]} if out.best else {})}, step=0)

@@ -455,7 +455,9 @@ class Dispatcher:
             tags = {"oppen.tenant": job.tenant, "oppen.priority": job.priority,
                     **({"oppen.tune": "true"} if job.search else {})}  # a search's run is its trials' parent
             try:
-                fields["mlflow_run_id"] = create_run(self.queue.settings, job.trainer, job.id, tags=tags)[0]
+                # This cycle's _waiting_for_mlflow found MLflow healthy, or the job would not be planned.
+                fields["mlflow_run_id"] = create_run(self.queue.settings, job.trainer, job.id, tags=tags,
+                                                     checked=True)[0]
             except Exception as exc:  # noqa: BLE001 - MLflow down: keep the job queued, say why
                 log.warning("cannot create the MLflow run for %s: %s", job_id, exc)
                 return False
@@ -506,6 +508,8 @@ class Dispatcher:
         freeing_until = 0.0
         while not stop.is_set():
             ok, started = False, time.time()
+            if watch is not None:
+                watch.mark()
             try:
                 report = self.cycle()
                 ok = True
@@ -516,8 +520,10 @@ class Dispatcher:
             except Exception:  # noqa: BLE001 - a cycle is retried; the store is the state
                 log.exception("dispatcher cycle failed; retrying")
             self._beat(ok)
-            if ok and watch is not None and self._submitted_since(started):
-                continue  # it may have come after this cycle read the queue
+            # A job submitted while the cycle ran may have come after it read the queue; the jobs are
+            # read again only when someone wrote to the store meanwhile (an idle cycle writes nothing).
+            if ok and watch is not None and watch.changed() and self._submitted_since(started):
+                continue
             # A job that waits for what an ended job held gets it as soon as Ray has freed it.
             soon = bool(self.waiting) and time.monotonic() < freeing_until
             self._wait(stop, watch, FREEING_CHECK_S if soon else self.queue.config.poll_s)

@@ -174,3 +174,15 @@ def test_a_victim_that_does_not_drain_is_stopped_once_its_grace_is_over(make, mo
         conn.execute(update(jobs).where(jobs.c.id == victim.id).values(updated_at=time.time() - 31))
     d.cycle()
     assert ray.stopped == [victim.id]
+
+
+def test_a_cycle_probes_mlflow_once_and_the_run_it_creates_is_not_probed_again(make, monkeypatch):
+    probes, created = [], []
+    monkeypatch.setattr(dispatcher_module, "mlflow_healthy", lambda *a, **kw: probes.append(1) or True)
+    monkeypatch.setattr(dispatcher_module, "create_run",
+                        lambda *a, **kw: created.append(kw.get("checked")) or (f"run-{len(created)}", None))
+    queue, d, _ = make({"poll_s": 0.1}, node(4))
+    for _ in range(2):
+        queue.submit("mnist", CPU_JOB, tenant="team-a")
+    report = d.cycle()
+    assert len(report.admitted) == 2 and probes == [1] and created == [True, True]

@@ -115,3 +115,25 @@ def test_after_a_job_ends_a_waiting_job_is_planned_again_within_a_tenth_of_a_sec
     with running(tmp_path / "idle", one_job_ends_and_none_waits) as cycles:
         time.sleep(1.0)
         assert len(cycles) == 1
+
+
+def test_after_a_cycle_that_wrote_nothing_the_queued_jobs_are_not_read_again(tmp_path, monkeypatch):
+    """`_submitted_since` (a read of the QUEUED jobs) runs only when the store changed during the cycle."""
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:9")
+    reads: list[float] = []
+
+    def idle_then_written(dispatcher, cycles):
+        if len(cycles) == 1:
+            original = dispatcher._submitted_since
+            dispatcher._submitted_since = lambda since: reads.append(since) or original(since)
+        if len(cycles) == 2:
+            add_job(dispatcher.queue.store, "written-by-cycle-2", JobState.RUNNING)
+
+    with running(tmp_path, idle_then_written) as cycles:
+        wait_for(cycles, 1)
+        time.sleep(0.3)
+        assert reads == []  # the first cycle wrote nothing
+        add_job(JobStore(f"sqlite:///{tmp_path / 'queue.db'}"), "submitted-elsewhere")  # wakes cycle 2
+        wait_for(cycles, 2)
+        time.sleep(0.3)
+        assert len(reads) == 1  # cycle 2 wrote: the queue is read once to look for a submit it missed

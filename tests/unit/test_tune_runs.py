@@ -30,7 +30,7 @@ def closes_trials_as_they_ended(uri: str, experiment: str) -> None:
               {"trial_id": "t3", "error": None, "reports": 1},
               {"trial_id": "t4", "error": "RuntimeError: out of memory", "reports": 3},
               {"trial_id": "t5", "error": None, "reports": 3}]
-    _close_stopped_trials(uri, parent, trials, units=3)
+    _close_stopped_trials(uri, exp, parent, trials, units=3)
 
     status = {name: client.get_run(run_id).info.status for name, run_id in runs.items()}
     assert status == {"done": "FINISHED", "left_running": "KILLED", "stopped_mid_fit": "KILLED", "crashed": "FAILED",
