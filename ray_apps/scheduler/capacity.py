@@ -1,9 +1,11 @@
 """What the cluster has and what it may grow to, read live from Ray for one decision.
 
-Single-head topology: the nodes Ray reports (dashboard), nothing to add. With
-worker groups: the nodes the autoscaler reports (GCS), and for each group the
-nodes it may still add up to the topology's maximum; a node asked for but not
-joined yet counts as addable, so a request is never refused while its node starts.
+The nodes and what they hold come from the GCS, which sees a job's resources freed within about a
+second; the dashboard's cluster status, read for a remote single head that exposes only its
+dashboard, is the autoscaler's report, refreshed every 5 s (a job waited up to that long for CPUs an
+ended job had already given back). With worker groups, also for each group the nodes it may still
+add up to the topology's maximum; a node asked for but not joined yet counts as addable, so a
+request is never refused while its node starts.
 """
 
 from __future__ import annotations
@@ -30,12 +32,12 @@ class Capacity:
 
 
 def read_capacity(settings: Settings, topology: Topology) -> Capacity:
-    if not topology.autoscaling:
+    if not topology.autoscaling and not settings.is_local:
         return Capacity(cluster_resources(settings.dashboard_url))
     try:
         state = cluster_state(settings.gcs_address, topology)
     except Exception as exc:  # noqa: BLE001 - Ray's GCS client raises its own RPC errors
-        raise PlatformError(f"Ray's autoscaler at {settings.gcs_address} does not answer ({exc}). "
+        raise PlatformError(f"Ray's GCS at {settings.gcs_address} does not answer ({exc}). "
                             "To fix: run `oppen up` or set RAY_ADDRESS (and ray.gcs_port).") from None
     res = Resources()
     for node in state.nodes:
