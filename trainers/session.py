@@ -28,8 +28,9 @@ class Session:
         return worker_device(self.in_trial)
 
     def prepare_model(self, model, device):
-        """On the device; wrapped in DDP where there are several ranks."""
-        if self.in_trial:
+        """On the device; wrapped in DDP where there are several ranks (Ray's `prepare_model`, which at
+        one rank on the CPU only moves the model: done here without importing `ray.train.torch`)."""
+        if self.in_trial or (self.world == 1 and device.type == "cpu"):
             return model.to(device)
         import ray.train.torch
 

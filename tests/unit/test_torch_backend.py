@@ -86,3 +86,55 @@ def test_the_trainer_runs_ray_train_s_controller_in_the_calling_process(monkeypa
     assert trainer._initialize_and_run_controller(train_fn_ref="fn", callbacks=[]) == "result"
     assert ran == {"kwargs": {"train_fn_ref": "fn", "callbacks": []}, "run": True}
     assert train_controller.CallerController.worker_group_cls.__name__ == "CallerWorkerGroup"
+
+
+ENV_KEYS = ("LOCAL_RANK", "LOCAL_WORLD_SIZE", "NODE_RANK", "RANK", "WORLD_SIZE", "ACCELERATE_TORCH_DEVICE")
+
+
+def test_a_gang_of_one_on_the_cpu_gets_ray_s_torch_environment(monkeypatch):
+    """The same variables Ray's `_set_torch_distributed_env_vars` sets, from the same train context."""
+    import os
+    from types import SimpleNamespace
+
+    import ray.train
+
+    from trainers.torch_backend import _ray_torch, _single_worker_env
+
+    context = SimpleNamespace(get_local_rank=lambda: 3, get_local_world_size=lambda: 4, get_node_rank=lambda: 1,
+                              get_world_rank=lambda: 7, get_world_size=lambda: 8)
+    monkeypatch.setattr(ray.train, "get_context", lambda: context)
+    import ray.train.torch
+    import torch
+
+    # Ray's device lookup refuses to run outside a worker; on a box without CUDA it is the CPU.
+    monkeypatch.setattr(ray.train.torch, "get_device", lambda: torch.device("cpu"))
+    for key in ENV_KEYS:
+        monkeypatch.delenv(key, raising=False)
+    _single_worker_env()
+    ours = {key: os.environ.pop(key) for key in ENV_KEYS}
+    _ray_torch("_set_torch_distributed_env_vars")
+    assert ours == {key: os.environ.pop(key) for key in ENV_KEYS}
+    assert ours["RANK"] == "7" and ours["ACCELERATE_TORCH_DEVICE"] == "cpu"
+
+
+def test_a_gang_of_one_on_the_cpu_never_imports_ray_train_torch(tmp_path):
+    """What a one-worker run on the CPU calls on its worker: set-up, the model, the train_func context,
+    shut-down; in a fresh interpreter, `ray.train.torch` stays out of sys.modules."""
+    code = """
+import sys
+from types import SimpleNamespace
+import ray.train
+import torch
+ray.train.get_context = lambda: SimpleNamespace(get_local_rank=lambda: 0, get_local_world_size=lambda: 1,
+    get_node_rank=lambda: 0, get_world_rank=lambda: 0, get_world_size=lambda: 1)
+from trainers.session import Session
+from trainers.torch_backend import CudaDeviceContext, _single_worker_env, _single_worker_shutdown
+_single_worker_env()
+with CudaDeviceContext():
+    Session(rank=0, world=1, in_trial=False).prepare_model(torch.nn.Linear(2, 2), torch.device("cpu"))
+_single_worker_shutdown()
+print("ray.train.torch" in sys.modules)
+"""
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["False"]
