@@ -38,3 +38,15 @@ def closes_trials_as_they_ended(uri: str, experiment: str) -> None:
     tagged = {name for name, run_id in runs.items()
               if client.get_run(run_id).data.tags.get("oppen.tune.stopped_early") == "true"}
     assert tagged == {"left_running", "stopped_mid_fit"}
+
+
+def test_a_search_keeps_tune_s_csv_and_json_results_and_no_tensorboard_logger(monkeypatch):
+    from ray.tune.utils.callback import _create_default_callbacks
+
+    from trainers.tune import result_loggers
+
+    monkeypatch.delenv("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", raising=False)
+    names = [type(c).__name__ for c in _create_default_callbacks(result_loggers(), metric="m", mode="max")]
+    assert "CSVLoggerCallback" in names and "JsonLoggerCallback" in names and "TBXLoggerCallback" not in names
+    monkeypatch.delenv("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS")
+    assert "TBXLoggerCallback" in [type(c).__name__ for c in _create_default_callbacks([], metric="m", mode="max")]
