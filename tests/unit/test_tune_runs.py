@@ -40,13 +40,13 @@ def closes_trials_as_they_ended(uri: str, experiment: str) -> None:
     assert tagged == {"left_running", "stopped_mid_fit"}
 
 
-def test_a_search_keeps_tune_s_csv_and_json_results_and_no_tensorboard_logger(monkeypatch):
+def test_a_search_has_tune_add_no_result_loggers_of_its_own(monkeypatch):
     from ray.tune.utils.callback import _create_default_callbacks
 
-    from trainers.tune import result_loggers
+    from trainers.tune import without_tune_result_files
 
-    monkeypatch.delenv("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", raising=False)
-    names = [type(c).__name__ for c in _create_default_callbacks(result_loggers(), metric="m", mode="max")]
-    assert "CSVLoggerCallback" in names and "JsonLoggerCallback" in names and "TBXLoggerCallback" not in names
-    monkeypatch.delenv("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS")
-    assert "TBXLoggerCallback" in [type(c).__name__ for c in _create_default_callbacks([], metric="m", mode="max")]
+    loggers = {"CSVLoggerCallback", "JsonLoggerCallback", "TBXLoggerCallback"}
+    monkeypatch.setenv("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "0")  # restored after the test
+    assert loggers <= {type(c).__name__ for c in _create_default_callbacks([], metric="m", mode="max")}
+    without_tune_result_files()
+    assert not loggers & {type(c).__name__ for c in _create_default_callbacks([], metric="m", mode="max")}
