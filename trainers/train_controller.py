@@ -22,6 +22,7 @@ import ray
 from ray.train.v2._internal.execution.controller import TrainController
 from ray.train.v2._internal.execution.worker_group import WorkerGroup
 
+
 class CallerWorkerGroup(WorkerGroup):
     """Ray's worker group, initialised without a controller actor to hand the workers."""
 

@@ -199,8 +199,9 @@ def trial_fn(config: dict) -> None:
         known = _trial_run(setup["uri"], setup["experiment_id"], setup["parent_run_id"], trial) \
             if tune.get_checkpoint() else None
         run_id = open_run(setup["uri"], experiment=setup["experiment"], experiment_id=setup["experiment_id"],
-                          run_name=f"{setup['name']}-{trial}", run_id=known, tags={"mlflow.parentRunId": setup["parent_run_id"], "oppen.trainer": trainer,
-                                              "oppen.tune.trial": trial})
+                          run_name=f"{setup['name']}-{trial}", run_id=known,
+                          tags={"mlflow.parentRunId": setup["parent_run_id"], "oppen.trainer": trainer,
+                                "oppen.tune.trial": trial})
         if not known:
             from trainers.tracking import RunTracker
 

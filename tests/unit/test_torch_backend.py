@@ -61,7 +61,8 @@ def test_the_workers_started_hook_comes_before_the_backend_set_up_and_fires_per_
     callbacks[0].after_worker_group_start(None)
     callbacks[0].after_worker_group_start(None)  # a restarted group
     assert started == [1, 1]
-    plain = TorchTrainer(lambda: None, use_gpu=False, driver_owns_run=True, scaling_config=ScalingConfig(num_workers=1))
+    plain = TorchTrainer(lambda: None, use_gpu=False, driver_owns_run=True,
+                         scaling_config=ScalingConfig(num_workers=1))
     assert "WorkersStarted" not in {type(c).__name__ for c in plain._create_default_callbacks()}
 
 
@@ -82,7 +83,8 @@ def test_the_trainer_runs_ray_train_s_controller_in_the_calling_process(monkeypa
             return "result"
 
     monkeypatch.setattr(train_controller, "CallerController", Recorded)
-    trainer = TorchTrainer(lambda: None, use_gpu=False, driver_owns_run=True, scaling_config=ScalingConfig(num_workers=1))
+    trainer = TorchTrainer(lambda: None, use_gpu=False, driver_owns_run=True,
+                           scaling_config=ScalingConfig(num_workers=1))
     assert trainer._initialize_and_run_controller(train_fn_ref="fn", callbacks=[]) == "result"
     assert ran == {"kwargs": {"train_fn_ref": "fn", "callbacks": []}, "run": True}
     assert train_controller.CallerController.worker_group_cls.__name__ == "CallerWorkerGroup"
