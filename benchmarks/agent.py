@@ -36,8 +36,7 @@ from ray_apps import cluster  # noqa: E402
 from ray_apps.agent import http  # noqa: E402
 from ray_apps.config import load_settings  # noqa: E402
 
-BENCH = {"ray": {"gcs_port": 6979, "dashboard_port": 8865, "metrics_export_port": 8680, "client_server_port": 9401,
-                 "dashboard_agent_port": 52965},
+BENCH = {"ray": {"gcs_port": 6979, "dashboard_port": 8865, "metrics_export_port": 8680, "dashboard_agent_port": 52965},
          "cluster_file": "configs/cluster.single-head.yaml", "mlflow": {"port": 5600}, "serve_port": 8600,
          "metrics_port": 9486, "prometheus": {"enabled": False}}
 PROXY_PORTS = {"stats_port": 8684, "metrics_port": 9191, "fallback_port": 8691}

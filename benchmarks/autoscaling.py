@@ -47,8 +47,7 @@ TOPOLOGY = {"head": {"cpus": 0}, "idle_timeout_s": IDLE_TIMEOUT_S,
             "worker_groups": [{"name": "cpu", "cpus": 2, "memory_gib": 1, "min_workers": 1, "max_workers": 2},
                               {"name": "gpu", "cpus": 1, "gpus": 1, "memory_gib": 1, "min_workers": 0,
                                "max_workers": 2}]}
-BENCH = {"ray": {"gcs_port": 7079, "dashboard_port": 8965, "metrics_export_port": 8780, "client_server_port": 9501,
-                 "dashboard_agent_port": 53165},
+BENCH = {"ray": {"gcs_port": 7079, "dashboard_port": 8965, "metrics_export_port": 8780, "dashboard_agent_port": 53165},
          "mlflow": {"port": 5800}, "serve_port": 8800, "metrics_port": 9488,
          "serve_proxy": {"stats_port": 8884, "metrics_port": 9291, "fallback_port": 8891},
          "prometheus": {"enabled": False}}

@@ -37,8 +37,7 @@ from ray_apps.costs.runs import past_runs, progress_points  # noqa: E402
 from ray_apps.costs.service import CostService  # noqa: E402
 from ray_apps.scheduler.api import Queue  # noqa: E402
 
-BENCH = {"ray": {"gcs_port": 6779, "dashboard_port": 8665, "metrics_export_port": 8480, "client_server_port": 9601,
-                 "dashboard_agent_port": 52765},
+BENCH = {"ray": {"gcs_port": 6779, "dashboard_port": 8665, "metrics_export_port": 8480, "dashboard_agent_port": 52765},
          "cluster_file": "configs/cluster.single-head.yaml", "mlflow": {"port": 5400}, "serve_port": 8400,
          "metrics_port": 9484, "serve_proxy": {"stats_port": 8474, "metrics_port": 9174, "fallback_port": 8475},
          "prometheus": {"enabled": False}}

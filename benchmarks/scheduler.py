@@ -77,8 +77,7 @@ from benchmarks import policy_before as before  # noqa: E402
 from ray_apps.scheduler import policy  # noqa: E402
 from ray_apps.scheduler.policy import Gang, PolicyConfig, PriorityClass, QueuedJob, Quota, RunningJob, plan  # noqa: E402
 
-BENCH = {"ray": {"gcs_port": 6679, "dashboard_port": 8565, "metrics_export_port": 8380, "client_server_port": 9701,
-                 "dashboard_agent_port": 52665},
+BENCH = {"ray": {"gcs_port": 6679, "dashboard_port": 8565, "metrics_export_port": 8380, "dashboard_agent_port": 52665},
          "cluster_file": "configs/cluster.single-head.yaml", "mlflow": {"port": 5300}, "serve_port": 8300,
          "metrics_port": 9483, "serve_proxy": {"stats_port": 8374, "metrics_port": 9173, "fallback_port": 8375},
          "prometheus": {"enabled": False}}

@@ -34,8 +34,7 @@ from ray_apps.config import load_settings  # noqa: E402
 from ray_apps.training import follow, submit_training  # noqa: E402
 from trainers.data import load_mnist  # noqa: E402
 
-BENCH = {"ray": {"gcs_port": 7079, "dashboard_port": 8965, "metrics_export_port": 8780, "client_server_port": 9501,
-                 "dashboard_agent_port": 53065},
+BENCH = {"ray": {"gcs_port": 7079, "dashboard_port": 8965, "metrics_export_port": 8780, "dashboard_agent_port": 53065},
          "cluster_file": "configs/cluster.single-head.yaml", "mlflow": {"port": 5700}, "serve_port": 8700,
          "metrics_port": 9487, "serve_proxy": {"stats_port": 8774, "metrics_port": 9177, "fallback_port": 8775},
          "prometheus": {"enabled": False}}

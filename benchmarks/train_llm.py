@@ -37,8 +37,7 @@ from trainers.specs import LlmConfig  # noqa: E402
 from trainers.text_data import load_tokens  # noqa: E402
 from trainers.tokenizer import load_gpt2_tokenizer  # noqa: E402
 
-BENCH = {"ray": {"gcs_port": 6879, "dashboard_port": 8765, "metrics_export_port": 8580, "client_server_port": 9501,
-                 "dashboard_agent_port": 52865},
+BENCH = {"ray": {"gcs_port": 6879, "dashboard_port": 8765, "metrics_export_port": 8580, "dashboard_agent_port": 52865},
          "cluster_file": "configs/cluster.single-head.yaml", "mlflow": {"port": 5500}, "serve_port": 8500,
          "metrics_port": 9485, "serve_proxy": {"stats_port": 8574, "metrics_port": 9175, "fallback_port": 8575},
          "prometheus": {"enabled": False}}

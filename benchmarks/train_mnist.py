@@ -41,7 +41,7 @@ from trainers.mnist_model import MnistCNN, make_optimizer, to_tensors, train_epo
 from trainers.specs import MnistConfig  # noqa: E402
 
 BENCH_PORTS = {"gcs_port": 6579, "dashboard_port": 8465, "metrics_export_port": 8280,
-               "client_server_port": 9801, "dashboard_agent_port": 52565}
+               "dashboard_agent_port": 52565}
 
 
 def start_platform(workdir: Path):

@@ -66,10 +66,16 @@ def ray_head_command(settings: Settings, topology: Topology) -> list[str]:
     r = settings.ray
     # `ray start` returns once the head runs, its processes left in this service's session; the
     # session's leader then sleeps (~1 MB). `ray start --block` kept a ~0.2 GB Python process to wait.
-    cmd = ["/bin/sh", "-c", '"$0" "$@" && exec sleep infinity', _bin("ray"), "start", "--head", f"--port={r.gcs_port}",
+    # Ray's CLI runs through ray_apps.ray_head: the dashboard modules and the Ray Client server it starts.
+    head = [sys.executable, "-m", "ray_apps.ray_head"]
+    if r.dashboard_modules != "all":
+        head.append(f"--dashboard-modules={','.join(r.dashboard_modules)}")
+    if r.client_server_port is None:
+        head.append("--no-client-server")
+    cmd = ["/bin/sh", "-c", '"$0" "$@" && exec sleep infinity', *head, "--", "start", "--head", f"--port={r.gcs_port}",
            f"--dashboard-host={settings.host}",
            f"--dashboard-port={r.dashboard_port}", f"--metrics-export-port={r.metrics_export_port}",
-           f"--ray-client-server-port={r.client_server_port}",
+           *([f"--ray-client-server-port={r.client_server_port}"] if r.client_server_port else []),
            f"--dashboard-agent-listen-port={r.dashboard_agent_port}",
            "--include-dashboard=true", "--disable-usage-stats", f"--num-gpus={int(topology.head.gpus)}",
            f"--temp-dir={ray_temp_dir(settings)}"]
@@ -169,7 +175,8 @@ def _managed_services(settings: Settings, topology: Topology, say: Callable[[str
         r = settings.ray
         out.append(_Managed(RAY, settings.dashboard_url, lambda: ray_healthy(settings.dashboard_url),
                             ray_head_command(settings, topology),
-                            [r.gcs_port, r.dashboard_port, r.metrics_export_port, r.client_server_port,
+                            [r.gcs_port, r.dashboard_port, r.metrics_export_port,
+                             *([r.client_server_port] if r.client_server_port else []),
                              r.dashboard_agent_port, settings.serve_port, *settings.serve_proxy.ports()],
                             _ray_env(settings, topology)))
     else:

@@ -27,14 +27,27 @@ class SettingsError(Refused):
     """Settings could not be loaded; the message says where and how to fix it."""
 
 
+# Ray's dashboard modules (ray.dashboard.modules), by the names its --modules-to-load takes.
+DashboardModule = Literal["JobHead", "ServeHead", "StateHead", "ReportHead", "NodeHead", "MetricsHead", "EventHead",
+                          "DataHead", "TrainHead", "TaskEventsHead", "UsageStatsHead", "PlatformEventsHead"]
+PLATFORM_DASHBOARD_MODULES = ("JobHead", "ServeHead")
+
+
 class RayHeadSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     gcs_port: int = Field(6379, ge=1, le=65535)
     dashboard_port: int = Field(8265, ge=1, le=65535)
     metrics_export_port: int = Field(8080, ge=1, le=65535)
-    client_server_port: int = Field(10001, ge=1024, le=65535)  # Ray Client (ray://); Ray always starts it
+    # Ray Client (`ray://`): none unless a port is set (its server is ~90 MB at rest; jobs go through
+    # the Jobs API).
+    client_server_port: int | None = Field(None, ge=1024, le=65535)
     dashboard_agent_port: int = Field(52365, ge=1, le=65535)
+    # The dashboard modules the local head loads, each a process of its own (~90 MB RSS at rest, the
+    # Serve module's ~0.2 GB); "all": Ray's whole set, adding the dashboard's Metrics, Events, Data
+    # and Train pages. The platform submits jobs (JobHead) and deploys its apps (ServeHead) through them.
+    dashboard_modules: list[DashboardModule] | Literal["all"] = ["JobHead", "ServeHead", "StateHead", "ReportHead",
+                                                                  "NodeHead"]
     # Ray Serve's own switches (RAY_SERVE_*), set in the head's environment at start, over
     # those that `serve_proxy` sets.
     serve_env: dict[str, str] = {}
@@ -46,6 +59,15 @@ class RayHeadSettings(BaseModel):
         if bad:
             raise ValueError(f"only RAY_SERVE_* variables belong here, not {', '.join(bad)}")
         return value
+
+    @field_validator("dashboard_modules")
+    @classmethod
+    def _platform_modules(cls, value: list[str] | str) -> list[str] | str:
+        missing = [m for m in PLATFORM_DASHBOARD_MODULES if value != "all" and m not in value]
+        if missing:
+            raise ValueError(f"the platform needs {', '.join(missing)} (jobs and Serve apps go through them); "
+                             "add them, or use \"all\"")
+        return value if value == "all" else list(dict.fromkeys(value))
 
 
 class ServeProxySettings(BaseModel):

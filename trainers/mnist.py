@@ -200,12 +200,12 @@ def train_func(cfg: dict) -> None:
             tracker.flush()
             metrics["tracking_unsent"] = tracker.unsent
             metrics["tracking_s"] = tracker.seconds
-        save_and_report(metrics, epoch + 1, 0, elapsed)
-        if rank == 0:
+        if rank == 0:  # before the checkpoint: a worker lost after it was kept has said so
             print(f"{PROGRESS} epoch {epoch + 1}/{spec.epochs} train_loss={metrics['train_loss']:.4f} "
                   f"test_accuracy={metrics['test_accuracy']:.4f} epoch_time={seconds:.1f}s "
                   f"samples/s={metrics['samples_per_s']:.0f} data_wait={metrics['data_wait_fraction']:.1%} "
                   f"cost=${cost.total_usd:.5f}", flush=True)
+        save_and_report(metrics, epoch + 1, 0, elapsed)
 
 
 def _unwrap(model):

@@ -29,7 +29,7 @@ QUEUE_CONFIG = {"priorities": {"high": {"rank": 2, "preempt_after_s": 2}, "norma
 TENANT_TOKENS = {"token-a": "team-a", "token-b": "team-b", "token-admin": {"tenant": "ops", "role": "admin"},
                  "token-view": {"tenant": "team-a", "role": "viewer"}, "token-fuzz": "team-fuzz"}
 TEST_PORTS = {"gcs_port": 6479, "dashboard_port": 8365, "metrics_export_port": 8180,
-              "client_server_port": 9901, "dashboard_agent_port": 52465}
+              "dashboard_agent_port": 52465}
 TEST_PROXY_PORTS = {"stats_port": 8414, "metrics_port": 9111, "fallback_port": 8510}
 
 

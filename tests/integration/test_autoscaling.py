@@ -34,8 +34,7 @@ TOPOLOGY = {"head": {"cpus": 0}, "idle_timeout_s": IDLE_TIMEOUT_S,
                                "max_workers": 2}]}
 QUEUE = {"priorities": {"high": {"rank": 2, "preempt_after_s": 1}, "normal": {"rank": 1}, "low": {"rank": 0}},
          "poll_s": 0.3}
-PORTS = {"gcs_port": 6679, "dashboard_port": 8665, "metrics_export_port": 8380, "client_server_port": 9701,
-         "dashboard_agent_port": 52665}
+PORTS = {"gcs_port": 6679, "dashboard_port": 8665, "metrics_export_port": 8380, "dashboard_agent_port": 52665}
 
 
 @pytest.fixture(scope="module")

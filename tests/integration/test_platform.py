@@ -10,6 +10,7 @@ from ray_apps import cluster
 from ray_apps.cluster import PlatformError
 from ray_apps.observability import prometheus
 from ray_apps.processes import ServiceRegistry, port_holder, wait_until
+from ray_apps.ray_client import ray_auth_headers
 
 pytestmark = pytest.mark.slow
 
@@ -80,7 +81,7 @@ def test_eval_oppen_env_makes_ray_s_own_cli_work_in_a_fresh_shell(platform):
 
 
 def test_every_listener_is_on_the_configured_host_and_the_state_is_private(platform):
-    """Ray's GCS, raylet, agents, metrics, client server, Serve replicas (HTTP and their internal
+    """Ray's GCS, raylet, agents, metrics, client server (where one runs), Serve replicas (HTTP and their internal
     gRPC), HAProxy, MLflow, the dispatcher and Prometheus: nothing listens beyond `host`. The data
     dir (databases, conversations) and Ray's temp dir are readable by their owner only."""
     from tests.integration.conftest import listeners_off_host
@@ -158,3 +159,19 @@ def test_a_finished_search_closes_its_trials_runs_over_mlflows_rest_api(platform
     from tests.unit.test_tune_runs import closes_trials_as_they_ended
 
     closes_trials_as_they_ended(platform.tracking_uri, f"tune-{uuid.uuid4().hex[:8]}")
+
+
+def test_the_head_runs_only_the_configured_dashboard_modules_and_no_ray_client_server(platform):
+    """Each dashboard module is a process of its own (~90 MB); the platform's settings name them."""
+    ray = ServiceRegistry(platform.state_dir).running()[cluster.RAY]
+    titles = [" ".join(p.cmdline()) for p in ray.processes()]
+    modules = {t.split()[0].removeprefix("ray-dashboard-").rsplit("-", 1)[0] for t in titles
+               if t.startswith("ray-dashboard-")}
+    assert modules == set(platform.ray.dashboard_modules), titles
+    assert not [t for t in titles if "ray_client_server" in t or "ray.util.client.server" in t], titles
+    # What the platform reads through them still answers: jobs, Serve, cluster status, state API.
+    assert cluster.cluster_resources(platform.dashboard_url).total["GPU"] == 2
+    assert cluster.serve_healthy(platform)
+    nodes = requests.get(f"{platform.dashboard_url}/api/v0/nodes", timeout=10,
+                         headers=ray_auth_headers()).json()
+    assert nodes["result"] is True and nodes["data"]["result"]["total"] >= 1, nodes
