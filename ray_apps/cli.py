@@ -424,10 +424,9 @@ def cmd_mcp(args, settings) -> int:
 
 def cmd_dispatcher(args, settings) -> int:
     if args.supervise:
-        from ray_apps.scheduler.supervisor import supervise
+        from ray_apps.scheduler.supervisor import dispatcher_command, supervise
 
-        return supervise([sys.executable, "-m", "ray_apps.cli", *(["--config", args.config] if args.config else []),
-                          "dispatcher"])
+        return supervise(dispatcher_command(args.config))
     from ray_apps.scheduler.dispatcher import Dispatcher
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -27,6 +27,7 @@ from ray_apps.processes import PortHolder, ServiceRegistry, port_holder, private
 # Re-exported: the CLI, tests and benchmarks reach the Ray client through the platform's module.
 from ray_apps.ray_client import (PlatformError, cluster_resources, ensure_ray_token, http_get,  # noqa: F401
                                  mlflow_healthy, ray_healthy, use_ray_token)
+from ray_apps.scheduler.supervisor import dispatcher_command, supervised
 from ray_apps.topology import Topology, TopologyError, autoscaler_config, check_fits_machine
 
 RAY, MLFLOW, DISPATCHER, PROMETHEUS = "ray", "mlflow", "dispatcher", "prometheus"
@@ -189,9 +190,8 @@ def _managed_services(settings: Settings, topology: Topology, say: Callable[[str
     else:
         say(f"mlflow: using {settings.tracking_uri} (MLFLOW_TRACKING_URI); no local server started")
     # The queue's dispatcher, under a supervisor that restarts it if it dies.
-    config = ["--config", str(settings.source)] if settings.source else []
     out.append(_Managed(DISPATCHER, "(queue dispatcher)", lambda: True,
-                        [sys.executable, "-m", "ray_apps.cli", *config, "dispatcher", "--supervise"],
+                        supervised(dispatcher_command(str(settings.source) if settings.source else None)),
                         [settings.metrics_port], {}))
     if prometheus.binary(settings):
         out.append(_Managed(PROMETHEUS, prometheus.url(settings),

@@ -98,9 +98,9 @@ class ServeOnDemandSettings(BaseModel):
     serve file's replicas."""
     model_config = ConfigDict(extra="forbid")
 
-    # Not MnistModel: a loaded model keeps serving while MLflow is down, where a replica starting
-    # from zero could not load one.
-    deployments: list[str] = ["AgentAPI", "ModelAPI"]
+    # A model replica starting while MLflow is down serves the version kept on disk
+    # (ray_apps.serve.served_models.KeptCopy).
+    deployments: list[str] = ["AgentAPI", "ModelAPI", "MnistModel"]
     idle_s: float = Field(900.0, ge=10, le=86400)
 
 

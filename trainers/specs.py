@@ -42,7 +42,8 @@ class Entry:
     search_space: tuple[str, ...] = ()        # default Tune space (trainers.tune syntax); empty: not tunable
     endpoint: str | None = None               # serving verb: POST /v1/models/{name}/{endpoint}; None: not served
     # Its serving replicas stay up (min_replicas >= 1 in configs/serve.yaml): asking one which
-    # version it serves wakes nothing. A model that scales to zero loads on its next request.
+    # version it serves is cheap (locally, where `serve_on_demand` starts it on first use, asking
+    # starts it). A model that scales to zero loads on its next request.
     stays_loaded: bool = False
     words: tuple[str, ...] = ()               # single words the agent's router knows it by, besides its name
     phrases: tuple[str, ...] = ()             # and multi-word names

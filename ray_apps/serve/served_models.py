@@ -8,11 +8,18 @@ model, later ones use the new, none fails, and every answer names the version th
 A version is loaded from weights only (trainers.registry's format): one stored any other way, a
 pickle above all, is refused without being read, and the replica says why in its status and answers.
 
+The version a replica loaded last is kept on the head's disk (`KeptCopy`): a replica that starts
+while the registry is unreachable (one that scales from zero, or replaces a dead one) serves that
+copy, read with the same checks, instead of nothing.
+
 Results cross the handle as plain dicts; a refusal is {"error": {"status", "field", "reason"}}.
 """
 from __future__ import annotations
 
+import json
 import logging
+import os
+import shutil
 import tempfile
 import threading
 import time
@@ -23,6 +30,7 @@ import numpy as np
 from ray import serve
 
 from ray_apps.config import load_settings
+from ray_apps.processes import private_dir
 from ray_apps.scheduler.provenance import unrecognised
 from ray_apps.serve.http_common import ON_HEAD_NODE
 from trainers.errors import OppenError, Refused, Unavailable
@@ -64,15 +72,42 @@ class ServedModel:
         self.refused: str | None = None      # a version refused once is not downloaded again
         self.loads = 0
         self._store = None   # the queue's store, made on first use
+        self.kept = KeptCopy(load_settings().data_dir / "served" / self.name)
         try:
             self._refresh()  # serve from the first request when a version exists
         except Exception as exc:  # noqa: BLE001 - MLflow not up yet: start anyway, the watcher retries
             self.problem = f"registry unreachable: {type(exc).__name__}: {str(exc)[:200]}"
+            self._serve_kept()
         self._stop = threading.Event()
         threading.Thread(target=self._watch, name=f"{self.name}-registry-watch", daemon=True).start()
 
-    def _load(self, mv: ModelVersion) -> Any:
+    def _load_folder(self, folder: Path, what: str) -> Any:
+        """The model from a version's files (downloaded or kept), or ModelRefused."""
         raise NotImplementedError
+
+    def _load(self, mv: ModelVersion) -> Any:
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = download(self.uri, mv, tmp)
+            model = self._load_folder(folder, f"version {mv.version}")
+            try:
+                self.kept.save(folder, mv)
+            except OSError as exc:  # a full disk costs the fallback, not the load
+                log.warning("%s: version %s not kept on disk: %s", self.name, mv.version, exc)
+        return model
+
+    def _serve_kept(self) -> None:
+        """The kept copy of the version loaded last, where there is one that still loads."""
+        kept = self.kept.read()
+        if kept is None:
+            return
+        folder, mv = kept
+        try:
+            self.current = (mv, self._load_folder(folder, f"kept version {mv.version}"))
+        except (ModelRefused, OSError, ValueError) as exc:
+            log.warning("%s: the kept copy of version %s does not load: %s", self.name, mv.version, exc)
+            return
+        self.loads += 1
+        log.warning("%s: %s; serving the kept copy of version %s", self.name, self.problem, mv.version)
 
     def _queue_store(self):
         """The queue's store: which MLflow runs its jobs made (made on first use)."""
@@ -147,11 +182,11 @@ class MnistModel(ServedModel):
         self.batching = True
         super().__init__()
 
-    def _load(self, mv: ModelVersion) -> Any:
+    def _load_folder(self, folder: Path, what: str) -> Any:
         import torch  # only once there is a version to serve: an idle platform's replica stays small
 
         torch.set_num_threads(1)  # one core per replica; replicas, not threads, are the unit of scale
-        return load_mnist_version(self.uri, mv)
+        return load_mnist_folder(folder, what)
 
     def reconfigure(self, config: dict) -> None:
         super().reconfigure(config)
@@ -192,46 +227,91 @@ def download(uri: str, mv: ModelVersion, dst: str) -> Path:
     return Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=dst, tracking_uri=uri))
 
 
+class KeptCopy:
+    """The version a model's replicas loaded last, as files under `root` (in the private data dir):
+    `root/<version>/model/` with the version's registry record beside it, and `root/current`, a
+    link swapped in one step, naming the one to serve. Read back with a download's checks."""
+
+    RECORD = "model_version.json"
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def save(self, folder: Path, mv: ModelVersion) -> None:
+        private_dir(self.root.parent)
+        private_dir(self.root)
+        target = self.root / mv.version
+        if not target.exists():  # a version's files never change; another replica may have kept it
+            staging = Path(tempfile.mkdtemp(dir=self.root, prefix=".staging-"))
+            shutil.copytree(folder, staging / "model")
+            (staging / self.RECORD).write_text(json.dumps(mv.as_dict()))
+            try:
+                staging.rename(target)
+            except OSError:
+                shutil.rmtree(staging, ignore_errors=True)
+        link = self.root / f".current-{os.getpid()}"
+        link.unlink(missing_ok=True)
+        link.symlink_to(mv.version)
+        link.replace(self.root / "current")
+        for old in self.root.iterdir():  # only the version served is kept
+            if old.name not in {mv.version, "current"} and not old.name.startswith("."):
+                shutil.rmtree(old, ignore_errors=True)
+
+    def read(self) -> tuple[Path, ModelVersion] | None:
+        current = self.root / "current"
+        try:
+            record = json.loads((current / self.RECORD).read_text())
+            return current / "model", ModelVersion(**record)
+        except (OSError, ValueError, TypeError) as exc:
+            if current.is_symlink():
+                log.warning("kept model at %s unreadable: %s", current, exc)
+            return None
+
+
 def load_mnist_version(uri: str, mv: ModelVersion):
     """MnistCNN at the stored width with the stored weights (safetensors), or ModelRefused."""
+    with tempfile.TemporaryDirectory() as tmp:
+        return load_mnist_folder(download(uri, mv, tmp), f"version {mv.version}")
+
+
+def load_mnist_folder(folder: Path, what: str):
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     from trainers.mnist_model import MnistCNN
     from trainers.specs import MnistConfig, SpecError
 
-    what = f"version {mv.version}"
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = download(uri, mv, tmp)
-        width = read_model_files(folder, "mnist", what)["architecture"].get("width")
-        try:
-            MnistConfig(width=width)  # the trainer's own bounds: a huge width is a memory bomb
-            model = MnistCNN(width)
-            model.load_state_dict(load_file(folder / WEIGHTS_FILE))
-        except (SpecError, TypeError, RuntimeError, SafetensorError) as exc:
-            raise ModelRefused(f"{what} of mnist: its weights do not load into MnistCNN(width={width!r}): "
-                               f"{str(exc)[:300]}", "version") from None
+    width = read_model_files(folder, "mnist", what)["architecture"].get("width")
+    try:
+        MnistConfig(width=width)  # the trainer's own bounds: a huge width is a memory bomb
+        model = MnistCNN(width)
+        model.load_state_dict(load_file(folder / WEIGHTS_FILE))
+    except (SpecError, TypeError, RuntimeError, SafetensorError) as exc:
+        raise ModelRefused(f"{what} of mnist: its weights do not load into MnistCNN(width={width!r}): "
+                           f"{str(exc)[:300]}", "version") from None
     return model.eval()
 
 
 def load_llm_version(uri: str, mv: ModelVersion):
     """(GPT-2 model, tokenizer) from safetensors and JSON files only; the architecture must be the
     catalog's preset the version names; or ModelRefused."""
+    with tempfile.TemporaryDirectory() as tmp:
+        return load_llm_folder(download(uri, mv, tmp), f"version {mv.version}")
+
+
+def load_llm_folder(folder: Path, what: str):
     from transformers import GPT2Config, GPT2LMHeadModel, GPT2Tokenizer
 
     from trainers.llm_model import PRESETS
 
-    what = f"version {mv.version}"
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = download(uri, mv, tmp)
-        name = read_model_files(folder, "llm", what)["architecture"].get("model")
-        config = GPT2Config.from_pretrained(folder)  # JSON
-        preset = PRESETS.get(name) if isinstance(name, str) else None
-        if preset is None or any(getattr(config, k, None) != v for k, v in preset.items()):
-            raise ModelRefused(f"{what} of llm: its architecture ({name!r}, config.json) is not one of the "
-                               f"catalog's presets ({', '.join(PRESETS)})", "version")
-        model = GPT2LMHeadModel.from_pretrained(folder, config=config, use_safetensors=True)
-        return model.eval(), GPT2Tokenizer.from_pretrained(folder)
+    name = read_model_files(folder, "llm", what)["architecture"].get("model")
+    config = GPT2Config.from_pretrained(folder)  # JSON
+    preset = PRESETS.get(name) if isinstance(name, str) else None
+    if preset is None or any(getattr(config, k, None) != v for k, v in preset.items()):
+        raise ModelRefused(f"{what} of llm: its architecture ({name!r}, config.json) is not one of the "
+                           f"catalog's presets ({', '.join(PRESETS)})", "version")
+    model = GPT2LMHeadModel.from_pretrained(folder, config=config, use_safetensors=True)
+    return model.eval(), GPT2Tokenizer.from_pretrained(folder)
 
 
 def forward(model, images: np.ndarray) -> np.ndarray:
@@ -251,11 +331,11 @@ class LlmModel(ServedModel):
 
     name = "llm"
 
-    def _load(self, mv: ModelVersion) -> Any:
+    def _load_folder(self, folder: Path, what: str) -> Any:
         import torch
 
         torch.set_num_threads(1)
-        return load_llm_version(self.uri, mv)
+        return load_llm_folder(folder, what)
 
     def generate(self, prompt: str, max_new_tokens: int, temperature: float, seed: int | None) -> dict:
         import torch

@@ -25,7 +25,7 @@ from PIL import Image
 from ray_apps.cluster import serve_url
 from ray_apps.scheduler.api import store_url
 from ray_apps.scheduler.store import JobStore
-from ray_apps.serve.served_models import load_mnist_version
+from ray_apps.serve.served_models import KeptCopy, load_mnist_version
 from ray_apps.training import follow, submit_training
 from trainers.data import load_mnist
 from tests.unit.test_model_files import Payload  # a pickle whose loading runs a command
@@ -120,6 +120,9 @@ def test_served_predictions_equal_the_same_model_in_process(platform, models_url
         local = torch.softmax(model(to_tensors(test_images, np.zeros(24, dtype=np.int64))[0]), dim=1).numpy()
     np.testing.assert_allclose(served, local, atol=2e-6)  # the response rounds to 6 decimals
     assert [p["digit"] for p in body["predictions"]] == local[:20].argmax(1).tolist()
+    # The replica kept what it serves on disk, for a replica that starts while MLflow is down.
+    kept = KeptCopy(platform.data_dir / "served" / "mnist").read()
+    assert kept is not None and kept[1].version == version, kept
 
 
 def test_an_alias_move_rolls_over_with_zero_failed_requests(platform, models_url, mnist_versions):
