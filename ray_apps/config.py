@@ -30,7 +30,7 @@ class SettingsError(Refused):
 # Ray's dashboard modules (ray.dashboard.modules), by the names its --modules-to-load takes.
 DashboardModule = Literal["JobHead", "ServeHead", "StateHead", "ReportHead", "NodeHead", "MetricsHead", "EventHead",
                           "DataHead", "TrainHead", "TaskEventsHead", "UsageStatsHead", "PlatformEventsHead"]
-PLATFORM_DASHBOARD_MODULES = ("JobHead", "ServeHead")
+PLATFORM_DASHBOARD_MODULES = ("JobHead", "ServeHead", "ReportHead")
 
 
 class RayHeadSettings(BaseModel):
@@ -45,7 +45,8 @@ class RayHeadSettings(BaseModel):
     dashboard_agent_port: int = Field(52365, ge=1, le=65535)
     # The dashboard modules the local head loads, each a process of its own (~90 MB RSS at rest, the
     # Serve module's ~0.2 GB); "all": Ray's whole set, adding the dashboard's Metrics, Events, Data
-    # and Train pages. The platform submits jobs (JobHead) and deploys its apps (ServeHead) through them.
+    # and Train pages. The platform submits jobs (JobHead), deploys its apps (ServeHead) and waits for
+    # the head's resources (ReportHead's cluster status) through them.
     dashboard_modules: list[DashboardModule] | Literal["all"] = ["JobHead", "ServeHead", "StateHead", "ReportHead",
                                                                   "NodeHead"]
     # Ray Serve's own switches (RAY_SERVE_*), set in the head's environment at start, over
@@ -65,7 +66,8 @@ class RayHeadSettings(BaseModel):
     def _platform_modules(cls, value: list[str] | str) -> list[str] | str:
         missing = [m for m in PLATFORM_DASHBOARD_MODULES if value != "all" and m not in value]
         if missing:
-            raise ValueError(f"the platform needs {', '.join(missing)} (jobs and Serve apps go through them); "
+            raise ValueError(f"the platform needs {', '.join(missing)} (jobs, Serve apps and the cluster's "
+                             "status go through them); "
                              "add them, or use \"all\"")
         return value if value == "all" else list(dict.fromkeys(value))
 

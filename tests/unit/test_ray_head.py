@@ -67,9 +67,9 @@ def test_the_head_command_loads_the_configured_modules_and_no_client_server():
 
 
 def test_modules_the_platform_needs_cannot_be_left_out():
-    with pytest.raises(ValueError, match="the platform needs JobHead"):
+    with pytest.raises(ValueError, match="the platform needs JobHead, ReportHead"):
         RayHeadSettings(dashboard_modules=["ServeHead", "NodeHead"])
     with pytest.raises(ValueError):
         RayHeadSettings(dashboard_modules=["JobHead", "ServeHead", "NoSuchHead"])
-    assert RayHeadSettings(dashboard_modules=["JobHead", "ServeHead", "JobHead"]).dashboard_modules == [
-        "JobHead", "ServeHead"]
+    assert RayHeadSettings(dashboard_modules=["JobHead", "ServeHead", "ReportHead", "JobHead"]).dashboard_modules == [
+        "JobHead", "ServeHead", "ReportHead"]
