@@ -1,6 +1,6 @@
 """`ray start` for the local head, with what it starts at rest cut to what the platform uses.
 
-    python -m ray_apps.ray_head --dashboard-modules=JobHead,ServeHead --no-client-server -- start --head ...
+    python -m ray_apps.ray_head --dashboard-modules=JobHead,ServeHead,ReportHead --no-client-server -- start --head ...
 
 Ray's own CLI runs in this process, with two changes to what it starts:
 

@@ -238,6 +238,8 @@ class KeptCopy:
         self.root = root
 
     def save(self, folder: Path, mv: ModelVersion) -> None:
+        if not mv.version.isdigit():  # it names a folder: MLflow's versions are numbers
+            raise OSError(f"version {mv.version!r} is not a number")
         private_dir(self.root.parent)
         private_dir(self.root)
         target = self.root / mv.version

@@ -93,3 +93,6 @@ def test_only_the_version_loaded_last_is_kept_and_only_its_owner_reads_it(tmp_pa
     assert sorted(p.name for p in kept.root.iterdir()) == ["2", "current"]
     for d in (kept.root, kept.root.parent):
         assert stat.S_IMODE(d.stat().st_mode) == 0o700
+    with pytest.raises(OSError, match="not a number"):  # a version names a folder
+        kept.save(model_folder(tmp_path / "odd", 3)[0], version("../../x"))
+    assert kept.read()[1] == version("2")
