@@ -47,10 +47,6 @@ class ServiceStatus:
 # --------------------------------------------------------------------------- commands
 
 
-def _bin(name: str) -> str:
-    return str(Path(sys.executable).parent / name)
-
-
 def ray_temp_dir(settings: Settings) -> Path:
     # Ray's unix sockets live under its temp dir and must fit in 107 bytes, so a
     # deep data dir cannot hold them: use a short folder named after the data dir.

@@ -67,8 +67,7 @@ class RayHeadSettings(BaseModel):
         missing = [m for m in PLATFORM_DASHBOARD_MODULES if value != "all" and m not in value]
         if missing:
             raise ValueError(f"the platform needs {', '.join(missing)} (jobs, Serve apps and the cluster's "
-                             "status go through them); "
-                             "add them, or use \"all\"")
+                             "status go through them); add them, or use \"all\"")
         return value if value == "all" else list(dict.fromkeys(value))
 
 

@@ -86,7 +86,8 @@ class ServedModel:
         raise NotImplementedError
 
     def _load(self, mv: ModelVersion) -> Any:
-        with tempfile.TemporaryDirectory() as tmp:
+        # Downloaded beside the kept copies (same disk): keeping the version is then a rename.
+        with tempfile.TemporaryDirectory(dir=self.kept.workspace(), prefix=".download-") as tmp:
             folder = download(self.uri, mv, tmp)
             model = self._load_folder(folder, f"version {mv.version}")
             try:
@@ -237,15 +238,28 @@ class KeptCopy:
     def __init__(self, root: Path):
         self.root = root
 
+    def workspace(self) -> Path | None:
+        """`root`, made private, for downloads to be kept by a rename; None where it cannot be made."""
+        try:
+            private_dir(self.root.parent)
+            return private_dir(self.root)
+        except OSError:
+            return None
+
     def save(self, folder: Path, mv: ModelVersion) -> None:
+        """Keep `folder`, the version's files, as the one to serve: moved where it is on the same
+        disk, else copied."""
         if not mv.version.isdigit():  # it names a folder: MLflow's versions are numbers
             raise OSError(f"version {mv.version!r} is not a number")
-        private_dir(self.root.parent)
-        private_dir(self.root)
+        if self.workspace() is None:
+            raise OSError(f"{self.root} cannot be made")
         target = self.root / mv.version
         if not target.exists():  # a version's files never change; another replica may have kept it
             staging = Path(tempfile.mkdtemp(dir=self.root, prefix=".staging-"))
-            shutil.copytree(folder, staging / "model")
+            try:
+                folder.rename(staging / "model")
+            except OSError:
+                shutil.copytree(folder, staging / "model")
             (staging / self.RECORD).write_text(json.dumps(mv.as_dict()))
             try:
                 staging.rename(target)
