@@ -115,6 +115,9 @@ def job_env_vars(settings: Settings, topology: Topology | None = None) -> dict[s
     # Ray Train's controller polls its workers this often (default 2 s): a finished run is noticed,
     # and its driver goes on to log the model, within 0.2 s instead of up to two.
     env["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.2"
+    # Ray folds worker lines that differ only in their numbers into one "[repeated Nx]" line: short
+    # epochs' progress lines ("epoch 2/3", "epoch 3/3") would reach the job's log as one.
+    env["RAY_DEDUP_LOGS"] = "0"
     if settings.is_local:
         env["RAY_ADDRESS"] = settings.gcs_address
         # Ray Train's preemption watcher (an actor per worker node, polling Ray for node drains) is for

@@ -57,7 +57,7 @@ def test_mnist_job_life_worker_killed_everything_logged_then_resumed_by_plain_ra
     assert outcome.ok, "\n".join(outcome.log_tail)
     starts = [int(n) for n in re.findall(r"start_epoch=(\d+)", job_logs(platform, sub.submission_id))]
     assert starts[0] == 0 and max(starts) >= 1  # the new group started from a checkpoint, not epoch 0
-    assert all(any(f"epoch {e}/3" in p for p in progress) for e in (1, 2, 3)), progress
+    assert all(any(f"epoch {e}/3" in p for p in progress) for e in (1, 2, 3)), [p for p in progress if "epoch" in p]
 
     ray_jobs = JobSubmissionClient(platform.dashboard_url)
     info = ray_jobs.get_job_info(sub.submission_id)
