@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
+import sys
 from collections.abc import Callable
 
 from http import HTTPStatus
@@ -279,18 +280,44 @@ def loopback_hosts_only(app: FastAPI, host: str) -> None:
 
 def mlflow_unavailable_is_503(app: FastAPI) -> None:
     """MLflow down or stalled: a 503 saying so, on every route that needed it (not a 500 or a hang)."""
-    import requests
-    from mlflow.exceptions import MlflowException
+    app.add_middleware(_MlflowUnavailable)
 
-    def unavailable(request: Request, exc: Exception) -> JSONResponse:
-        if isinstance(exc, MlflowException) and "API request to" not in str(exc):
-            raise exc  # an MLflow answer (not found, bad input): the route's own handling applies
-        return problem_response(503, "unavailable", None, "MLflow is unavailable (the tracking server does not "
-                                "answer); try again shortly. To fix: `oppen status`, then `oppen up` to restart "
-                                "what is down.", {"Retry-After": "10"})
 
-    app.add_exception_handler(MlflowException, unavailable)
-    app.add_exception_handler(requests.exceptions.RequestException, unavailable)
+class _MlflowUnavailable:
+    """A middleware rather than exception handlers keyed by MLflow's classes: those would import MLflow
+    (~100 MB) into every app at start, where only some routes use it and only when asked."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def send_and_note(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        except Exception as exc:
+            if started or not mlflow_unreachable(exc):
+                raise
+            response = problem_response(503, "unavailable", None, "MLflow is unavailable (the tracking server does "
+                                        "not answer); try again shortly. To fix: `oppen status`, then `oppen up` "
+                                        "to restart what is down.", {"Retry-After": "10"})
+            await response(scope, receive, send)
+
+
+def mlflow_unreachable(exc: BaseException) -> bool:
+    """MLflow's client failed to reach its server; its other errors (not found, bad input) are answers.
+    Either library raised it, so it is imported already: nothing is imported to ask."""
+    mlflow_errors, requests_errors = sys.modules.get("mlflow.exceptions"), sys.modules.get("requests.exceptions")
+    if mlflow_errors is not None and isinstance(exc, mlflow_errors.MlflowException):
+        return "API request to" in str(exc)
+    return requests_errors is not None and isinstance(exc, requests_errors.RequestException)
 
 
 def caller_of(users: Users, authorization: str | None, *, role: Role = Role.VIEWER, action: str = "this") -> Caller:
