@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/startup.py                 # ~6 minutes on 2 cores
     .venv/bin/python benchmarks/startup.py --readme        # + the README's 2-epoch MNIST run
     .venv/bin/python benchmarks/startup.py --idle-minutes 30
+    .venv/bin/python benchmarks/startup.py --default-topology   # worker groups + Prometheus, as `oppen up`
 
 1. `oppen up` from cold on benchmark ports: seconds to healthy; RSS of everything it started
    after 1 minute at rest, per service (and after --idle-minutes, to see growth at rest).
@@ -15,7 +16,9 @@
    submit-to-done over the sum of its trials' training phases, from each child run's phase tags
    (target <= 1.5x).
 
-Results go to stdout and to benchmarks/results/startup.json.
+Single-head mode by default (configs/cluster.single-head.yaml, no Prometheus: the topology of the tests);
+--default-topology measures `oppen up`'s own: its first job waits for the node Ray's autoscaler adds.
+Results go to stdout and to benchmarks/results/startup.json (startup-default.json).
 """
 
 from __future__ import annotations
@@ -113,10 +116,14 @@ def main() -> None:
     parser.add_argument("--idle-minutes", type=float, default=1.0, help="how long to watch RSS at rest")
     parser.add_argument("--tune", action="store_true", help="also a 4-trial search's wall over its trials' training")
     parser.add_argument("--tune-concurrent", type=int, default=1, help="trials at once in that search")
+    parser.add_argument("--default-topology", action="store_true",
+                        help="`oppen up`'s default: configs/cluster.yaml's worker groups (Ray's autoscaler adds the "
+                             "first job's node) and Prometheus, instead of single-head mode")
     args = parser.parse_args()
-    out: dict = {}
+    out: dict = {"topology": "default" if args.default_topology else "single-head"}
     with tempfile.TemporaryDirectory(prefix="oppen-startup-") as tmp:
-        settings, up_s, _ = start_platform(Path(tmp))
+        settings, up_s, _ = (start_platform(Path(tmp), "configs/cluster.yaml", prometheus_port=9590)
+                             if args.default_topology else start_platform(Path(tmp)))
         try:
             out["up_s"] = round(up_s, 1)
             print(f"oppen up: healthy in {up_s:.1f} s", flush=True)
@@ -164,7 +171,7 @@ def main() -> None:
                       f"after the last {got.get('after_last_trial_s')} s", flush=True)
         finally:
             cluster.down(settings)
-    path = ROOT / "benchmarks" / "results" / "startup.json"
+    path = ROOT / "benchmarks" / "results" / ("startup-default.json" if args.default_topology else "startup.json")
     path.parent.mkdir(exist_ok=True)
     path.write_text(json.dumps(out, indent=2) + "\n")
     print(f"wrote {path}")

@@ -44,14 +44,16 @@ BENCH_PORTS = {"gcs_port": 6579, "dashboard_port": 8465, "metrics_export_port": 
                "dashboard_agent_port": 52565}
 
 
-def start_platform(workdir: Path):
+def start_platform(workdir: Path, cluster_file: str = "configs/cluster.single-head.yaml",
+                   prometheus_port: int | None = None):
+    """The platform on benchmark ports: single-head mode without Prometheus unless told otherwise."""
     data_dir = workdir / "data"
     data_dir.mkdir(parents=True)
     cfg = workdir / "platform.yaml"
-    cfg.write_text(yaml.safe_dump({"data_dir": str(data_dir), "ray": BENCH_PORTS,
-                                   "cluster_file": "configs/cluster.single-head.yaml",
+    prometheus = {"enabled": True, "port": prometheus_port} if prometheus_port else {"enabled": False}
+    cfg.write_text(yaml.safe_dump({"data_dir": str(data_dir), "ray": BENCH_PORTS, "cluster_file": cluster_file,
                                    "mlflow": {"port": 5200}, "serve_port": 8200,
-                                   "metrics_port": 9482, "prometheus": {"enabled": False},
+                                   "metrics_port": 9482, "prometheus": prometheus,
                                    "serve_proxy": {"stats_port": 8274, "metrics_port": 9172, "fallback_port": 8275}}))
     settings = load_settings(cfg)
     load_mnist(ROOT / ".oppen" / "test-cache")  # fetch once per machine

@@ -43,9 +43,11 @@ class HeadSpec(_Strict):
 
 
 class KubernetesSizes(_Strict):
-    """A group's pod where it differs from laptop scale (the RayCluster's resources and maxReplicas)."""
+    """A group's pod where it differs from laptop scale (the RayCluster's resources, minReplicas and
+    maxReplicas): e.g. a node kept warm on a cluster, where a laptop keeps its memory instead."""
     cpus: float | None = Field(None, gt=0)
     memory_gib: float | None = Field(None, gt=0)
+    min_workers: int | None = Field(None, ge=0)
     max_workers: int | None = Field(None, ge=0)
 
 
@@ -64,7 +66,17 @@ class WorkerGroup(_Strict):
         if self.min_workers > self.max_workers:
             raise ValueError(f"min_workers ({self.min_workers}) is above max_workers ({self.max_workers}); "
                              "lower min_workers or raise max_workers")
+        k_min, k_max = self.kubernetes_workers()
+        if k_min > k_max:
+            raise ValueError(f"on Kubernetes, min_workers ({k_min}) is above max_workers ({k_max}); "
+                             "lower kubernetes.min_workers or raise kubernetes.max_workers")
         return self
+
+    def kubernetes_workers(self) -> tuple[int, int]:
+        """The group's (minReplicas, maxReplicas) on KubeRay: its `kubernetes` block, else the laptop's."""
+        k = self.kubernetes
+        return (self.min_workers if k.min_workers is None else k.min_workers,
+                self.max_workers if k.max_workers is None else k.max_workers)
 
     def node_resources(self) -> dict[str, float]:
         """What one node of this group gives Ray, as Ray names it."""
@@ -232,10 +244,9 @@ def expected_kuberay_groups(topology: Topology) -> dict[str, dict]:
     out = {}
     for g in topology.worker_groups:
         k = g.kubernetes
+        least, most = g.kubernetes_workers()
         out[g.name] = {"cpus": k.cpus or g.cpus, "gpus": g.gpus, "memory_gib": k.memory_gib or g.memory_gib,
-                       "min_workers": g.min_workers,
-                       "max_workers": g.max_workers if k.max_workers is None else k.max_workers,
-                       "labels": g.node_labels()}
+                       "min_workers": least, "max_workers": most, "labels": g.node_labels()}
     return out
 
 

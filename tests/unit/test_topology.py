@@ -29,6 +29,8 @@ def write(tmp_path: Path, topology: dict) -> Path:
     ({"worker_groups": [{**GPU_GROUP, "gpu_count": 1}]}, "worker_groups.gpu.gpu_count", "remove it"),
     ({"head": {"gpus": 2}, "worker_groups": [GPU_GROUP]}, "(file)", "both on the head"),
     ({"worker_groups": [{**GPU_GROUP, "max_workers": "many"}]}, "worker_groups.gpu.max_workers", "integer"),
+    ({"worker_groups": [{**GPU_GROUP, "kubernetes": {"min_workers": 3}}]}, "worker_groups.gpu",
+     "on Kubernetes, min_workers (3) is above max_workers (2)"),
 ])
 def test_a_bad_topology_names_file_field_and_fix(tmp_path, topology, field, words):
     path = write(tmp_path, topology)
@@ -66,7 +68,7 @@ def test_rendered_for_ray_s_fake_multi_node_autoscaler():
     assert types[HEAD_NODE_TYPE] == {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0}
     assert types["gpu"] == {"resources": {"CPU": 1, "GPU": 1}, "labels": {"oppen.io/node-group": "gpu"},
                             "node_config": {}, "min_workers": 0, "max_workers": 2}
-    assert types["cpu"]["min_workers"] == 1 and types["cpu"]["resources"] == {"CPU": 2}
+    assert types["cpu"]["min_workers"] == 0 and types["cpu"]["resources"] == {"CPU": 2}
     assert cfg["max_workers"] == 4 and cfg["idle_timeout_minutes"] == topology.idle_timeout_s / 60
     # Each local node gets a temp dir of its own under the head's (a machine has its own disk).
     own = autoscaler_config(topology, gcs_address="127.0.0.1:6379", node_temp_root="/tmp/oppen-ray-x")
@@ -110,6 +112,15 @@ def test_the_kuberay_cluster_renders_the_same_groups():
     assert manifest["spec"]["autoscalerOptions"]["idleTimeoutSeconds"] == topology.kubernetes_idle_timeout_s
     head_params = manifest["spec"]["headGroupSpec"]["rayStartParams"]
     assert float(head_params["num-cpus"]) == topology.head.cpus and "num-gpus" not in head_params
+
+
+def test_a_group_may_keep_a_node_warm_on_kubernetes_and_none_on_a_laptop():
+    topology = load_topology(DEFAULT)
+    cpu = next(g for g in topology.worker_groups if g.name == "cpu")
+    assert cpu.min_workers == 0 and cpu.kubernetes_workers() == (1, 4)
+    assert expected_kuberay_groups(topology)["cpu"]["min_workers"] == 1
+    local = autoscaler_config(topology, gcs_address="127.0.0.1:6379")["available_node_types"]["cpu"]
+    assert (local["min_workers"], local["max_workers"]) == (0, 2)
 
 
 def test_terraform_defaults_are_the_topology_s_kubernetes_maxima():
