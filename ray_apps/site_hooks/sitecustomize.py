@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import importlib.abc
 import importlib.machinery
+import importlib.util
+import os
 import sys
 
 SERVE_UTILS = "ray.serve._private.utils"
@@ -61,5 +63,16 @@ class ServeUtilsWithoutPandas(importlib.abc.MetaPathFinder):
         return spec
 
 
+def run_the_sitecustomize_this_one_hides() -> None:
+    """Python runs the first `sitecustomize` on the path, this one: run the next one too (a venv's or
+    the system's), as it would have run without this folder on PYTHONPATH."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    rest = [entry for entry in sys.path if os.path.abspath(entry or os.curdir) != here]
+    spec = importlib.machinery.PathFinder.find_spec("sitecustomize", rest)
+    if spec is not None and spec.loader is not None and spec.origin != os.path.abspath(__file__):
+        spec.loader.exec_module(importlib.util.module_from_spec(spec))
+
+
 if not any(isinstance(finder, ServeUtilsWithoutPandas) for finder in sys.meta_path):
     sys.meta_path.insert(0, ServeUtilsWithoutPandas())
+    run_the_sitecustomize_this_one_hides()

@@ -102,3 +102,12 @@ def test_the_platform_api_does_not_load_mlflow_until_a_route_needs_it():
     out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(cluster.SITE_HOOKS)},
                          capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_a_sitecustomize_further_down_the_path_still_runs(tmp_path):
+    (tmp_path / "sitecustomize.py").write_text("import builtins\nbuiltins.OTHER_SITE_HOOK_RAN = True\n")
+    code = ("import builtins, sys; "
+            "print(getattr(builtins, 'OTHER_SITE_HOOK_RAN', False), type(sys.meta_path[0]).__name__)")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(cluster.SITE_HOOKS), str(tmp_path)])}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.split() == ["True", "ServeUtilsWithoutPandas"]
