@@ -346,7 +346,7 @@ def _ray_env(settings: Settings, topology: Topology) -> dict[str, str]:
 
 
 HAPROXY_LOOPBACK = Path(__file__).parent / "serve" / "haproxy_loopback.sh"
-# Its sitecustomize keeps pandas out of Serve's processes that never use it (~66 MB each).
+# Its sitecustomize keeps pandas out of Serve's processes that never use it (~40-65 MB each).
 SITE_HOOKS = Path(__file__).parent / "site_hooks"
 
 
