@@ -1,11 +1,11 @@
 """Run by Python at the start of every process of the local platform's Ray head: its folder is on the
 head's PYTHONPATH (`cluster._ray_env`). Standard library only.
 
-Ray Serve's utils import pandas, and with it pyarrow, only to turn a DataFrame that a deployment returns
-into JSON. That is ~40-65 MB of RSS in each of Serve's controller, proxies and the dashboard's Serve module, none
-of which ever holds a DataFrame. While that one module loads, pandas is hidden from it; the DataFrame
-encoder it would have registered is registered anyway, and matches once the process imports pandas
-itself, so a deployment that returns a DataFrame is answered as before.
+Ray Serve's utils import pandas, and with it pyarrow, only to turn a DataFrame that a deployment
+returns into JSON. That is ~40-65 MB of RSS in each of Serve's controller, proxies and the dashboard's
+Serve module, none of which ever holds a DataFrame. While that one module loads, pandas is hidden from
+it; the DataFrame encoder it would have registered is registered anyway, and matches once the process
+imports pandas itself, so a deployment that returns a DataFrame is answered as before.
 """
 
 from __future__ import annotations
