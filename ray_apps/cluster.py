@@ -339,7 +339,7 @@ def _ray_env(settings: Settings, topology: Topology) -> dict[str, str]:
     nodes = ({"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1", "AUTOSCALER_HEARTBEAT_TIMEOUT_S": "15"}
              if topology.autoscaling else {})
     return {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token", "PATH": path, **nodes,
-            "PYTHONPATH": os.pathsep.join([str(SITE_HOOKS), *filter(None, [os.environ.get("PYTHONPATH")])]),
+            "PYTHONPATH": os.pathsep.join(p for p in (str(SITE_HOOKS), os.environ.get("PYTHONPATH")) if p),
             "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "1.0", **node_ip_env(settings), **serve_proxy_env(settings),
             **settings.ray.serve_env,
             **settings.job_env()}

@@ -41,7 +41,7 @@ class _ServeUtilsLoader(importlib.machinery.SourceFileLoader):
         try:
             super().exec_module(module)
         finally:
-            if "pandas" in sys.modules and sys.modules["pandas"] is None:
+            if sys.modules.get("pandas", False) is None:  # still hidden, not imported meanwhile
                 del sys.modules["pandas"]
         encoders = getattr(module, "serve_encoders", None)
         if isinstance(encoders, dict) and getattr(module, "pd", None) is None:
